@@ -1,0 +1,206 @@
+"""The ``distml`` command line: one small function per subcommand over the layers below."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import distml
+from distml.errors import DistmlError
+
+app = typer.Typer(
+    help="distml: end-to-end distributed machine learning for PyTorch, from one YAML file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Inspect the model registry and move aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+console = Console()
+err_console = Console(stderr=True)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Pipeline config (YAML).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config value, e.g. --set train.epochs=3 "
+                 "(repeatable; the value is parsed as YAML)."),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors and warnings only.")]
+RegistryOpt = Annotated[Path, typer.Option(help="Registry folder.")]
+
+
+def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User mistakes become one red line and exit code 2, never a traceback."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DistmlError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False, markup=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _load(config: Path, overrides: list[str] | None, quiet: bool):
+    from distml.config import load_config
+    from distml.ui import ConsoleReporter, setup_logging
+
+    setup_logging(err_console if quiet else console, quiet=quiet)
+    cfg = load_config(config, overrides or [])
+    return cfg, ConsoleReporter(console, quiet=quiet)
+
+
+@app.command()
+@user_errors
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the newest run of this config.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the whole pipeline: ingest, train every candidate, select, register, report."""
+    from distml.workflow.pipeline import run_pipeline
+
+    cfg, reporter = _load(config, set_, quiet)
+    run_, summary = run_pipeline(cfg, reporter=reporter, resume=resume)
+    if not quiet:
+        _print_candidates(summary["candidates"], summary["metric"], summary["selected"])
+        test = ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items())
+        reg = summary["registry"]
+        console.print(f"selected [bold]{summary['selected']}[/]: test {test}")
+        console.print(f"registered {reg['name']}:{reg['version']}"
+                      + (" → production" if reg["promoted"] else "")
+                      + f"\nreport: {run_.dir / 'report.md'}")
+
+
+@app.command()
+@user_errors
+def ingest(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Ingest the data alone and print the manifest summary."""
+    from distml.workflow.pipeline import stage_ingest, start_run
+
+    cfg, reporter = _load(config, set_, quiet)
+    manifest = stage_ingest(start_run(cfg, reporter=reporter))
+    if quiet:
+        return
+    table = Table(title=f"{manifest.root}")
+    for col in ("split", "rows", "partitions"):
+        table.add_column(col)
+    for split, info in manifest.splits.items():
+        table.add_row(split, f"{info['rows']:,}", str(len(info["partitions"])))
+    console.print(table)
+    console.print(f"task {manifest.task}; {manifest.num_features} columns; classes "
+                  f"{manifest.classes}; dropped invalid rows: {manifest.dropped_invalid_rows}")
+
+
+@app.command()
+@user_errors
+def train(
+    config: ConfigArg,
+    candidate: Annotated[str | None, typer.Option(help="Train only this candidate.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the newest run from its last checkpoints.")
+    ] = False,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Ingest (cached) and train candidates, without selection."""
+    from distml.workflow.pipeline import stage_ingest, stage_train, start_run
+
+    cfg, reporter = _load(config, set_, quiet)
+    if candidate is not None:
+        cfg.train.candidate(candidate)  # unknown names fail before any work
+    run_ = start_run(cfg, resume=resume, reporter=reporter)
+    results = stage_train(run_, stage_ingest(run_), only=candidate, resume=resume)
+    if not quiet:
+        _print_candidates(results, cfg.metric, None)
+        console.print(f"run folder: {run_.dir}")
+
+
+def _print_candidates(results: list[dict[str, Any]], metric: str, selected: str | None) -> None:
+    table = Table(title=f"candidates (val {metric})")
+    for col in ("candidate", "params", metric, "steps", "train s", "samples/s"):
+        table.add_column(col, justify="left" if col == "candidate" else "right")
+    for r in results:
+        mark = " ★" if r["name"] == selected else ""
+        table.add_row(r["name"] + mark, f"{r['params']:,}", f"{r['val'][metric]:.4f}",
+                      str(r["steps"]), f"{r['train_seconds']:.1f}", f"{r['samples_per_s']:,.0f}")
+    console.print(table)
+
+
+@models_app.command("list")
+@user_errors
+def models_list(registry: RegistryOpt = Path("registry")) -> None:
+    """Registered models, their versions and aliases."""
+    from distml.registry import Registry
+
+    reg = Registry(registry)
+    table = Table(title=f"registry {registry}")
+    for col in ("model", "versions", "aliases"):
+        table.add_column(col)
+    for name in reg.names():
+        versions = ", ".join(str(v.version) for v in reg.versions(name))
+        aliases = ", ".join(f"{a}→{v}" for a, v in sorted(reg.aliases(name).items()))
+        table.add_row(name, versions, aliases)
+    console.print(table if reg.names() else f"no models in {registry}")
+
+
+@models_app.command("show")
+@user_errors
+def models_show(
+    ref: Annotated[str, typer.Argument(help="name, name:version, name@alias or a folder.")],
+    registry: RegistryOpt = Path("registry"),
+) -> None:
+    """Print a model version's spec.json."""
+    from distml.artifact import read_spec
+    from distml.registry import Registry
+
+    version = Registry(registry).resolve(ref)
+    console.print(f"[bold]{version.name}[/] version {version.version} at {version.path}")
+    console.print_json(json.dumps(read_spec(version.path)))
+
+
+@models_app.command("promote")
+@user_errors
+def models_promote(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[int, typer.Argument(help="Version to point the alias at.")],
+    alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
+    registry: RegistryOpt = Path("registry"),
+) -> None:
+    """Point an alias (default: production) at a version."""
+    from distml.registry import Registry
+
+    Registry(registry).set_alias(name, alias, version)
+    console.print(f"{name}@{alias} → version {version}")
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of distml, torch and Python."""
+    import torch
+
+    console.print(f"distml {distml.__version__}, torch {torch.__version__}, "
+                  f"Python {sys.version.split()[0]}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,595 @@
+"""The YAML spec: pydantic models at the user boundary, loading, and ``--set`` overrides.
+
+Every field carries a description (``distml`` prints them in errors and the README documents
+them). Relative data and model-file paths are resolved against the config file's folder;
+``output_dir`` and ``registry`` against the working directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from distml.errors import ConfigError
+
+Task = Literal["classification", "regression", "language_modeling"]
+
+# Metrics each task can compute; the first is the default for `select.metric`.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy", "f1_macro", "loss"),
+    "regression": ("loss", "mae", "r2"),
+    "language_modeling": ("perplexity", "loss"),
+}
+# Whether a larger value of the metric is better.
+METRIC_HIGHER_IS_BETTER = {
+    "accuracy": True, "f1_macro": True, "r2": True,
+    "loss": False, "mae": False, "perplexity": False,
+}
+
+
+class Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, values are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _resolve_path(value: str | Path, info: ValidationInfo) -> Path:
+    """Relative paths in the config are relative to the config file's folder."""
+    path = Path(value).expanduser()
+    base = (info.context or {}).get("base_dir")
+    return path if path.is_absolute() or base is None else Path(base) / path
+
+
+# ---------------------------------------------------------------------------------------------
+# data sources
+
+
+class DigitsSource(Strict):
+    """scikit-learn's bundled handwritten digits: 1,797 images of 8x8 pixels, 10 classes."""
+
+    type: Literal["sklearn:digits"]
+
+
+class SyntheticClassificationSource(Strict):
+    """Gaussian clusters, one or more per class; generated in chunks, fine for millions of rows."""
+
+    type: Literal["synthetic:classification"]
+    n_samples: int = Field(10_000, ge=1, description="Number of rows.")
+    n_features: int = Field(20, ge=1, description="Number of features.")
+    n_classes: int = Field(2, ge=2, description="Number of classes.")
+    class_sep: float = Field(1.0, gt=0, description="Distance scale between class centres.")
+    noise: float = Field(1.0, gt=0, description="Standard deviation of the within-class noise.")
+    seed: int = Field(0, description="Seed of the generator.")
+
+
+class SyntheticRegressionSource(Strict):
+    """A random linear function of the features plus Gaussian noise."""
+
+    type: Literal["synthetic:regression"]
+    n_samples: int = Field(10_000, ge=1, description="Number of rows.")
+    n_features: int = Field(20, ge=1, description="Number of features.")
+    noise: float = Field(0.1, ge=0, description="Standard deviation of the target noise.")
+    seed: int = Field(0, description="Seed of the generator.")
+
+
+class TextSource(Strict):
+    """Byte-level token sequences cut from local text files (for the transformer)."""
+
+    type: Literal["text"]
+    paths: list[str] = Field(
+        min_length=1,
+        description="Files or glob patterns. A leading 'stdlib:' means the Python standard "
+        "library's folder, e.g. 'stdlib:json/*.py'; other relative paths are relative to the "
+        "config file.",
+    )
+    sequence_length: int = Field(64, ge=2, description="Tokens per training sequence.")
+    max_bytes: int | None = Field(None, ge=1, description="Read at most this many bytes.")
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, list):
+            return value
+        return [
+            v if not isinstance(v, str) or v.startswith("stdlib:") else str(_resolve_path(v, info))
+            for v in value
+        ]
+
+
+class FileSource(Strict):
+    """A CSV or Parquet file, or a folder of them, with one label column."""
+
+    type: Literal["file"] = "file"
+    path: Path = Field(description="CSV/Parquet file or folder (relative to the config file).")
+    label_column: str = Field("label", description="Name of the label (target) column.")
+    feature_columns: list[str] | None = Field(
+        None, description="Feature columns; default: every other column."
+    )
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="What the label is."
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        return _resolve_path(value, info) if isinstance(value, str | Path) else value
+
+
+_SOURCE_TYPES = ("sklearn:digits", "synthetic:classification", "synthetic:regression", "text")
+
+
+def _source_tag(value: Any) -> str | None:
+    kind = value.get("type", "file") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in (*_SOURCE_TYPES, "file") else None
+
+
+Source = Annotated[
+    Annotated[DigitsSource, Tag("sklearn:digits")]
+    | Annotated[SyntheticClassificationSource, Tag("synthetic:classification")]
+    | Annotated[SyntheticRegressionSource, Tag("synthetic:regression")]
+    | Annotated[TextSource, Tag("text")]
+    | Annotated[FileSource, Tag("file")],
+    Discriminator(
+        _source_tag,
+        custom_error_type="unknown_source",
+        custom_error_message="source type must be one of " + ", ".join(_SOURCE_TYPES)
+        + ", file (or give a path to a CSV/Parquet file or folder)",
+    ),
+]
+
+
+class SplitConfig(Strict):
+    """Fractions of the rows in each split; they must add up to 1."""
+
+    train: float = Field(0.7, gt=0, lt=1, description="Fraction for training.")
+    val: float = Field(0.15, gt=0, lt=1, description="Fraction for validation (selection).")
+    test: float = Field(0.15, gt=0, lt=1, description="Fraction for the final test.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"train + val + test = {total:g}; the fractions must add up to 1 "
+                "(e.g. 0.7, 0.15, 0.15)"
+            )
+        return self
+
+
+class DataConfig(Strict):
+    """Where the data comes from and how it is prepared."""
+
+    source: Source = Field(
+        description="'sklearn:digits', 'synthetic:classification', 'synthetic:regression', "
+        "a path to a CSV/Parquet file or folder, or a mapping with 'type' and its options."
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions.")
+    stratify: bool = Field(True, description="Keep class proportions in every split.")
+    classes: list[str] | None = Field(
+        None, description="Declared class labels; rows with another label are an error."
+    )
+    transforms: list[Literal["standardize", "minmax"]] | None = Field(
+        None,
+        description="Feature transforms, fitted on the training split and stored in the "
+        "artifact. Default: [standardize] for numeric features, none for text.",
+    )
+    drop_invalid: bool = Field(
+        False, description="Drop rows with NaN or infinite features instead of failing."
+    )
+    rows_per_partition: int = Field(
+        100_000, ge=1, description="Rows per Parquet partition (the unit of parallel work)."
+    )
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value} if value in _SOURCE_TYPES else {"type": "file", "path": value}
+        return value
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_str(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _transforms_fit_source(self) -> DataConfig:
+        if self.task == "language_modeling" and self.transforms:
+            raise ValueError(
+                f"data.transforms={self.transforms} apply to numeric features; a text source "
+                "takes none (use transforms: [])"
+            )
+        return self
+
+    @property
+    def feature_transforms(self) -> list[str]:
+        if self.transforms is not None:
+            return list(self.transforms)
+        return [] if self.task == "language_modeling" else ["standardize"]
+
+    @property
+    def task(self) -> Task:
+        src = self.source
+        if isinstance(src, FileSource):
+            return src.task
+        return {"text": "language_modeling", "synthetic:regression": "regression"}.get(
+            src.type, "classification"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+class MLPSpec(Strict):
+    """A multi-layer perceptron on flat features."""
+
+    type: Literal["mlp"]
+    hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [128], description="Width of each hidden layer."
+    )
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field("relu", description="Activation.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
+
+
+class CNNSpec(Strict):
+    """A small convolutional net for image-shaped inputs (e.g. digits' 8x8)."""
+
+    type: Literal["cnn"]
+    image_shape: tuple[int, int, int] | None = Field(
+        None, description="(channels, height, width); default: one square channel."
+    )
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [16, 32], min_length=1, description="Channels of each conv block."
+    )
+    kernel_size: int = Field(3, ge=1, description="Convolution kernel size (odd keeps the size).")
+    hidden_size: int = Field(64, ge=1, description="Width of the dense layer after the convs.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout before the output layer.")
+
+
+class TransformerSpec(Strict):
+    """A small decoder-only language model (nanoGPT-style) over byte tokens."""
+
+    type: Literal["transformer"]
+    num_layers: int = Field(2, ge=1, description="Number of transformer blocks.")
+    num_heads: int = Field(4, ge=1, description="Attention heads per block.")
+    dim: int = Field(128, ge=1, description="Model width (embedding size).")
+    context_length: int | None = Field(
+        None, ge=1, description="Longest sequence; default: the data's sequence_length."
+    )
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability.")
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self) -> TransformerSpec:
+        if self.dim % self.num_heads:
+            raise ValueError(
+                f"dim={self.dim} is not divisible by num_heads={self.num_heads}; "
+                "choose a dim that is a multiple of num_heads"
+            )
+        return self
+
+
+class CustomModelSpec(Strict):
+    """A user model: `type` is 'package.module:factory' or 'path/to/file.py:factory'."""
+
+    type: str = Field(pattern=r"^.+:[A-Za-z_]\w*$", description="Import path of the factory.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments.")
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _file_relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and ".py:" in value:
+            file, factory = value.rsplit(":", 1)
+            return f"{_resolve_path(file, info)}:{factory}"
+        return value
+
+
+_MODEL_TYPES = ("mlp", "cnn", "transformer")
+
+
+def _model_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if not isinstance(kind, str):
+        return None
+    return kind if kind in _MODEL_TYPES else ("custom" if ":" in kind else None)
+
+
+ModelSpec = Annotated[
+    Annotated[MLPSpec, Tag("mlp")]
+    | Annotated[CNNSpec, Tag("cnn")]
+    | Annotated[TransformerSpec, Tag("transformer")]
+    | Annotated[CustomModelSpec, Tag("custom")],
+    Discriminator(
+        _model_tag,
+        custom_error_type="unknown_model",
+        custom_error_message="model type must be one of mlp, cnn, transformer, "
+        "or 'module:factory' for a user model",
+    ),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+
+
+class TrainSettings(Strict):
+    """Training settings shared by every candidate; a candidate may override any of them."""
+
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Samples per optimizer step (global batch).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "cosine", description="Decay after warmup."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null: off.")
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step; batch_size is split among them."
+    )
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="Autocast precision.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Evaluate on val every N steps; null: at the end of each epoch."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
+    )
+    restore_best: bool = Field(True, description="End with the best weights seen on val.")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps; null: at the end of each epoch."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    strategy: Literal["single"] = Field("single", description="Parallelism strategy.")
+    world_size: int = Field(1, ge=1, description="Number of training processes.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSettings:
+        if self.batch_size % self.grad_accum_steps:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by "
+                f"grad_accum_steps={self.grad_accum_steps}; use a divisor of the batch size"
+            )
+        if self.strategy == "single" and self.world_size > 1:
+            raise ValueError(
+                f"world_size={self.world_size} needs a distributed strategy; "
+                "strategy 'single' runs one process (use world_size: 1)"
+            )
+        return self
+
+
+def _optional(field: Any) -> tuple[Any, Any]:
+    """The same field, but optional with default None (for per-candidate overrides)."""
+    annotation = field.annotation
+    if field.metadata:
+        annotation = Annotated[annotation, *field.metadata]
+    return (annotation | None, Field(None, description=field.description))
+
+
+_CandidateBase = create_model(  # type: ignore[call-overload]
+    "_CandidateBase",
+    __base__=Strict,
+    **{name: _optional(f) for name, f in TrainSettings.model_fields.items()},
+)
+
+
+class Candidate(_CandidateBase):  # type: ignore[misc,valid-type]
+    """One model to train; any training setting given here overrides the shared one."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="Unique candidate name.")
+    model: ModelSpec = Field(description="The model: a zoo type with options, or a user factory.")
+
+    def overrides(self) -> dict[str, Any]:
+        return self.model_dump(exclude_unset=True, exclude={"name", "model"})
+
+
+class TrainConfig(TrainSettings):
+    """Shared training settings plus the candidates to train."""
+
+    candidates: list[Candidate] = Field(min_length=1, description="Models to train and compare.")
+
+    @model_validator(mode="after")
+    def _unique_and_consistent(self) -> TrainConfig:
+        seen: set[str] = set()
+        for c in self.candidates:
+            if c.name in seen:
+                raise ValueError(f"two candidates are named {c.name!r}; names must be unique")
+            seen.add(c.name)
+            self.settings_for(c)  # cross-field checks on the merged settings
+        return self
+
+    def settings_for(self, candidate: Candidate) -> TrainSettings:
+        shared = self.model_dump(exclude={"candidates"})
+        try:
+            return TrainSettings(**{**shared, **candidate.overrides()})
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"candidate {candidate.name!r}: {msg}") from None
+
+    def candidate(self, name: str) -> Candidate:
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        names = ", ".join(c.name for c in self.candidates)
+        raise ConfigError(f"no candidate named {name!r}; the config has: {names}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the rest
+
+
+class SelectConfig(Strict):
+    """How the best candidate is chosen and registered."""
+
+    metric: str | None = Field(
+        None,
+        description="Validation metric: accuracy, f1_macro or loss (classification); loss, mae "
+        "or r2 (regression); perplexity or loss (language modeling). Default: the first.",
+    )
+    register_as: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][\w.-]*$", description="Registry name; default: config name."
+    )
+    promote: bool = Field(
+        True, description="Move the 'production' alias to the new version when it is better."
+    )
+
+
+class ExecutionConfig(Strict):
+    """Where embarrassingly parallel work runs."""
+
+    executor: Literal["local"] = Field("local", description="Executor for parallel stages.")
+    num_workers: int | None = Field(None, ge=1, description="Workers; default: CPU count.")
+
+
+class ServeConfig(Strict):
+    """Online serving settings (none are defined yet)."""
+
+
+class MonitorConfig(Strict):
+    """Tracking and monitoring settings (none are defined yet)."""
+
+
+class Config(Strict):
+    """A whole distml pipeline."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$", description="Pipeline name.")
+    seed: int = Field(0, description="Seed of splits, initial weights, shuffling and dropout.")
+    output_dir: Path = Field(Path("runs"), description="Runs go to <output_dir>/<name>/<time>/.")
+    registry: Path = Field(Path("registry"), description="Model registry folder.")
+    data: DataConfig
+    train: TrainConfig
+    select: SelectConfig = Field(default_factory=SelectConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
+    serve: ServeConfig = Field(default_factory=ServeConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    @model_validator(mode="after")
+    def _metric_fits_task(self) -> Config:
+        allowed = TASK_METRICS[self.data.task]
+        if self.select.metric is not None and self.select.metric not in allowed:
+            raise ValueError(
+                f"select.metric={self.select.metric!r} cannot be computed for a "
+                f"{self.data.task} task; use one of: {', '.join(allowed)}"
+            )
+        return self
+
+    @property
+    def metric(self) -> str:
+        return self.select.metric or TASK_METRICS[self.data.task][0]
+
+    @property
+    def model_name(self) -> str:
+        return self.select.register_as or self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def hash(self) -> str:
+        """Hash of the resolved config, independent of key order."""
+        return _digest(self.to_dict())
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# loading
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override in place; the value is parsed as YAML."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r} is not KEY=VALUE; e.g. --set train.epochs=3")
+    node: Any = raw
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+            continue
+        if not isinstance(node, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"--set {key}: {where} is not a mapping or list index")
+        node = node.setdefault(part, {})
+    last = parts[-1]
+    if isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = yaml.safe_load(text)
+    elif isinstance(node, dict):
+        node[last] = yaml.safe_load(text)
+    else:
+        raise ConfigError(f"--set {key}: cannot set {last!r} inside a {type(node).__name__}")
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif isinstance(part, str) and (":" in part or part in ("file", "custom")):
+            continue  # discriminator tags are not part of the user's path
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        where = _format_loc(e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `distml --help` and README list the keys)"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        value = e.get("input")
+        if e["type"] in ("unknown_model", "unknown_source") and isinstance(value, dict):
+            where, value = f"{where}.type", value.get("type")
+        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
+        lines.append(f"  {where}{shown}: {msg}" if e["loc"] else f"  {msg}")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def parse_config(
+    raw: Any, *, base_dir: Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    try:
+        return Config.model_validate(raw, context={"base_dir": base_dir})
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, override and validate a config file; every mistake raises ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    return parse_config(raw, base_dir=path.resolve().parent, overrides=overrides)

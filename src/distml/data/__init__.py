@@ -1,0 +1,1 @@
+"""Data: sources, validation, partitioned Parquet data sets, transforms and the loader."""

@@ -1,0 +1,119 @@
+"""Train one candidate end to end: build from spec, fit, evaluate, save its artifact."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distml.artifact import git_revision, io_schema, save_artifact
+from distml.config import Candidate, Config
+from distml.data.dataset import Manifest, load_split
+from distml.data.loader import BatchLoader
+from distml.device import default_device
+from distml.fsutil import write_json_atomic
+from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
+from distml.tasks import evaluate, output_shape
+from distml.training.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+RESULT = "result.json"
+
+
+@dataclass
+class SplitTensors:
+    """A split loaded once and shared by every candidate."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+    @classmethod
+    def load(cls, manifest: Manifest, split: str) -> SplitTensors:
+        x, y = load_split(manifest, split)
+        return cls(torch.from_numpy(x), torch.from_numpy(y))
+
+
+def num_outputs(manifest: Manifest) -> int:
+    if manifest.task == "language_modeling":
+        return VOCAB_SIZE
+    return 1 if manifest.task == "regression" else len(manifest.classes)
+
+
+def input_width(manifest: Manifest) -> int:
+    """Features per row, or tokens per sequence for language modeling."""
+    return manifest.sequence_length or manifest.num_features
+
+
+def build_candidate_model(
+    cfg: Config, candidate: Candidate, manifest: Manifest, sample: torch.Tensor
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Seeded initial weights, checked against real input rows before any training."""
+    where = f"train.candidates[{cfg.train.candidates.index(candidate)}].model"
+    spec = resolve_spec(
+        candidate.model, task=manifest.task, num_features=input_width(manifest),
+        num_outputs=num_outputs(manifest), where=where,
+    )
+    torch.manual_seed(cfg.seed)
+    model = build_model(spec)
+    expected = output_shape(manifest.task, num_outputs=num_outputs(manifest),
+                            sequence_length=manifest.sequence_length)
+    check_fits(model, sample, expected, where)
+    return model, spec
+
+
+def train_candidate(
+    cfg: Config,
+    candidate: Candidate,
+    manifest: Manifest,
+    *,
+    train: SplitTensors,
+    val: SplitTensors,
+    out_dir: Path,
+    resume: bool = False,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train, evaluate on val, save ``out_dir/artifact``; returns the candidate's result."""
+    settings = cfg.train.settings_for(candidate)
+    model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
+    loader = BatchLoader(
+        train.x, train.y, batch_size=settings.batch_size // settings.grad_accum_steps,
+        seed=cfg.seed,
+    )
+    trainer = Trainer(
+        model, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
+        metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", device=default_device(),
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    state = trainer.fit(resume=resume)
+    model = trainer.model.cpu()
+    val_metrics, _ = evaluate(manifest.task, model, val.x, val.y)
+    inputs, outputs = io_schema(manifest.task, num_features=input_width(manifest),
+                                num_outputs=num_outputs(manifest))
+    artifact = save_artifact(model, {
+        "name": cfg.model_name, "candidate": candidate.name, "task": manifest.task,
+        "model": spec, "inputs": inputs, "outputs": outputs,
+        "feature_names": manifest.feature_names, "labels": manifest.classes,
+        "preprocessing": manifest.preprocessing, "metrics": {"val": val_metrics},
+        "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
+    }, out_dir / "artifact")
+    result = {
+        "name": candidate.name,
+        "params": count_parameters(model),
+        "val": val_metrics,
+        "steps": state.step,
+        "best_step": state.best_step,
+        "train_seconds": state.seconds,
+        "wall_seconds": time.perf_counter() - start,
+        "samples_per_s": state.step * settings.batch_size / max(state.seconds, 1e-9),
+        "artifact": str(artifact),
+        "history": {"train_loss": state.train_loss, "evals": state.evals},
+    }
+    write_json_atomic(out_dir / RESULT, result)
+    return result

@@ -1,0 +1,1 @@
+"""Orchestration: the stage pipeline and its report."""

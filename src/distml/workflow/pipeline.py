@@ -1,0 +1,206 @@
+"""The pipeline: ingest -> train candidates -> select + register -> report, each stage timed.
+
+Ingested data is cached by the hash of its inputs under ``<output_dir>/<name>/data-<hash>``
+and linked from each run directory, so runs that share a data config ingest once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import yaml
+
+from distml.artifact import load_artifact, read_spec, save_artifact
+from distml.config import Config, FileSource, TextSource
+from distml.data.dataset import Manifest
+from distml.data.ingest import ingest
+from distml.data.sources import expand_text_paths
+from distml.errors import DistmlError
+from distml.fsutil import write_json_atomic, write_text_atomic
+from distml.registry import PRODUCTION, Registry
+from distml.selection import is_better, rank
+from distml.tasks import evaluate
+from distml.training.candidate import RESULT, SplitTensors, train_candidate
+from distml.workflow.report import write_report
+
+logger = logging.getLogger(__name__)
+
+_RUN_NAME = "%Y%m%d-%H%M%S"
+
+
+class Reporter(Protocol):
+    """How the pipeline shows progress; the CLI supplies a rich or plain implementation."""
+
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]: ...
+    def training_callbacks(self, candidate: str) -> Sequence[Any]: ...
+
+
+class NullReporter:
+    def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def training_callbacks(self, candidate: str) -> Sequence[Any]:
+        return ()
+
+
+@dataclass
+class Run:
+    """One pipeline run: its config, folder and stage timings."""
+
+    cfg: Config
+    dir: Path
+    reporter: Any = field(default_factory=NullReporter)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.reporter.stage(name):
+            yield
+        self.stages.append({"name": name, "seconds": round(time.perf_counter() - start, 3)})
+
+    @property
+    def project_dir(self) -> Path:
+        return self.cfg.output_dir / self.cfg.name
+
+
+def start_run(cfg: Config, *, resume: bool = False, reporter: Any = None) -> Run:
+    """A new run folder (or, with ``resume``, the newest one) holding the resolved config."""
+    project = cfg.output_dir / cfg.name
+    if resume:
+        runs = sorted(p for p in project.glob("2*") if p.is_dir()) if project.is_dir() else []
+        if not runs:
+            raise DistmlError(f"nothing to resume: no run of {cfg.name!r} under {project}")
+        run_dir = runs[-1]
+    else:
+        project.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now().strftime(_RUN_NAME)
+        for i in range(1000):
+            run_dir = project / (stamp if i == 0 else f"{stamp}-{i}")
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return Run(cfg, run_dir, reporter or NullReporter())
+
+
+def _data_key(cfg: Config) -> str:
+    """Hash of everything ingestion depends on, including the source files' size and mtime."""
+    src = cfg.data.source
+    files: list[Path] = []
+    if isinstance(src, FileSource):
+        files = sorted(src.path.rglob("*")) if src.path.is_dir() else [src.path]
+    elif isinstance(src, TextSource):
+        files = expand_text_paths(src.paths)
+    stamps = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    blob = json.dumps([cfg.data.model_dump(mode="json"), cfg.seed, stamps], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def stage_ingest(run: Run) -> Manifest:
+    with run.stage("ingest"):
+        root = run.project_dir / f"data-{_data_key(run.cfg)}"
+        manifest = ingest(run.cfg.data, root, seed=run.cfg.seed)
+        link = run.dir / "data"
+        if not link.exists():
+            os.symlink(os.path.relpath(root, run.dir), link)
+    return manifest
+
+
+def stage_train(
+    run: Run, manifest: Manifest, *, only: str | None = None, resume: bool = False
+) -> list[dict[str, Any]]:
+    candidates = [run.cfg.train.candidate(only)] if only else run.cfg.train.candidates
+    with run.stage("train"):
+        train, val = SplitTensors.load(manifest, "train"), SplitTensors.load(manifest, "val")
+        results = []
+        for cand in candidates:
+            out = run.dir / "candidates" / cand.name
+            if resume and (out / RESULT).is_file():
+                logger.info("candidate %s already trained; reusing its result", cand.name)
+                results.append(json.loads((out / RESULT).read_text()))
+                continue
+            results.append(train_candidate(
+                run.cfg, cand, manifest, train=train, val=val, out_dir=out, resume=resume,
+                callbacks=run.reporter.training_callbacks(cand.name),
+            ))
+    return results
+
+
+def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank, test the best, register it, and move 'production' if it beats the current one."""
+    cfg, metric = run.cfg, run.cfg.metric
+    with run.stage("select"):
+        ranked = rank(results, metric)
+        best = ranked[0]
+        artifact = load_artifact(best["artifact"])
+        test = SplitTensors.load(manifest, "test")
+        test_metrics, predictions = evaluate(manifest.task, artifact.model, test.x, test.y)
+        artifact.spec["metrics"]["test"] = test_metrics
+        selected = save_artifact(artifact.model, artifact.spec, run.dir / "selected")
+
+        registry = Registry(cfg.registry)
+        version = registry.register(selected, cfg.model_name)
+        current = registry.aliases(cfg.model_name).get(PRODUCTION)
+        old = None
+        if current is not None:
+            old = read_spec(registry.get(cfg.model_name, current).path)["metrics"]
+            old = old.get("test", {}).get(metric)
+        promoted = cfg.select.promote and is_better(metric, test_metrics[metric], old)
+        if promoted:
+            registry.set_alias(cfg.model_name, PRODUCTION, version.version)
+    return {
+        "ranked": ranked, "best": best, "test": test_metrics, "predictions": predictions,
+        "targets": test.y.numpy(), "artifact": str(selected),
+        "registry": {"name": cfg.model_name, "version": version.version, "promoted": promoted,
+                     "previous_production": current},
+    }
+
+
+def run_pipeline(
+    cfg: Config, *, reporter: Any = None, resume: bool = False
+) -> tuple[Run, dict[str, Any]]:
+    """The whole pipeline; returns the run and its summary (also written to summary.json)."""
+    run = start_run(cfg, resume=resume, reporter=reporter)
+    manifest = stage_ingest(run)
+    results = stage_train(run, manifest, resume=resume)
+    selection = stage_select(run, manifest, results)
+    with run.stage("report"):
+        summary = build_summary(run, manifest, selection)
+        write_report(run.dir, summary, manifest=manifest, selection=selection)
+    summary["stages"] = run.stages  # the report stage's own time included
+    write_json_atomic(run.dir / "summary.json", summary)
+    return run, summary
+
+
+def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": run.cfg.name,
+        "run_dir": str(run.dir),
+        "config_hash": run.cfg.hash(),
+        "task": manifest.task,
+        "metric": run.cfg.metric,
+        "selected": selection["best"]["name"],
+        "candidates": [
+            {k: r[k] for k in ("name", "params", "val", "train_seconds", "steps", "samples_per_s")}
+            for r in selection["ranked"]
+        ],
+        "test": selection["test"],
+        "data": {"rows": {s: manifest.rows(s) for s in manifest.splits},
+                 "dropped_invalid_rows": manifest.dropped_invalid_rows},
+        "stages": run.stages,
+        "artifact": selection["artifact"],
+        "registry": selection["registry"],
+    }

@@ -1,0 +1,102 @@
+"""The human report of a run: report.md with PNG plots next to summary.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import confusion_matrix  # noqa: E402
+
+from distml.data.dataset import Manifest  # noqa: E402
+from distml.fsutil import write_text_atomic  # noqa: E402
+
+
+def plot_loss_curves(results: list[dict[str, Any]], path: Path) -> None:
+    fig, (ax_train, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        loss = np.asarray(r["history"]["train_loss"])
+        window = max(1, len(loss) // 50)  # light smoothing keeps curves readable
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax_train.plot(np.arange(window, len(loss) + 1), smooth, label=r["name"])
+        evals = r["history"]["evals"]
+        ax_val.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker=".",
+                    label=r["name"])
+    for ax, title in ((ax_train, "training loss"), (ax_val, "validation loss")):
+        ax.set(title=title, xlabel="optimizer step", ylabel="loss", yscale="log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_confusion(targets: np.ndarray, preds: np.ndarray, labels: list[str], path: Path) -> None:
+    cm = confusion_matrix(targets, preds, labels=range(len(labels)))
+    size = max(4.0, 0.45 * len(labels) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set(xticks=range(len(labels)), yticks=range(len(labels)), xticklabels=labels,
+           yticklabels=labels, xlabel="predicted", ylabel="true", title="test confusion matrix")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center",
+                color="white" if v > cm.max() / 2 else "black", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_report(
+    run_dir: Path, summary: dict[str, Any], *, manifest: Manifest, selection: dict[str, Any]
+) -> Path:
+    metric = summary["metric"]
+    plot_loss_curves(selection["ranked"], run_dir / "loss_curves.png")
+    lines = [
+        f"# distml run: {summary['name']}",
+        "",
+        f"Run folder `{run_dir}`; config hash `{summary['config_hash']}`; task "
+        f"{summary['task']}; rows train/val/test: "
+        + "/".join(str(manifest.rows(s)) for s in ("train", "val", "test")) + ".",
+        "",
+        f"## Candidates, ranked by validation {metric}",
+        "",
+        "| rank | candidate | parameters | val " + " | val ".join(summary["candidates"][0]["val"])
+        + " | steps | train s | samples/s |",
+        "|---" * (6 + len(summary["candidates"][0]["val"])) + "|",
+    ]
+    for i, c in enumerate(summary["candidates"], 1):
+        vals = " | ".join(_fmt(v) for v in c["val"].values())
+        lines.append(f"| {i} | {c['name']} | {c['params']:,} | {vals} | {c['steps']} | "
+                     f"{c['train_seconds']:.1f} | {c['samples_per_s']:,.0f} |")
+    reg = summary["registry"]
+    lines += [
+        "",
+        f"Selected **{summary['selected']}**, registered as `{reg['name']}:{reg['version']}`"
+        + (" and promoted to `production`." if reg["promoted"] else
+           " (not promoted: the current production model is as good or better)."),
+        "",
+        "## Test metrics of the selected model",
+        "",
+        *[f"- {k}: {_fmt(v)}" for k, v in summary["test"].items()],
+        "",
+        "## Plots",
+        "",
+        "![loss curves](loss_curves.png)",
+    ]
+    if manifest.task == "classification":
+        plot_confusion(selection["targets"], selection["predictions"], manifest.classes,
+                       run_dir / "confusion_matrix.png")
+        lines += ["", "![confusion matrix](confusion_matrix.png)"]
+    lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s['name']} | {s['seconds']:.2f} |" for s in summary["stages"]]
+    path = run_dir / "report.md"
+    write_text_atomic(path, "\n".join(lines) + "\n")
+    return path
