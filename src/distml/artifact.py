@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -134,7 +135,7 @@ def load_artifact(directory: str | Path) -> Artifact:
     model = build_model(spec["model"])
     try:
         load_model(model, str(weights))
-    except (RuntimeError, OSError) as e:
-        raise ArtifactError(f"{weights} does not match its spec: {e}") from None
+    except (RuntimeError, OSError, SafetensorError) as e:
+        raise ArtifactError(f"{weights} is not valid safetensors matching its spec: {e}") from None
     model.eval()
     return Artifact(model=model, spec=spec, path=directory)

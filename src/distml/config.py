@@ -245,7 +245,9 @@ class MLPSpec(Strict):
     hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [128], description="Width of each hidden layer."
     )
-    activation: Literal["relu", "gelu", "tanh", "silu"] = Field("relu", description="Activation.")
+    activation: Literal["relu", "gelu", "tanh", "silu"] = Field(
+        "relu", description="relu, gelu, tanh or silu."
+    )
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
 
 
@@ -335,12 +337,12 @@ class TrainSettings(Strict):
     epochs: int = Field(10, ge=1, description="Passes over the training split.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
     batch_size: int = Field(64, ge=1, description="Samples per optimizer step (global batch).")
-    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="Optimizer.")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd.")
     lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
-        "cosine", description="Decay after warmup."
+        "cosine", description="Decay after warmup: constant, cosine or linear."
     )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
@@ -348,7 +350,7 @@ class TrainSettings(Strict):
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches per optimizer step; batch_size is split among them."
     )
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="Autocast precision.")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
     eval_every_steps: int | None = Field(
         None, ge=1, description="Evaluate on val every N steps; null: at the end of each epoch."
     )
@@ -360,7 +362,9 @@ class TrainSettings(Strict):
         None, ge=1, description="Checkpoint every N steps; null: at the end of each epoch."
     )
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    strategy: Literal["single"] = Field("single", description="Parallelism strategy.")
+    strategy: Literal["single"] = Field(
+        "single", description="Parallelism strategy; single: one process."
+    )
     world_size: int = Field(1, ge=1, description="Number of training processes.")
 
     @model_validator(mode="after")
@@ -457,8 +461,9 @@ class SelectConfig(Strict):
 class ExecutionConfig(Strict):
     """Where embarrassingly parallel work runs."""
 
-    executor: Literal["local"] = Field("local", description="Executor for parallel stages.")
-    num_workers: int | None = Field(None, ge=1, description="Workers; default: CPU count.")
+    executor: Literal["local"] = Field(
+        "local", description="Executor for parallel stages; local: this machine."
+    )
 
 
 class ServeConfig(Strict):
@@ -541,13 +546,16 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {key}: cannot set {last!r} inside a {type(node).__name__}")
 
 
+_TAGS = {*_SOURCE_TYPES, "file", *_MODEL_TYPES, "custom"}
+
+
 def _format_loc(loc: tuple[Any, ...]) -> str:
     out = ""
-    for part in loc:
+    for prev, part in zip((None, *loc), loc, strict=False):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif isinstance(part, str) and (":" in part or part in ("file", "custom")):
-            continue  # discriminator tags are not part of the user's path
+        elif prev in ("source", "model") and part in _TAGS:
+            continue  # a union's tag is not part of the user's path
         else:
             out += f".{part}" if out else str(part)
     return out

@@ -148,6 +148,8 @@ def _read_table(path: Path) -> pa.Table:
 
 def _file(src: FileSource) -> RawData:
     table = _read_table(src.path)
+    if table.num_rows == 0:
+        raise DataError(f"the data set is empty: {src.path} has 0 rows")
     if src.label_column not in table.column_names:
         raise DataError(
             f"data.source.label_column={src.label_column!r} is not a column of {src.path}; "

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distml.config import CustomModelSpec, FileSource, load_config
+from distml.errors import ConfigError
+from tests.conftest import make_config, write_config
+
+
+def test_example_configs_load():
+    root = Path(__file__).parents[2] / "examples"
+    digits = load_config(root / "digits.yaml")
+    assert [c.name for c in digits.train.candidates] == ["mlp", "mlp-wide", "cnn"]
+    assert digits.metric == "accuracy"
+    lm = load_config(root / "transformer.yaml")
+    assert lm.data.task == "language_modeling"
+    assert lm.metric == "perplexity"
+
+
+def test_candidate_inherits_and_overrides(tiny_raw):
+    tiny_raw["train"]["candidates"][1]["lr"] = 0.1
+    cfg = make_config(tiny_raw)
+    small, cnn = cfg.train.candidates
+    assert cfg.train.settings_for(small).lr == 0.005
+    assert cfg.train.settings_for(cnn).lr == 0.1
+    assert cfg.train.settings_for(cnn).epochs == 2
+
+
+def test_set_overrides_parse_yaml_values(tiny_raw):
+    cfg = make_config(tiny_raw, overrides=["train.epochs=7", "train.candidates.0.lr=0.5",
+                                           "data.split={train: 0.8, val: 0.1, test: 0.1}"])
+    assert cfg.train.epochs == 7
+    assert cfg.train.settings_for(cfg.train.candidates[0]).lr == 0.5
+    assert cfg.data.split.train == 0.8
+
+
+def test_hash_ignores_key_order(tiny_raw):
+    reordered = dict(reversed(list(tiny_raw.items())))
+    assert make_config(tiny_raw).hash() == make_config(reordered).hash()
+
+
+def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
+    tiny_raw["data"]["source"] = "data/train.csv"
+    tiny_raw["train"]["candidates"][0]["model"] = {"type": "models/net.py:build"}
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_raw))
+    assert isinstance(cfg.data.source, FileSource)
+    assert cfg.data.source.path == tmp_path / "data" / "train.csv"
+    spec = cfg.train.candidates[0].model
+    assert isinstance(spec, CustomModelSpec)
+    assert spec.type == f"{tmp_path / 'models' / 'net.py'}:build"
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        ("train.bogus=1", r"train\.bogus = 1: unknown key"),
+        ("train.lr=-0.1", r"train\.lr = -0\.1: Input should be greater than 0"),
+        ("train.world_size=0", r"train\.world_size = 0: .*greater than or equal to 1"),
+        ("train.world_size=2", r"world_size=2 needs a distributed strategy"),
+        ("train.batch_size=abc", r"train\.batch_size = 'abc': .*valid integer"),
+        ("train.candidates.1.name=small", r"two candidates are named 'small'"),
+        ("select.metric=perplexity", r"select\.metric='perplexity' cannot be computed for a "
+                                     r"classification task; use one of: accuracy, f1_macro, loss"),
+        ("train.candidates.0.model.type=resnet",
+         r"train\.candidates\[0\]\.model\.type = 'resnet': model type must be one of mlp"),
+        ("train.candidates.0.model.hidden_sizes=[0]",
+         r"train\.candidates\[0\]\.model\.hidden_sizes\[0\] = 0"),
+        ("train.candidates.1.lr=-3", r"train\.candidates\[1\]\.lr = -3"),
+        ("train.candidates.1.grad_accum_steps=5",
+         r"candidate 'cnn': batch_size=64 is not divisible by grad_accum_steps=5"),
+        ("data.split.train=0.5", r"data\.split: train \+ val \+ test = 0\.8; .*add up to 1"),
+        ("data.source={type: synthetic:classification, n_classes: 1}",
+         r"data\.source\.n_classes = 1: .*greater than or equal to 2"),
+        ("data.transforms=[standardize]", r"data\.transforms=\['standardize'\] apply to numeric "
+                                           r"features; a text source takes none"),
+        ("train.candidates=[]", r"train\.candidates = \[\]: List should have at least 1 item"),
+        ("name=has space", r"name = 'has space': String should match pattern"),
+        ("train.candidates.0.model={type: transformer, dim: 30, num_heads: 4}",
+         r"dim=30 is not divisible by num_heads=4"),
+        ("train.epochs", r"--set 'train.epochs' is not KEY=VALUE"),
+    ],
+)
+def test_config_errors_name_field_value_and_fix(tiny_raw, override, match):
+    if override.startswith("data.transforms"):
+        tiny_raw["data"]["source"] = {"type": "text", "paths": ["a.txt"]}
+    with pytest.raises(ConfigError, match=match):
+        make_config(tiny_raw, overrides=[override])
+
+
+def test_missing_required_section(tiny_raw):
+    del tiny_raw["train"]
+    with pytest.raises(ConfigError, match=r"train: required key is missing"):
+        make_config(tiny_raw)
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"config file .*nope\.yaml' does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml is not valid YAML"):
+        load_config(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match=r"must be a mapping of sections, got list"):
+        load_config(bad)
+
+
+def test_unknown_candidate_name(tiny_raw):
+    cfg = make_config(tiny_raw)
+    with pytest.raises(ConfigError, match=r"no candidate named 'big'; the config has: small, cnn"):
+        cfg.train.candidate("big")

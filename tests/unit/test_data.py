@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distml.config import DataConfig
+from distml.data import transforms
+from distml.data.dataset import MANIFEST, Manifest, load_split, read_partition
+from distml.data.ingest import ingest
+from distml.data.sources import load_source
+from distml.errors import DataError
+
+
+def _data(**kw) -> DataConfig:
+    return DataConfig.model_validate(kw)
+
+
+def _csv(path, n=200, nan_rows=(), label=lambda i: i % 3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 4))
+    for r in nan_rows:
+        x[r, r % 4] = np.nan
+    table = pa.table({"a": x[:, 0], "b": x[:, 1], "c": x[:, 2], "d": x[:, 3],
+                      "label": [label(i) for i in range(n)]})
+    import pyarrow.csv as pcsv
+
+    pcsv.write_csv(table, path)
+    return path
+
+
+def test_synthetic_classification_is_seeded_and_sized():
+    src = _data(source={"type": "synthetic:classification", "n_samples": 3000,
+                        "n_features": 5, "n_classes": 4, "seed": 7}).source
+    a, b = load_source(src), load_source(src)
+    assert a.x.shape == (3000, 5)
+    assert a.x.dtype == np.float32
+    assert set(np.unique(a.labels)) == {0, 1, 2, 3}
+    np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_text_windows_are_next_token_pairs(tmp_path):
+    (tmp_path / "a.txt").write_bytes(bytes(range(100)) * 3)
+    src = _data(source={"type": "text", "paths": [str(tmp_path / "*.txt")],
+                        "sequence_length": 10}).source
+    raw = load_source(src)
+    assert raw.x.shape == (30, 11)
+    assert raw.x.dtype == np.uint8
+    np.testing.assert_array_equal(raw.x[1, :], np.arange(10, 21))  # stride T, width T+1
+
+
+def test_stdlib_text_source_reads_python_sources():
+    src = _data(source={"type": "text", "paths": ["stdlib:json/*.py"],
+                        "sequence_length": 32}).source
+    raw = load_source(src)
+    assert len(raw) > 100
+    assert raw.fingerprint["files"] >= 3
+
+
+def test_ingest_writes_stratified_partitions_and_manifest(tmp_path):
+    data = _data(source="sklearn:digits", rows_per_partition=500)
+    m = ingest(data, tmp_path / "d", seed=0)
+    assert (tmp_path / "d" / MANIFEST).is_file()
+    assert sum(m.rows(s) for s in ("train", "val", "test")) == 1797
+    assert len(m.splits["train"]["partitions"]) == 3  # 1257 rows / 500
+    x, y = load_split(Manifest.read(tmp_path / "d"), "train")
+    assert x.shape == (1257, 64)
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x.mean(axis=0), 0, atol=1e-5)  # standardized on train
+    _, y_val = load_split(m, "val")
+    # Stratified: class proportions in val match train within one sample per class.
+    counts_val = np.bincount(y_val, minlength=10) / len(y_val)
+    counts_train = np.bincount(y, minlength=10) / len(y)
+    assert np.abs(counts_val - counts_train).max() < 1.5 / len(y_val) * 10
+    assert m.preprocessing[0]["type"] == "standardize"
+    assert len(m.preprocessing[0]["mean"]) == 64
+
+
+def test_ingest_is_reused_when_complete(tmp_path):
+    data = _data(source="sklearn:digits")
+    ingest(data, tmp_path / "d", seed=0)
+    stamp = (tmp_path / "d" / MANIFEST).stat().st_mtime_ns
+    ingest(data, tmp_path / "d", seed=0)
+    assert (tmp_path / "d" / MANIFEST).stat().st_mtime_ns == stamp
+
+
+def test_csv_source_with_string_labels(tmp_path):
+    path = _csv(tmp_path / "t.csv", label=lambda i: ["cat", "dog"][i % 2])
+    m = ingest(_data(source=str(path)), tmp_path / "d", seed=0)
+    assert m.classes == ["cat", "dog"]
+    assert m.feature_names == ["a", "b", "c", "d"]
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match=r"data\.source\.path: '.*nope\.csv' does not exist"):
+        ingest(_data(source=str(tmp_path / "nope.csv")), tmp_path / "d", seed=0)
+
+
+def test_missing_label_column(tmp_path):
+    path = _csv(tmp_path / "t.csv")
+    with pytest.raises(DataError, match=r"label_column='y' is not a column .*columns: a, b"):
+        ingest(_data(source={"path": str(path), "label_column": "y"}), tmp_path / "d", seed=0)
+
+
+def test_empty_data_set(tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("a,b,label\n")
+    with pytest.raises(DataError, match=r"the data set is empty: .*empty\.csv has 0 rows"):
+        ingest(_data(source=str(path)), tmp_path / "d", seed=0)
+    assert not (tmp_path / "d").exists()
+
+
+def test_labels_outside_declared_classes(tmp_path):
+    path = _csv(tmp_path / "t.csv")  # labels 0, 1, 2
+    with pytest.raises(DataError, match=r"66 rows have labels outside data\.classes=\['0', '1'\]"):
+        ingest(_data(source=str(path), classes=[0, 1]), tmp_path / "d", seed=0)
+
+
+def test_nan_rows_are_counted_or_dropped(tmp_path):
+    path = _csv(tmp_path / "t.csv", nan_rows=(3, 10, 50))
+    with pytest.raises(DataError, match=r"3 of 200 rows have NaN or infinite features .*"
+                                        r"first rows: \[3, 10, 50\].*drop_invalid: true"):
+        ingest(_data(source=str(path)), tmp_path / "d", seed=0)
+    m = ingest(_data(source=str(path), drop_invalid=True), tmp_path / "d", seed=0)
+    assert m.dropped_invalid_rows == 3
+    assert sum(m.rows(s) for s in ("train", "val", "test")) == 197
+
+
+def test_too_few_rows_to_split(tmp_path):
+    path = _csv(tmp_path / "t.csv", n=3)
+    with pytest.raises(DataError, match=r"3 rows are too few to split into train/val/test"):
+        ingest(_data(source=str(path)), tmp_path / "d", seed=0)
+
+
+def test_truncated_partition_names_the_file(tmp_path):
+    m = ingest(_data(source="sklearn:digits"), tmp_path / "d", seed=0)
+    rel = m.splits["val"]["partitions"][0]["path"]
+    part = tmp_path / "d" / rel
+    part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
+    with pytest.raises(DataError, match=rf"partition .*{rel} is unreadable"):
+        read_partition(m, rel)
+
+
+def test_transforms_roundtrip_statistics():
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(1000, 3)).astype(np.float32)
+    x[:, 2] = 5.0  # a constant column must not divide by zero
+    params = transforms.fit(["standardize", "minmax"], x)
+    out = transforms.apply(params, x)
+    assert np.isfinite(out).all()
+    np.testing.assert_allclose(out[:, :2].min(axis=0), 0, atol=1e-6)
+    np.testing.assert_allclose(out[:, :2].max(axis=0), 1, atol=1e-6)
+
+
+def test_partitions_are_plain_parquet(tmp_path):
+    m = ingest(_data(source="sklearn:digits"), tmp_path / "d", seed=0)
+    table = pq.read_table(tmp_path / "d" / m.splits["test"]["partitions"][0]["path"])
+    assert table.column_names[:2] == ["row_id", "pixel_0_0"]
+    assert "label" in table.column_names

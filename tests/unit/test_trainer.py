@@ -1,0 +1,111 @@
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distml.data.ingest import ingest
+from distml.training.candidate import SplitTensors, train_candidate
+from distml.training.checkpoint import checkpoint_paths, load_latest_checkpoint
+from tests.conftest import make_config
+
+
+class Crash:
+    """Simulates a dead process: raises after a given optimizer step."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_step_end(self, trainer, record):
+        if record["step"] == self.at_step:
+            raise RuntimeError("simulated crash")
+
+
+def _train(tmp_path, raw, out, *, overrides=(), callbacks=(), resume=False):
+    cfg = make_config(raw, overrides=list(overrides))
+    manifest = ingest(cfg.data, tmp_path / "data", seed=cfg.seed)
+    result = train_candidate(
+        cfg, cfg.train.candidates[0], manifest,
+        train=SplitTensors.load(manifest, "train"), val=SplitTensors.load(manifest, "val"),
+        out_dir=tmp_path / out, resume=resume, callbacks=callbacks,
+    )
+    return result, load_file(tmp_path / out / "artifact" / "model.safetensors")
+
+
+def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+@pytest.fixture
+def dropout_raw(tiny_raw):
+    # Dropout makes the global RNG matter, so resume must restore it too.
+    tiny_raw["train"]["candidates"][0]["model"] = {"type": "mlp", "hidden_sizes": [32],
+                                                   "dropout": 0.2}
+    return tiny_raw
+
+
+def test_same_config_gives_bit_identical_weights(tmp_path, dropout_raw):
+    r1, w1 = _train(tmp_path, dropout_raw, "a")
+    r2, w2 = _train(tmp_path, dropout_raw, "b")
+    _assert_identical(w1, w2)
+    assert r1["history"]["train_loss"] == r2["history"]["train_loss"]
+    _, w3 = _train(tmp_path, dropout_raw, "c", overrides=["seed=1"])
+    assert not torch.equal(w1["0.weight"], w3["0.weight"])
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, dropout_raw):
+    overrides = ["train.checkpoint_every_steps=5", "train.restore_best=false"]
+    full, w_full = _train(tmp_path, dropout_raw, "full", overrides=overrides)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _train(tmp_path, dropout_raw, "crashed", overrides=overrides, callbacks=[Crash(13)])
+    # The crash came mid-epoch (20 steps per epoch), after the step-10 checkpoint.
+    assert [p.name for p in checkpoint_paths(tmp_path / "crashed" / "checkpoints")] == [
+        "step-00000005.pt", "step-00000010.pt"]
+    resumed, w_resumed = _train(tmp_path, dropout_raw, "crashed", overrides=overrides,
+                                resume=True)
+    _assert_identical(w_full, w_resumed)
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+    assert resumed["steps"] == full["steps"] == 40
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tiny_raw):
+    # 1257 rows: the last step of each epoch is short (41 rows), where the naive
+    # "loss / accum_steps" scaling would weight its micro-batches wrongly.
+    _, big = _train(tmp_path, tiny_raw, "big", overrides=["train.epochs=1"])
+    _, acc = _train(tmp_path, tiny_raw, "acc",
+                    overrides=["train.epochs=1", "train.grad_accum_steps=4"])
+    for k in big:
+        torch.testing.assert_close(big[k], acc[k], rtol=1e-5, atol=1e-6)
+
+
+def test_early_stopping_stops_when_val_does_not_improve(tmp_path, tiny_raw):
+    result, _ = _train(tmp_path, tiny_raw, "es", overrides=[
+        "train.lr=1e-12", "train.eval_every_steps=2", "train.early_stopping_patience=2",
+        "train.warmup_steps=0", "train.epochs=5"])
+    assert result["steps"] == 6  # evals at 2 (best), 4 and 6 (no improvement) -> stop
+    assert result["best_step"] == 2
+
+
+def test_bf16_autocast_trains(tmp_path, tiny_raw):
+    result, _ = _train(tmp_path, tiny_raw, "bf16",
+                       overrides=["train.precision=bf16", "train.epochs=3"])
+    losses = result["history"]["train_loss"]
+    assert losses[-1] < losses[0] * 0.5
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_raw, caplog):
+    _train(tmp_path, tiny_raw, "ck", overrides=["train.checkpoint_every_steps=10",
+                                                "train.keep_checkpoints=3"])
+    paths = checkpoint_paths(tmp_path / "ck" / "checkpoints")
+    assert [p.name for p in paths] == ["step-00000020.pt", "step-00000030.pt",
+                                       "step-00000040.pt"]
+    paths[-1].write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING):
+        path, state = load_latest_checkpoint(tmp_path / "ck" / "checkpoints")
+    assert path == paths[-2]
+    assert state["progress"]["step"] == 30
+    assert "step-00000040.pt is corrupt" in caplog.text
