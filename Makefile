@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 CONFIG ?= examples/digits.yaml
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,13 +23,10 @@ run: install
 	$(BIN)/distml run $(CONFIG)
 
 lint: install
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check .
 
 test: lint
 	$(BIN)/pytest -q
-
-bench: install
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) runs registry .pytest_cache
