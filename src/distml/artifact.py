@@ -109,14 +109,23 @@ class Artifact:
     def labels(self) -> list[str] | None:
         return self.spec.get("labels")
 
-    def preprocess(self, x: np.ndarray) -> torch.Tensor:
-        """Raw inputs as the source data has them -> the model's input tensor."""
+    def preprocess(self, x: np.ndarray | dict[str, np.ndarray]) -> torch.Tensor:
+        """Raw inputs as the source data has them -> the model's input tensor.
+
+        ``x`` is (N, C) with the raw input columns in order (when all are numeric), or a
+        dict of raw columns by name (needed for categorical columns).
+        """
         if self.task == "language_modeling":
             return torch.as_tensor(np.asarray(x), dtype=torch.int64)
-        return torch.from_numpy(transforms.apply(self.spec["preprocessing"], x))
+        names = list(self.spec["input_columns"])
+        if not isinstance(x, dict):
+            x = np.asarray(x, dtype=np.float32)
+            x = {n: x[:, j] for j, n in enumerate(names)}
+        cols = transforms.apply(self.spec["preprocessing"], {n: np.asarray(x[n]) for n in names})
+        return torch.from_numpy(transforms.to_matrix(cols))
 
     @torch.no_grad()
-    def predict(self, x: np.ndarray) -> np.ndarray:
+    def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """Raw inputs -> class probabilities, regression values, or next-token logits."""
         out = self.model(self.preprocess(x)).float()
         if self.task == "classification":

@@ -57,6 +57,14 @@ def _resolve_path(value: str | Path, info: ValidationInfo) -> Path:
     return path if path.is_absolute() or base is None else Path(base) / path
 
 
+def _relative_factory(value: Any, info: ValidationInfo) -> Any:
+    """'path/to/file.py:name' is relative to the config file; 'module:name' stays."""
+    if isinstance(value, str) and ".py:" in value:
+        file, name = value.rsplit(":", 1)
+        return f"{_resolve_path(file, info)}:{name}"
+    return value
+
+
 # ---------------------------------------------------------------------------------------------
 # data sources
 
@@ -173,6 +181,122 @@ class SplitConfig(Strict):
         return self
 
 
+# ---------------------------------------------------------------------------------------------
+# feature transforms
+
+
+class StandardizeSpec(Strict):
+    """(x - mean) / std per column, statistics fitted on the training split."""
+
+    type: Literal["standardize"]
+    columns: list[str] | None = Field(None, description="Columns; default: every numeric one.")
+
+
+class MinMaxSpec(Strict):
+    """(x - min) / (max - min) per column, fitted on the training split."""
+
+    type: Literal["minmax"]
+    columns: list[str] | None = Field(None, description="Columns; default: every numeric one.")
+
+
+class ImputeSpec(Strict):
+    """Replace missing values (NaN) by the training mean or a constant."""
+
+    type: Literal["impute"]
+    columns: list[str] | None = Field(None, description="Columns; default: every numeric one.")
+    strategy: Literal["mean", "constant"] = Field("mean", description="mean or constant.")
+    value: float = Field(0.0, description="The constant, for strategy: constant.")
+
+
+class ClipSpec(Strict):
+    """Clip values into [min, max]."""
+
+    type: Literal["clip"]
+    columns: list[str] | None = Field(None, description="Columns; default: every numeric one.")
+    min: float | None = Field(None, description="Lower bound; null: none.")
+    max: float | None = Field(None, description="Upper bound; null: none.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ClipSpec:
+        if self.min is None and self.max is None:
+            raise ValueError("clip needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"clip min={self.min} is greater than max={self.max}")
+        return self
+
+
+class OneHotSpec(Strict):
+    """Categorical (string) columns -> one 0/1 feature per category seen in training."""
+
+    type: Literal["onehot"]
+    columns: list[str] = Field(min_length=1, description="Categorical columns to encode.")
+
+
+class UserTransformSpec(Strict):
+    """A user function 'module:function' (or 'file.py:function') taking and returning a dict
+    of column name -> numpy array; it runs on every partition."""
+
+    type: str = Field(pattern=r"^.+:[A-Za-z_]\w*$", description="Import path of the function.")
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _file_relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        return _relative_factory(value, info)
+
+
+_TRANSFORM_TYPES = ("standardize", "minmax", "impute", "clip", "onehot")
+
+
+def _transform_tag(value: Any) -> str | None:
+    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if not isinstance(kind, str):
+        return None
+    return kind if kind in _TRANSFORM_TYPES else ("user" if ":" in kind else None)
+
+
+TransformSpec = Annotated[
+    Annotated[StandardizeSpec, Tag("standardize")]
+    | Annotated[MinMaxSpec, Tag("minmax")]
+    | Annotated[ImputeSpec, Tag("impute")]
+    | Annotated[ClipSpec, Tag("clip")]
+    | Annotated[OneHotSpec, Tag("onehot")]
+    | Annotated[UserTransformSpec, Tag("user")],
+    Discriminator(
+        _transform_tag,
+        custom_error_type="unknown_transform",
+        custom_error_message="transform type must be one of " + ", ".join(_TRANSFORM_TYPES)
+        + ", or 'module:function' for a user function",
+    ),
+]
+
+
+class LoaderConfig(Strict):
+    """The training input pipeline."""
+
+    shuffle: bool = Field(True, description="Shuffle samples every epoch (seeded).")
+    shuffle_window: int = Field(
+        65_536, ge=1, description="Rows shuffled together (across partitions); rounded up to "
+        "whole batches. Larger: more random, more memory.",
+    )
+    num_threads: int = Field(
+        2, ge=1, description="Threads decoding partitions in parallel (interleave) and running "
+        "the map function."
+    )
+    prefetch_batches: int = Field(8, ge=0, description="Batches prepared ahead in the background.")
+    cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="Keep decoded partitions in memory, as .npy files on local disk, "
+        "or re-read them every epoch."
+    )
+    remainder: Literal["drop", "pad"] = Field(
+        "drop", description="When rows do not divide among ranks: drop the extra rows of the "
+        "epoch, or pad by repeating rows from its start."
+    )
+    map_fn: str | None = Field(
+        None, pattern=r"^.+:[A-Za-z_]\w*$", description="Optional 'module:function' applied "
+        "to each batch (x, y) of numpy arrays, returning (x, y); runs in the threads."
+    )
+
+
 class DataConfig(Strict):
     """Where the data comes from and how it is prepared."""
 
@@ -185,10 +309,11 @@ class DataConfig(Strict):
     classes: list[str] | None = Field(
         None, description="Declared class labels; rows with another label are an error."
     )
-    transforms: list[Literal["standardize", "minmax"]] | None = Field(
+    transforms: list[TransformSpec] | None = Field(
         None,
-        description="Feature transforms, fitted on the training split and stored in the "
-        "artifact. Default: [standardize] for numeric features, none for text.",
+        description="Feature transforms in order, fitted on the training split and stored in "
+        "the artifact: standardize, minmax, impute, clip, onehot, or 'module:function'. "
+        "Default: [standardize] for numeric features, none for text.",
     )
     drop_invalid: bool = Field(
         False, description="Drop rows with NaN or infinite features instead of failing."
@@ -196,12 +321,20 @@ class DataConfig(Strict):
     rows_per_partition: int = Field(
         100_000, ge=1, description="Rows per Parquet partition (the unit of parallel work)."
     )
+    loader: LoaderConfig = Field(default_factory=LoaderConfig, description="Input pipeline.")
 
     @field_validator("source", mode="before")
     @classmethod
     def _shorthand(cls, value: Any) -> Any:
         if isinstance(value, str):
             return {"type": value} if value in _SOURCE_TYPES else {"type": "file", "path": value}
+        return value
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _transform_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"type": v} if isinstance(v, str) else v for v in value]
         return value
 
     @field_validator("classes", mode="before")
@@ -212,17 +345,18 @@ class DataConfig(Strict):
     @model_validator(mode="after")
     def _transforms_fit_source(self) -> DataConfig:
         if self.task == "language_modeling" and self.transforms:
+            names = [t.type for t in self.transforms]
             raise ValueError(
-                f"data.transforms={self.transforms} apply to numeric features; a text source "
+                f"data.transforms={names} apply to feature columns; a text source "
                 "takes none (use transforms: [])"
             )
         return self
 
     @property
-    def feature_transforms(self) -> list[str]:
+    def feature_transforms(self) -> list[Any]:
         if self.transforms is not None:
             return list(self.transforms)
-        return [] if self.task == "language_modeling" else ["standardize"]
+        return [] if self.task == "language_modeling" else [StandardizeSpec(type="standardize")]
 
     @property
     def task(self) -> Task:
@@ -297,10 +431,7 @@ class CustomModelSpec(Strict):
     @field_validator("type", mode="before")
     @classmethod
     def _file_relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
-        if isinstance(value, str) and ".py:" in value:
-            file, factory = value.rsplit(":", 1)
-            return f"{_resolve_path(file, info)}:{factory}"
-        return value
+        return _relative_factory(value, info)
 
 
 _MODEL_TYPES = ("mlp", "cnn", "transformer")
@@ -459,10 +590,21 @@ class SelectConfig(Strict):
 
 
 class ExecutionConfig(Strict):
-    """Where embarrassingly parallel work runs."""
+    """Where embarrassingly parallel work (preprocessing partitions) runs."""
 
-    executor: Literal["local"] = Field(
-        "local", description="Executor for parallel stages; local: this machine."
+    executor: str = Field(
+        "local",
+        pattern=r"^(local|(dask|ray)://.+)$",
+        description="local (a process pool on this machine), dask://local (a Dask "
+        "LocalCluster), dask://HOST:PORT (a running Dask scheduler), ray://local or "
+        "ray://HOST:PORT.",
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description="Worker processes (local, dask://local, ray://local); "
+        "default: the CPU count. 1 runs in-process."
+    )
+    retries: int = Field(
+        2, ge=0, description="Retries of a failed work item before the stage fails."
     )
 
 
@@ -546,7 +688,7 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"--set {key}: cannot set {last!r} inside a {type(node).__name__}")
 
 
-_TAGS = {*_SOURCE_TYPES, "file", *_MODEL_TYPES, "custom"}
+_TAGS = {*_SOURCE_TYPES, "file", *_MODEL_TYPES, "custom", *_TRANSFORM_TYPES, "user"}
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:
@@ -554,7 +696,7 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     for prev, part in zip((None, *loc), loc, strict=False):
         if isinstance(part, int):
             out += f"[{part}]"
-        elif prev in ("source", "model") and part in _TAGS:
+        elif (prev in ("source", "model") or isinstance(prev, int)) and part in _TAGS:
             continue  # a union's tag is not part of the user's path
         else:
             out += f".{part}" if out else str(part)
@@ -571,7 +713,7 @@ def format_validation_error(err: ValidationError) -> str:
         elif e["type"] == "missing":
             msg = "required key is missing"
         value = e.get("input")
-        if e["type"] in ("unknown_model", "unknown_source") and isinstance(value, dict):
+        if e["type"].startswith("unknown_") and isinstance(value, dict):
             where, value = f"{where}.type", value.get("type")
         shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
         lines.append(f"  {where}{shown}: {msg}" if e["loc"] else f"  {msg}")

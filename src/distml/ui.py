@@ -44,6 +44,14 @@ class ConsoleReporter:
         if not self.quiet:
             self.console.print(f"[green]✓ {name}[/] [dim]{time.perf_counter() - start:.1f}s[/]")
 
+    def progress(self, desc: str, total: int) -> Any:
+        """A progress handle for an executor's map (see distml.execution)."""
+        if self.quiet:
+            return _SilentTask()
+        if self.console.is_terminal:
+            return _RichTask(self.console, desc, total)
+        return _LogTask(desc, total)
+
     def training_callbacks(self, candidate: str) -> Sequence[Any]:
         if self.quiet:
             return ()
@@ -104,3 +112,42 @@ class _PlainTrainingLog:
     def on_eval_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         logger.info("%s eval at step %d: %s", self.candidate, trainer.state.step, shown)
+
+
+class _SilentTask:
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _RichTask:
+    """A transient bar; ``advance`` may be called from executor callback threads."""
+
+    def __init__(self, console: Console, desc: str, total: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"  {desc}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task(desc, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        self.progress.advance(self.task, n)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+class _LogTask:
+    def __init__(self, desc: str, total: int) -> None:
+        self.desc, self.total, self.done = desc, total, 0
+        self.start = time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+
+    def close(self) -> None:
+        logger.info("%s: %d/%d items in %.1fs", self.desc, self.done, self.total,
+                    time.perf_counter() - self.start)

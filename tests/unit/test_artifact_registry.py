@@ -14,8 +14,9 @@ from distml.registry import PRODUCTION, Registry
 SPEC = {
     "name": "m", "task": "classification",
     "model": {"type": "mlp", "kwargs": {"in_features": 3, "num_outputs": 2, "hidden_sizes": [4]}},
-    "labels": ["no", "yes"],
-    "preprocessing": [{"type": "standardize", "mean": [1.0, 2.0, 3.0], "std": [2.0, 2.0, 2.0]}],
+    "labels": ["no", "yes"], "input_columns": {"a": "numeric", "b": "numeric", "c": "numeric"},
+    "preprocessing": [{"type": "standardize", "columns": ["a", "b", "c"], "mean": [1.0, 2.0, 3.0],
+                       "std": [2.0, 2.0, 2.0]}],
     "metrics": {"val": {"accuracy": 0.5}},
 }
 

@@ -73,8 +73,12 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
         ("data.split.train=0.5", r"data\.split: train \+ val \+ test = 0\.8; .*add up to 1"),
         ("data.source={type: synthetic:classification, n_classes: 1}",
          r"data\.source\.n_classes = 1: .*greater than or equal to 2"),
-        ("data.transforms=[standardize]", r"data\.transforms=\['standardize'\] apply to numeric "
-                                           r"features; a text source takes none"),
+        ("data.transforms=[standardize]", r"data\.transforms=\['standardize'\] apply to feature "
+                                           r"columns; a text source takes none"),
+        ("data.transforms=[{type: clip}]", r"data\.transforms\[0\]: clip needs min, max or both"),
+        ("data.transforms=[normalize]",
+         r"data\.transforms\[0\]\.type = 'normalize': transform type must be one of standardize"),
+        ("execution.executor=spark://x", r"execution\.executor = 'spark://x': String should match"),
         ("train.candidates=[]", r"train\.candidates = \[\]: List should have at least 1 item"),
         ("name=has space", r"name = 'has space': String should match pattern"),
         ("train.candidates.0.model={type: transformer, dim: 30, num_heads: 4}",
@@ -83,7 +87,7 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
     ],
 )
 def test_config_errors_name_field_value_and_fix(tiny_raw, override, match):
-    if override.startswith("data.transforms"):
+    if override.startswith("data.transforms=[standardize]"):
         tiny_raw["data"]["source"] = {"type": "text", "paths": ["a.txt"]}
     with pytest.raises(ConfigError, match=match):
         make_config(tiny_raw, overrides=[override])

@@ -1,60 +1,99 @@
-"""Ingestion: source -> validate -> split -> fit transforms on train -> Parquet partitions.
+"""Parallel ingestion: source chunks -> validate -> split -> fit transforms -> Parquet.
 
-The output folder is built under a temporary name and renamed into place when complete, so
-an interrupted ingestion leaves nothing that looks like a finished data set.
+The driver plans the chunks and runs the passes of ``preprocess.py`` through an executor
+(the work-queue pattern: any number of workers, local, Dask or Ray). The output folder is
+built under a temporary name and renamed into place when complete, so a failed or
+interrupted ingestion leaves nothing that looks like a finished data set.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from sklearn.model_selection import train_test_split
 
 from distml.config import DataConfig
 from distml.data import transforms
-from distml.data.dataset import MANIFEST, SPLITS, Manifest, write_split
-from distml.data.sources import RawData, load_source
+from distml.data.dataset import MANIFEST, Manifest
+from distml.data.preprocess import SPLITS, FitJob, WriteJob, fit_chunk, write_chunk
+from distml.data.sources import Chunk, fingerprint, plan_chunks
 from distml.errors import DataError
+from distml.execution import Executor, make_executor
 
 logger = logging.getLogger(__name__)
 
 
-def ingest(data: DataConfig, root: Path, *, seed: int) -> Manifest:
+def _describe(chunk: Chunk) -> str:
+    return f"partition {chunk.index} ({chunk.label})"
+
+
+def ingest(
+    data: DataConfig, root: Path, *, seed: int, executor: Executor | None = None
+) -> Manifest:
     """Ingest ``data`` into ``root``; an existing complete folder is reused as it is."""
     root = Path(root)
     if (root / MANIFEST).is_file():
         logger.info("data already ingested at %s", root)
         return Manifest.read(root)
-    raw = load_source(data.source)
-    task = data.task
-    raw, dropped = _drop_or_reject_invalid(raw, drop=data.drop_invalid)
-    classes, y = _encode_labels(raw, task, data.classes)
-    split_idx = _split(len(raw), y if task == "classification" and data.stratify else None,
-                       data, seed=seed, ordered=task == "language_modeling")
-    train_x = raw.x[split_idx["train"]]
-    params = transforms.fit(data.feature_transforms, train_x) if data.feature_transforms else []
+    if executor is None:
+        with make_executor("local", num_workers=1) as serial:
+            return ingest(data, root, seed=seed, executor=serial)
 
+    chunks = plan_chunks(data.source, data.rows_per_partition)
+    run = functools.partial(executor.map, items=chunks, describe=_describe)
+    specs = data.feature_transforms
+    first_fit = next((i for i, s in enumerate(specs) if transforms.needs_fit(s)), None)
+
+    # Pass 1: scan every chunk, with the statistics of the first fitted transform.
+    prefix = [transforms.unfitted_params(s) for s in specs[:first_fit or 0]]
+    spec = None if first_fit is None else specs[first_fit]
+    scans = list(run(functools.partial(fit_chunk, FitJob(data, seed, prefix, spec, scan=True)),
+                     desc="scan" + (f" + fit {spec.type}" if spec else "")))
+    dropped = _check_scans(data, chunks, scans)
+    classes = _classes(data, scans)
+
+    # Further passes: one per remaining fitted transform, with the fitted prefix applied.
+    params: list[dict[str, Any]] = list(prefix)
+    if spec is not None:
+        params.append(transforms.merge(spec, [s["stats"] for s in scans]))
+        for spec in specs[first_fit + 1 :]:
+            if transforms.needs_fit(spec):
+                job = FitJob(data, seed, list(params), spec)
+                parts = [r["stats"] for r in run(functools.partial(fit_chunk, job),
+                                                    desc=f"fit {spec.type}")]
+                params.append(transforms.merge(spec, parts))
+            else:
+                params.append(transforms.unfitted_params(spec))
+
+    # Last pass: transform and write, under a temporary name.
+    offsets = np.concatenate([[0], np.cumsum([s["raw_rows"] for s in scans])[:-1]])
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        splits = {}
-        for split, idx in split_idx.items():
-            x = raw.x[idx]
-            splits[split] = write_split(
-                tmp, split,
-                x=transforms.apply(params, x) if params else x,
-                y=None if y is None else y[idx],
-                row_ids=idx, feature_names=raw.feature_names, task=task,
-                rows_per_partition=data.rows_per_partition,
-            )
+        job = WriteJob(data, seed, params, classes, str(tmp),
+                       {c.index: int(o) for c, o in zip(chunks, offsets, strict=True)})
+        written = list(run(functools.partial(write_chunk, job), desc="transform + write"))
+        names = written[0]["feature_names"]
+        for chunk, w in zip(chunks, written, strict=True):
+            if w["feature_names"] != names:
+                raise DataError(f"{_describe(chunk)} yields features {w['feature_names']}, "
+                                f"but {_describe(chunks[0])} yields {names}")
+        splits = {s: {"rows": 0, "partitions": []} for s in SPLITS}
+        for w in written:
+            for part in w["parts"]:
+                entry = splits[part.pop("split")]
+                entry["partitions"].append(part)
+                entry["rows"] += part["rows"]
         manifest = Manifest(
-            task=task, feature_names=raw.feature_names, classes=classes, preprocessing=params,
-            splits=splits, source=raw.fingerprint, dropped_invalid_rows=dropped,
+            task=data.task, feature_names=names, classes=classes, preprocessing=params,
+            splits=splits, source=fingerprint(data.source), input_columns=scans[0]["columns"],
+            dropped_invalid_rows=dropped,
         )
         manifest.write(tmp)
         os.replace(tmp, root)
@@ -64,83 +103,62 @@ def ingest(data: DataConfig, root: Path, *, seed: int) -> Manifest:
     return manifest
 
 
-def _drop_or_reject_invalid(raw: RawData, *, drop: bool) -> tuple[RawData, int]:
-    if len(raw) == 0:
+def _check_scans(data: DataConfig, chunks: list[Chunk], scans: list[dict[str, Any]]) -> int:
+    """Refuse empty, invalid or inconsistent data before anything is written."""
+    total = sum(s["raw_rows"] for s in scans)
+    if total == 0:
         raise DataError("the data set is empty: the source produced 0 rows")
-    if raw.x.dtype.kind != "f":
-        return raw, 0
-    bad = ~np.isfinite(raw.x).all(axis=1)
-    n_bad = int(bad.sum())
-    if n_bad and not drop:
-        first = np.flatnonzero(bad)[:5].tolist()
+    for chunk, scan in zip(chunks, scans, strict=True):
+        if scan["columns"] != scans[0]["columns"]:
+            raise DataError(f"{_describe(chunk)} has columns {scan['columns']}, but "
+                            f"{_describe(chunks[0])} has {scans[0]['columns']}")
+    encoded = {c for s in data.feature_transforms if s.type == "onehot" for c in s.columns}
+    categorical = [c for c, kind in scans[0]["columns"].items() if kind == "categorical"]
+    if set(categorical) - encoded:
         raise DataError(
-            f"{n_bad} of {len(raw)} rows have NaN or infinite features (first rows: {first}); "
-            "fix the data or set data.drop_invalid: true to drop them"
+            f"feature columns {sorted(set(categorical) - encoded)} are not numeric; one-hot "
+            "encode them (data.transforms: [{type: onehot, columns: [...]}]) or list only "
+            "numeric columns in data.source.feature_columns"
         )
-    if n_bad:
-        logger.warning("dropped %d rows with NaN or infinite features", n_bad)
-        keep = ~bad
-        raw = RawData(raw.x[keep], None if raw.labels is None else raw.labels[keep],
-                      raw.feature_names, raw.fingerprint)
-        if len(raw) == 0:
-            raise DataError("every row has NaN or infinite features; nothing is left")
-    return raw, n_bad
-
-
-def _encode_labels(
-    raw: RawData, task: str, declared: list[str] | None
-) -> tuple[list[str] | None, np.ndarray | None]:
-    """Class labels -> int64 ids (classes sorted, or in declared order); targets -> float32."""
-    if task == "language_modeling":
-        return None, None
-    labels = raw.labels
-    if task == "regression":
-        y = labels.astype(np.float32)
-        if not np.isfinite(y).all():
-            raise DataError(f"{int((~np.isfinite(y)).sum())} rows have a NaN or infinite label")
-        return None, y
-    as_text = np.array([str(v) for v in labels]) if labels.dtype.kind not in "iub" else None
-    if declared is None:
-        uniq = np.unique(labels)
-        classes = [str(v) for v in uniq]
-        return classes, np.searchsorted(uniq, labels).astype(np.int64)
-    keys = as_text if as_text is not None else labels.astype(str)
-    index = {c: i for i, c in enumerate(declared)}
-    y = np.array([index.get(k, -1) for k in keys], dtype=np.int64)
-    outside = y < 0
-    if outside.any():
-        examples = sorted(set(keys[outside].tolist()))[:5]
+    invalid = sum(s["invalid_count"] for s in scans)
+    if invalid and not data.drop_invalid:
+        offsets = np.cumsum([0] + [s["raw_rows"] for s in scans])
+        first = [int(o) + r for o, s in zip(offsets, scans, strict=False)
+                 for r in s["invalid_rows"]][:5]
         raise DataError(
-            f"{int(outside.sum())} rows have labels outside data.classes={declared}: "
-            f"e.g. {examples}; declare every class or fix the labels"
+            f"{invalid} of {total} rows have NaN or infinite values (first rows: {first}); "
+            "fix the data, impute (data.transforms: [impute, ...]) or set "
+            "data.drop_invalid: true to drop them"
         )
-    return list(declared), y
-
-
-def _split(
-    n: int, stratify: np.ndarray | None, data: DataConfig, *, seed: int, ordered: bool
-) -> dict[str, np.ndarray]:
-    """Row indices per split. Text keeps its order (no leakage between overlapping windows)."""
-    frac = data.split
-    n_val, n_test = round(n * frac.val), round(n * frac.test)
-    if min(n - n_val - n_test, n_val, n_test) < 1:
+    if invalid:
+        logger.warning("dropped %d rows with NaN or infinite values", invalid)
+    if invalid == total:
+        raise DataError("every row has NaN or infinite values; nothing is left")
+    per_split = np.sum([s["split_rows"] for s in scans], axis=0)
+    if per_split.min() < 1:
+        frac = data.split
         raise DataError(
-            f"{n} rows are too few to split into train/val/test with fractions "
+            f"{total - invalid} rows are too few to split into train/val/test with fractions "
             f"{frac.train}/{frac.val}/{frac.test}; every split needs at least one row"
         )
-    idx = np.arange(n)
-    if ordered:
-        a, b = n - n_val - n_test, n - n_test
-        return {"train": idx[:a], "val": idx[a:b], "test": idx[b:]}
-    try:
-        rest, test = train_test_split(idx, test_size=n_test, random_state=seed, stratify=stratify)
-        train, val = train_test_split(
-            rest, test_size=n_val, random_state=seed,
-            stratify=None if stratify is None else stratify[rest],
-        )
-    except ValueError as e:
+    return invalid
+
+
+def _classes(data: DataConfig, scans: list[dict[str, Any]]) -> list[str] | None:
+    """Class names: declared, or the sorted labels seen (numerically sorted if numbers)."""
+    if data.task != "classification":
+        return None
+    counts: dict[Any, int] = {}
+    for s in scans:
+        for value, n in zip(*s["labels"], strict=True):
+            counts[value] = counts.get(value, 0) + n
+    if data.classes is None:
+        return [str(v) for v in sorted(counts)]
+    outside = {str(v): n for v, n in counts.items() if str(v) not in data.classes}
+    if outside:
+        examples = sorted(outside)[:5]
         raise DataError(
-            f"cannot split {n} rows stratified by class: {e}; add rows or set "
-            "data.stratify: false"
-        ) from None
-    return dict(zip(SPLITS, (np.sort(train), np.sort(val), np.sort(test)), strict=True))
+            f"{sum(outside.values())} rows have labels outside data.classes={data.classes}: "
+            f"e.g. {examples}; declare every class or fix the labels"
+        )
+    return list(data.classes)

@@ -1,4 +1,9 @@
-"""Data sources: each turns its config into a RawData in memory. Nothing is downloaded."""
+"""Data sources, cut into chunks: the independent work items of parallel ingestion.
+
+``plan_chunks`` lists a source's chunks (cheap, in the driver); ``load_chunk`` loads one
+(in a worker). Synthetic data is generated per chunk from (seed, chunk index), so the data
+does not depend on how many workers made it. Nothing is downloaded.
+"""
 
 from __future__ import annotations
 
@@ -23,68 +28,109 @@ from distml.config import (
 )
 from distml.errors import DataError
 
-_CHUNK_ROWS = 1 << 20  # synthetic data is generated in chunks to bound temporary memory
+_FILE_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One work item: rows [start, stop) of a generated source, or one file."""
+
+    index: int
+    label: str
+    path: str | None = None
+    start: int = 0
+    stop: int = 0
 
 
 @dataclass
-class RawData:
-    """A whole data set before splitting.
+class RawChunk:
+    """A chunk before validation and transforms.
 
-    ``x`` is (N, F) float32 features, or (N, T+1) uint8 byte tokens for language modeling;
-    ``labels`` holds the raw label values (strings, ints or floats), None for language modeling.
+    ``columns``: raw feature columns, float32 (nulls as NaN) or str (categorical);
+    ``labels``: raw label values, None for text; ``tokens``: (N, T+1) uint8 byte windows
+    for text, else None.
     """
 
-    x: np.ndarray
+    columns: dict[str, np.ndarray]
     labels: np.ndarray | None
-    feature_names: list[str]
-    fingerprint: dict
+    tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.x)
+        if self.tokens is not None:
+            return len(self.tokens)
+        return len(self.labels) if self.labels is not None else 0
 
 
-def load_source(source: Source) -> RawData:
-    loaders = {
-        DigitsSource: _digits,
-        SyntheticClassificationSource: _synthetic_classification,
-        SyntheticRegressionSource: _synthetic_regression,
-        TextSource: _text,
-        FileSource: _file,
-    }
-    return loaders[type(source)](source)
+def plan_chunks(source: Source, rows_per_partition: int) -> list[Chunk]:
+    if isinstance(source, SyntheticClassificationSource | SyntheticRegressionSource):
+        n = source.n_samples
+        return [
+            Chunk(i, f"rows {start}-{min(start + rows_per_partition, n) - 1}", None, start,
+                  min(start + rows_per_partition, n))
+            for i, start in enumerate(range(0, n, rows_per_partition))
+        ]
+    if isinstance(source, FileSource):
+        return [Chunk(i, str(f), str(f)) for i, f in enumerate(_list_files(source.path))]
+    return [Chunk(0, source.type)]
 
 
-def _digits(source: DigitsSource) -> RawData:
+def load_chunk(source: Source, chunk: Chunk) -> RawChunk:
+    if isinstance(source, DigitsSource):
+        return _digits()
+    if isinstance(source, SyntheticClassificationSource):
+        return _synthetic_classification(source, chunk)
+    if isinstance(source, SyntheticRegressionSource):
+        return _synthetic_regression(source, chunk)
+    if isinstance(source, TextSource):
+        return _text(source)
+    return _file(source, Path(chunk.path))
+
+
+def fingerprint(source: Source) -> dict:
+    """What identifies the source's content, for the manifest."""
+    if isinstance(source, FileSource):
+        files = _list_files(source.path)
+        return {"source": str(source.path), "files": [
+            {"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+            for f in files]}
+    if isinstance(source, TextSource):
+        files = expand_text_paths(source.paths)
+        size = sum(f.stat().st_size for f in files)
+        return {"source": "text", "files": len(files), "bytes": size}
+    return source.model_dump(mode="json")
+
+
+def _digits() -> RawChunk:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
+    data = bunch.data.astype(np.float32)
     names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
-    return RawData(
-        bunch.data.astype(np.float32), bunch.target, names, {"source": source.type}
-    )
+    return RawChunk({n: data[:, j] for j, n in enumerate(names)}, bunch.target)
 
 
-def _synthetic_classification(src: SyntheticClassificationSource) -> RawData:
-    rng = np.random.default_rng(src.seed)
-    centres = rng.normal(0.0, src.class_sep, (src.n_classes, src.n_features)).astype(np.float32)
-    x = np.empty((src.n_samples, src.n_features), dtype=np.float32)
-    y = np.empty(src.n_samples, dtype=np.int64)
-    for start in range(0, src.n_samples, _CHUNK_ROWS):
-        stop = min(start + _CHUNK_ROWS, src.n_samples)
-        y[start:stop] = rng.integers(0, src.n_classes, stop - start)
-        noise = rng.standard_normal((stop - start, src.n_features), dtype=np.float32)
-        x[start:stop] = centres[y[start:stop]] + src.noise * noise
-    names = [f"x{i}" for i in range(src.n_features)]
-    return RawData(x, y, names, src.model_dump(mode="json"))
+def _chunk_rng(seed: int, chunk: Chunk) -> np.random.Generator:
+    return np.random.default_rng([seed, chunk.index])
 
 
-def _synthetic_regression(src: SyntheticRegressionSource) -> RawData:
-    rng = np.random.default_rng(src.seed)
-    weights = rng.standard_normal(src.n_features).astype(np.float32)
-    x = rng.standard_normal((src.n_samples, src.n_features), dtype=np.float32)
-    y = x @ weights + src.noise * rng.standard_normal(src.n_samples, dtype=np.float32)
-    names = [f"x{i}" for i in range(src.n_features)]
-    return RawData(x, y.astype(np.float32), names, src.model_dump(mode="json"))
+def _synthetic_classification(src: SyntheticClassificationSource, chunk: Chunk) -> RawChunk:
+    centres = np.random.default_rng(src.seed).normal(
+        0.0, src.class_sep, (src.n_classes, src.n_features)
+    ).astype(np.float32)
+    rng = _chunk_rng(src.seed, chunk)
+    n = chunk.stop - chunk.start
+    y = rng.integers(0, src.n_classes, n)
+    x = centres[y] + src.noise * rng.standard_normal((n, src.n_features), dtype=np.float32)
+    return RawChunk({f"x{j}": x[:, j] for j in range(src.n_features)}, y)
+
+
+def _synthetic_regression(src: SyntheticRegressionSource, chunk: Chunk) -> RawChunk:
+    weights = np.random.default_rng(src.seed).standard_normal(src.n_features).astype(np.float32)
+    rng = _chunk_rng(src.seed, chunk)
+    n = chunk.stop - chunk.start
+    x = rng.standard_normal((n, src.n_features), dtype=np.float32)
+    y = x @ weights + src.noise * rng.standard_normal(n, dtype=np.float32)
+    return RawChunk({f"x{j}": x[:, j] for j in range(src.n_features)}, y.astype(np.float32))
 
 
 def expand_text_paths(patterns: list[str]) -> list[Path]:
@@ -101,7 +147,7 @@ def expand_text_paths(patterns: list[str]) -> list[Path]:
     return files
 
 
-def _text(src: TextSource) -> RawData:
+def _text(src: TextSource) -> RawChunk:
     files = expand_text_paths(src.paths)
     if not files:
         raise DataError(f"data.source.paths={src.paths} matches no file")
@@ -122,58 +168,48 @@ def _text(src: TextSource) -> RawData:
         )
     # Windows of T+1 bytes with stride T: inputs are [:T], next-token targets are [1:].
     windows = np.lib.stride_tricks.sliding_window_view(data, t + 1)[::t][:n].copy()
-    fingerprint = {"source": "text", "files": len(files), "bytes": int(len(data)), "T": t}
-    return RawData(windows, None, [f"t{i}" for i in range(t + 1)], fingerprint)
+    return RawChunk({}, None, windows)
 
 
-def _read_table(path: Path) -> pa.Table:
+def _list_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"data.source.path: {str(path)!r} does not exist")
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
-    files = [f for f in files if f.suffix.lower() in (".csv", ".parquet", ".pq")]
+    files = [f for f in files if f.is_file() and f.suffix.lower() in _FILE_SUFFIXES]
     if not files:
         raise DataError(f"data.source.path: {str(path)!r} holds no .csv or .parquet file")
-    tables = []
-    for f in files:
-        try:
-            is_csv = f.suffix.lower() == ".csv"
-            tables.append(pcsv.read_csv(f) if is_csv else pq.read_table(f, memory_map=True))
-        except (pa.ArrowInvalid, OSError) as e:
-            raise DataError(f"cannot read {f}: {e}") from None
+    return files
+
+
+def _read_table(path: Path) -> pa.Table:
     try:
-        return pa.concat_tables(tables, promote_options="default")
-    except pa.ArrowInvalid as e:
-        raise DataError(f"the files under {path} have incompatible schemas: {e}") from None
+        if path.suffix.lower() == ".csv":
+            return pcsv.read_csv(path)
+        return pq.read_table(path, memory_map=True)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read {path} (truncated or corrupt?): {e}") from None
 
 
-def _file(src: FileSource) -> RawData:
-    table = _read_table(src.path)
-    if table.num_rows == 0:
-        raise DataError(f"the data set is empty: {src.path} has 0 rows")
+def _file(src: FileSource, path: Path) -> RawChunk:
+    table = _read_table(path)
     if src.label_column not in table.column_names:
         raise DataError(
-            f"data.source.label_column={src.label_column!r} is not a column of {src.path}; "
+            f"data.source.label_column={src.label_column!r} is not a column of {path}; "
             f"columns: {', '.join(table.column_names)}"
         )
     features = src.feature_columns or [c for c in table.column_names if c != src.label_column]
     missing = [c for c in features if c not in table.column_names]
     if missing:
-        raise DataError(f"data.source.feature_columns: {missing} are not columns of {src.path}")
-    not_numeric = [
-        c for c in features
-        if not (pa.types.is_integer(table[c].type) or pa.types.is_floating(table[c].type))
-    ]
-    if not_numeric:
-        raise DataError(
-            f"feature columns {not_numeric} of {src.path} are not numeric; "
-            "list numeric columns in data.source.feature_columns"
-        )
-    if not features:
-        raise DataError(f"{src.path} has no feature column besides the label")
-    # Nulls become NaN so that validation counts them with the other invalid rows.
-    x = np.column_stack(
-        [pc.cast(table[c], pa.float32()).to_numpy(zero_copy_only=False) for c in features]
-    ).astype(np.float32, copy=False)
+        raise DataError(f"data.source.feature_columns: {missing} are not columns of {path}")
+    columns = {}
+    for name in features:
+        col = table[name]
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            columns[name] = pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False)
+        elif pa.types.is_null(col.type):  # an empty file has untyped columns
+            columns[name] = np.full(table.num_rows, np.nan, np.float32)
+        else:  # categorical; nulls become the empty category
+            columns[name] = np.asarray(pc.fill_null(pc.cast(col, pa.string()), "").to_pylist(),
+                                       dtype=object)
     labels = table[src.label_column].to_numpy(zero_copy_only=False)
-    fingerprint = {"source": str(src.path), "rows": table.num_rows, "columns": table.column_names}
-    return RawData(x, labels, list(features), fingerprint)
+    return RawChunk(columns, labels)

@@ -7,13 +7,9 @@ A resolved spec is JSON: ``{"type": "mlp" | "cnn" | "transformer" | "module:fact
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import inspect
 import math
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +17,7 @@ from torch import nn
 
 from distml.config import CNNSpec, CustomModelSpec, MLPSpec, TransformerSpec
 from distml.errors import ConfigError
+from distml.imports import load_object
 from distml.models.cnn import CNN
 from distml.models.mlp import MLP
 from distml.models.transformer import Transformer
@@ -96,37 +93,12 @@ def _image_shape(spec: CNNSpec, num_features: int, where: str) -> tuple[int, int
     return (1, side, side)
 
 
-def load_factory(path: str) -> Callable[..., nn.Module]:
-    """'package.module:factory' or '/path/to/file.py:factory' -> the callable."""
-    module_name, _, attr = path.rpartition(":")
-    try:
-        if module_name.endswith(".py"):
-            file = Path(module_name)
-            if not file.is_file():
-                raise FileNotFoundError(f"no file {file}")
-            name = f"distml_user_{abs(hash(str(file.resolve())))}"
-            module = sys.modules.get(name)
-            if module is None:
-                module_spec = importlib.util.spec_from_file_location(name, file)
-                module = importlib.util.module_from_spec(module_spec)
-                sys.modules[name] = module
-                module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-        factory = getattr(module, attr)
-    except (ImportError, AttributeError, FileNotFoundError) as e:
-        raise ConfigError(f"model type {path!r} cannot be loaded: {e}") from None
-    if not callable(factory):
-        raise ConfigError(f"model type {path!r} is not callable")
-    return factory
-
-
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """Build an nn.Module from a resolved spec (see module docstring)."""
     kind, kwargs = spec["type"], dict(spec["kwargs"])
     if kind in _ZOO:
         return _ZOO[kind](**kwargs)
-    factory = load_factory(kind)
+    factory = load_object(kind, what="model type")
     params = inspect.signature(factory).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     for key, value in spec.get("inject", {}).items():

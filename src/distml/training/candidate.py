@@ -94,12 +94,14 @@ def train_candidate(
     state = trainer.fit(resume=resume)
     model = trainer.model.cpu()
     val_metrics, _ = evaluate(manifest.task, model, val.x, val.y)
-    inputs, outputs = io_schema(manifest.task, num_features=input_width(manifest),
+    raw_width = len(manifest.input_columns) or input_width(manifest)
+    inputs, outputs = io_schema(manifest.task, num_features=raw_width,
                                 num_outputs=num_outputs(manifest))
     artifact = save_artifact(model, {
         "name": cfg.model_name, "candidate": candidate.name, "task": manifest.task,
         "model": spec, "inputs": inputs, "outputs": outputs,
-        "feature_names": manifest.feature_names, "labels": manifest.classes,
+        "input_columns": manifest.input_columns, "feature_names": manifest.feature_names,
+        "labels": manifest.classes,
         "preprocessing": manifest.preprocessing, "metrics": {"val": val_metrics},
         "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
     }, out_dir / "artifact")

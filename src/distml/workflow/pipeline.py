@@ -26,6 +26,7 @@ from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
 from distml.data.sources import expand_text_paths
 from distml.errors import DistmlError
+from distml.execution import make_executor
 from distml.fsutil import write_json_atomic, write_text_atomic
 from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better, rank
@@ -110,9 +111,12 @@ def _data_key(cfg: Config) -> str:
 
 
 def stage_ingest(run: Run) -> Manifest:
+    ex = run.cfg.execution
     with run.stage("ingest"):
         root = run.project_dir / f"data-{_data_key(run.cfg)}"
-        manifest = ingest(run.cfg.data, root, seed=run.cfg.seed)
+        with make_executor(ex.executor, num_workers=ex.num_workers, retries=ex.retries,
+                           progress=getattr(run.reporter, "progress", None)) as executor:
+            manifest = ingest(run.cfg.data, root, seed=run.cfg.seed, executor=executor)
         link = run.dir / "data"
         if not link.exists():
             os.symlink(os.path.relpath(root, run.dir), link)

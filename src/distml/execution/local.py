@@ -1,0 +1,96 @@
+"""The embedded default: a process pool over this machine's cores (one worker: in-process).
+
+Workers are forked from this process while it runs no other thread: they start in
+milliseconds with its imports already done. When other threads exist (a Dask client, a
+progress display), forking could copy a lock held by one of them, so workers come from a
+forkserver that preloads numpy and pyarrow instead. Workers are started when the executor
+is created, before any progress display starts its thread.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+from distml.errors import DistmlError
+from distml.execution.base import Executor, ProgressHandle
+
+_PRELOAD = ["numpy", "pyarrow", "pyarrow.parquet", "distml.data.preprocess"]
+
+
+def _context() -> mp.context.BaseContext:
+    if threading.active_count() == 1:
+        return mp.get_context("fork")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
+def _noop(i: int) -> int:
+    return i
+
+
+class LocalExecutor(Executor):
+    name = "local"
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(**kw)
+        self._pool: ProcessPoolExecutor | None = None
+        if self.num_workers > 1:
+            self._pool = ProcessPoolExecutor(max_workers=self.num_workers, mp_context=_context())
+            list(self._pool.map(_noop, range(self.num_workers)))  # start every worker now
+
+    def _map(
+        self, fn: Callable, items: list, *, handle: ProgressHandle, desc: str,
+        describe: Callable[[Any], str],
+    ) -> Iterator:
+        if self.num_workers == 1:
+            yield from self._serial(fn, items, handle=handle, desc=desc, describe=describe)
+            return
+        pool = self._pool
+        futures = [self._submit(pool, fn, item, handle) for item in items]
+        try:
+            for item, fut in zip(items, futures, strict=True):
+                for attempt in range(self.retries + 1):
+                    try:
+                        yield fut.result()
+                        break
+                    except BrokenProcessPool as e:  # a worker died: no retry on a dead pool
+                        raise self._failed(desc, item, describe, e) from e
+                    except Exception as e:
+                        if attempt == self.retries or isinstance(e, DistmlError):
+                            raise self._failed(desc, item, describe, e) from e
+                        fut = self._submit(pool, fn, item, handle)
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    @staticmethod
+    def _submit(pool: ProcessPoolExecutor, fn: Callable, item: Any, handle: ProgressHandle):
+        fut: Future = pool.submit(fn, item)
+        fut.add_done_callback(lambda f: f.exception() is None and handle.advance())
+        return fut
+
+    def _serial(
+        self, fn: Callable, items: list, *, handle: ProgressHandle, desc: str,
+        describe: Callable[[Any], str],
+    ) -> Iterator:
+        for item in items:
+            for attempt in range(self.retries + 1):
+                try:
+                    result = fn(item)
+                    break
+                except Exception as e:
+                    if attempt == self.retries or isinstance(e, DistmlError):
+                        raise self._failed(desc, item, describe, e) from e
+            handle.advance()
+            yield result
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

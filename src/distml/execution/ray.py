@@ -1,0 +1,54 @@
+"""Ray: ``ray://local`` starts Ray on this machine; ``ray://HOST:PORT`` connects a Ray
+client to a running cluster (workers there need distml installed)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import ray
+
+from distml.execution.base import Executor, ProgressFactory, ProgressHandle
+
+
+class RayExecutor(Executor):
+    name = "ray"
+
+    def __init__(self, *, owns_runtime: bool, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.owns_runtime = owns_runtime
+
+    def _map(
+        self, fn: Callable, items: list, *, handle: ProgressHandle, desc: str,
+        describe: Callable[[Any], str],
+    ) -> Iterator:
+        task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(fn)
+        refs = [task.remote(item) for item in items]
+        try:
+            for item, ref in zip(items, refs, strict=True):
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    raise self._failed(desc, item, describe, e.cause or e) from e
+                handle.advance()
+                yield result
+        finally:
+            for ref in refs:
+                ray.cancel(ref)
+
+    def close(self) -> None:
+        if self.owns_runtime:
+            ray.shutdown()
+
+
+def make(
+    address: str, *, num_workers: int, retries: int, progress: ProgressFactory | None
+) -> RayExecutor:
+    owns = not ray.is_initialized()
+    if owns and address == "local":
+        ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    elif owns:
+        ray.init(address=f"ray://{address}", log_to_driver=False)
+    return RayExecutor(owns_runtime=owns, num_workers=num_workers, retries=retries,
+                       progress=progress)
