@@ -25,6 +25,8 @@ app = typer.Typer(
 )
 models_app = typer.Typer(help="Inspect the model registry and move aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+data_app = typer.Typer(help="Inspect data sets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -130,6 +132,35 @@ def train(
     if not quiet:
         _print_candidates(results, cfg.metric, None)
         console.print(f"run folder: {run_.dir}")
+
+
+@data_app.command("inspect")
+@user_errors
+def data_inspect(
+    path: Annotated[Path, typer.Argument(help="A data folder, a run folder, or Parquet files.")],
+) -> None:
+    """Schema, partitions, rows and per-column statistics of a Parquet data set."""
+    from distml.data.inspect import inspect
+
+    info = inspect(path)
+    m = info["manifest"]
+    console.print(f"[bold]{info['path']}[/]: {info['rows']:,} rows in {len(info['files'])} "
+                  "partitions" + (f"; task {m.task}; classes {m.classes}" if m else ""))
+    if m:
+        splits = ", ".join(f"{s} {v['rows']:,} rows / {len(v['partitions'])} partitions"
+                           for s, v in m.splits.items())
+        steps = ", ".join(p["type"] for p in m.preprocessing) or "none"
+        console.print(f"splits: {splits}\npreprocessing: {steps}; dropped invalid rows: "
+                      f"{m.dropped_invalid_rows}")
+    table = Table(title="columns")
+    for col in ("column", "type", "nulls", "mean", "std", "min", "max"):
+        table.add_column(col, justify="left" if col in ("column", "type") else "right")
+    for name, kind in info["schema"]:
+        st = info["stats"].get(name)
+        cells = ([f"{st['nulls']:,}"] + [f"{st[k]:.4g}" for k in ("mean", "std", "min", "max")]
+                 if st else [""] * 5)
+        table.add_row(name, kind, *cells)
+    console.print(table)
 
 
 def _print_candidates(results: list[dict[str, Any]], metric: str, selected: str | None) -> None:

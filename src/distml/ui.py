@@ -109,6 +109,10 @@ class _PlainTrainingLog:
                         self.candidate, record["step"], trainer.total_steps, record["epoch"],
                         record["loss"], record["lr"], record["samples_per_s"])
 
+    def on_epoch_end(self, trainer: Any, stats: dict[str, float]) -> None:
+        logger.info("%s epoch %d: %.0f samples/s, data stall %.1f%%", self.candidate,
+                    stats["epoch"], stats["samples_per_s"], 100 * stats["data_stall"])
+
     def on_eval_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
         logger.info("%s eval at step %d: %s", self.candidate, trainer.state.step, shown)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -166,6 +166,11 @@ def test_ingest_prints_the_manifest_summary(tmp_path, tiny_raw):
     out = distml("ingest", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path).stdout
     assert re.search(r"train\s+│\s+1,2\d\d\s+│\s+1 ", out)  # ~70% of 1,797 rows, 1 partition
     assert "task classification" in out
+    (run_dir,) = (tmp_path / "runs" / "tiny").glob("2*")
+    shown = distml("data", "inspect", str(run_dir), cwd=tmp_path).stdout
+    assert "1,797 rows in 3 partitions" in shown
+    assert "preprocessing: standardize" in shown
+    assert "pixel_0_0" in shown
 
 
 def test_transformer_on_local_text(tmp_path, tiny_raw):

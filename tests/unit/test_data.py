@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from distml.config import DataConfig
-from distml.data import transforms
 from distml.data.dataset import MANIFEST, Manifest, load_split, read_partition
 from distml.data.ingest import ingest
+from distml.data.inspect import inspect
 from distml.data.sources import Chunk, load_chunk, plan_chunks
 from distml.errors import DataError
 
@@ -148,3 +148,20 @@ def test_partitions_are_plain_parquet(tmp_path):
     table = pq.read_table(tmp_path / "d" / m.splits["test"]["partitions"][0]["path"])
     assert table.column_names[:2] == ["row_id", "pixel_0_0"]
     assert "label" in table.column_names
+
+
+def test_inspect_reports_partitions_and_column_statistics(tmp_path):
+    m = ingest(_data(source="sklearn:digits", rows_per_partition=400), tmp_path / "d", seed=0)
+    info = inspect(tmp_path / "d")
+    assert info["rows"] == 1797
+    assert len(info["files"]) == sum(len(m.partitions(s)) for s in m.splits)
+    assert info["manifest"].classes[0] == "0"
+    assert info["stats"]["pixel_0_0"]["std"] == 0.0  # a constant column stays constant
+    assert info["stats"]["row_id"]["max"] == 1796
+    x = np.concatenate([load_split(m, s)[0] for s in ("train", "val", "test")])
+    assert info["stats"]["pixel_3_4"]["mean"] == pytest.approx(x[:, 28].mean(), rel=1e-5)
+    with pytest.raises(DataError, match=r"nothing-here does not exist"):
+        inspect(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"holds no \.parquet file"):
+        inspect(tmp_path / "empty")

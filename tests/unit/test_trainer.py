@@ -28,7 +28,7 @@ def _train(tmp_path, raw, out, *, overrides=(), callbacks=(), resume=False):
     manifest = ingest(cfg.data, tmp_path / "data", seed=cfg.seed)
     result = train_candidate(
         cfg, cfg.train.candidates[0], manifest,
-        train=SplitTensors.load(manifest, "train"), val=SplitTensors.load(manifest, "val"),
+        val=SplitTensors.load(manifest, "val"),
         out_dir=tmp_path / out, resume=resume, callbacks=callbacks,
     )
     return result, load_file(tmp_path / out / "artifact" / "model.safetensors")

@@ -50,7 +50,7 @@ def ingest(
     first_fit = next((i for i, s in enumerate(specs) if transforms.needs_fit(s)), None)
 
     # Pass 1: scan every chunk, with the statistics of the first fitted transform.
-    prefix = [transforms.unfitted_params(s) for s in specs[:first_fit or 0]]
+    prefix = [transforms.unfitted_params(s) for s in specs[:first_fit]]  # [:None] is all
     spec = None if first_fit is None else specs[first_fit]
     scans = list(run(functools.partial(fit_chunk, FitJob(data, seed, prefix, spec, scan=True)),
                      desc="scan" + (f" + fit {spec.type}" if spec else "")))

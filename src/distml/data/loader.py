@@ -1,46 +1,245 @@
-"""The training loader: seeded, shuffled whole batches over tensors, resumable to the batch.
+"""The training input pipeline: a rank's share of a split's partitions, as whole batches.
 
-Its state is just (epoch, batch position): the order of an epoch is a pure function of
-(seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would have.
+An epoch's order is planned from the manifest alone, as a pure function of
+(seed, epoch, rank, world size):
+
+  1. the partitions are permuted (seeded), and their rows laid end to end;
+  2. each rank takes one contiguous block of that sequence, of equal size on every rank
+     (``remainder: drop`` drops the last rows of the epoch, ``pad`` wraps around to its
+     start), so every row is seen exactly once per epoch across ranks, and a rank reads
+     about 1/world_size of the partitions;
+  3. the block is cut into shuffle windows of whole batches; each window is permuted.
+
+Running the plan: partitions are decoded in a thread pool ahead of use (interleave), each
+window is gathered with one vectorized copy, batches are views of it (no per-sample Python),
+an optional map function runs on each batch in the pool, and a background thread keeps
+``prefetch_batches`` ready. Because the plan is pure, the loader's state is only
+(epoch, batch index): a resumed run sees exactly the batches an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
+from distml.config import LoaderConfig
+from distml.data.dataset import Manifest, read_partition
+from distml.imports import load_object
 
-class BatchLoader:
+Batch = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Window:
+    """Rows shuffled together: segments (partition, start, stop) and the permutation seed."""
+
+    segments: tuple[tuple[int, int, int], ...]
+    seed: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(b - a for _, a, b in self.segments)
+
+
+def rank_rows(total: int, world_size: int, remainder: str) -> int:
+    """Rows each rank sees per epoch."""
+    return total // world_size if remainder == "drop" else math.ceil(total / world_size)
+
+
+def plan_epoch(
+    sizes: list[int], *, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool,
+    remainder: str, window_rows: int,
+) -> list[Window]:
+    """This rank's windows for one epoch (see the module docstring)."""
+    order = (np.random.default_rng([seed, epoch]).permutation(len(sizes)) if shuffle
+             else np.arange(len(sizes)))
+    total = sum(sizes)
+    per_rank = rank_rows(total, world_size, remainder)
+    bounds = np.concatenate([[0], np.cumsum([sizes[p] for p in order])])
+
+    def segments(lo: int, hi: int) -> list[tuple[int, int, int]]:
+        """Global positions [lo, hi) -> segments; positions past the end wrap (padding)."""
+        out = []
+        while lo < hi:
+            pos = lo % total
+            i = int(np.searchsorted(bounds, pos, side="right")) - 1
+            take = min(hi - lo, int(bounds[i + 1]) - pos)
+            start = pos - int(bounds[i])
+            out.append((int(order[i]), start, start + take))
+            lo += take
+        return out
+
+    first = rank * per_rank
+    return [
+        Window(tuple(segments(lo, min(lo + window_rows, first + per_rank))),
+               (seed, epoch, rank, w))
+        for w, lo in enumerate(range(first, first + per_rank, window_rows))
+    ]
+
+
+class PartitionLoader:
+    """Batches of one split for one rank; ``batches(epoch, start)`` is all a trainer needs."""
+
     def __init__(
         self,
-        x: torch.Tensor,
-        y: torch.Tensor,
+        manifest: Manifest,
+        split: str,
         *,
         batch_size: int,
         seed: int,
-        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        config: LoaderConfig | None = None,
     ) -> None:
-        assert len(x) == len(y), "inputs and targets differ in length"
-        self.x, self.y = x, y
+        self.manifest = manifest
+        self.parts = [p["path"] for p in manifest.partitions(split)]
+        self.sizes = [p["rows"] for p in manifest.partitions(split)]
         self.batch_size = batch_size
         self.seed = seed
-        self.shuffle = shuffle
+        self.rank, self.world_size = rank, world_size
+        self.config = config or LoaderConfig()
+        # Windows hold whole batches, so a batch never straddles two windows.
+        self.window_rows = math.ceil(self.config.shuffle_window / batch_size) * batch_size
+        self.rows_per_epoch = rank_rows(sum(self.sizes), world_size, self.config.remainder)
+        self.map_fn: Callable[[np.ndarray, np.ndarray], Batch] | None = (
+            load_object(self.config.map_fn, what="data.loader.map_fn")
+            if self.config.map_fn else None
+        )
+        self._cache: dict[int, Batch] = {}
+        self._disk_cache = (Path(tempfile.mkdtemp(prefix="distml-cache-"))
+                            if self.config.cache == "disk" else None)
+        self.wait_seconds = 0.0  # time the consumer spent blocked on the next batch
 
     def __len__(self) -> int:
-        """Batches per epoch (the last one may be short)."""
-        return math.ceil(len(self.x) / self.batch_size)
+        """Batches per epoch on this rank (the last one may be short)."""
+        return math.ceil(self.rows_per_epoch / self.batch_size)
 
-    def order(self, epoch: int) -> torch.Tensor:
-        if not self.shuffle:
-            return torch.arange(len(self.x))
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.x), generator=gen)
+    def plan(self, epoch: int) -> list[Window]:
+        return plan_epoch(
+            self.sizes, epoch=epoch, seed=self.seed, rank=self.rank,
+            world_size=self.world_size, shuffle=self.config.shuffle,
+            remainder=self.config.remainder, window_rows=self.window_rows,
+        )
+
+    # -- running the plan ----------------------------------------------------------------------
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of ``epoch`` from batch index ``start`` on; (B, ...) inputs and targets."""
-        order = self.order(epoch)
-        for i in range(start, len(self)):
-            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
+        """Batches of ``epoch`` from batch index ``start`` on, as (B, ...) tensors."""
+        per_window = self.window_rows // self.batch_size
+        windows = self.plan(epoch)[start // per_window :]
+        skip = start % per_window
+        with ThreadPoolExecutor(self.config.num_threads, thread_name_prefix="distml-io") as pool:
+            produced = self._produce(windows, skip, pool)
+            if self.config.prefetch_batches:
+                produced = _prefetch(produced, self.config.prefetch_batches)
+            while True:
+                t = time.perf_counter()
+                batch = next(produced, None)
+                self.wait_seconds += time.perf_counter() - t
+                if batch is None:
+                    return
+                yield torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
+
+    def _produce(self, windows: list[Window], skip: int, pool: ThreadPoolExecutor
+                 ) -> Iterator[Batch]:
+        decoding: dict[int, Future[Batch]] = {}
+
+        def decode_ahead(window: Window) -> None:  # interleave: next window's partitions
+            for pid, _, _ in window.segments:
+                if pid not in decoding and pid not in self._cache:
+                    decoding[pid] = pool.submit(self._decode, pid)
+
+        for i, window in enumerate(windows):
+            decode_ahead(window)
+            if i + 1 < len(windows):
+                decode_ahead(windows[i + 1])
+            x, y = self._gather(window, decoding)
+            bounds = range(skip * self.batch_size if i == 0 else 0, len(x), self.batch_size)
+            batches = ((x[b : b + self.batch_size], y[b : b + self.batch_size]) for b in bounds)
+            if self.map_fn is None:
+                yield from batches
+            else:
+                yield from pool.map(lambda xy: self.map_fn(*xy), batches)
+            for pid in [p for p in decoding if not self._needed(p, windows[i + 1 : i + 2])]:
+                decoding.pop(pid)  # keep memory to the windows in flight
+
+    @staticmethod
+    def _needed(pid: int, windows: list[Window]) -> bool:
+        return any(pid == p for w in windows for p, _, _ in w.segments)
+
+    def _gather(self, window: Window, decoding: dict[int, Future[Batch]]) -> Batch:
+        """The window's rows, permuted, in one vectorized gather."""
+        parts = []
+        for pid, a, b in window.segments:
+            x, y = self._cache[pid] if pid in self._cache else decoding[pid].result()
+            parts.append((x[a:b], y[a:b]))
+        if not self.config.shuffle:
+            return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+        perm = np.random.default_rng(window.seed).permutation(window.rows)
+        if len(parts) == 1:
+            return parts[0][0][perm], parts[0][1][perm]
+        x = np.concatenate([p[0] for p in parts])
+        y = np.concatenate([p[1] for p in parts])
+        return x[perm], y[perm]
+
+    def _decode(self, pid: int) -> Batch:
+        """Read one partition, through the cache when there is one."""
+        if pid in self._cache:
+            return self._cache[pid]
+        if self._disk_cache is not None:
+            xf, yf = self._disk_cache / f"{pid}.x.npy", self._disk_cache / f"{pid}.y.npy"
+            if not xf.exists():
+                x, y = read_partition(self.manifest, self.parts[pid])
+                np.save(yf, y)
+                np.save(xf, x)  # x last: its presence means both are complete
+            batch = np.load(xf, mmap_mode="r"), np.load(yf, mmap_mode="r")
+        else:
+            batch = read_partition(self.manifest, self.parts[pid])
+        if self.config.cache == "memory":
+            self._cache[pid] = batch
+        return batch
+
+
+_DONE = object()
+
+
+def _prefetch(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
+    """Run ``source`` in a background thread, ``depth`` items ahead; errors re-raise here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for item in source:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(_DONE)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put(e)
+
+    thread = threading.Thread(target=fill, name="distml-prefetch", daemon=True)
+    thread.start()
+    try:
+        while (item := q.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)

@@ -48,7 +48,7 @@ def _column_stats(values: np.ndarray) -> tuple[int, float, float, float, float]:
     if len(values) == 0:
         return 0, 0.0, 0.0, np.inf, -np.inf
     total = float(values.sum(dtype=np.float64))
-    dev = values - total / len(values)  # float64
+    dev = values.astype(np.float64) - total / len(values)
     return len(values), total, float(np.dot(dev, dev)), float(values.min()), float(values.max())
 
 
@@ -87,6 +87,13 @@ def merge(spec: Any, parts: list[dict[str, Any]]) -> dict[str, Any]:
         hi = np.max([p["max"] for p in parts], axis=0)
         scale = np.where(hi - lo < _EPS, 1.0, hi - lo)
         return {"type": "minmax", "columns": columns, "min": lo.tolist(), "scale": scale.tolist()}
+    _, mean, std = merge_moments(parts)
+    std = np.where(std < _EPS, 1.0, std)  # constant columns pass through centred
+    return {"type": "standardize", "columns": columns, "mean": mean.tolist(), "std": std.tolist()}
+
+
+def merge_moments(parts: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(count, mean, population std) per column from standardize partial statistics."""
     n, mean, m2 = parts[0]["n"].astype(np.float64), parts[0]["mean"], parts[0]["m2"]
     for p in parts[1:]:  # Chan et al.: exact pairwise combination of (n, mean, M2)
         nb = p["n"].astype(np.float64)
@@ -96,9 +103,7 @@ def merge(spec: Any, parts: list[dict[str, Any]]) -> dict[str, Any]:
         mean = mean + delta * nb / safe
         m2 = m2 + p["m2"] + delta**2 * n * nb / safe
         n = total
-    std = np.sqrt(m2 / np.maximum(n, 1))
-    std = np.where(std < _EPS, 1.0, std)  # constant columns pass through centred
-    return {"type": "standardize", "columns": columns, "mean": mean.tolist(), "std": std.tolist()}
+    return n, mean, np.sqrt(m2 / np.maximum(n, 1))
 
 
 def unfitted_params(spec: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import torch
 from distml.artifact import git_revision, io_schema, save_artifact
 from distml.config import Candidate, Config
 from distml.data.dataset import Manifest, load_split
-from distml.data.loader import BatchLoader
+from distml.data.loader import PartitionLoader
 from distml.device import default_device
 from distml.fsutil import write_json_atomic
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
@@ -72,7 +72,6 @@ def train_candidate(
     candidate: Candidate,
     manifest: Manifest,
     *,
-    train: SplitTensors,
     val: SplitTensors,
     out_dir: Path,
     resume: bool = False,
@@ -81,9 +80,9 @@ def train_candidate(
     """Train, evaluate on val, save ``out_dir/artifact``; returns the candidate's result."""
     settings = cfg.train.settings_for(candidate)
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
-    loader = BatchLoader(
-        train.x, train.y, batch_size=settings.batch_size // settings.grad_accum_steps,
-        seed=cfg.seed,
+    loader = PartitionLoader(
+        manifest, "train", batch_size=settings.batch_size // settings.grad_accum_steps,
+        seed=cfg.seed, config=cfg.data.loader,
     )
     trainer = Trainer(
         model, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
@@ -113,9 +112,15 @@ def train_candidate(
         "best_step": state.best_step,
         "train_seconds": state.seconds,
         "wall_seconds": time.perf_counter() - start,
-        "samples_per_s": state.step * settings.batch_size / max(state.seconds, 1e-9),
+        "samples_per_s": _mean([e["samples_per_s"] for e in state.epochs]),
+        "data_stall": _mean([e["data_stall"] for e in state.epochs]),
+        "epochs": state.epochs,
         "artifact": str(artifact),
         "history": {"train_loss": state.train_loss, "evals": state.evals},
     }
     write_json_atomic(out_dir / RESULT, result)
     return result
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0

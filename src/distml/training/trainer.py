@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from distml.config import METRIC_HIGHER_IS_BETTER, TrainSettings
-from distml.data.loader import BatchLoader
+from distml.data.loader import PartitionLoader
 from distml.tasks import evaluate, loss_fn
 from distml.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
@@ -42,6 +42,7 @@ class TrainState:
     evals_since_best: int = 0
     train_loss: list[float] = field(default_factory=list)  # one per optimizer step
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", metrics...}
+    epochs: list[dict[str, float]] = field(default_factory=list)  # throughput, data stall
     seconds: float = 0.0
 
 
@@ -51,6 +52,7 @@ class Callback(Protocol):
     def on_train_start(self, trainer: Trainer) -> None: ...
     def on_step_end(self, trainer: Trainer, record: dict[str, float]) -> None: ...
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, stats: dict[str, float]) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
@@ -61,7 +63,7 @@ class Trainer:
         settings: TrainSettings,
         *,
         task: str,
-        train_loader: BatchLoader,
+        train_loader: PartitionLoader,
         val_data: tuple[torch.Tensor, torch.Tensor],
         metric: str,
         checkpoint_dir: Path,
@@ -96,9 +98,11 @@ class Trainer:
         self._emit("on_train_start")
         stop = self.state.step >= self.total_steps
         while not stop:
-            epoch_end = False
+            epoch_start, wait_start, samples = time.perf_counter(), self.loader.wait_seconds, 0
             for group in self._step_groups():
                 loss, seconds = self._optimizer_step(group)
+                n = sum(len(b[0]) for b in group)
+                samples += n
                 self.state.step += 1
                 self.state.position += len(group)
                 self.state.seconds += seconds
@@ -106,11 +110,11 @@ class Trainer:
                 epoch_end = self.state.position >= len(self.loader)
                 record = {
                     "step": self.state.step, "epoch": self.state.epoch, "loss": loss,
-                    "lr": self.scheduler.get_last_lr()[0],
-                    "samples_per_s": sum(len(b[0]) for b in group) / max(seconds, 1e-9),
+                    "lr": self.scheduler.get_last_lr()[0], "samples_per_s": n / max(seconds, 1e-9),
                 }
                 if epoch_end:
-                    self.state.epoch, self.state.position = self.state.epoch + 1, 0
+                    self._end_epoch(samples, time.perf_counter() - epoch_start,
+                                    self.loader.wait_seconds - wait_start)
                 self._emit("on_step_end", record)
                 stop = self._after_step(epoch_end)
                 if stop:
@@ -119,6 +123,14 @@ class Trainer:
             self.model.load_state_dict(self.best_weights)
         self._emit("on_train_end")
         return self.state
+
+    def _end_epoch(self, samples: int, seconds: float, waited: float) -> None:
+        """Throughput and data-stall fraction (time waiting for batches / epoch time)."""
+        stats = {"epoch": self.state.epoch, "samples_per_s": samples / max(seconds, 1e-9),
+                 "data_stall": waited / max(seconds, 1e-9)}
+        self.state.epochs.append(stats)
+        self.state.epoch, self.state.position = self.state.epoch + 1, 0
+        self._emit("on_epoch_end", stats)
 
     def _step_groups(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """The rest of the current epoch, grouped into optimizer steps."""

@@ -128,7 +128,7 @@ def stage_train(
 ) -> list[dict[str, Any]]:
     candidates = [run.cfg.train.candidate(only)] if only else run.cfg.train.candidates
     with run.stage("train"):
-        train, val = SplitTensors.load(manifest, "train"), SplitTensors.load(manifest, "val")
+        val = SplitTensors.load(manifest, "val")
         results = []
         for cand in candidates:
             out = run.dir / "candidates" / cand.name
@@ -137,7 +137,7 @@ def stage_train(
                 results.append(json.loads((out / RESULT).read_text()))
                 continue
             results.append(train_candidate(
-                run.cfg, cand, manifest, train=train, val=val, out_dir=out, resume=resume,
+                run.cfg, cand, manifest, val=val, out_dir=out, resume=resume,
                 callbacks=run.reporter.training_callbacks(cand.name),
             ))
     return results
@@ -198,7 +198,8 @@ def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> di
         "metric": run.cfg.metric,
         "selected": selection["best"]["name"],
         "candidates": [
-            {k: r[k] for k in ("name", "params", "val", "train_seconds", "steps", "samples_per_s")}
+            {k: r[k] for k in ("name", "params", "val", "train_seconds", "steps", "samples_per_s",
+                               "data_stall", "epochs")}
             for r in selection["ranked"]
         ],
         "test": selection["test"],

@@ -69,13 +69,14 @@ def write_report(
         f"## Candidates, ranked by validation {metric}",
         "",
         "| rank | candidate | parameters | val " + " | val ".join(summary["candidates"][0]["val"])
-        + " | steps | train s | samples/s |",
-        "|---" * (6 + len(summary["candidates"][0]["val"])) + "|",
+        + " | steps | train s | samples/s | data stall |",
+        "|---" * (7 + len(summary["candidates"][0]["val"])) + "|",
     ]
     for i, c in enumerate(summary["candidates"], 1):
         vals = " | ".join(_fmt(v) for v in c["val"].values())
         lines.append(f"| {i} | {c['name']} | {c['params']:,} | {vals} | {c['steps']} | "
-                     f"{c['train_seconds']:.1f} | {c['samples_per_s']:,.0f} |")
+                     f"{c['train_seconds']:.1f} | {c['samples_per_s']:,.0f} | "
+                     f"{100 * c['data_stall']:.1f}% |")
     reg = summary["registry"]
     lines += [
         "",
