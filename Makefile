@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 CONFIG ?= examples/digits.yaml
 
-.PHONY: install run test lint clean
+.PHONY: install run test lint bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ lint: install
 
 test: lint
 	$(BIN)/pytest -q
+
+bench: install
+	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) runs registry .pytest_cache

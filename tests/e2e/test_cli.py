@@ -54,6 +54,9 @@ def test_run_tiny_config_end_to_end(tmp_path, tiny_raw):
     for c in s["candidates"]:
         assert {"name", "params", "val", "train_seconds"} <= c.keys()
         assert c["params"] > 0
+        assert 0 <= c["data_stall"] < 1
+        assert [e["epoch"] for e in c["epochs"]] == [0, 1]
+        assert all(e["samples_per_s"] > 0 for e in c["epochs"])
     assert s["test"]["accuracy"] > 0.5
     run_dir = Path(s["run_dir"]) if Path(s["run_dir"]).is_absolute() else tmp_path / s["run_dir"]
     for name in ("report.md", "loss_curves.png", "confusion_matrix.png", "config.yaml",

@@ -8,7 +8,7 @@ import pytest
 from pydantic import BaseModel
 
 from distml import config
-from distml.cli import app, models_app
+from distml.cli import app, data_app, models_app
 
 README = (Path(__file__).parents[2] / "README.md").read_text()
 
@@ -16,7 +16,9 @@ SECTIONS: list[type[BaseModel]] = [
     config.Config, config.DataConfig, config.SplitConfig, config.TrainConfig, config.Candidate,
     config.SelectConfig, config.ExecutionConfig, config.SyntheticClassificationSource,
     config.SyntheticRegressionSource, config.TextSource, config.FileSource, config.MLPSpec,
-    config.CNNSpec, config.TransformerSpec, config.CustomModelSpec,
+    config.CNNSpec, config.TransformerSpec, config.CustomModelSpec, config.LoaderConfig,
+    config.StandardizeSpec, config.MinMaxSpec, config.ImputeSpec, config.ClipSpec,
+    config.OneHotSpec,
 ]
 
 
@@ -29,5 +31,6 @@ def test_every_config_key_is_in_the_readme(section):
 def test_every_command_is_in_the_readme():
     commands = [f"distml {c.name or c.callback.__name__}" for c in app.registered_commands]
     commands += [f"distml models {c.name}" for c in models_app.registered_commands]
+    commands += [f"distml data {c.name}" for c in data_app.registered_commands]
     missing = [c for c in commands if c not in README]
     assert not missing, f"README's CLI section lacks {missing}"

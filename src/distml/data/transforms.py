@@ -49,7 +49,8 @@ def _column_stats(values: np.ndarray) -> tuple[int, float, float, float, float]:
         return 0, 0.0, 0.0, np.inf, -np.inf
     total = float(values.sum(dtype=np.float64))
     dev = values.astype(np.float64) - total / len(values)
-    return len(values), total, float(np.dot(dev, dev)), float(values.min()), float(values.max())
+    m2 = float(np.square(dev, out=dev).sum())  # not np.dot: BLAS threads would oversubscribe
+    return len(values), total, m2, float(values.min()), float(values.max())
 
 
 def partial_stats(spec: Any, cols: Columns, rows: np.ndarray | None = None) -> dict[str, Any]:

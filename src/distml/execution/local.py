@@ -9,6 +9,7 @@ is created, before any progress display starts its thread.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import threading
 from collections.abc import Callable, Iterator
@@ -30,6 +31,27 @@ def _context() -> mp.context.BaseContext:
     return ctx
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def _init_worker() -> None:
+    """Workers already fill the cores: BLAS, OpenMP or Arrow threads inside them would
+    oversubscribe the machine (and spin-wait). And a fresh worker would serve each large
+    temporary array with a new mmap and its page faults; keeping freed memory in the heap
+    lets it be reused (about 15% of ingestion time on 2 cores)."""
+    import pyarrow
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
+    pyarrow.set_cpu_count(1)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30)
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 31)
+    except (OSError, AttributeError):  # not glibc: keep the allocator's defaults
+        pass
+
+
 def _noop(i: int) -> int:
     return i
 
@@ -41,7 +63,8 @@ class LocalExecutor(Executor):
         super().__init__(**kw)
         self._pool: ProcessPoolExecutor | None = None
         if self.num_workers > 1:
-            self._pool = ProcessPoolExecutor(max_workers=self.num_workers, mp_context=_context())
+            self._pool = ProcessPoolExecutor(max_workers=self.num_workers, mp_context=_context(),
+                                             initializer=_init_worker)
             list(self._pool.map(_noop, range(self.num_workers)))  # start every worker now
 
     def _map(

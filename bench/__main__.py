@@ -1,0 +1,30 @@
+"""Run benchmarks: ``python -m bench [ingest] [loader]``; writes bench/results/*.json and the
+README's benchmark table."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from bench import ingest, loader
+from bench.common import RESULTS, update_readme
+
+BENCHMARKS = {"ingest": ingest, "loader": loader}
+
+
+def main(names: list[str]) -> None:
+    for name in names or list(BENCHMARKS):
+        if name not in BENCHMARKS:
+            raise SystemExit(f"unknown benchmark {name!r}; choose from {list(BENCHMARKS)}")
+        print(f"== {name}", flush=True)
+        print(json.dumps(BENCHMARKS[name].main(), indent=2), flush=True)
+    rows = []  # the table shows every saved result, not only this run's
+    for name, module in BENCHMARKS.items():
+        path = RESULTS / f"{name}.json"
+        if path.exists():
+            rows += module.table_rows(json.loads(path.read_text()))
+    update_readme(rows)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,65 @@
+"""Shared benchmark helpers: timing, machine facts, results as JSON, the README table."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parents[1] / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
+def timed(fn: Callable[[], Any], *, repeats: int, setup: Callable[[], Any] | None = None
+          ) -> list[float]:
+    """Wall seconds of ``fn`` per repeat; dirty pages are flushed before each, so one run's
+    writes do not slow the next."""
+    out = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        os.sync()
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    result = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
+              "machine": machine(), **result}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
+def update_readme(rows: list[tuple[str, str, str, str]]) -> None:
+    """Replace the README's benchmark table (between the markers) with ``rows``."""
+    text = README.read_text()
+    if START not in text or END not in text:
+        return
+    lines = ["| benchmark | measure | result | target |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + tail)
