@@ -161,3 +161,12 @@ def test_unknown_engine_and_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     with pytest.raises(Exception, match=r"needs Ray, which is not installed .*distml\[ray\]"):
         make_executor("ray://local")
+
+
+def test_ray_gives_the_same_output_as_local(tmp_path):
+    pytest.importorskip("ray")  # an optional extra: pip install 'distml[ray]'
+    ingest(_data(), tmp_path / "local", seed=0)
+    with make_executor("ray://local", num_workers=2) as ex:
+        assert ex.name == "ray"
+        ingest(_data(), tmp_path / "ray", seed=0, executor=ex)
+    assert _outputs(tmp_path / "local") == _outputs(tmp_path / "ray")

@@ -22,8 +22,9 @@ class RayExecutor(Executor):
         self, fn: Callable, items: list, *, handle: ProgressHandle, desc: str,
         describe: Callable[[Any], str],
     ) -> Iterator:
-        task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(fn)
-        refs = [task.remote(item) for item in items]
+        task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(_call)
+        fn_ref = ray.put(fn)  # shipped once, not with every task
+        refs = [task.remote(fn_ref, item) for item in items]
         try:
             for item, ref in zip(items, refs, strict=True):
                 try:
@@ -39,6 +40,10 @@ class RayExecutor(Executor):
     def close(self) -> None:
         if self.owns_runtime:
             ray.shutdown()
+
+
+def _call(fn: Callable, item: Any) -> Any:
+    return fn(item)
 
 
 def make(
