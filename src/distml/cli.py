@@ -163,6 +163,64 @@ def data_inspect(
     console.print(table)
 
 
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    config: ConfigArg,
+    candidate: Annotated[str | None, typer.Option(help="Candidate; default: the first.")] = None,
+    strategies: Annotated[str, typer.Option(
+        help="Comma-separated: ddp, zero1, fsdp, fsdp-zero2, or module:Class.")
+    ] = "ddp,zero1,fsdp,fsdp-zero2",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps to compare.")] = 20,
+    world_size: Annotated[int | None, typer.Option(
+        min=2, help="Processes; default: the candidate's world_size, or 2.")] = None,
+    tolerance: Annotated[float | None, typer.Option(
+        help="Max relative difference; default 1e-4 (fp32), 2e-2 (bf16).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train N steps under each strategy and in one process from the same weights and data;
+    compare losses and final parameters. Exits 1 when a strategy exceeds the tolerance."""
+    from distml.fsutil import write_json_atomic
+    from distml.verify import verify
+    from distml.workflow.pipeline import stage_ingest, start_run
+
+    cfg, reporter = _load(config, set_, quiet)
+    cand = cfg.train.candidate(candidate) if candidate else cfg.train.candidates[0]
+    configured = cfg.train.settings_for(cand).world_size
+    run_ = start_run(cfg, reporter=reporter)
+    with reporter.stage("verify"):
+        report = verify(cfg, run_.dir, stage_ingest(run_), candidate=cand.name,
+                        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                        steps=steps, world_size=world_size or max(configured, 2),
+                        tolerance=tolerance)
+    if json_out is not None:
+        write_json_atomic(json_out, report)
+    if not quiet:
+        ref = report["reference"]
+        table = Table(title=f"verify {cand.name}: {steps} steps, world size "
+                      f"{report['world_size']}, tolerance {report['tolerance']:g}")
+        for col in ("strategy", "max rel loss diff", "max rel param diff", "peak mem/rank",
+                    "state bytes/rank", "step s", "result"):
+            table.add_column(col, justify="left" if col == "strategy" else "right")
+        table.add_row("single (reference)", "", "", _mib(ref["peak_mem_bytes"]), "",
+                      f"{ref['step_seconds']:.4f}", "")
+        for r in report["results"]:
+            table.add_row(r["strategy"], f"{r['max_rel_loss_diff']:.2e}",
+                          f"{r['max_rel_param_diff']:.2e}", _mib(r["peak_mem_bytes"]),
+                          _mib(max(sum(b.values()) for b in r["state_bytes_per_rank"])),
+                          f"{r['step_seconds']:.4f}",
+                          "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
+        console.print(table)
+    if not all(r["passed"] for r in report["results"]):
+        raise typer.Exit(1)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.2f} MiB"
+
+
 def _print_candidates(results: list[dict[str, Any]], metric: str, selected: str | None) -> None:
     table = Table(title=f"candidates (val {metric})")
     for col in ("candidate", "params", metric, "steps", "train s", "samples/s"):

@@ -492,23 +492,53 @@ class TrainSettings(Strict):
     checkpoint_every_steps: int | None = Field(
         None, ge=1, description="Checkpoint every N steps; null: at the end of each epoch."
     )
+    checkpoints: bool = Field(True, description="Write checkpoints (for --resume and restarts).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    strategy: Literal["single"] = Field(
-        "single", description="Parallelism strategy; single: one process."
+    strategy: Literal["single", "ddp", "zero1", "fsdp"] = Field(
+        "single",
+        description="single (one process); ddp (replicas, gradients all-reduced); zero1 (ddp "
+        "with the optimizer state sharded); fsdp (parameters, gradients and optimizer state "
+        "sharded: torch's fully_shard).",
     )
     world_size: int = Field(1, ge=1, description="Number of training processes.")
+    reshard_after_forward: bool | None = Field(
+        None, description="fsdp only: true frees gathered parameters after forward (ZeRO-3); "
+        "false keeps them for backward (ZeRO-2 behaviour). Default: true.",
+    )
+    max_restarts: int = Field(
+        0, ge=0, description="Restart every process this many times after one dies; training "
+        "continues from the last checkpoint (needs checkpoints)."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
-        if self.batch_size % self.grad_accum_steps:
+        per_step = self.world_size * self.grad_accum_steps
+        if self.world_size > self.batch_size:
             raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by "
-                f"grad_accum_steps={self.grad_accum_steps}; use a divisor of the batch size"
+                f"world_size={self.world_size} is larger than the global batch_size="
+                f"{self.batch_size}: every rank needs samples in every step; use a batch size "
+                f"of at least {self.world_size}"
+            )
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by world_size x "
+                f"grad_accum_steps={self.world_size} x {self.grad_accum_steps}={per_step}; "
+                "use a batch size that is a multiple of it"
             )
         if self.strategy == "single" and self.world_size > 1:
             raise ValueError(
                 f"world_size={self.world_size} needs a distributed strategy; "
-                "strategy 'single' runs one process (use world_size: 1)"
+                "strategy 'single' runs one process (use ddp, zero1 or fsdp, or world_size: 1)"
+            )
+        if self.reshard_after_forward is not None and self.strategy != "fsdp":
+            raise ValueError(
+                f"reshard_after_forward applies to strategy fsdp, not {self.strategy!r}; "
+                "remove it or use strategy: fsdp"
+            )
+        if self.max_restarts and not self.checkpoints:
+            raise ValueError(
+                f"max_restarts={self.max_restarts} needs checkpoints to restart from; set "
+                "checkpoints: true (or max_restarts: 0)"
             )
         return self
 
@@ -649,7 +679,13 @@ class Config(Strict):
         return self.select.register_as or self.name
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        """The resolved config as plain data; candidates keep only what they override, so it
+        loads back to the same config."""
+        data = self.model_dump(mode="json")
+        data["train"]["candidates"] = [
+            c.model_dump(mode="json", exclude_unset=True) for c in self.train.candidates
+        ]
+        return data
 
     def hash(self) -> str:
         """Hash of the resolved config, independent of key order."""

@@ -69,7 +69,14 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
          r"train\.candidates\[0\]\.model\.hidden_sizes\[0\] = 0"),
         ("train.candidates.1.lr=-3", r"train\.candidates\[1\]\.lr = -3"),
         ("train.candidates.1.grad_accum_steps=5",
-         r"candidate 'cnn': batch_size=64 is not divisible by grad_accum_steps=5"),
+         r"candidate 'cnn': batch_size=64 is not divisible by world_size x grad_accum_steps"
+         r"=1 x 5=5"),
+        ("train.world_size=128",
+         r"world_size=128 is larger than the global batch_size=64: every rank needs samples"),
+        ("train.reshard_after_forward=false",
+         r"reshard_after_forward applies to strategy fsdp, not 'single'"),
+        ("train.candidates.0.max_restarts=2",
+         r"candidate 'small': max_restarts=2 needs checkpoints to restart from"),
         ("data.split.train=0.5", r"data\.split: train \+ val \+ test = 0\.8; .*add up to 1"),
         ("data.source={type: synthetic:classification, n_classes: 1}",
          r"data\.source\.n_classes = 1: .*greater than or equal to 2"),
@@ -89,6 +96,8 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
 def test_config_errors_name_field_value_and_fix(tiny_raw, override, match):
     if override.startswith("data.transforms=[standardize]"):
         tiny_raw["data"]["source"] = {"type": "text", "paths": ["a.txt"]}
+    if "max_restarts" in override:
+        tiny_raw["train"]["checkpoints"] = False
     with pytest.raises(ConfigError, match=match):
         make_config(tiny_raw, overrides=[override])
 

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from distml.data.ingest import ingest
+from distml.distributed.checkpoint import checkpoint_paths
 from distml.training.candidate import SplitTensors, train_candidate
-from distml.training.checkpoint import checkpoint_paths, load_latest_checkpoint
 from tests.conftest import make_config
 
 
@@ -64,7 +64,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, dropout_raw):
         _train(tmp_path, dropout_raw, "crashed", overrides=overrides, callbacks=[Crash(13)])
     # The crash came mid-epoch (20 steps per epoch), after the step-10 checkpoint.
     assert [p.name for p in checkpoint_paths(tmp_path / "crashed" / "checkpoints")] == [
-        "step-00000005.pt", "step-00000010.pt"]
+        "step-00000005", "step-00000010"]
     resumed, w_resumed = _train(tmp_path, dropout_raw, "crashed", overrides=overrides,
                                 resume=True)
     _assert_identical(w_full, w_resumed)
@@ -98,14 +98,17 @@ def test_bf16_autocast_trains(tmp_path, tiny_raw):
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_raw, caplog):
-    _train(tmp_path, tiny_raw, "ck", overrides=["train.checkpoint_every_steps=10",
-                                                "train.keep_checkpoints=3"])
+    overrides = ["train.checkpoint_every_steps=10", "train.keep_checkpoints=3",
+                 "train.restore_best=false"]
+    full, w_full = _train(tmp_path, tiny_raw, "ck", overrides=overrides)
     paths = checkpoint_paths(tmp_path / "ck" / "checkpoints")
-    assert [p.name for p in paths] == ["step-00000020.pt", "step-00000030.pt",
-                                       "step-00000040.pt"]
-    paths[-1].write_bytes(b"not a checkpoint")
-    with caplog.at_level(logging.WARNING):
-        path, state = load_latest_checkpoint(tmp_path / "ck" / "checkpoints")
-    assert path == paths[-2]
-    assert state["progress"]["step"] == 30
-    assert "step-00000040.pt is corrupt" in caplog.text
+    assert [p.name for p in paths] == ["step-00000020", "step-00000030", "step-00000040"]
+    for shard in paths[-1].glob("*.distcp"):
+        shard.write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.INFO):
+        resumed, w_resumed = _train(tmp_path, tiny_raw, "ck", overrides=overrides, resume=True)
+    assert "step-00000040 cannot be loaded" in caplog.text
+    assert "resumed from" in caplog.text
+    assert "step-00000030 (step 30)" in caplog.text
+    _assert_identical(w_full, w_resumed)  # steps 31-40 replayed exactly
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]

@@ -17,10 +17,12 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
+        # No key bias: it adds q·b to a whole row of scores, which softmax ignores, so its
+        # gradient is zero up to rounding (and Adam would amplify that noise).
+        self.k = nn.Linear(dim, dim, bias=False)
         self.v = nn.Linear(dim, dim)
         self.out = nn.Linear(dim, dim)
-        self.dropout = dropout
+        self.attn_dropout = nn.Dropout(dropout)  # its p feeds the fused attention kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -30,7 +32,7 @@ class CausalSelfAttention(nn.Module):
             for proj in (self.q, self.k, self.v)
         )
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.attn_dropout.p if self.training else 0.0
         )
         return self.out(y.transpose(1, 2).reshape(b, t, -1))  # (B, T, C)
 

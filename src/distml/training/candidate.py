@@ -15,7 +15,8 @@ from distml.artifact import git_revision, io_schema, save_artifact
 from distml.config import Candidate, Config
 from distml.data.dataset import Manifest, load_split
 from distml.data.loader import PartitionLoader
-from distml.device import default_device
+from distml.distributed.runtime import DistEnv, init_distributed
+from distml.distributed.strategy import make_strategy
 from distml.fsutil import write_json_atomic
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
 from distml.tasks import evaluate, output_shape
@@ -74,24 +75,35 @@ def train_candidate(
     *,
     val: SplitTensors,
     out_dir: Path,
+    env: DistEnv | None = None,
     resume: bool = False,
     callbacks: Sequence[Any] = (),
-) -> dict[str, Any]:
-    """Train, evaluate on val, save ``out_dir/artifact``; returns the candidate's result."""
+) -> dict[str, Any] | None:
+    """Train on this rank, evaluate, and (rank 0) save ``out_dir/artifact`` and the result.
+
+    Every rank builds the same initial weights (seeded); the strategy shards or replicates
+    them. Returns the result on rank 0, None on the others.
+    """
+    env = env or init_distributed()
     settings = cfg.train.settings_for(candidate)
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
+    strategy = make_strategy(settings.strategy, model, settings, env)
     loader = PartitionLoader(
-        manifest, "train", batch_size=settings.batch_size // settings.grad_accum_steps,
-        seed=cfg.seed, config=cfg.data.loader,
+        manifest, "train", seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+        batch_size=settings.batch_size // (env.world_size * settings.grad_accum_steps),
+        config=cfg.data.loader,
     )
     trainer = Trainer(
-        model, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
-        metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", device=default_device(),
-        callbacks=callbacks,
+        strategy, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
+        metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", callbacks=callbacks,
     )
     start = time.perf_counter()
     state = trainer.fit(resume=resume)
-    model = trainer.model.cpu()
+    full = strategy.full_state_dict()  # a collective: every rank takes part
+    if not env.is_main:
+        return None
+    model = build_model(spec)
+    model.load_state_dict(full)
     val_metrics, _ = evaluate(manifest.task, model, val.x, val.y)
     raw_width = len(manifest.input_columns) or input_width(manifest)
     inputs, outputs = io_schema(manifest.task, num_features=raw_width,
@@ -104,16 +116,21 @@ def train_candidate(
         "preprocessing": manifest.preprocessing, "metrics": {"val": val_metrics},
         "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
     }, out_dir / "artifact")
+    step_times = state.seconds / max(state.step, 1)
     result = {
         "name": candidate.name,
+        "strategy": settings.strategy,
+        "world_size": env.world_size,
         "params": count_parameters(model),
         "val": val_metrics,
         "steps": state.step,
         "best_step": state.best_step,
         "train_seconds": state.seconds,
         "wall_seconds": time.perf_counter() - start,
+        "step_seconds": step_times,
         "samples_per_s": _mean([e["samples_per_s"] for e in state.epochs]),
         "data_stall": _mean([e["data_stall"] for e in state.epochs]),
+        "peak_mem_bytes": max((e["peak_mem_bytes"] for e in state.epochs), default=0),
         "epochs": state.epochs,
         "artifact": str(artifact),
         "history": {"train_loss": state.train_loss, "evals": state.evals},

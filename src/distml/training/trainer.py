@@ -1,31 +1,35 @@
-"""The training loop, readable top to bottom: micro-batches -> optimizer step -> eval -> checkpoint.
+"""The training loop, readable top to bottom: step -> eval -> checkpoint, on any strategy.
 
-One optimizer step consumes ``grad_accum_steps`` micro-batches of ``batch_size /
-grad_accum_steps`` samples. Each micro-batch's mean loss is weighted by its share of the
-step's samples, so an accumulated step equals one big batch even when the last group of an
-epoch is short. Everything that decides the future (weights, optimizer, schedule, RNG,
-loader position, best-so-far) is in the checkpoint, so ``resume`` reproduces an
-uninterrupted run bit for bit on CPU.
+One optimizer step consumes ``grad_accum_steps`` micro-batches on every rank; the strategy
+runs them (see ``distml.distributed.strategy``). Everything that decides the future (weights,
+optimizer, schedule, RNG, loader position, best-so-far) is in the checkpoint, so ``resume``
+reproduces an uninterrupted run bit for bit on CPU.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 
 from distml.config import METRIC_HIGHER_IS_BETTER, TrainSettings
 from distml.data.loader import PartitionLoader
+from distml.distributed.checkpoint import (
+    agree,
+    checkpoint_paths,
+    load_sharded,
+    read_rank_state,
+    save_checkpoint,
+)
+from distml.distributed.strategy import Strategy
 from distml.tasks import evaluate, loss_fn
-from distml.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +47,7 @@ class TrainState:
     train_loss: list[float] = field(default_factory=list)  # one per optimizer step
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", metrics...}
     epochs: list[dict[str, float]] = field(default_factory=list)  # throughput, data stall
-    seconds: float = 0.0
+    seconds: float = 0.0  # time in optimizer steps
 
 
 class Callback(Protocol):
@@ -59,7 +63,7 @@ class Callback(Protocol):
 class Trainer:
     def __init__(
         self,
-        model: nn.Module,
+        strategy: Strategy,
         settings: TrainSettings,
         *,
         task: str,
@@ -67,28 +71,30 @@ class Trainer:
         val_data: tuple[torch.Tensor, torch.Tensor],
         metric: str,
         checkpoint_dir: Path,
-        device: torch.device,
         callbacks: Sequence[Any] = (),
     ) -> None:
-        self.model = model.to(device)
+        self.strategy = strategy
+        self.env = strategy.env
         self.settings = settings
         self.task = task
         self.loader = train_loader
         self.val_data = val_data
         self.metric = metric
         self.checkpoint_dir = checkpoint_dir
-        self.device = device
         self.callbacks = list(callbacks)
-        self.optimizer = _build_optimizer(model, settings)
         self.steps_per_epoch = math.ceil(len(train_loader) / settings.grad_accum_steps)
         self.total_steps = settings.epochs * self.steps_per_epoch
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_lambda(settings, self.total_steps)
+            strategy.optimizer, _lr_lambda(settings, self.total_steps)
         )
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.strategy.model
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -100,8 +106,11 @@ class Trainer:
         while not stop:
             epoch_start, wait_start, samples = time.perf_counter(), self.loader.wait_seconds, 0
             for group in self._step_groups():
-                loss, seconds = self._optimizer_step(group)
-                n = sum(len(b[0]) for b in group)
+                start = time.perf_counter()
+                loss = self.strategy.train_step(group, lambda out, y: loss_fn(self.task, out, y))
+                self.scheduler.step()
+                seconds = time.perf_counter() - start
+                n = sum(len(b[0]) for b in group) * self.env.world_size
                 samples += n
                 self.state.step += 1
                 self.state.position += len(group)
@@ -111,6 +120,7 @@ class Trainer:
                 record = {
                     "step": self.state.step, "epoch": self.state.epoch, "loss": loss,
                     "lr": self.scheduler.get_last_lr()[0], "samples_per_s": n / max(seconds, 1e-9),
+                    "step_seconds": seconds,
                 }
                 if epoch_end:
                     self._end_epoch(samples, time.perf_counter() - epoch_start,
@@ -125,9 +135,10 @@ class Trainer:
         return self.state
 
     def _end_epoch(self, samples: int, seconds: float, waited: float) -> None:
-        """Throughput and data-stall fraction (time waiting for batches / epoch time)."""
+        """Throughput (all ranks), data-stall fraction (time waiting for batches / epoch
+        time) and peak memory of this rank."""
         stats = {"epoch": self.state.epoch, "samples_per_s": samples / max(seconds, 1e-9),
-                 "data_stall": waited / max(seconds, 1e-9)}
+                 "data_stall": waited / max(seconds, 1e-9), "peak_mem_bytes": peak_memory()}
         self.state.epochs.append(stats)
         self.state.epoch, self.state.position = self.state.epoch + 1, 0
         self._emit("on_epoch_end", stats)
@@ -143,27 +154,6 @@ class Trainer:
         if group:
             yield group
 
-    def _optimizer_step(
-        self, group: list[tuple[torch.Tensor, torch.Tensor]]
-    ) -> tuple[float, float]:
-        start = time.perf_counter()
-        self.model.train()
-        total = sum(len(x) for x, _ in group)
-        loss_sum = 0.0
-        for x, y in group:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, torch.bfloat16,
-                                enabled=self.settings.precision == "bf16"):
-                loss = loss_fn(self.task, self.model(x), y)
-            (loss * (len(x) / total)).backward()  # weight by share of the step's samples
-            loss_sum += loss.item() * len(x)
-        if self.settings.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        return loss_sum / total, time.perf_counter() - start
-
     def _after_step(self, epoch_end: bool) -> bool:
         """Evaluate and checkpoint when due; True when training should stop."""
         s, step = self.settings, self.state.step
@@ -171,14 +161,14 @@ class Trainer:
         stop = last
         if last or (epoch_end if s.eval_every_steps is None else step % s.eval_every_steps == 0):
             stop = self._evaluate() or last
-        if last or (
-            epoch_end if s.checkpoint_every_steps is None else step % s.checkpoint_every_steps == 0
-        ) or stop:
+        due = epoch_end if s.checkpoint_every_steps is None else (
+            step % s.checkpoint_every_steps == 0)
+        if s.checkpoints and (due or stop):
             self.save()
         return stop
 
     def _evaluate(self) -> bool:
-        """Evaluate on val, track the best; True when early stopping says stop."""
+        """Evaluate on val (every rank, the same rows), track the best; True to stop early."""
         x, y = self.val_data
         metrics, _ = evaluate(self.task, self.model, x, y)
         self.state.evals.append({"step": self.state.step, **metrics})
@@ -187,7 +177,8 @@ class Trainer:
         if self.state.best_value is None or sign * (value - self.state.best_value) > 0:
             self.state.best_value, self.state.best_step = value, self.state.step
             self.state.evals_since_best = 0
-            self.best_weights = copy.deepcopy(self.model.state_dict())
+            self.best_weights = {k: v.detach().clone()
+                                 for k, v in self.model.state_dict().items()}
         else:
             self.state.evals_since_best += 1
         self._emit("on_eval_end", metrics)
@@ -201,44 +192,61 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> Path:
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
+        sharded = self.strategy.state_dict()
+        if self.best_weights is not None:
+            sharded["best"] = self.best_weights
+        rank_state = {
             "rng": torch.get_rng_state(),
-            "progress": self.state.__dict__.copy(),
-            "best_weights": self.best_weights,
+            "scheduler": self.scheduler.state_dict(),
+            "progress": asdict(self.state),
         }
         return save_checkpoint(
-            self.checkpoint_dir, self.state.step, state, keep=self.settings.keep_checkpoints
+            self.checkpoint_dir, self.state.step, sharded=sharded, rank_state=rank_state,
+            extra=self.strategy.extra_state(), env=self.env, keep=self.settings.keep_checkpoints,
         )
 
     def _restore(self) -> None:
-        found = load_latest_checkpoint(self.checkpoint_dir)
-        if found is None:
-            logger.info("no checkpoint in %s; starting from scratch", self.checkpoint_dir)
+        for path in reversed(checkpoint_paths(self.checkpoint_dir)):
+            try:
+                rank_state = read_rank_state(path, self.env)
+                template = self.strategy.state_dict()
+                if rank_state["progress"]["best_step"] is not None:
+                    template["best"] = {k: v.detach().clone()
+                                        for k, v in self.model.state_dict().items()}
+                loaded = load_sharded(path, template)
+                ok = True
+            except Exception as e:  # noqa: BLE001 - a bad checkpoint falls back to the previous
+                logger.warning("checkpoint %s cannot be loaded (%s: %s); trying the previous one",
+                               path, type(e).__name__, e)
+                ok = False
+            if agree(ok, self.env):
+                break
+        else:
+            logger.info("no usable checkpoint in %s; starting from scratch", self.checkpoint_dir)
             return
-        path, state = found
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        self.state = TrainState(**state["progress"])
-        self.best_weights = state["best_weights"]
+        self.strategy.load_state_dict(loaded)
+        if loaded["extra"] is not None:
+            self.strategy.load_extra_state(loaded["extra"])
+        self.best_weights = loaded.get("best")
+        self.scheduler.load_state_dict(rank_state["scheduler"])
+        torch.set_rng_state(rank_state["rng"])
+        self.state = TrainState(**rank_state["progress"])
         logger.info("resumed from %s (step %d)", path, self.state.step)
 
     def _emit(self, hook: str, *args: Any) -> None:
+        if not self.env.is_main:
+            return  # progress and tracking are rank 0's
         for cb in self.callbacks:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(self, *args)
 
 
-def _build_optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+def peak_memory() -> int:
+    """This process's peak memory in bytes: the CUDA allocator's peak, else peak RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def _lr_lambda(s: TrainSettings, total_steps: int):

@@ -25,6 +25,7 @@ from distml.config import Config, FileSource, TextSource
 from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
 from distml.data.sources import expand_text_paths
+from distml.distributed.launch import launch_training
 from distml.errors import DistmlError
 from distml.execution import make_executor
 from distml.fsutil import write_json_atomic, write_text_atomic
@@ -136,10 +137,16 @@ def stage_train(
                 logger.info("candidate %s already trained; reusing its result", cand.name)
                 results.append(json.loads((out / RESULT).read_text()))
                 continue
-            results.append(train_candidate(
-                run.cfg, cand, manifest, val=val, out_dir=out, resume=resume,
-                callbacks=run.reporter.training_callbacks(cand.name),
-            ))
+            settings = run.cfg.train.settings_for(cand)
+            if settings.strategy == "single":
+                results.append(train_candidate(
+                    run.cfg, cand, manifest, val=val, out_dir=out, resume=resume,
+                    callbacks=run.reporter.training_callbacks(cand.name),
+                ))
+                continue
+            launch_training(run.dir, cand.name, world_size=settings.world_size,
+                            max_restarts=settings.max_restarts, resume=resume)
+            results.append(json.loads((out / RESULT).read_text()))
     return results
 
 

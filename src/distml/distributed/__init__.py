@@ -1,0 +1,1 @@
+"""Distributed training: the runtime (process group, device), strategies, checkpoints, launch."""

@@ -1,0 +1,94 @@
+"""Data parallelism: every rank trains on its own shard of each global batch.
+
+- ``ddp``: a full replica per rank; gradients are averaged by all-reduce (DistributedDataParallel).
+- ``zero1``: ddp, with the optimizer state sharded across ranks (ZeroRedundancyOptimizer).
+- ``fsdp``: parameters, gradients and optimizer state sharded (torch's ``fully_shard``);
+  ``reshard_after_forward: true`` frees gathered parameters after forward (ZeRO-3),
+  ``false`` keeps them for backward (ZeRO-2 behaviour).
+
+Gradient accumulation skips the gradient sync on every micro-batch but the last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.nn.parallel import DistributedDataParallel
+
+from distml.distributed.strategy import Strategy
+
+
+class DDP(Strategy):
+    name = "ddp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    @contextlib.contextmanager
+    def sync_gradients(self, sync: bool) -> Iterator[None]:
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            yield
+
+
+class ZeRO1(DDP):
+    name = "zero1"
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        s = self.settings
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if s.optimizer == "sgd":
+            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, lr=s.lr,
+                                           momentum=s.momentum, weight_decay=s.weight_decay)
+        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=s.lr,
+                                       weight_decay=s.weight_decay)
+
+    # torch.distributed.checkpoint does not know ZeroRedundancyOptimizer: the optimizer
+    # state is consolidated on rank 0 and saved whole; every rank loads it and keeps its
+    # own partition, whatever the world size was.
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": get_model_state_dict(self.model)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state["model"])
+
+    def extra_state(self) -> dict[str, Any] | None:
+        self.optimizer.consolidate_state_dict(to=0)
+        return {"optim": self.optimizer.state_dict()} if self.env.is_main else None
+
+    def load_extra_state(self, extra: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(extra["optim"])
+
+
+class FSDP(Strategy):
+    name = "fsdp"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
+        reshard = self.settings.reshard_after_forward is not False
+        # Each block is its own unit (gathered just in time), then the root takes the rest
+        # (embeddings, heads, tied weights).
+        for unit in shard_units(model):
+            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+        return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+
+    @contextlib.contextmanager
+    def sync_gradients(self, sync: bool) -> Iterator[None]:
+        self.model.set_requires_gradient_sync(sync)
+        yield
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks if it exposes them, else its top-level children with parameters."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList | nn.Sequential):
+        return list(blocks)
+    return [m for m in model.children() if any(p.requires_grad for p in m.parameters())]

@@ -1,0 +1,84 @@
+"""One process's place in a distributed job, read from the environment torchrun sets.
+
+RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT come from
+torchrun or distml's local launcher (which is torchrun's elastic agent). The device and the
+collective backend come from ``distml.device``: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from distml.device import collective_backend, default_device
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistEnv:
+    """Join the process group when launched; pick this rank's device and CPU threads."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = default_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:  # ranks on one machine share its cores; more threads than cores only contend
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if "MASTER_ADDR" in os.environ and not dist.is_initialized():  # launched: torchrun/ours
+        dist.init_process_group(
+            backend=collective_backend(device), store=_store(world), rank=rank,
+            world_size=world, device_id=device if device.type == "cuda" else None,
+        )
+    return DistEnv(rank, local_rank, world, device)
+
+
+def _store(world: int) -> dist.Store:
+    """The rendezvous store, with a prefix per restart attempt.
+
+    Under torchrun's agent (and so our launcher) every attempt talks to the agent's one
+    store; without a prefix, restarted processes would read the addresses that the dead
+    attempt published and wait on them forever.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+        is_master=not agent_store and int(os.environ.get("RANK", "0")) == 0,
+        timeout=timedelta(minutes=10), wait_for_workers=False,
+    )
+    return dist.PrefixStore(f"distml/attempt-{attempt}", store)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: float, env: DistEnv) -> float:
+    """The mean of a scalar over ranks (the loss each rank saw)."""
+    if not env.distributed:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return float(t.item()) / env.world_size

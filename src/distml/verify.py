@@ -1,0 +1,233 @@
+"""``distml verify``: does each distributed strategy train the model one process would?
+
+The reference trains N steps in this process; every strategy trains N steps on
+``world_size`` processes (one launch, strategies in turn). Both start from the same seeded
+weights, and at step k the reference's batch is the union of the ranks' batches at step k,
+so with exact arithmetic the losses and final parameters would be equal. Dropout is turned
+off: random masks differ by construction between one process and several.
+
+Workers run ``python -m distml.verify --run-dir ...`` and write, per strategy, the loss of
+every step and (rank 0) the full final parameters; the driver compares them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from distml.config import Candidate, Config, TrainSettings, load_config
+from distml.data.dataset import Manifest
+from distml.data.loader import PartitionLoader
+from distml.distributed.runtime import DistEnv, init_distributed, shutdown
+from distml.distributed.strategy import Strategy, make_strategy
+from distml.errors import DistmlError
+from distml.tasks import loss_fn
+from distml.training.candidate import build_candidate_model
+from distml.training.trainer import _lr_lambda, peak_memory
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_STRATEGIES = ("ddp", "zero1", "fsdp", "fsdp-zero2")
+Group = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def settings_for(name: str, base: TrainSettings, world_size: int) -> TrainSettings:
+    """Training settings of a strategy to verify; 'fsdp-zero2' is fsdp keeping gathered
+    parameters from forward to backward; 'module:Class' is a user strategy (run as ddp)."""
+    update: dict[str, Any] = {"world_size": world_size, "max_steps": None, "max_restarts": 0,
+                              "reshard_after_forward": None}
+    if name == "fsdp-zero2":
+        update.update(strategy="fsdp", reshard_after_forward=False)
+    elif name in ("ddp", "zero1", "fsdp", "single"):
+        update["strategy"] = name
+    else:
+        update["strategy"] = "ddp"
+    return base.model_copy(update=update)
+
+
+def _model(cfg: Config, cand: Candidate, manifest: Manifest, val_x: torch.Tensor) -> nn.Module:
+    model, _ = build_candidate_model(cfg, cand, manifest, val_x)
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _groups(manifest: Manifest, cfg: Config, s: TrainSettings, *, rank: int, world: int,
+            steps: int) -> Iterator[Group]:
+    """This rank's micro-batches for ``steps`` optimizer steps, across epochs if need be."""
+    loader = PartitionLoader(manifest, "train", seed=cfg.seed, rank=rank, world_size=world,
+                             batch_size=s.batch_size // (world * s.grad_accum_steps),
+                             config=cfg.data.loader)
+    done, epoch = 0, 0
+    while True:
+        batches = list(loader.batches(epoch))
+        for i in range(0, len(batches), s.grad_accum_steps):
+            yield batches[i : i + s.grad_accum_steps]
+            done += 1
+            if done == steps:
+                return
+        epoch += 1
+
+
+def _union(groups_per_rank: list[Iterator[Group]]) -> Iterator[Group]:
+    """The reference's step: micro-batch i is every rank's micro-batch i, concatenated."""
+    for per_rank in zip(*groups_per_rank, strict=True):
+        yield [(torch.cat([g[i][0] for g in per_rank]), torch.cat([g[i][1] for g in per_rank]))
+               for i in range(len(per_rank[0]))]
+
+
+def run_steps(strategy: Strategy, groups: Iterator[Group], task: str, steps: int
+              ) -> dict[str, Any]:
+    """Train ``steps`` steps with the candidate's LR schedule; losses and timings."""
+    sched = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer,
+                                              _lr_lambda(strategy.settings, steps))
+    losses, seconds = [], []
+    for group in groups:
+        start = time.perf_counter()
+        losses.append(strategy.train_step(group, lambda out, y: loss_fn(task, out, y)))
+        sched.step()
+        seconds.append(time.perf_counter() - start)
+    return {"losses": losses, "step_seconds": sum(seconds[1:]) / max(len(seconds) - 1, 1)}
+
+
+def _full_state(strategy: Strategy) -> dict[str, torch.Tensor] | None:
+    sd = strategy.full_state_dict()
+    return None if sd is None else {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def relative_diffs(ref: dict[str, Any], ref_state: dict[str, torch.Tensor],
+                   got: dict[str, Any], state: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """Max relative difference of the per-step losses, and of the final parameters
+    (per tensor, ||p - p_ref|| / ||p_ref||)."""
+    loss = max(abs(a - b) / max(abs(a), 1e-12)
+               for a, b in zip(ref["losses"], got["losses"], strict=True))
+    if state.keys() != ref_state.keys():
+        missing = sorted(set(ref_state) ^ set(state))[:3]
+        raise DistmlError(f"the strategy's parameters differ in names from the model's: {missing}")
+    param = max(float((state[k].float() - v.float()).norm() / max(v.float().norm(), 1e-12))
+                for k, v in ref_state.items())
+    return loss, param
+
+
+# -- the driver (the CLI process) ----------------------------------------------------------
+
+
+def verify(
+    cfg: Config, run_dir: Path, manifest: Manifest, *, candidate: str, strategies: list[str],
+    steps: int, world_size: int, tolerance: float | None = None,
+) -> dict[str, Any]:
+    """Run the reference here and the strategies on ``world_size`` processes; compare."""
+    from distml.distributed.launch import launch_local
+    from distml.training.candidate import SplitTensors
+
+    cand = cfg.train.candidate(candidate)
+    base = cfg.train.settings_for(cand)
+    tol = tolerance if tolerance is not None else (1e-4 if base.precision == "fp32" else 2e-2)
+    val_x = SplitTensors.load(manifest, "val").x[:2]
+
+    ref_settings = settings_for("single", base, 1)
+    strategy = Strategy(_model(cfg, cand, manifest, val_x), ref_settings, DistEnv())
+    ranks = [_groups(manifest, cfg, base, rank=r, world=world_size, steps=steps)
+             for r in range(world_size)]
+    ref = run_steps(strategy, _union(ranks), manifest.task, steps)
+    ref["peak_mem_bytes"] = peak_memory()
+    ref_state = _full_state(strategy)
+
+    out = run_dir / "verify"
+    out.mkdir(parents=True, exist_ok=True)
+    launch_local("distml.verify", ["--run-dir", str(run_dir), "--candidate", candidate,
+                                   "--strategies", ",".join(strategies), "--steps", str(steps),
+                                   "--out", str(out)],
+                 world_size=world_size, max_restarts=0, log_dir=out / "logs",
+                 what="verify")
+    results = []
+    for name in strategies:
+        got = json.loads((out / f"{_slug(name)}.json").read_text())
+        state = load_file(out / f"{_slug(name)}.safetensors")
+        loss_diff, param_diff = relative_diffs(ref, ref_state, got, state)
+        results.append({
+            "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": param_diff,
+            "peak_mem_bytes": got["peak_mem_bytes"], "step_seconds": got["step_seconds"],
+            "state_bytes_per_rank": got["state_bytes"],  # [{params, grads, optimizer}] by rank
+            "passed": loss_diff <= tol and param_diff <= tol,
+        })
+    return {"candidate": candidate, "world_size": world_size, "steps": steps,
+            "tolerance": tol, "reference": {"strategy": "single", **ref}, "results": results}
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+# -- the workers ---------------------------------------------------------------------------
+
+
+def _worker(args: argparse.Namespace, env: DistEnv) -> None:
+    from distml.training.candidate import SplitTensors
+
+    cfg = load_config(args.run_dir / "config.yaml")
+    manifest = Manifest.read(args.run_dir / "data")
+    cand = cfg.train.candidate(args.candidate)
+    base = cfg.train.settings_for(cand)
+    val_x = SplitTensors.load(manifest, "val").x[:2]
+    for name in args.strategies.split(","):
+        s = settings_for(name, base, env.world_size)
+        strategy = make_strategy(name if ":" in name else s.strategy,
+                                 _model(cfg, cand, manifest, val_x), s, env)
+        if env.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        trace = run_steps(strategy, _groups(manifest, cfg, base, rank=env.rank,
+                                            world=env.world_size, steps=args.steps),
+                          manifest.task, args.steps)
+        per_rank: list[Any] = [None] * env.world_size
+        dist.all_gather_object(per_rank, (peak_memory(), strategy.local_bytes()))
+        full = _full_state(strategy)
+        if env.is_main:
+            save_file(full, args.out / f"{_slug(name)}.safetensors")
+            (args.out / f"{_slug(name)}.json").write_text(json.dumps(
+                {**trace, "peak_mem_bytes": max(p for p, _ in per_rank),
+                 "state_bytes": [b for _, b in per_rank]}))
+        dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> None:
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
+
+    @record
+    def run() -> None:
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        p = argparse.ArgumentParser(prog="python -m distml.verify")
+        p.add_argument("--run-dir", type=Path, required=True)
+        p.add_argument("--candidate", required=True)
+        p.add_argument("--strategies", required=True)
+        p.add_argument("--steps", type=int, required=True)
+        p.add_argument("--out", type=Path, required=True)
+        args = p.parse_args(argv)
+        env = init_distributed()
+        try:
+            _worker(args, env)
+        except DistmlError as e:
+            logger.error("%s", e)
+            ErrorHandler().record_exception(e)
+            raise SystemExit(2) from None
+        finally:
+            shutdown()
+
+    run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Distributed training on real processes (gloo on CPU): verify, faults, restarts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import write_config
+from tests.e2e.test_cli import distml
+
+ROOT = Path(__file__).parents[2]
+ENV = {"PYTHONPATH": str(ROOT)}  # workers import tests.helpers
+
+
+def _verify(tmp_path, cfg: Path, *args: str, check: bool = True):
+    out = tmp_path / f"verify-{len(list(tmp_path.glob('verify-*.json')))}.json"
+    proc = distml("verify", str(cfg), "--json", str(out), *args, cwd=tmp_path, env=ENV,
+                  check=check)
+    return proc, json.loads(out.read_text()) if out.exists() else None
+
+
+@pytest.mark.parametrize("candidate", ["mlp", "mlp-wide", "cnn"])
+def test_verify_passes_on_the_digits_candidates(tmp_path, candidate):
+    _, report = _verify(
+        tmp_path, ROOT / "examples" / "digits.yaml", "--candidate", candidate,
+        "--set", f"output_dir={tmp_path / 'runs'}", "--set", "train.grad_accum_steps=2")
+    assert report["world_size"] == 2
+    assert report["steps"] == 20
+    assert [r["strategy"] for r in report["results"]] == ["ddp", "zero1", "fsdp", "fsdp-zero2"]
+    for r in report["results"]:
+        assert r["passed"], r
+        assert r["max_rel_loss_diff"] < 1e-4
+        assert r["max_rel_param_diff"] < 1e-4
+        assert r["peak_mem_bytes"] > 0
+    state = {r["strategy"]: r["state_bytes_per_rank"] for r in report["results"]}
+    # Sharding shows in what each rank holds. ddp: everything on every rank. zero1: the
+    # optimizer state split (by whole tensors, so unevenly on a small model). fsdp:
+    # parameters, gradients and optimizer state split about evenly.
+    ddp = state["ddp"][0]
+    assert state["ddp"][1] == ddp
+    zero1 = [b["optimizer"] for b in state["zero1"]]
+    assert sum(zero1) == ddp["optimizer"]
+    assert max(zero1) < ddp["optimizer"]
+    for kind in ("params", "grads", "optimizer"):
+        shards = [b[kind] for b in state["fsdp"]]
+        assert sum(shards) >= ddp[kind]  # (padding may round a shard up)
+        assert max(shards) < 0.6 * ddp[kind]
+
+
+def test_verify_passes_on_the_small_transformer(tmp_path, tiny_raw):
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 300)
+    tiny_raw["data"] = {"source": {"type": "text", "paths": ["corpus.txt"],
+                                   "sequence_length": 32}}
+    tiny_raw["train"].update(batch_size=16, lr=0.003)
+    tiny_raw["train"]["candidates"] = [{"name": "gpt", "model": {
+        "type": "transformer", "num_layers": 2, "num_heads": 2, "dim": 32, "dropout": 0.1}}]
+    _, report = _verify(tmp_path, write_config(tmp_path / "lm.yaml", tiny_raw))
+    assert all(r["passed"] for r in report["results"]), report["results"]
+
+
+def test_a_wrong_strategy_fails_verify(tmp_path, tiny_raw):
+    cfg = write_config(tmp_path / "c.yaml", tiny_raw)
+    # SGD: Adam's update barely changes when every gradient doubles, which is exactly why
+    # summing instead of averaging goes unnoticed in practice.
+    proc, report = _verify(tmp_path, cfg, "--strategies", "ddp,tests.helpers.strategies:SummedDDP",
+                           "--set", "train.optimizer=sgd", "--set", "train.grad_clip=null",
+                           check=False)
+    assert proc.returncode == 1
+    ok, wrong = report["results"]
+    assert ok["passed"]
+    assert not wrong["passed"]
+    assert wrong["max_rel_param_diff"] > 1e-3
+    assert "FAIL" in proc.stdout
+
+
+def _rank_pid(rank: int, parent: int) -> int | None:
+    """The pid of a distml.train worker of ``parent``'s tree with RANK=rank."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"distml.train" in cmd and f"RANK={rank}".encode() in env and \
+                f"DISTML_TEST_PARENT={parent}".encode() in env:
+            return int(proc.name)
+    return None
+
+
+def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_raw):
+    tiny_raw["train"].update(strategy="ddp", world_size=2, epochs=3, checkpoint_every_steps=5,
+                             max_restarts=1, restore_best=False)
+    tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
+    tiny_raw["data"] = {"source": "sklearn:digits",
+                        "loader": {"map_fn": "tests.helpers.slow:sleepy"}}
+    cfg = write_config(tmp_path / "c.yaml", tiny_raw)
+    distml("train", str(cfg), cwd=tmp_path, env=ENV)  # uninterrupted
+    (clean,) = (tmp_path / "runs" / "tiny").glob("2*")
+
+    marker = str(os.getpid())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distml", "train", str(cfg)], cwd=tmp_path,
+        env={**os.environ, **ENV, "DISTML_TEST_PARENT": marker},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = False
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        runs = [p for p in (tmp_path / "runs" / "tiny").glob("2*") if p != clean]
+        ckpts = list(runs[0].glob("candidates/small/checkpoints/step-*")) if runs else []
+        if not killed and ckpts and (pid := _rank_pid(1, int(marker))):
+            os.kill(pid, signal.SIGKILL)
+            killed = True
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=60)
+    assert killed, out
+    assert proc.returncode == 0, out
+    assert "resumed from" in out
+    (faulty,) = [p for p in (tmp_path / "runs" / "tiny").glob("2*") if p != clean]
+    a = load_file(clean / "candidates/small/artifact/model.safetensors")
+    b = load_file(faulty / "candidates/small/artifact/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    ra = json.loads((clean / "candidates/small/result.json").read_text())
+    rb = json.loads((faulty / "candidates/small/result.json").read_text())
+    assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
+
+
+def test_resume_on_another_world_size_reshards_the_checkpoint(tmp_path, tiny_raw):
+    tiny_raw["train"].update(strategy="fsdp", world_size=2, epochs=2)
+    tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
+    cfg = write_config(tmp_path / "c.yaml", tiny_raw)
+    distml("train", str(cfg), cwd=tmp_path)
+    (run,) = (tmp_path / "runs" / "tiny").glob("2*")
+    (run / "candidates" / "small" / "result.json").unlink()  # as if it died after step 40
+    out = distml("train", str(cfg), "--resume", "--set", "train.strategy=single",
+                 "--set", "train.world_size=1", "--set", "train.epochs=3", cwd=tmp_path)
+    log = out.stdout + out.stderr
+    assert "resumed from" in log
+    assert "(step 40)" in log
+    result = json.loads((run / "candidates" / "small" / "result.json").read_text())
+    assert result["steps"] == 60
+    assert result["world_size"] == 1
+    losses = result["history"]["train_loss"]
+    assert len(losses) == 60  # the first 40 were restored with the checkpoint
+    assert losses[40] < 0.8 * losses[0]  # step 41 continued from trained weights
