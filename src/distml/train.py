@@ -23,7 +23,7 @@ from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, recor
 
 from distml.config import load_config
 from distml.data.dataset import Manifest
-from distml.distributed.runtime import DistEnv, init_distributed, shutdown
+from distml.distributed.runtime import DistEnv, init_distributed, run_worker, shutdown
 from distml.errors import DistmlError
 
 logger = logging.getLogger("distml")
@@ -102,4 +102,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

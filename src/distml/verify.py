@@ -29,7 +29,7 @@ from torch import nn
 from distml.config import Candidate, Config, TrainSettings, load_config
 from distml.data.dataset import Manifest
 from distml.data.loader import PartitionLoader
-from distml.distributed.runtime import DistEnv, init_distributed, shutdown
+from distml.distributed.runtime import DistEnv, init_distributed, run_worker, shutdown
 from distml.distributed.strategy import Strategy, make_strategy
 from distml.errors import DistmlError
 from distml.tasks import loss_fn
@@ -230,4 +230,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_worker(main)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,10 @@ import torch.distributed.checkpoint as dcp
 from distml.distributed.runtime import DistEnv
 
 logger = logging.getLogger(__name__)
+
+# DCP works without a process group too; its warning about that is noise here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable",
+                        category=UserWarning)
 
 _PREFIX = "step-"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from distml.config import METRIC_HIGHER_IS_BETTER, TrainSettings
 from distml.data.loader import PartitionLoader
@@ -215,7 +216,8 @@ class Trainer:
                                         for k, v in self.model.state_dict().items()}
                 loaded = load_sharded(path, template)
                 ok = True
-            except Exception as e:  # noqa: BLE001 - a bad checkpoint falls back to the previous
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - fall back
+                # (CheckpointException, DCP's report of a failed read, is a BaseException)
                 logger.warning("checkpoint %s cannot be loaded (%s: %s); trying the previous one",
                                path, type(e).__name__, e)
                 ok = False
