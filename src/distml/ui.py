@@ -110,8 +110,9 @@ class _PlainTrainingLog:
                         record["loss"], record["lr"], record["samples_per_s"])
 
     def on_epoch_end(self, trainer: Any, stats: dict[str, float]) -> None:
-        logger.info("%s epoch %d: %.0f samples/s, data stall %.1f%%", self.candidate,
-                    stats["epoch"], stats["samples_per_s"], 100 * stats["data_stall"])
+        logger.info("%s epoch %d: %.0f samples/s, data stall %.1f%%, peak memory %.0f MiB",
+                    self.candidate, stats["epoch"], stats["samples_per_s"],
+                    100 * stats["data_stall"], stats["peak_mem_bytes"] / 2**20)
 
     def on_eval_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())

@@ -57,6 +57,9 @@ def test_run_tiny_config_end_to_end(tmp_path, tiny_raw):
         assert 0 <= c["data_stall"] < 1
         assert [e["epoch"] for e in c["epochs"]] == [0, 1]
         assert all(e["samples_per_s"] > 0 for e in c["epochs"])
+        assert c["step_seconds"] > 0
+        assert len(c["peak_mem_bytes_per_rank"]) == 1
+        assert c["peak_mem_bytes_per_rank"][0] > 2**20
     assert s["test"]["accuracy"] > 0.5
     run_dir = Path(s["run_dir"]) if Path(s["run_dir"]).is_absolute() else tmp_path / s["run_dir"]
     for name in ("report.md", "loss_curves.png", "confusion_matrix.png", "config.yaml",

@@ -132,6 +132,7 @@ def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_r
     for k in a:
         assert (a[k] == b[k]).all(), k
     ra = json.loads((clean / "candidates/small/result.json").read_text())
+    assert len(ra["peak_mem_bytes_per_rank"]) == 2  # every rank's peak, gathered to rank 0
     rb = json.loads((faulty / "candidates/small/result.json").read_text())
     assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
 
@@ -151,6 +152,7 @@ def test_resume_on_another_world_size_reshards_the_checkpoint(tmp_path, tiny_raw
     result = json.loads((run / "candidates" / "small" / "result.json").read_text())
     assert result["steps"] == 60
     assert result["world_size"] == 1
+    assert result["strategy"] == "single"
     losses = result["history"]["train_loss"]
     assert len(losses) == 60  # the first 40 were restored with the checkpoint
     assert losses[40] < 0.8 * losses[0]  # step 41 continued from trained weights

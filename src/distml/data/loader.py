@@ -13,8 +13,9 @@ An epoch's order is planned from the manifest alone, as a pure function of
 Running the plan: partitions are decoded in a thread pool ahead of use (interleave), each
 window is gathered with one vectorized copy, batches are views of it (no per-sample Python),
 an optional map function runs on each batch in the pool, and a background thread keeps
-``prefetch_batches`` ready. Because the plan is pure, the loader's state is only
-(epoch, batch index): a resumed run sees exactly the batches an uninterrupted run would.
+about ``prefetch_batches`` ready, a window at a time. Because the plan is pure, the
+loader's state is only (epoch, batch index): a resumed run sees exactly the batches an
+uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -134,24 +135,31 @@ class PartitionLoader:
     # -- running the plan ----------------------------------------------------------------------
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of ``epoch`` from batch index ``start`` on, as (B, ...) tensors."""
+        """Batches of ``epoch`` from batch index ``start`` on, as (B, ...) tensors.
+
+        The background thread works a window at a time (decode, gather, map) and wakes once
+        per window: waking it for every batch would preempt the training step's own threads.
+        """
         per_window = self.window_rows // self.batch_size
         windows = self.plan(epoch)[start // per_window :]
         skip = start % per_window
         with ThreadPoolExecutor(self.config.num_threads, thread_name_prefix="distml-io") as pool:
             produced = self._produce(windows, skip, pool)
             if self.config.prefetch_batches:
-                produced = _prefetch(produced, self.config.prefetch_batches)
+                depth = math.ceil(self.config.prefetch_batches / per_window)
+                produced = _prefetch(produced, depth)
             while True:
                 t = time.perf_counter()
-                batch = next(produced, None)
+                window = next(produced, None)
                 self.wait_seconds += time.perf_counter() - t
-                if batch is None:
+                if window is None:
                     return
-                yield torch.from_numpy(batch[0]), torch.from_numpy(batch[1])
+                for x, y in window:
+                    yield torch.from_numpy(x), torch.from_numpy(y)
 
     def _produce(self, windows: list[Window], skip: int, pool: ThreadPoolExecutor
-                 ) -> Iterator[Batch]:
+                 ) -> Iterator[list[Batch]]:
+        """Each window's batches (views of its gathered rows, mapped if asked)."""
         decoding: dict[int, Future[Batch]] = {}
 
         def decode_ahead(window: Window) -> None:  # interleave: next window's partitions
@@ -165,11 +173,10 @@ class PartitionLoader:
                 decode_ahead(windows[i + 1])
             x, y = self._gather(window, decoding)
             bounds = range(skip * self.batch_size if i == 0 else 0, len(x), self.batch_size)
-            batches = ((x[b : b + self.batch_size], y[b : b + self.batch_size]) for b in bounds)
-            if self.map_fn is None:
-                yield from batches
-            else:
-                yield from pool.map(lambda xy: self.map_fn(*xy), batches)
+            batches = [(x[b : b + self.batch_size], y[b : b + self.batch_size]) for b in bounds]
+            if self.map_fn is not None:
+                batches = list(pool.map(lambda xy: self.map_fn(*xy), batches))
+            yield batches
             for pid in [p for p in decoding if not self._needed(p, windows[i + 1 : i + 2])]:
                 decoding.pop(pid)  # keep memory to the windows in flight
 
@@ -213,7 +220,7 @@ class PartitionLoader:
 _DONE = object()
 
 
-def _prefetch(source: Iterator[Batch], depth: int) -> Iterator[Batch]:
+def _prefetch(source: Iterator[list[Batch]], depth: int) -> Iterator[list[Batch]]:
     """Run ``source`` in a background thread, ``depth`` items ahead; errors re-raise here."""
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()

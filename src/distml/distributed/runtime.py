@@ -80,6 +80,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def gather_objects(value: object, env: DistEnv) -> list:
+    """``value`` from every rank, in rank order (on every rank)."""
+    if not env.distributed:
+        return [value]
+    out: list = [None] * env.world_size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_reduce_mean(value: float, env: DistEnv) -> float:
     """The mean of a scalar over ranks (the loss each rank saw)."""
     if not env.distributed:

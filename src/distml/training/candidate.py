@@ -15,12 +15,12 @@ from distml.artifact import git_revision, io_schema, save_artifact
 from distml.config import Candidate, Config
 from distml.data.dataset import Manifest, load_split
 from distml.data.loader import PartitionLoader
-from distml.distributed.runtime import DistEnv, init_distributed
+from distml.distributed.runtime import DistEnv, gather_objects, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.fsutil import write_json_atomic
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
 from distml.tasks import evaluate, output_shape
-from distml.training.trainer import Trainer
+from distml.training.trainer import Trainer, peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def train_candidate(
     )
     start = time.perf_counter()
     state = trainer.fit(resume=resume)
-    full = strategy.full_state_dict()  # a collective: every rank takes part
+    full = strategy.full_state_dict()  # collectives: every rank takes part
+    peaks = gather_objects(peak_memory(), env)
     if not env.is_main:
         return None
     model = build_model(spec)
@@ -130,7 +131,7 @@ def train_candidate(
         "step_seconds": step_times,
         "samples_per_s": _mean([e["samples_per_s"] for e in state.epochs]),
         "data_stall": _mean([e["data_stall"] for e in state.epochs]),
-        "peak_mem_bytes": max((e["peak_mem_bytes"] for e in state.epochs), default=0),
+        "peak_mem_bytes_per_rank": peaks,
         "epochs": state.epochs,
         "artifact": str(artifact),
         "history": {"train_loss": state.train_loss, "evals": state.evals},

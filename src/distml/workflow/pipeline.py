@@ -205,8 +205,9 @@ def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> di
         "metric": run.cfg.metric,
         "selected": selection["best"]["name"],
         "candidates": [
-            {k: r[k] for k in ("name", "params", "val", "train_seconds", "steps", "samples_per_s",
-                               "data_stall", "epochs")}
+            {k: r[k] for k in ("name", "strategy", "world_size", "params", "val", "train_seconds",
+                               "steps", "step_seconds", "samples_per_s", "data_stall",
+                               "peak_mem_bytes_per_rank", "epochs")}
             for r in selection["ranked"]
         ],
         "test": selection["test"],

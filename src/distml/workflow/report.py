@@ -69,14 +69,16 @@ def write_report(
         f"## Candidates, ranked by validation {metric}",
         "",
         "| rank | candidate | parameters | val " + " | val ".join(summary["candidates"][0]["val"])
-        + " | steps | train s | samples/s | data stall |",
-        "|---" * (7 + len(summary["candidates"][0]["val"])) + "|",
+        + " | strategy | steps | train s | samples/s | data stall | peak MiB/rank |",
+        "|---" * (9 + len(summary["candidates"][0]["val"])) + "|",
     ]
     for i, c in enumerate(summary["candidates"], 1):
         vals = " | ".join(_fmt(v) for v in c["val"].values())
-        lines.append(f"| {i} | {c['name']} | {c['params']:,} | {vals} | {c['steps']} | "
+        peaks = " / ".join(f"{p / 2**20:.0f}" for p in c["peak_mem_bytes_per_rank"])
+        lines.append(f"| {i} | {c['name']} | {c['params']:,} | {vals} | "
+                     f"{c['strategy']} x{c['world_size']} | {c['steps']} | "
                      f"{c['train_seconds']:.1f} | {c['samples_per_s']:,.0f} | "
-                     f"{100 * c['data_stall']:.1f}% |")
+                     f"{100 * c['data_stall']:.1f}% | {peaks} |")
     reg = summary["registry"]
     lines += [
         "",
