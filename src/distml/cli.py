@@ -217,6 +217,60 @@ def verify_cmd(
         raise typer.Exit(1)
 
 
+@app.command("scale")
+@user_errors
+def scale_cmd(
+    config: ConfigArg,
+    workers: Annotated[str, typer.Option(help="Worker counts, e.g. 1,2,4.")] = "1,2",
+    mode: Annotated[str, typer.Option(help="strong (fixed work) or weak (work grows with N).")
+                    ] = "strong",
+    stage: Annotated[str, typer.Option(help="train or ingest.")] = "train",
+    candidate: Annotated[str | None, typer.Option(help="Candidate (train); default: first.")
+                         ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a stage at several worker counts: speedup, efficiency, Karp-Flatt, Amdahl's fit,
+    Gustafson (weak); a table, JSON and a PNG plot."""
+    from distml.errors import ConfigError
+    from distml.fsutil import write_json_atomic
+    from distml.workflow.scale import scale
+
+    if mode not in ("strong", "weak") or stage not in ("train", "ingest"):
+        raise ConfigError(f"--mode {mode!r} / --stage {stage!r}: use --mode strong|weak and "
+                          "--stage train|ingest")
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--workers {workers!r} is not a list of numbers, e.g. 1,2,4") from None
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--workers {workers!r}: worker counts must be at least 1")
+    cfg, reporter = _load(config, set_, quiet)
+    if candidate is not None:
+        cfg.train.candidate(candidate)
+    with reporter.stage(f"scale {stage}"):
+        result = scale(cfg, workers=counts, mode=mode, stage=stage, candidate=candidate)
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+    if quiet:
+        return
+    table = Table(title=f"{stage}, {mode} scaling")
+    for col in ("workers", "seconds", "speedup", "efficiency", "Karp-Flatt"):
+        table.add_column(col, justify="right")
+    for p in result["points"]:
+        kf = "" if p["karp_flatt"] is None else f"{p['karp_flatt']:.3f}"
+        table.add_row(str(p["workers"]), f"{p['seconds']:.2f}", f"{p['speedup']:.2f}",
+                      f"{p['efficiency']:.2f}", kf)
+    console.print(table)
+    smax = result["amdahl_max_speedup"]
+    console.print(f"Amdahl: parallel fraction P = {result['amdahl_parallel_fraction']:.3f}, "
+                  f"max speedup {'unbounded' if smax is None else f'{smax:.1f}'}"
+                  + (f"; Gustafson serial fraction {result['gustafson_serial_fraction']:.3f}"
+                     if result.get("gustafson_serial_fraction") is not None else "")
+                  + f"\nplot: {result['plot']}")
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:,.2f} MiB"
 

@@ -643,7 +643,12 @@ class ServeConfig(Strict):
 
 
 class MonitorConfig(Strict):
-    """Tracking and monitoring settings (none are defined yet)."""
+    """Tracking and monitoring."""
+
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files under <run>/tensorboard/<candidate>.")
+    histogram_every_steps: int = Field(
+        50, ge=1, description="Histograms of weights and gradients every N steps.")
 
 
 class Config(Strict):

@@ -70,6 +70,8 @@ class Strategy:
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> float:
         """One optimizer step; returns the mean loss over every rank's samples."""
         self.model.train()
+        # Gradients are cleared here, not after the step, so that trackers can read them.
+        self.optimizer.zero_grad(set_to_none=True)
         total = sum(len(x) for x, _ in micro_batches)
         loss_sum = 0.0
         for i, (x, y) in enumerate(micro_batches):
@@ -87,7 +89,6 @@ class Strategy:
         if self.settings.grad_clip is not None:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return all_reduce_mean(loss_sum / total, self.env)
 
     # -- state -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from distml.distributed.runtime import DistEnv, gather_objects, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.fsutil import write_json_atomic
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
+from distml.monitoring.tracking import TensorBoardCallback
 from distml.tasks import evaluate, output_shape
 from distml.training.trainer import Trainer, peak_memory
 
@@ -93,6 +94,10 @@ def train_candidate(
         batch_size=settings.batch_size // (env.world_size * settings.grad_accum_steps),
         config=cfg.data.loader,
     )
+    if cfg.monitor.tensorboard:  # <run>/tensorboard/<candidate>: tensorboard --logdir runs/
+        callbacks = [*callbacks, TensorBoardCallback(
+            out_dir.parent.parent / "tensorboard" / candidate.name,
+            histogram_every=cfg.monitor.histogram_every_steps)]
     trainer = Trainer(
         strategy, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
         metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", callbacks=callbacks,

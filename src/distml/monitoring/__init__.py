@@ -1,0 +1,1 @@
+"""Monitoring: tracking backends and scalability analysis."""
