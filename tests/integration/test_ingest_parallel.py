@@ -163,10 +163,19 @@ def test_unknown_engine_and_missing_extra(monkeypatch):
         make_executor("ray://local")
 
 
-def test_ray_gives_the_same_output_as_local(tmp_path):
+def test_ray_gives_the_same_output_as_local(tmp_path, tiny_raw):
     pytest.importorskip("ray")  # an optional extra: pip install 'distml[ray]'
-    ingest(_data(), tmp_path / "local", seed=0)
-    with make_executor("ray://local", num_workers=2) as ex:
-        assert ex.name == "ray"
-        ingest(_data(), tmp_path / "ray", seed=0, executor=ex)
-    assert _outputs(tmp_path / "local") == _outputs(tmp_path / "ray")
+    # Through the CLI, as a user runs it: Ray's driver owns its process (its shutdown would
+    # take a pytest process down with it).
+    from tests.conftest import write_config
+    from tests.e2e.test_cli import distml
+
+    tiny_raw["data"] = dict(SYNTHETIC)
+    cfg = write_config(tmp_path / "c.yaml", tiny_raw)
+    for executor in ("local", "ray://local"):
+        distml("ingest", str(cfg), "--set", f"execution.executor={executor}",
+               "--set", f"output_dir={tmp_path / executor.replace(':', '').replace('/', '')}",
+               cwd=tmp_path)
+    (local,) = (tmp_path / "local" / "tiny").glob("data-*")
+    (ray,) = (tmp_path / "raylocal" / "tiny").glob("data-*")
+    assert _outputs(local) == _outputs(ray)
