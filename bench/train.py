@@ -50,7 +50,7 @@ def raw_vs_distml(root: Path) -> dict:
     from distml.distributed.runtime import DistEnv
     from distml.distributed.strategy import Strategy
     from distml.training.candidate import SplitTensors, build_candidate_model
-    from distml.training.trainer import Trainer, _lr_lambda
+    from distml.training.trainer import Trainer, lr_lambda
 
     cfg = parse_config(_config(root, max_steps=STEPS, epochs=50))
     manifest = ingest(cfg.data, root / "data", seed=0)
@@ -67,7 +67,7 @@ def raw_vs_distml(root: Path) -> dict:
     for _ in range(2):  # alternate, twice: the second round is reported
         model, _ = build_candidate_model(cfg, cand, manifest, val.x[:2])
         opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(settings, STEPS))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(settings, STEPS))
         start = time.perf_counter()
         for x, y in batches:  # the hand-written loop
             loss = torch.nn.functional.cross_entropy(model(x), y)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -63,6 +64,18 @@ def _relative_factory(value: Any, info: ValidationInfo) -> Any:
         file, name = value.rsplit(":", 1)
         return f"{_resolve_path(file, info)}:{name}"
     return value
+
+
+def _tagger(known: tuple[str, ...], *, user: str) -> Callable[[Any], str | None]:
+    """A union's discriminator: a known ``type``, or ``user`` for a 'module:name' path."""
+
+    def tag(value: Any) -> str | None:
+        kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+        if not isinstance(kind, str):
+            return None
+        return kind if kind in known else (user if ":" in kind else None)
+
+    return tag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,13 +260,6 @@ class UserTransformSpec(Strict):
 _TRANSFORM_TYPES = ("standardize", "minmax", "impute", "clip", "onehot")
 
 
-def _transform_tag(value: Any) -> str | None:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    if not isinstance(kind, str):
-        return None
-    return kind if kind in _TRANSFORM_TYPES else ("user" if ":" in kind else None)
-
-
 TransformSpec = Annotated[
     Annotated[StandardizeSpec, Tag("standardize")]
     | Annotated[MinMaxSpec, Tag("minmax")]
@@ -262,7 +268,7 @@ TransformSpec = Annotated[
     | Annotated[OneHotSpec, Tag("onehot")]
     | Annotated[UserTransformSpec, Tag("user")],
     Discriminator(
-        _transform_tag,
+        _tagger(_TRANSFORM_TYPES, user="user"),
         custom_error_type="unknown_transform",
         custom_error_message="transform type must be one of " + ", ".join(_TRANSFORM_TYPES)
         + ", or 'module:function' for a user function",
@@ -437,20 +443,13 @@ class CustomModelSpec(Strict):
 _MODEL_TYPES = ("mlp", "cnn", "transformer")
 
 
-def _model_tag(value: Any) -> str | None:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    if not isinstance(kind, str):
-        return None
-    return kind if kind in _MODEL_TYPES else ("custom" if ":" in kind else None)
-
-
 ModelSpec = Annotated[
     Annotated[MLPSpec, Tag("mlp")]
     | Annotated[CNNSpec, Tag("cnn")]
     | Annotated[TransformerSpec, Tag("transformer")]
     | Annotated[CustomModelSpec, Tag("custom")],
     Discriminator(
-        _model_tag,
+        _tagger(_MODEL_TYPES, user="custom"),
         custom_error_type="unknown_model",
         custom_error_message="model type must be one of mlp, cnn, transformer, "
         "or 'module:factory' for a user model",

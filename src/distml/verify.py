@@ -34,7 +34,7 @@ from distml.distributed.strategy import Strategy, make_strategy
 from distml.errors import DistmlError
 from distml.tasks import loss_fn
 from distml.training.candidate import build_candidate_model
-from distml.training.trainer import _lr_lambda, peak_memory
+from distml.training.trainer import lr_lambda, peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def run_steps(strategy: Strategy, groups: Iterator[Group], task: str, steps: int
               ) -> dict[str, Any]:
     """Train ``steps`` steps with the candidate's LR schedule; losses and timings."""
     sched = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer,
-                                              _lr_lambda(strategy.settings, steps))
+                                              lr_lambda(strategy.settings, steps))
     losses, seconds = [], []
     for group in groups:
         start = time.perf_counter()

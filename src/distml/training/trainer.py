@@ -88,7 +88,7 @@ class Trainer:
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            strategy.optimizer, _lr_lambda(settings, self.total_steps)
+            strategy.optimizer, lr_lambda(settings, self.total_steps)
         )
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -251,7 +251,7 @@ def peak_memory() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
-def _lr_lambda(s: TrainSettings, total_steps: int):
+def lr_lambda(s: TrainSettings, total_steps: int):
     """Multiplier of the peak lr at each step: linear warmup, then the chosen decay."""
     decay_steps = max(total_steps - s.warmup_steps, 1)
 

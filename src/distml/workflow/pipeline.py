@@ -107,7 +107,8 @@ def _data_key(cfg: Config) -> str:
     elif isinstance(src, TextSource):
         files = expand_text_paths(src.paths)
     stamps = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
-    blob = json.dumps([cfg.data.model_dump(mode="json"), cfg.seed, stamps], sort_keys=True)
+    data = cfg.data.model_dump(mode="json", exclude={"loader"})  # the loader reads, not writes
+    blob = json.dumps([data, cfg.seed, stamps], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
