@@ -27,6 +27,9 @@ models_app = typer.Typer(help="Inspect the model registry and move aliases.", no
 app.add_typer(models_app, name="models")
 data_app = typer.Typer(help="Inspect data sets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+runs_app = typer.Typer(help="List and compare runs (no tracking server needed).",
+                       no_args_is_help=True)
+app.add_typer(runs_app, name="runs")
 
 console = Console()
 err_console = Console(stderr=True)
@@ -269,6 +272,62 @@ def scale_cmd(
                   + (f"; Gustafson serial fraction {result['gustafson_serial_fraction']:.3f}"
                      if result.get("gustafson_serial_fraction") is not None else "")
                   + f"\nplot: {result['plot']}")
+
+
+@runs_app.command("list")
+@user_errors
+def runs_list(
+    output_dir: Annotated[Path, typer.Option(help="The runs folder.")] = Path("runs"),
+) -> None:
+    """Finished runs: name, selected candidate, test metric, config hash, time."""
+    from distml.workflow.runs import list_runs
+
+    runs = list_runs(output_dir)
+    if not runs:
+        console.print(f"no finished runs under {output_dir}")
+        return
+    table = Table(title=f"runs under {output_dir}")
+    for col in ("run", "selected", "test metric", "config", "seconds"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for r in runs:
+        test = "" if r["test"] is None else f"{r['metric']} {r['test']:.4f}"
+        table.add_row(r["run"], r["selected"], test, r["config_hash"], f"{r['seconds']:.1f}")
+    console.print(table)
+
+
+@runs_app.command("compare")
+@user_errors
+def runs_compare(
+    runs: Annotated[list[Path], typer.Argument(help="Two or more run folders.")],
+) -> None:
+    """The config keys that differ between runs, and their metrics side by side."""
+    from distml.errors import DistmlError
+    from distml.workflow.runs import compare
+
+    if len(runs) < 2:
+        raise DistmlError("give two or more run folders to compare")
+    result = compare(runs)
+    names = [f"run {i + 1}" for i in range(len(runs))]
+    for i, r in enumerate(runs):
+        console.print(f"run {i + 1}: {r}")
+    table = Table(title="config differences")
+    table.add_column("key")
+    for n in names:
+        table.add_column(n)
+    for key, values in result["config_differences"].items():
+        table.add_row(key, *(json.dumps(v) for v in values))
+    console.print(table if result["config_differences"] else "the configs are the same")
+    table = Table(title=f"metrics ({result['metric']})")
+    table.add_column("")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_row("selected", *(m["selected"] for m in result["metrics"]))
+    for key in result["metrics"][0]["test"]:
+        table.add_row(f"test {key}", *(f"{m['test'][key]:.4f}" for m in result["metrics"]))
+    for cand in result["metrics"][0]["val"]:
+        table.add_row(f"val {cand}", *(
+            f"{m['val'][cand]:.4f}" if cand in m["val"] else "" for m in result["metrics"]))
+    console.print(table)
 
 
 def _mib(n: int) -> str:

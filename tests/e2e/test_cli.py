@@ -203,3 +203,23 @@ def test_main_job_digits_reaches_95_percent(tmp_path):
     s = _summary(tmp_path / "runs" / "digits")
     assert len(s["candidates"]) == 3
     assert s["test"]["accuracy"] >= 0.95
+
+
+def test_runs_list_and_compare(tmp_path, tiny_raw):
+    cfg = write_config(tmp_path / "c.yaml", tiny_raw)
+    distml("run", str(cfg), "-q", cwd=tmp_path)
+    distml("run", str(cfg), "-q", "--set", "train.lr=0.02", "--set", "train.cnn.lr=0",
+           cwd=tmp_path, check=False)  # a bad override: refused, no run
+    distml("run", str(cfg), "-q", "--set", "train.lr=0.02", cwd=tmp_path)
+    listing = distml("runs", "list", "--output-dir", "runs", cwd=tmp_path).stdout
+    assert listing.count("tiny/2") == 2
+    assert "accuracy" in listing
+    a, b = sorted((tmp_path / "runs" / "tiny").glob("2*"))
+    shown = distml("runs", "compare", str(a), str(b), cwd=tmp_path).stdout
+    assert re.search(r"train\.lr\s*│\s*0\.005\s*│\s*0\.02", shown)
+    assert re.search(r"test accuracy\s*│\s*0\.\d+\s*│\s*0\.\d+", shown)
+    assert "val small" in shown
+    assert "train.epochs" not in shown  # only what differs
+    proc = distml("runs", "compare", str(a), str(tmp_path), cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "is not a finished run (no summary.json)" in " ".join(proc.stderr.split())

@@ -1,0 +1,59 @@
+"""Runs on disk, for a user without an MLflow server: list them, compare their configs and
+metrics (from each run's config.yaml and summary.json)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distml.errors import DistmlError
+
+
+def list_runs(output_dir: Path) -> list[dict[str, Any]]:
+    """Finished runs (those with a summary.json), oldest first."""
+    runs = []
+    for summary in sorted(Path(output_dir).glob("*/2*/summary.json")):
+        s = json.loads(summary.read_text())
+        runs.append({"run": str(summary.parent), "name": s["name"], "selected": s["selected"],
+                     "metric": s["metric"], "test": s["test"].get(s["metric"]),
+                     "config_hash": s["config_hash"],
+                     "seconds": sum(st["seconds"] for st in s["stages"])})
+    return runs
+
+
+def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(obj, dict):
+        out: dict[str, Any] = {}
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(obj, list) and obj and all(isinstance(v, dict) and "name" in v for v in obj):
+        out = {}
+        for v in obj:  # candidates, by name
+            out.update(_flatten({k: x for k, x in v.items() if k != "name"},
+                                f"{prefix}{v['name']}."))
+        return out
+    return {prefix.rstrip("."): obj}
+
+
+def compare(run_dirs: list[Path]) -> dict[str, Any]:
+    """Config keys whose values differ between the runs, and each run's metrics."""
+    configs, summaries = [], []
+    for d in run_dirs:
+        d = Path(d)
+        if not (d / "summary.json").is_file():
+            raise DistmlError(f"{d} is not a finished run (no summary.json); "
+                              "`distml runs list` shows the runs")
+        configs.append(_flatten(yaml.safe_load((d / "config.yaml").read_text())))
+        summaries.append(json.loads((d / "summary.json").read_text()))
+    keys = sorted(set().union(*configs))
+    differ = {k: [c.get(k) for c in configs] for k in keys
+              if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}
+    metrics = [{"run": str(d), "selected": s["selected"], "test": s["test"],
+                "val": {c["name"]: c["val"][s["metric"]] for c in s["candidates"]}}
+               for d, s in zip(run_dirs, summaries, strict=True)]
+    return {"config_differences": differ, "metrics": metrics,
+            "metric": summaries[0]["metric"]}
