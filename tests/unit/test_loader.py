@@ -108,3 +108,14 @@ def test_a_corrupt_partition_fails_in_the_consumer_with_its_name(tmp_path):
     (tmp_path / "d" / rel).write_bytes(b"PAR1 garbage")
     with pytest.raises(DataError, match=rf"partition .*{rel} is unreadable"):
         _epoch(m, shuffle=False, prefetch_batches=4)
+
+
+def test_disk_cache_is_removed_with_the_loader(manifest):
+    import gc
+
+    loader, _ = _epoch(manifest, cache="disk")
+    folder = loader._disk_cache
+    assert any(folder.glob("*.x.npy"))
+    del loader
+    gc.collect()
+    assert not folder.exists()

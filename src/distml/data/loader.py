@@ -117,8 +117,10 @@ class PartitionLoader:
             if self.config.map_fn else None
         )
         self._cache: dict[int, Batch] = {}
-        self._disk_cache = (Path(tempfile.mkdtemp(prefix="distml-cache-"))
-                            if self.config.cache == "disk" else None)
+        # Removed with the loader (or at exit): the cache is this process's scratch space.
+        self._disk_dir = (tempfile.TemporaryDirectory(prefix="distml-cache-")
+                          if self.config.cache == "disk" else None)
+        self._disk_cache = Path(self._disk_dir.name) if self._disk_dir else None
         self.wait_seconds = 0.0  # time the consumer spent blocked on the next batch
 
     def __len__(self) -> int:
