@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 
@@ -111,8 +113,6 @@ def test_a_corrupt_partition_fails_in_the_consumer_with_its_name(tmp_path):
 
 
 def test_disk_cache_is_removed_with_the_loader(manifest):
-    import gc
-
     loader, _ = _epoch(manifest, cache="disk")
     folder = loader._disk_cache
     assert any(folder.glob("*.x.npy"))
