@@ -137,8 +137,9 @@ def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_r
     assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
 
 
-def test_resume_on_another_world_size_reshards_the_checkpoint(tmp_path, tiny_raw):
-    tiny_raw["train"].update(strategy="fsdp", world_size=2, epochs=2)
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_resume_on_another_world_size_reshards_the_checkpoint(tmp_path, tiny_raw, strategy):
+    tiny_raw["train"].update(strategy=strategy, world_size=2, epochs=2)
     tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
     distml("train", str(cfg), cwd=tmp_path)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
@@ -58,7 +58,7 @@ class ZeRO1(DDP):
         return {"model": get_model_state_dict(self.model)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_model_state_dict(self.model, state["model"])
+        self.load_model_state_dict(state["model"])
 
     def extra_state(self) -> dict[str, Any] | None:
         self.optimizer.consolidate_state_dict(to=0)

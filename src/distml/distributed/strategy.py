@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 
@@ -111,7 +112,12 @@ class Strategy:
         pass
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state under canonical names (no wrapper prefixes), as this rank
+        holds it: the same keys under every strategy."""
         return get_model_state_dict(self.model)
+
+    def load_model_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        set_model_state_dict(self.model, state)
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Every parameter, whole, on CPU, on rank 0 (None on the other ranks)."""

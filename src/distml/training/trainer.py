@@ -131,7 +131,7 @@ class Trainer:
                 if stop:
                     break
         if self.settings.restore_best and self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
+            self.strategy.load_model_state_dict(self.best_weights)
         self._emit("on_train_end")
         return self.state
 
@@ -178,8 +178,7 @@ class Trainer:
         if self.state.best_value is None or sign * (value - self.state.best_value) > 0:
             self.state.best_value, self.state.best_step = value, self.state.step
             self.state.evals_since_best = 0
-            self.best_weights = {k: v.detach().clone()
-                                 for k, v in self.model.state_dict().items()}
+            self.best_weights = self._model_copy()
         else:
             self.state.evals_since_best += 1
         self._emit("on_eval_end", metrics)
@@ -212,8 +211,7 @@ class Trainer:
                 rank_state = read_rank_state(path, self.env)
                 template = self.strategy.state_dict()
                 if rank_state["progress"]["best_step"] is not None:
-                    template["best"] = {k: v.detach().clone()
-                                        for k, v in self.model.state_dict().items()}
+                    template["best"] = self._model_copy()
                 loaded = load_sharded(path, template)
                 ok = True
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - fall back
@@ -234,6 +232,11 @@ class Trainer:
         torch.set_rng_state(rank_state["rng"])
         self.state = TrainState(**rank_state["progress"])
         logger.info("resumed from %s (step %d)", path, self.state.step)
+
+    def _model_copy(self) -> dict[str, torch.Tensor]:
+        """The weights under canonical names, so a checkpoint's best weights load under any
+        strategy."""
+        return {k: v.detach().clone() for k, v in self.strategy.model_state_dict().items()}
 
     def _emit(self, hook: str, *args: Any) -> None:
         if not self.env.is_main:
