@@ -648,6 +648,9 @@ class MonitorConfig(Strict):
         True, description="Write TensorBoard event files under <run>/tensorboard/<candidate>.")
     histogram_every_steps: int = Field(
         50, ge=1, description="Histograms of weights and gradients every N steps.")
+    system_metrics_interval_s: float | None = Field(
+        2.0, gt=0, description="Sample CPU %, RSS (and GPU memory and utilisation) every N "
+        "seconds on every rank, summarised per epoch; null: off.")
 
 
 class Config(Strict):

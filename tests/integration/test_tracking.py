@@ -23,7 +23,7 @@ def _events(folder):
 
 def test_scalars_histograms_and_graph_per_candidate_from_rank_0_only(tmp_path, tiny_raw):
     tiny_raw["train"].update(strategy="ddp", world_size=2)
-    tiny_raw["monitor"] = {"histogram_every_steps": 10}
+    tiny_raw["monitor"] = {"histogram_every_steps": 10, "system_metrics_interval_s": 0.05}
     distml("train", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path)
     (run,) = (tmp_path / "runs" / "tiny").glob("2*")
     for cand in ("small", "cnn"):
@@ -40,6 +40,16 @@ def test_scalars_histograms_and_graph_per_candidate_from_rank_0_only(tmp_path, t
         assert any(t.startswith("grads/") for t in tags["histograms"])
         assert [e.step for e in acc.Histograms(tags["histograms"][0])] == [1, 10, 20, 30, 40]
         assert tags["graph"]
+        for rank in (0, 1):  # every rank's system metrics, gathered to rank 0
+            assert f"system/rank{rank}/rss_bytes_max" in tags["scalars"]
+            assert f"system/rank{rank}/cpu_percent_mean" in tags["scalars"]
+        rss = acc.Scalars("system/rank1/rss_bytes_max")
+        assert len(rss) == 2  # one per epoch
+        assert rss[0].value > 2**20
+    result = json.loads((run / "candidates" / "small" / "result.json").read_text())
+    system = result["epochs"][-1]["system"]
+    assert len(system) == 2
+    assert system[1]["samples"] >= 1
 
 
 def test_an_unwritable_log_folder_warns_once_and_training_goes_on(tmp_path, tiny_raw, caplog):

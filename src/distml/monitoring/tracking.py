@@ -1,9 +1,10 @@
 """Experiment tracking as trainer callbacks (rank 0 only): TensorBoard event files.
 
 Scalars every step (loss, learning rate, samples/s), evaluation metrics, per-epoch
-throughput, data stall and peak memory; histograms of weights and gradients every N steps
-(this rank's shard under fsdp); the model graph once. Tracking never breaks training: a
-failure to write (unwritable folder, full disk) is reported once and tracking stops.
+throughput, data stall, peak memory and every rank's system metrics; histograms of weights
+and gradients every N steps (this rank's shard under fsdp); the model graph once. Tracking
+never breaks training: a failure to write (unwritable folder, full disk) is reported once
+and tracking stops.
 """
 
 from __future__ import annotations
@@ -80,10 +81,16 @@ class TensorBoardCallback:
             self._safely("scalars", self.writer.add_scalar if self.writer else None,
                          f"val/{key}", value, trainer.state.step)
 
-    def on_epoch_end(self, trainer: Any, stats: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: Any, stats: dict[str, Any]) -> None:
+        epoch = int(stats["epoch"])
         for key in ("samples_per_s", "data_stall", "peak_mem_bytes"):
             self._safely("scalars", self.writer.add_scalar if self.writer else None,
-                         f"epoch/{key}", stats[key], int(stats["epoch"]))
+                         f"epoch/{key}", stats[key], epoch)
+        for rank, system in enumerate(stats.get("system", [])):
+            for key, value in system.items():
+                if key != "samples":
+                    self._safely("scalars", self.writer.add_scalar if self.writer else None,
+                                 f"system/rank{rank}/{key}", value, epoch)
 
     def on_train_end(self, trainer: Any) -> None:
         self._safely("the last events", self.writer.close if self.writer else None)

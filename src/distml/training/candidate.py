@@ -19,6 +19,7 @@ from distml.distributed.runtime import DistEnv, gather_objects, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.fsutil import write_json_atomic
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
+from distml.monitoring.system import SystemSampler
 from distml.monitoring.tracking import TensorBoardCallback
 from distml.tasks import evaluate, output_shape
 from distml.training.trainer import Trainer, peak_memory
@@ -98,12 +99,19 @@ def train_candidate(
         callbacks = [*callbacks, TensorBoardCallback(
             out_dir.parent.parent / "tensorboard" / candidate.name,
             histogram_every=cfg.monitor.histogram_every_steps)]
+    interval = cfg.monitor.system_metrics_interval_s
+    system = SystemSampler(interval).start() if interval else None
     trainer = Trainer(
         strategy, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
         metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", callbacks=callbacks,
+        system=system,
     )
     start = time.perf_counter()
-    state = trainer.fit(resume=resume)
+    try:
+        state = trainer.fit(resume=resume)
+    finally:
+        if system is not None:
+            system.stop()
     full = strategy.full_state_dict()  # collectives: every rank takes part
     peaks = gather_objects(peak_memory(), env)
     if not env.is_main:

@@ -29,7 +29,9 @@ from distml.distributed.checkpoint import (
     read_rank_state,
     save_checkpoint,
 )
+from distml.distributed.runtime import gather_objects
 from distml.distributed.strategy import Strategy
+from distml.monitoring.system import SystemSampler
 from distml.tasks import evaluate, loss_fn
 
 logger = logging.getLogger(__name__)
@@ -73,8 +75,10 @@ class Trainer:
         metric: str,
         checkpoint_dir: Path,
         callbacks: Sequence[Any] = (),
+        system: SystemSampler | None = None,
     ) -> None:
         self.strategy = strategy
+        self.system = system
         self.env = strategy.env
         self.settings = settings
         self.task = task
@@ -140,6 +144,8 @@ class Trainer:
         time) and peak memory of this rank."""
         stats = {"epoch": self.state.epoch, "samples_per_s": samples / max(seconds, 1e-9),
                  "data_stall": waited / max(seconds, 1e-9), "peak_mem_bytes": peak_memory()}
+        if self.system is not None:  # every rank's, gathered: a collective on all ranks
+            stats["system"] = gather_objects(self.system.summary(), self.env)
         self.state.epochs.append(stats)
         self.state.epoch, self.state.position = self.state.epoch + 1, 0
         self._emit("on_epoch_end", stats)
