@@ -34,11 +34,10 @@ from distml.distributed.strategy import Strategy, make_strategy
 from distml.errors import DistmlError
 from distml.tasks import loss_fn
 from distml.training.candidate import build_candidate_model
-from distml.training.trainer import lr_lambda, peak_memory
+from distml.training.trainer import lr_lambda, peak_memory, step_groups
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_STRATEGIES = ("ddp", "zero1", "fsdp", "fsdp-zero2")
 Group = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -72,9 +71,8 @@ def _groups(manifest: Manifest, cfg: Config, s: TrainSettings, *, rank: int, wor
                              config=cfg.data.loader)
     done, epoch = 0, 0
     while True:
-        batches = list(loader.batches(epoch))
-        for i in range(0, len(batches), s.grad_accum_steps):
-            yield batches[i : i + s.grad_accum_steps]
+        for group in step_groups(loader.batches(epoch), s.grad_accum_steps):
+            yield group
             done += 1
             if done == steps:
                 return

@@ -12,7 +12,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -152,14 +152,8 @@ class Trainer:
 
     def _step_groups(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """The rest of the current epoch, grouped into optimizer steps."""
-        group: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for batch in self.loader.batches(self.state.epoch, self.state.position):
-            group.append(batch)
-            if len(group) == self.settings.grad_accum_steps:
-                yield group
-                group = []
-        if group:
-            yield group
+        return step_groups(self.loader.batches(self.state.epoch, self.state.position),
+                           self.settings.grad_accum_steps)
 
     def _after_step(self, epoch_end: bool) -> bool:
         """Evaluate and checkpoint when due; True when training should stop."""
@@ -251,6 +245,20 @@ class Trainer:
             fn = getattr(cb, hook, None)
             if fn is not None:
                 fn(self, *args)
+
+
+def step_groups(
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], size: int
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Micro-batches grouped ``size`` at a time into optimizer steps (the last may be short)."""
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for batch in batches:
+        group.append(batch)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 def peak_memory() -> int:

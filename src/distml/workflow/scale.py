@@ -66,10 +66,10 @@ def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> fl
     s = cfg.train.settings_for(cand)
     strategy = "ddp" if s.strategy == "single" else s.strategy
     batch = s.batch_size * (n if mode == "weak" else 1)
-    cfg_n = _with(cfg, train={"strategy": strategy, "world_size": n, "batch_size": batch,
-                              "checkpoints": False, "max_restarts": 0,
-                              "candidates": [{"name": cand.name,
-                                              "model": cand.model.model_dump(mode="json")}]})
+    # The candidate keeps its own overrides; the scaling settings go on top of them.
+    scaled = {**cand.model_dump(mode="json", exclude_unset=True), "strategy": strategy,
+              "world_size": n, "batch_size": batch, "checkpoints": False, "max_restarts": 0}
+    cfg_n = _with(cfg, train={"candidates": [scaled]})
     cfg_n = cfg_n.model_copy(update={"output_dir": out / f"train-{n}"})
     run = start_run(cfg_n)
     stage_ingest(run)
