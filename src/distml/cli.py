@@ -125,13 +125,17 @@ def train(
     quiet: QuietOpt = False,
 ) -> None:
     """Ingest (cached) and train candidates, without selection."""
+    from distml.monitoring.mlflow_tracking import PipelineTracking
     from distml.workflow.pipeline import stage_ingest, stage_train, start_run
 
     cfg, reporter = _load(config, set_, quiet)
     if candidate is not None:
         cfg.train.candidate(candidate)  # unknown names fail before any work
     run_ = start_run(cfg, resume=resume, reporter=reporter)
+    tracking = PipelineTracking.start(cfg, run_.dir)
     results = stage_train(run_, stage_ingest(run_), only=candidate, resume=resume)
+    if tracking is not None:
+        tracking.close("FINISHED")
     if not quiet:
         _print_candidates(results, cfg.metric, None)
         console.print(f"run folder: {run_.dir}")

@@ -641,6 +641,18 @@ class ServeConfig(Strict):
     """Online serving settings (none are defined yet)."""
 
 
+class MlflowConfig(Strict):
+    """MLflow tracking: one run per candidate inside one parent run per pipeline run."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:///path.db, ...); "
+        "default: sqlite:///<output_dir>/mlflow.db with artifacts in <output_dir>/mlartifacts.")
+    experiment: str | None = Field(None, description="Experiment name; default: the pipeline "
+                                   "name.")
+    register_model: bool = Field(True, description="Register the selected model in MLflow's model "
+                           "registry (under select.register_as or the pipeline name).")
+
+
 class MonitorConfig(Strict):
     """Tracking and monitoring."""
 
@@ -651,6 +663,16 @@ class MonitorConfig(Strict):
     system_metrics_interval_s: float | None = Field(
         2.0, gt=0, description="Sample CPU %, RSS (and GPU memory and utilisation) every N "
         "seconds on every rank, summarised per epoch; null: off.")
+    mlflow: MlflowConfig | None = Field(
+        None, description="MLflow tracking (needs distml[mlflow]): true for a local store, "
+        "or {tracking_uri, experiment, register_model}; null or false: off.")
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _mlflow_switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 class Config(Strict):

@@ -25,6 +25,7 @@ from distml.config import load_config
 from distml.data.dataset import Manifest
 from distml.distributed.runtime import DistEnv, init_distributed, run_worker, shutdown
 from distml.errors import DistmlError
+from distml.monitoring.mlflow_tracking import PipelineTracking
 
 logger = logging.getLogger("distml")
 
@@ -58,15 +59,16 @@ def _prepare(args: argparse.Namespace, env: DistEnv):
 
     if args.run_dir is not None:
         cfg = load_config(args.run_dir / "config.yaml")
-        return cfg, args.run_dir, Manifest.read(args.run_dir / "data")
+        return cfg, args.run_dir, Manifest.read(args.run_dir / "data"), None
     cfg = load_config(args.config, args.overrides)
-    run_dir = None
+    run_dir = tracking = None
     if env.is_main:
         run = start_run(cfg, resume=args.resume)
+        tracking = PipelineTracking.start(cfg, run.dir)
         stage_ingest(run)
         run_dir = run.dir
     run_dir = Path(_broadcast(str(run_dir), env))
-    return cfg, run_dir, Manifest.read(run_dir / "data")
+    return cfg, run_dir, Manifest.read(run_dir / "data"), tracking
 
 
 @record
@@ -78,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from distml.training.candidate import SplitTensors, train_candidate
 
-        cfg, run_dir, manifest = _prepare(args, env)
+        # Given a config, this process is the pipeline: rank 0 holds its MLflow parent run.
+        cfg, run_dir, manifest, tracking = _prepare(args, env)
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
         names = [args.candidate] if args.candidate else [c.name for c in cfg.train.candidates]
         val = SplitTensors.load(manifest, "val")
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
             train_candidate(cfg, cand, manifest, val=val, env=env,
                             out_dir=run_dir / "candidates" / name,
                             resume=args.resume or restarted)
+        if tracking is not None:
+            tracking.close("FINISHED")
     except DistmlError as e:
         logger.error("%s", e)
         ErrorHandler().record_exception(e)  # the launcher reports it, naming this rank

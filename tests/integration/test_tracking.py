@@ -1,9 +1,11 @@
-"""Tracking: TensorBoard event files read back with tensorboard's own reader."""
+"""Tracking: TensorBoard event files read back with tensorboard's own reader; MLflow runs read
+back with MLflow's client from a real SQL store; scaling studies in the run report."""
 
 from __future__ import annotations
 
 import json
 import logging
+import socket
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -90,3 +92,68 @@ def test_scale_ingestion_and_ddp_training(tmp_path, tiny_raw):
     assert report["mode"] == "weak"
     assert report["gustafson_serial_fraction"] is not None
     assert report["points"][1]["seconds"] > 0
+
+    # The next run's report shows both studies, plots included, and its throughput.
+    tiny_raw["train"]["candidates"].pop()  # the cnn needs images
+    distml("run", str(write_config(tmp_path / "c.yaml", tiny_raw)), "--set", "train.epochs=1",
+           cwd=tmp_path)
+    (run,) = (tmp_path / "runs" / "tiny").glob("2*/report.md")
+    text = run.read_text()
+    assert "### ingest, strong scaling" in text
+    assert "### train of small, weak scaling" in text
+    assert "| 3 |" in text  # the ingestion study's last point
+    for png in ("scaling-ingest-strong.png", "scaling-train-weak.png", "throughput.png"):
+        assert f"]({png})" in text
+        assert (run.parent / png).stat().st_size > 1000
+
+
+def test_mlflow_one_run_per_candidate_in_a_distributed_run(tmp_path, tiny_raw):
+    from mlflow.tracking import MlflowClient
+
+    tiny_raw["train"].update(strategy="ddp", world_size=2)
+    tiny_raw["monitor"] = {"mlflow": True, "system_metrics_interval_s": 0.05}
+    distml("run", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id])
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(r.info.run_name for r in children) == ["cnn", "small"]  # one each, not 2
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert parent.data.params["train.world_size"] == "2"
+    assert parent.data.params["train.candidates.1.model.type"] == "cnn"
+    assert 0.5 < parent.data.metrics["test/accuracy"] <= 1
+    small = next(r for r in children if r.info.run_name == "small")
+    assert small.data.params["lr"] == "0.005"
+    assert small.data.params["model.kwargs.hidden_sizes.0"] == "16"
+    loss = client.get_metric_history(small.info.run_id, "train/loss")
+    assert [m.step for m in loss] == list(range(1, 41))
+    assert len(client.get_metric_history(small.info.run_id, "system/rank1/rss_bytes_max")) == 2
+    assert {"model"} == {a.path for a in client.list_artifacts(small.info.run_id)}
+    assert {"model.safetensors", "spec.json"} <= {
+        Path(a.path).name for a in client.list_artifacts(small.info.run_id, "model")}
+    assert "report/report.md" in {
+        a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    summary = json.loads(next((tmp_path / "runs" / "tiny").glob("2*/summary.json")).read_text())
+    (version,) = client.search_model_versions("name='tiny'")
+    assert version.run_id == parent.info.run_id
+    assert version.tags["distml.candidate"] == summary["selected"]
+    assert version.source.endswith("/model")
+
+
+def test_an_unreachable_mlflow_server_warns_once_and_the_run_goes_on(tmp_path, tiny_raw):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tiny_raw["train"]["epochs"] = 1
+    tiny_raw["monitor"] = {"mlflow": {"tracking_uri": f"http://127.0.0.1:{port}"}}
+    out = distml("run", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path,
+                 env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    text = out.stdout + out.stderr
+    assert text.count("MLflow at http://127.0.0.1") == 1
+    assert "MLflow tracking is off for the rest of this run" in text
+    (run,) = (tmp_path / "runs" / "tiny").glob("2*")
+    assert (run / "summary.json").is_file()
+    assert not (run / "mlflow.json").exists()
+    assert any((run / "tensorboard" / "small").iterdir())

@@ -124,3 +124,22 @@ def test_unknown_candidate_name(tiny_raw):
     cfg = make_config(tiny_raw)
     with pytest.raises(ConfigError, match=r"no candidate named 'big'; the config has: small, cnn"):
         cfg.train.candidate("big")
+
+
+@pytest.mark.parametrize(("value", "expected"), [
+    (True, {"tracking_uri": None, "experiment": None, "register_model": True}),
+    ({"tracking_uri": "http://h:5000", "register_model": False},
+     {"tracking_uri": "http://h:5000", "experiment": None, "register_model": False}),
+    (False, None),
+    (None, None),
+])
+def test_monitor_mlflow_is_a_switch_or_settings(tiny_raw, value, expected):
+    tiny_raw["monitor"] = {"mlflow": value}
+    mlflow = make_config(tiny_raw).monitor.mlflow
+    assert (mlflow.model_dump() if mlflow else None) == expected
+
+
+def test_monitor_mlflow_rejects_unknown_keys(tiny_raw):
+    tiny_raw["monitor"] = {"mlflow": {"uri": "x"}}
+    with pytest.raises(ConfigError, match=r"monitor\.mlflow\.uri"):
+        make_config(tiny_raw)

@@ -19,6 +19,7 @@ from distml.distributed.runtime import DistEnv, gather_objects, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.fsutil import write_json_atomic
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
+from distml.monitoring.mlflow_tracking import MlflowCallback, flatten
 from distml.monitoring.system import SystemSampler
 from distml.monitoring.tracking import TensorBoardCallback
 from distml.tasks import evaluate, output_shape
@@ -99,6 +100,12 @@ def train_candidate(
         callbacks = [*callbacks, TensorBoardCallback(
             out_dir.parent.parent / "tensorboard" / candidate.name,
             histogram_every=cfg.monitor.histogram_every_steps)]
+    mlflow = MlflowCallback.for_run(
+        out_dir.parent.parent, out_dir, candidate.name,
+        {**settings.model_dump(mode="json"), **flatten({"model": spec})},
+    ) if env.is_main else None
+    if mlflow is not None:
+        callbacks = [*callbacks, mlflow]
     interval = cfg.monitor.system_metrics_interval_s
     system = SystemSampler(interval).start() if interval else None
     trainer = Trainer(
@@ -150,6 +157,8 @@ def train_candidate(
         "history": {"train_loss": state.train_loss, "evals": state.evals},
     }
     write_json_atomic(out_dir / RESULT, result)
+    if mlflow is not None:
+        mlflow.finish(artifact, val_metrics)
     return result
 
 

@@ -29,11 +29,12 @@ from distml.distributed.launch import launch_training
 from distml.errors import DistmlError
 from distml.execution import make_executor
 from distml.fsutil import write_json_atomic, write_text_atomic
+from distml.monitoring.mlflow_tracking import PipelineTracking
 from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better, rank
 from distml.tasks import evaluate
 from distml.training.candidate import RESULT, SplitTensors, train_candidate
-from distml.workflow.report import write_report
+from distml.workflow.report import latest_scaling_studies, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -186,14 +187,23 @@ def run_pipeline(
 ) -> tuple[Run, dict[str, Any]]:
     """The whole pipeline; returns the run and its summary (also written to summary.json)."""
     run = start_run(cfg, resume=resume, reporter=reporter)
-    manifest = stage_ingest(run)
-    results = stage_train(run, manifest, resume=resume)
-    selection = stage_select(run, manifest, results)
-    with run.stage("report"):
-        summary = build_summary(run, manifest, selection)
-        write_report(run.dir, summary, manifest=manifest, selection=selection)
-    summary["stages"] = run.stages  # the report stage's own time included
-    write_json_atomic(run.dir / "summary.json", summary)
+    mlflow = PipelineTracking.start(cfg, run.dir)
+    try:
+        manifest = stage_ingest(run)
+        results = stage_train(run, manifest, resume=resume)
+        selection = stage_select(run, manifest, results)
+        with run.stage("report"):
+            summary = build_summary(run, manifest, selection)
+            write_report(run.dir, summary, manifest=manifest, selection=selection,
+                         scaling=latest_scaling_studies(run.project_dir))
+        summary["stages"] = run.stages  # the report stage's own time included
+        write_json_atomic(run.dir / "summary.json", summary)
+    except BaseException:
+        if mlflow is not None:
+            mlflow.close("FAILED")
+        raise
+    if mlflow is not None:
+        mlflow.finish(cfg, summary, Path(selection["artifact"]))
     return run, summary
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,59 @@ def plot_loss_curves(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_throughput(results: list[dict[str, Any]], path: Path) -> None:
+    """Per epoch and candidate: training samples/s and the fraction of time spent waiting for
+    data."""
+    fig, (ax_rate, ax_stall) = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = sorted({e["epoch"] for r in results for e in r["epochs"]})
+    for r in results:
+        x = [e["epoch"] for e in r["epochs"]]
+        label = f"{r['name']} ({r['strategy']} x{r['world_size']})"
+        ax_rate.plot(x, [e["samples_per_s"] for e in r["epochs"]], marker="o", label=label)
+        ax_stall.plot(x, [100 * e["data_stall"] for e in r["epochs"]], marker="o", label=label)
+    ax_rate.set(title="training throughput", xlabel="epoch", ylabel="samples/s")
+    ax_stall.set(title="data stall", xlabel="epoch", ylabel="% of step time waiting for data")
+    for ax in (ax_rate, ax_stall):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.set_xticks(epochs)
+        ax.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def latest_scaling_studies(project_dir: Path) -> list[dict[str, Any]]:
+    """The newest ``distml scale`` result of each stage and mode under the project folder."""
+    newest: dict[tuple[str, str], dict[str, Any]] = {}
+    for path in sorted(project_dir.glob("scale-*/scaling.json")):  # names sort by time
+        study = json.loads(path.read_text())
+        newest[study["stage"], study["mode"]] = {**study, "folder": str(path.parent)}
+    return list(newest.values())
+
+
+def _scaling_lines(run_dir: Path, studies: list[dict[str, Any]]) -> list[str]:
+    lines = ["", "## Scaling studies (`distml scale`)"]
+    for study in studies:
+        png = f"scaling-{study['stage']}-{study['mode']}.png"
+        shutil.copyfile(Path(study["folder"]) / "scaling.png", run_dir / png)
+        smax = study["amdahl_max_speedup"]
+        what = study["stage"] + (f" of {study['candidate']}" if study.get("candidate") else "")
+        lines += [
+            "", f"### {what}, {study['mode']} scaling", "",
+            f"Amdahl fit: parallel fraction P = {study['amdahl_parallel_fraction']:.3f}, "
+            f"maximum speedup {'unbounded' if smax is None else f'{smax:.1f}'}; measured in "
+            f"`{study['folder']}` on {study['cores']} cores.", "",
+            "| workers | seconds | speedup | efficiency | Karp-Flatt |", "|---|---|---|---|---|",
+            *[f"| {p['workers']} | {p['seconds']:.2f} | {p['speedup']:.2f} | "
+              f"{p['efficiency']:.2f} | "
+              + ("" if p["karp_flatt"] is None else f"{p['karp_flatt']:.3f}") + " |"
+              for p in study["points"]],
+            "", f"![{what} scaling]({png})",
+        ]
+    return lines
+
+
 def plot_confusion(targets: np.ndarray, preds: np.ndarray, labels: list[str], path: Path) -> None:
     cm = confusion_matrix(targets, preds, labels=range(len(labels)))
     size = max(4.0, 0.45 * len(labels) + 2)
@@ -55,10 +110,14 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(
-    run_dir: Path, summary: dict[str, Any], *, manifest: Manifest, selection: dict[str, Any]
+    run_dir: Path, summary: dict[str, Any], *, manifest: Manifest, selection: dict[str, Any],
+    scaling: list[dict[str, Any]] = (),
 ) -> Path:
+    """report.md: candidates, selection, test metrics, plots (loss, throughput, confusion,
+    and the given scaling studies), stage timings."""
     metric = summary["metric"]
     plot_loss_curves(selection["ranked"], run_dir / "loss_curves.png")
+    plot_throughput(selection["ranked"], run_dir / "throughput.png")
     lines = [
         f"# distml run: {summary['name']}",
         "",
@@ -93,11 +152,15 @@ def write_report(
         "## Plots",
         "",
         "![loss curves](loss_curves.png)",
+        "",
+        "![throughput and data stall per epoch](throughput.png)",
     ]
     if manifest.task == "classification":
         plot_confusion(selection["targets"], selection["predictions"], manifest.classes,
                        run_dir / "confusion_matrix.png")
         lines += ["", "![confusion matrix](confusion_matrix.png)"]
+    if scaling:
+        lines += _scaling_lines(run_dir, scaling)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s['name']} | {s['seconds']:.2f} |" for s in summary["stages"]]
     path = run_dir / "report.md"
