@@ -1,15 +1,15 @@
-"""Run benchmarks: ``python -m bench [ingest] [loader] [train]``; writes bench/results/*.json
-and the README's benchmark table."""
+"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve]``; writes
+bench/results/*.json and the README's benchmark table."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from bench import ingest, loader, train
+from bench import ingest, loader, serve, train
 from bench.common import RESULTS, update_readme
 
-BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train}
+BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train, "serve": serve}
 
 
 def main(names: list[str]) -> None:

@@ -638,7 +638,30 @@ class ExecutionConfig(Strict):
 
 
 class ServeConfig(Strict):
-    """Online serving settings (none are defined yet)."""
+    """Online serving (``distml serve``); command-line flags override these."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to "
+                      "the network (then set a token).")
+    port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
+    replicas: int = Field(1, ge=1, description="Worker processes behind the one port; a dead "
+                          "one is replaced.")
+    dynamic_batching: bool = Field(True, description="Gather concurrent requests into one "
+                                   "forward pass.")
+    max_batch_size: int = Field(64, ge=1, description="Most rows in one forward pass.")
+    max_delay_ms: float = Field(2.0, ge=0, description="Longest wait for more requests once "
+                                "one is queued.")
+    max_queue_rows: int = Field(1024, ge=1, description="Rows waiting per replica; past it, "
+                                "503 with Retry-After.")
+    timeout_ms: float = Field(5000.0, gt=0, description="Per-request deadline (a request may "
+                              "ask for less with the X-Request-Timeout-Ms header); past it, "
+                              "504 and the work is dropped.")
+    idempotency_window_s: float = Field(60.0, ge=0, description="Requests with the same "
+                                        "Idempotency-Key header within this window are "
+                                        "computed once.")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body; "
+                                "larger gets 413.")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 "
+                                              "quantization of Linear layers (CPU).")
 
 
 class MlflowConfig(Strict):

@@ -18,7 +18,7 @@ SECTIONS: list[type[BaseModel]] = [
     config.SyntheticRegressionSource, config.TextSource, config.FileSource, config.MLPSpec,
     config.CNNSpec, config.TransformerSpec, config.CustomModelSpec, config.LoaderConfig,
     config.StandardizeSpec, config.MinMaxSpec, config.ImputeSpec, config.ClipSpec,
-    config.OneHotSpec, config.MonitorConfig, config.MlflowConfig,
+    config.OneHotSpec, config.MonitorConfig, config.MlflowConfig, config.ServeConfig,
 ]
 
 

@@ -135,6 +135,7 @@ def train_candidate(
         "input_columns": manifest.input_columns, "feature_names": manifest.feature_names,
         "labels": manifest.classes,
         "preprocessing": manifest.preprocessing, "metrics": {"val": val_metrics},
+        "data_dir": str(manifest.root.resolve()),  # its validation split checks int8 serving
         "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
     }, out_dir / "artifact")
     step_times = state.seconds / max(state.step, 1)

@@ -1,0 +1,159 @@
+"""Dynamic batching with a bounded queue and per-request deadlines.
+
+Requests wait in one queue; a single inference thread takes them. With batching on, it gathers
+queued requests into one forward pass until ``max_batch_size`` rows or until the oldest has
+waited ``max_delay``, whichever comes first; it waits only while more requests are on their
+way (received, not yet queued), so a lone request does not pay the delay. Results are split
+back; rows are independent in eval mode, so each request gets what it would get alone. The
+queue holds at most ``max_queue_rows`` rows: past that a request is refused at once
+(``OverloadedError``, a 503), so latency never grows without bound. A request past its
+deadline gets ``DeadlineExceededError`` (a 504), and if it has not started it is dropped from
+the queue, unrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+class OverloadedError(Exception):
+    """The queue is full."""
+
+
+class DeadlineExceededError(Exception):
+    """The request's deadline passed before its result was ready."""
+
+
+@dataclass
+class _Pending:
+    x: np.ndarray
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    def __init__(
+        self,
+        fn: Callable[[np.ndarray], dict[str, np.ndarray]],
+        *,
+        batching: bool = True,
+        max_batch_size: int = 64,
+        max_delay_s: float = 0.002,
+        max_queue_rows: int = 1024,
+        on_batch: Callable[[int], None] = lambda rows: None,
+        on_queue: Callable[[int], None] = lambda rows: None,
+        arriving: Callable[[], int] = lambda: 1,
+    ) -> None:
+        self.fn = fn
+        self.batching = batching
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.max_queue_rows = max_queue_rows
+        self.on_batch = on_batch
+        self.on_queue = on_queue
+        self.arriving = arriving  # requests received but not yet submitted
+        self.queue: deque[_Pending] = deque()
+        self.queued_rows = 0
+        self.batches = 0  # forward passes run, for tests and metrics
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="distml-infer")
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._pool.shutdown(wait=True)
+
+    async def submit(self, x: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
+        """The model's outputs for ``x``; OverloadedError or DeadlineExceededError otherwise."""
+        if self.queued_rows + len(x) > self.max_queue_rows and self.queue:
+            raise OverloadedError
+        item = _Pending(x, asyncio.get_running_loop().create_future())
+        self.queue.append(item)
+        self._queued(len(x))
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
+        except TimeoutError:
+            item.future.cancel()  # not started: the batcher drops it; started: result unused
+            raise DeadlineExceededError from None
+
+    def _queued(self, rows: int) -> None:
+        self.queued_rows += rows
+        self.on_queue(self.queued_rows)
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+            if self.batching:
+                await self._gather()
+            batch = self._take()
+            if not batch:
+                continue
+            x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
+            self.on_batch(len(x))
+            self.batches += 1
+            try:
+                out = await loop.run_in_executor(self._pool, self.fn, x)
+            except Exception as e:  # noqa: BLE001 - the requests get the error, the loop goes on
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(e)
+                continue
+            start = 0
+            for p in batch:
+                stop = start + len(p.x)
+                if not p.future.done():
+                    p.future.set_result({k: v[start:stop] for k, v in out.items()})
+                start = stop
+
+    async def _gather(self) -> None:
+        """Wait for more requests until the batch is full, the oldest waited long enough, or
+        no more are on their way."""
+        while self.queued_rows < self.max_batch_size and self.arriving() > 0:
+            left = self.queue[0].arrived + self.max_delay_s - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
+
+    def _take(self) -> list[_Pending]:
+        """Requests for one forward pass (at least one, however large); cancelled ones are
+        dropped unrun."""
+        batch: list[_Pending] = []
+        rows = 0
+        limit = self.max_batch_size if self.batching else 1
+        while self.queue:
+            p = self.queue[0]
+            if p.future.done():  # its deadline passed while it waited
+                self.queue.popleft()
+                self._queued(-len(p.x))
+                continue
+            if batch and (not self.batching or rows + len(p.x) > limit):
+                break
+            self.queue.popleft()
+            self._queued(-len(p.x))
+            batch.append(p)
+            rows += len(p.x)
+        return batch
+
+    def stats(self) -> dict[str, Any]:
+        return {"queued_rows": self.queued_rows, "batches": self.batches}

@@ -1,0 +1,175 @@
+"""``distml predict``: batch inference over the input's partitions on the data layer's
+executors (a local process pool by default; Dask or Ray when given).
+
+The input is a CSV or Parquet file, or a folder of them, with the raw columns the model was
+trained on (other columns are ignored). Each Parquet row group and each CSV file is one work
+item; workers write their part, and the driver joins the parts in input order into one
+Parquet file under a temporary name, renamed when complete. Row ids are kept: the
+``id_column`` if given, else ``row_id``, the row's position in the input.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from distml.errors import DataError
+from distml.execution import make_executor
+from distml.execution.base import ProgressFactory
+from distml.serving.model import ServedModel, load_served_model, resolve
+
+_SUFFIXES = (".csv", ".parquet", ".pq")
+
+
+@dataclass(frozen=True)
+class Part:
+    index: int
+    path: str
+    row_group: int | None  # None: the whole (CSV) file
+
+    def __str__(self) -> str:
+        return self.path + ("" if self.row_group is None else f" row group {self.row_group}")
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    artifact: str
+    id_column: str | None
+    out_dir: str
+
+
+def plan_parts(path: Path) -> list[Part]:
+    if not path.exists():
+        raise DataError(f"--input: {str(path)!r} does not exist")
+    files = sorted(f for f in (path.rglob("*") if path.is_dir() else [path])
+                   if f.is_file() and f.suffix.lower() in _SUFFIXES)
+    if not files:
+        raise DataError(f"--input: {str(path)!r} holds no .csv or .parquet file")
+    parts: list[Part] = []
+    for f in files:
+        if f.suffix.lower() == ".csv":
+            parts.append(Part(len(parts), str(f), None))
+            continue
+        try:
+            groups = pq.ParquetFile(f).num_row_groups
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"cannot read {f} (truncated or corrupt?): {e}") from None
+        parts += [Part(len(parts) + g, str(f), g) for g in range(groups)]
+    return parts
+
+
+_MODELS: dict[str, ServedModel] = {}  # per worker process: each artifact is loaded once
+
+
+def _model(path: str) -> ServedModel:
+    if path not in _MODELS:
+        from distml.artifact import load_artifact
+
+        _MODELS[path] = ServedModel(load_artifact(path), "", "")
+    return _MODELS[path]
+
+
+def _read(part: Part) -> pa.Table:
+    try:
+        if part.row_group is None:
+            return pcsv.read_csv(part.path)
+        return pq.ParquetFile(part.path).read_row_group(part.row_group)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"cannot read {part} (truncated or corrupt?): {e}") from None
+
+
+def predict_part(job: PredictJob, part: Part) -> dict[str, Any]:
+    """One work item: read, preprocess, predict, write ``part-NNNNN.parquet``."""
+    model = _model(job.artifact)
+    table = _read(part)
+    names = model.spec["input_columns"]
+    missing = [c for c in names if c not in table.column_names]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(f"{part.path} lacks {len(missing)} of the model's {len(names)} input "
+                        f"columns ({shown}); it has {', '.join(table.column_names[:10])}")
+    if job.id_column is not None and job.id_column not in table.column_names:
+        raise DataError(f"--id-column {job.id_column!r} is not a column of {part.path}; it has "
+                        f"{table.column_names}")
+    cols = {}
+    for name in names:
+        col = table[name]
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            cols[name] = pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False)
+        else:
+            cols[name] = np.asarray(pc.fill_null(pc.cast(col, pa.string()), "").to_pylist(),
+                                    dtype=object)
+    out = model.infer(cols)
+    result: dict[str, Any] = {}
+    if job.id_column is not None:
+        result[job.id_column] = table[job.id_column]
+    for name, values in out.items():
+        if values.ndim == 2:  # one list per row: the class probabilities
+            result[name] = pa.FixedSizeListArray.from_arrays(values.reshape(-1), values.shape[1])
+        else:
+            result[name] = pa.array(values.tolist() if values.dtype == object else values)
+    path = Path(job.out_dir) / f"part-{part.index:05d}.parquet"
+    pq.write_table(pa.table(result), path)
+    return {"path": str(path), "rows": table.num_rows}
+
+
+def predict(
+    ref: str, input_path: Path, output: Path, *, registry: Path, executor: str = "local",
+    num_workers: int | None = None, id_column: str | None = None,
+    progress: ProgressFactory | None = None,
+) -> dict[str, Any]:
+    """Predict every row of the input; returns {rows, parts, output, model, version}."""
+    artifact, name, version = resolve(ref, registry)
+    load_served_model(str(artifact), registry=registry)  # a broken artifact fails here, once
+    parts = plan_parts(input_path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = output.with_name(f".{output.name}.parts-{os.getpid()}")
+    tmp_file = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    job = PredictJob(str(artifact), id_column, str(tmp_dir))
+    try:
+        with make_executor(executor, num_workers=min(num_workers or os.cpu_count() or 1,
+                                                      len(parts)),
+                           progress=progress) as ex:
+            written = list(ex.map(_predict, [(job, p) for p in parts], desc="predict",
+                                  describe=lambda item: str(item[1])))
+        rows = _join(written, tmp_file, add_row_id=id_column is None)
+        os.replace(tmp_file, output)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        tmp_file.unlink(missing_ok=True)
+    return {"rows": rows, "parts": len(parts), "output": str(output), "model": name,
+            "version": version}
+
+
+def _predict(item: tuple[PredictJob, Part]) -> dict[str, Any]:
+    return predict_part(*item)
+
+
+def _join(written: list[dict[str, Any]], path: Path, *, add_row_id: bool) -> int:
+    """The parts, in input order, streamed into one file; row_id = position in the input."""
+    writer, offset = None, 0
+    try:
+        for w in written:
+            table = pq.read_table(w["path"])
+            if add_row_id:
+                ids = pa.array(np.arange(offset, offset + table.num_rows, dtype=np.int64))
+                table = table.add_column(0, "row_id", ids)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table)
+            offset += table.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    return offset

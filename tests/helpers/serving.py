@@ -1,0 +1,51 @@
+"""Start a real ``distml serve`` on a free loopback port and stop it afterwards."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+@contextlib.contextmanager
+def running_server(*args: str, cwd: Path, env: dict[str, str] | None = None,
+                   timeout: float = 90) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
+    """Yields (base url, process, output lines so far); the port is picked by the server."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distml", "serve", "--port", "0", *args], cwd=cwd,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})})
+    lines: list[str] = []
+    found = threading.Event()
+    url: list[str] = []
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.search(r"serving \S+ at (http://[\d.]+:\d+)", line)
+            if m and not url:
+                url.append(m.group(1))
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not found.wait(0.1):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError("the server did not start:\n" + "".join(lines))
+        assert httpx.get(f"{url[0]}/v2/health/ready").status_code == 200
+        yield url[0], proc, lines
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()

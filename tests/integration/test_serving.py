@@ -1,0 +1,306 @@
+"""Serving: a real ``distml serve`` on a free loopback port, spoken to over HTTP as the Open
+Inference Protocol defines it, and ``distml predict`` through the local executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import threading
+import time
+
+import httpx
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.datasets import load_digits
+
+from tests.conftest import TINY, write_config
+from tests.e2e.test_cli import distml
+from tests.helpers.serving import running_server
+
+TOKEN = "s3cret-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits model in a registry, and the raw digits rows as Parquet."""
+    root = tmp_path_factory.mktemp("serving")
+    raw = {**TINY, "output_dir": str(root / "runs"), "registry": str(root / "registry")}
+    raw["train"] = {**TINY["train"], "candidates": TINY["train"]["candidates"][:1]}
+    distml("run", str(write_config(root / "c.yaml", raw)), "-q", cwd=root)
+    columns = json.loads((root / "registry" / "tiny" / "v1" / "spec.json").read_text())[
+        "input_columns"]
+    digits = load_digits()
+    table = pa.table({**{c: digits.data[:, j].astype(np.float32)
+                         for j, c in enumerate(columns)},
+                      "key": np.arange(len(digits.data)) * 10, "label": digits.target})
+    pq.write_table(table, root / "digits.parquet", row_group_size=400)
+    return root, digits.data.astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    root, _ = trained
+    with running_server("--registry", str(root / "registry"), "--max-delay-ms", "5", cwd=root,
+                        env={"DISTML_SERVE_TOKEN": TOKEN}) as (url, proc, lines):
+        yield url, lines
+
+
+def _request(rows: np.ndarray, **extra) -> dict:
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
+                        "data": rows.tolist()}], **extra}
+
+
+def _batches(url: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(r"^distml_batch_rows_count (\S+)$", text, re.M).group(1))
+
+
+def test_metadata_matches_the_artifact_and_binds_loopback(server, trained):
+    url, lines = server
+    root, _ = trained
+    spec = json.loads((root / "registry" / "tiny" / "v1" / "spec.json").read_text())
+    assert url.startswith("http://127.0.0.1:")
+    assert "token required" in "".join(lines)
+    for path in ("/v2/models/tiny", "/v2/models/tiny/versions/1"):
+        meta = httpx.get(url + path, headers=AUTH).json()
+        assert meta == {"name": "tiny", "versions": ["1"], "platform": "pytorch",
+                        "inputs": spec["inputs"], "outputs": spec["outputs"]}
+    assert meta["inputs"][0]["shape"] == [-1, 64]
+    assert httpx.get(f"{url}/v2/models/tiny/ready", headers=AUTH).json()["ready"] is True
+    assert httpx.get(f"{url}/v2/health/live").json() == {"live": True}  # open, no token
+
+
+def test_infer_equals_distml_predict_on_the_same_rows(server, trained, tmp_path):
+    url, _ = server
+    root, x = trained
+    distml("predict", "tiny", "--input", str(root / "digits.parquet"), "--output",
+           str(tmp_path / "pred.parquet"), "--registry", str(root / "registry"),
+           "--id-column", "key", cwd=root)
+    pred = pq.read_table(tmp_path / "pred.parquet")
+    assert pred.column_names == ["key", "probabilities", "label"]
+    assert pred["key"].to_pylist() == [10 * i for i in range(len(x))]  # ids kept, in order
+    rows = [0, 1, 399, 400, 401, 1796]  # across row groups (the executor's work items)
+    resp = httpx.post(f"{url}/v2/models/tiny/infer", headers=AUTH,
+                      json=_request(x[rows], id="req-7"))
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["id"] == "req-7"
+    assert body["model_name"] == "tiny"
+    assert body["model_version"] == "1"
+    probs, labels = body["outputs"]
+    assert probs["name"] == "probabilities"
+    assert probs["shape"] == [6, 10]
+    expected = np.stack(pred["probabilities"].to_numpy(zero_copy_only=False))[rows]
+    np.testing.assert_allclose(np.reshape(probs["data"], (6, 10)), expected, atol=1e-6)
+    assert labels["data"] == [pred["label"][i].as_py() for i in rows]
+    assert labels["datatype"] == "BYTES"
+    flat = httpx.post(f"{url}/v2/models/tiny/infer", headers=AUTH, json={
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64],
+                    "data": x[5].tolist()}], "outputs": [{"name": "label"}]}).json()
+    assert [o["name"] for o in flat["outputs"]] == ["label"]  # only what was asked for
+
+
+def _bad(x):
+    good = _request(x[:2])
+
+    def with_input(**change):
+        return json.dumps({"inputs": [{**good["inputs"][0], **change}]})
+
+    nan_rows = x[:2].copy()
+    nan_rows[1, 3] = np.nan
+    return [
+        ("malformed JSON", "{\"inputs\": [", 400, "not valid JSON"),
+        ("wrong datatype", with_input(datatype="INT64"), 400, "datatype 'INT64'"),
+        ("wrong shape", with_input(shape=[2, 63]), 400, "does not match this model's"),
+        ("wrong element count", with_input(shape=[3, 64]), 400, "128 elements in data"),
+        ("not a number", with_input(data=["a"] * 128), 400, "'a' is not a number"),
+        ("NaN", json.dumps(_request(nan_rows)), 400, "element [1, 3] is nan"),
+        ("missing input", json.dumps({"inputs": []}), 400, "'inputs' must be a non-empty"),
+        ("unknown input", with_input(name="pixels"), 400, "unknown input 'pixels'"),
+        ("unknown output", json.dumps({**good, "outputs": [{"name": "logits"}]}), 400,
+         "unknown output 'logits'"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(9), ids=lambda i: ["malformed", "datatype", "shape",
+                         "count", "string", "nan", "missing", "unknown-in", "unknown-out"][i])
+def test_bad_requests_get_a_4xx_that_names_the_problem(server, trained, case):
+    url, _ = server
+    name, body, status, message = _bad(trained[1])[case]
+    resp = httpx.post(f"{url}/v2/models/tiny/infer", headers={**AUTH,
+                      "content-type": "application/json"}, content=body)
+    assert resp.status_code == status, (name, resp.text)
+    assert message in resp.json()["error"], name
+
+
+def test_unknown_model_version_size_and_token_are_refused(server, trained):
+    url, _ = server
+    body = _request(trained[1][:1])
+    cases = [
+        (f"{url}/v2/models/other/infer", AUTH, body, 404, "unknown model 'other'"),
+        (f"{url}/v2/models/tiny/versions/9/infer", AUTH, body, 404, "no version '9'"),
+        (f"{url}/v2/models/tiny/infer", {}, body, 401, "missing or wrong bearer token"),
+        (f"{url}/v2/models/tiny/infer", {"Authorization": "Bearer nope"}, body, 401,
+         "bearer token"),
+        (f"{url}/v2/models/tiny/infer", AUTH, _request(np.zeros((20000, 64))), 413,
+         "the limit is"),
+    ]
+    for where, headers, payload, status, message in cases:
+        resp = httpx.post(where, headers=headers, json=payload)
+        assert resp.status_code == status, (where, resp.text)
+        assert message in resp.json()["error"]
+    assert httpx.get(f"{url}/v2/models/tiny").status_code == 401  # metadata needs it too
+    timed_out = httpx.post(f"{url}/v2/models/tiny/infer", json=body,
+                           headers={**AUTH, "X-Request-Timeout-Ms": "0.001"})
+    assert timed_out.status_code == 504
+    assert "deadline" in timed_out.json()["error"]
+
+
+def test_duplicate_requests_with_one_idempotency_key_run_the_model_once(server, trained):
+    url, _ = server
+    x = trained[1]
+    before = _batches(url)
+
+    async def burst():
+        async with httpx.AsyncClient(headers={**AUTH, "Idempotency-Key": "order-42"}) as c:
+            return await asyncio.gather(*[
+                c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:3])) for _ in range(8)])
+
+    responses = asyncio.run(burst())
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.text for r in responses}) == 1  # everyone got the one result
+    assert _batches(url) == before + 1  # one forward pass for the eight
+    reused = httpx.post(f"{url}/v2/models/tiny/infer", json=_request(x[3:4]),
+                        headers={**AUTH, "Idempotency-Key": "order-42"})
+    assert reused.status_code == 409
+
+
+def test_concurrent_requests_are_batched_and_metrics_say_so(server, trained):
+    url, _ = server
+    x = trained[1]
+    before = _batches(url)
+
+    async def load():
+        async with httpx.AsyncClient(headers=AUTH) as c:
+            return await asyncio.gather(*[
+                c.post(f"{url}/v2/models/tiny/infer", json=_request(x[i:i + 1]))
+                for i in range(48)])
+
+    responses = asyncio.run(load())
+    assert all(r.status_code == 200 for r in responses)
+    assert _batches(url) - before < 48  # fewer forward passes than requests
+    text = httpx.get(f"{url}/metrics").text
+    for family in ("distml_requests_total", "distml_request_seconds_bucket",
+                   "distml_batch_rows_bucket", "distml_queue_rows", "distml_inflight_requests",
+                   'distml_model_info{model="tiny",quantized="false",version="1"} 1.0'):
+        assert family in text
+    assert re.search(r'distml_requests_total\{route="/v2/models/\{name\}/infer",status="200"\}',
+                     text)
+
+
+def test_overload_gets_503_at_once_and_no_request_outlives_its_deadline(trained):
+    root, x = trained
+    deadline_ms = 300
+    with running_server("--registry", str(root / "registry"), "--max-queue-rows", "64",
+                        "--timeout-ms", str(deadline_ms), cwd=root) as (url, _, _):
+        async def one(c):
+            start = time.perf_counter()
+            r = await c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:32]))
+            return r, time.perf_counter() - start
+
+        async def flood():
+            limits = httpx.Limits(max_connections=200)
+            async with httpx.AsyncClient(limits=limits, timeout=30) as c:
+                return await asyncio.gather(*[one(c) for _ in range(200)])
+
+        results = asyncio.run(flood())
+    statuses = [r.status_code for r, _ in results]
+    assert set(statuses) <= {200, 503, 504}
+    assert statuses.count(503) > 0
+    assert statuses.count(200) > 0
+    assert all(r.headers.get("retry-after") == "1" for r, _ in results if r.status_code == 503)
+    # The server answers every request by its deadline; the slack is the HTTP time around it.
+    assert max(s for _, s in results) < deadline_ms / 1000 + 1.5
+
+
+def test_killing_a_replica_fails_only_its_requests_with_503(trained):
+    root, x = trained
+    with running_server("--registry", str(root / "registry"), "--replicas", "2",
+                        cwd=root) as (url, proc, lines):
+        replicas = [p for p in psutil.Process(proc.pid).children()
+                    if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(replicas) == 2
+        results: list[tuple[float, int | str]] = []
+        stop = threading.Event()
+
+        def client():
+            with httpx.Client(timeout=30) as c:
+                while not stop.is_set():
+                    try:
+                        r = c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:4]))
+                        results.append((time.monotonic(), r.status_code))
+                        if r.status_code == 503:
+                            assert "replica" in r.json()["error"]
+                    except httpx.HTTPError as e:
+                        results.append((time.monotonic(), type(e).__name__))
+
+        threads = [threading.Thread(target=client) for _ in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        killed_at = time.monotonic()
+        replicas[0].kill()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            if httpx.get(f"{url}/v2/health/ready").json().get("replicas_ready") == 2 and \
+                    sum(1 for t, _ in results if t > killed_at) > 20:
+                break
+        stop.set()
+        for t in threads:
+            t.join()
+        assert "died with exit code -9; starting a new one" in "".join(lines)
+        assert httpx.get(f"{url}/v2/health/ready").json()["replicas_ready"] == 2
+    statuses = [s for _, s in results]
+    assert set(statuses) <= {200, 503}, set(statuses)  # no dropped connection, no 500
+    assert statuses.count(503) <= 6  # at most the requests in flight on the dead replica
+    assert sum(1 for t, s in results if t > killed_at and s == 200) > 20  # the other served
+
+
+def test_a_standard_triton_client_works_unchanged(server, trained):
+    http = pytest.importorskip("tritonclient.http")
+    url, _ = server
+    x = trained[1][:3]
+    client = http.InferenceServerClient(url=url.removeprefix("http://"))
+    assert client.is_server_live()
+    assert client.is_model_ready("tiny", headers=AUTH)
+    meta = client.get_model_metadata("tiny", headers=AUTH)
+    assert meta["inputs"][0]["name"] == "input"
+    inp = http.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x, binary_data=False)
+    outputs = [http.InferRequestedOutput(n, binary_data=False)
+               for n in ("probabilities", "label")]
+    result = client.infer("tiny", [inp], outputs=outputs, headers=AUTH)
+    probs = result.as_numpy("probabilities")
+    assert probs.shape == (3, 10)
+    np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
+    assert [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")] == \
+        [str(i) for i in probs.argmax(1)]
+    client.close()
+
+
+def test_predict_refuses_input_without_the_model_columns_and_writes_nothing(trained, tmp_path):
+    root, _ = trained
+    pq.write_table(pa.table({"a": [1.0, 2.0]}), tmp_path / "bad.parquet")
+    out = distml("predict", "tiny", "--input", str(tmp_path / "bad.parquet"), "--output",
+                 str(tmp_path / "pred.parquet"), "--registry", str(root / "registry"),
+                 cwd=root, check=False)
+    assert out.returncode == 2
+    assert "lacks 64 of the model's 64 input columns" in " ".join(out.stderr.split())
+    assert "Traceback" not in out.stderr
+    assert list(tmp_path.iterdir()) == [tmp_path / "bad.parquet"]  # no output, no leftovers

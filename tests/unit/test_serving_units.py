@@ -1,0 +1,134 @@
+"""The batcher on a real event loop and a real inference thread; int8 serving of a real
+artifact."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from distml.artifact import save_artifact
+from distml.data.ingest import ingest
+from distml.serving.batching import Batcher, DeadlineExceededError, OverloadedError
+from distml.serving.model import load_served_model
+from distml.training.candidate import SplitTensors, train_candidate
+from tests.conftest import make_config
+
+
+class Model:
+    """A row-wise function that records every call (rows are independent, as in eval)."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.calls: list[int] = []
+        self.delay = delay
+
+    def __call__(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        self.calls.append(len(x))
+        time.sleep(self.delay)
+        return {"double": 2 * x, "sum": x.sum(1)}
+
+
+def _run(coro):
+    return asyncio.run(coro)
+
+
+def test_batched_results_equal_each_request_alone():
+    model = Model(delay=0.01)
+    rng = np.random.default_rng(0)
+    inputs = [rng.normal(size=(int(n), 3)).astype(np.float32) for n in rng.integers(1, 6, 40)]
+
+    async def main():
+        b = Batcher(model, max_batch_size=16, max_delay_s=0.005)
+        b.start()
+        try:
+            return await asyncio.gather(*[b.submit(x, 5) for x in inputs])
+        finally:
+            await b.stop()
+
+    outs = _run(main())
+    for x, out in zip(inputs, outs, strict=True):
+        np.testing.assert_array_equal(out["double"], 2 * x)
+        np.testing.assert_array_equal(out["sum"], x.sum(1))
+    assert len(model.calls) < len(inputs)  # gathered
+    assert max(model.calls) <= 16 or len(model.calls) == 1
+
+
+def test_without_batching_each_request_runs_alone():
+    model = Model()
+
+    async def main():
+        b = Batcher(model, batching=False)
+        b.start()
+        try:
+            await asyncio.gather(*[b.submit(np.ones((2, 3)), 5) for _ in range(10)])
+        finally:
+            await b.stop()
+
+    _run(main())
+    assert model.calls == [2] * 10
+
+
+def test_full_queue_refuses_at_once_and_late_requests_are_dropped_unrun():
+    model = Model(delay=0.2)
+
+    async def main():
+        b = Batcher(model, max_batch_size=4, max_delay_s=0, max_queue_rows=8)
+        b.start()
+        try:
+            first = asyncio.create_task(b.submit(np.ones((4, 3)), 5))  # runs for 0.2 s
+            await asyncio.sleep(0.05)
+            late = [asyncio.create_task(b.submit(np.zeros((4, 3)), 0.05)) for _ in range(2)]
+            await asyncio.sleep(0)
+            start = time.perf_counter()
+            with pytest.raises(OverloadedError):
+                await b.submit(np.ones((1, 3)), 5)  # 8 rows already wait
+            refused_in = time.perf_counter() - start
+            for t in late:
+                with pytest.raises(DeadlineExceededError):
+                    await t
+            await first
+            await asyncio.sleep(0.05)
+            return refused_in, b.queued_rows
+        finally:
+            await b.stop()
+
+    refused_in, queued = _run(main())
+    assert refused_in < 0.01
+    assert queued == 0
+    assert model.calls == [4]  # the two that timed out in the queue never ran
+
+
+def test_int8_serving_logs_the_accuracy_change_and_agrees(tmp_path, tiny_raw, caplog):
+    cfg = make_config(tiny_raw)
+    manifest = ingest(cfg.data, tmp_path / "data", seed=0)
+    val = SplitTensors.load(manifest, "val")
+    result = train_candidate(cfg, cfg.train.candidates[0], manifest, val=val,
+                             out_dir=tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="distml"):
+        q = load_served_model(result["artifact"], registry=tmp_path, quantize="int8")
+    f = load_served_model(result["artifact"], registry=tmp_path)
+    message = next(r.getMessage() for r in caplog.records if r.name == "distml.serving.model")
+    assert "validation accuracy" in message
+    assert q.quantized
+    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in
+               q.artifact.model.modules())
+    raw = np.random.default_rng(0).uniform(0, 16, (200, 64)).astype(np.float32)
+    agree = (q.infer(raw)["label"] == f.infer(raw)["label"]).mean()
+    assert agree > 0.9
+
+
+def test_an_artifact_without_its_data_still_serves_int8(tmp_path, tiny_raw, caplog):
+    cfg = make_config(tiny_raw)
+    manifest = ingest(cfg.data, tmp_path / "data", seed=0)
+    result = train_candidate(cfg, cfg.train.candidates[0], manifest,
+                             val=SplitTensors.load(manifest, "val"), out_dir=tmp_path / "out")
+    served = load_served_model(result["artifact"], registry=tmp_path)
+    spec = {**served.spec, "data_dir": str(tmp_path / "gone")}
+    save_artifact(served.artifact.model, spec, tmp_path / "moved")
+    with caplog.at_level(logging.WARNING, logger="distml"):
+        load_served_model(str(tmp_path / "moved"), registry=tmp_path, quantize="int8")
+    assert "no validation split" in caplog.text
