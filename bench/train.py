@@ -1,4 +1,6 @@
-"""Training: distml's loop against a hand-written torch loop, DDP scaling, memory per rank.
+"""Training: distml's loop against a hand-written torch loop, DDP scaling, memory per rank,
+and model parallelism (pipeline bubble, activation checkpointing, tensor parallel memory: see
+bench/model_parallel.py).
 
 - ratio_vs_raw_torch: steps/s of distml's single strategy (the whole Trainer: loader,
   scheduler, clipping, loss logging) over a hand-written loop running the same model, the
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from bench import model_parallel
 from bench.common import save
 
 HIDDEN, FEATURES, CLASSES, BATCH = [1024, 1024], 32, 4, 256
@@ -139,7 +142,8 @@ def main() -> dict:
         root = Path(tmp)
         result = {"model": {"type": "mlp", "hidden_sizes": HIDDEN, "features": FEATURES},
                   "batch_size": BATCH, "steps": STEPS,
-                  **raw_vs_distml(root), **ddp_scaling(root), "memory": memory(root)}
+                  **raw_vs_distml(root), **ddp_scaling(root), "memory": memory(root),
+                  "model_parallel": model_parallel.measure()}
     save("train", result)
     return result
 
@@ -158,6 +162,7 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
          f"batch {r['ddp_batch_size']})", "reported"),
         ("train, world size 2", "MiB of params+grads+optimizer, rank 0 / rank 1",
          f"measured: {mem}; ZeRO formulas: {formula}", "reported"),
+        *model_parallel.table_rows(r["model_parallel"]),
     ]
 
 

@@ -461,6 +461,10 @@ ModelSpec = Annotated[
 # training
 
 
+def _shown(degree: int | None) -> str:
+    return "the rest" if degree in (None, -1) else str(degree)
+
+
 class TrainSettings(Strict):
     """Training settings shared by every candidate; a candidate may override any of them."""
 
@@ -480,7 +484,14 @@ class TrainSettings(Strict):
     grad_accum_steps: int = Field(
         1, ge=1, description="Micro-batches per optimizer step; batch_size is split among them."
     )
-    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 autocast; or fp16 autocast with dynamic loss scaling.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward instead of keeping "
+        "them (less memory, about one more forward of compute).")
+    offload: bool = Field(
+        False, description="fsdp only: keep parameters, gradients and optimizer state in CPU "
+        "memory between uses (torch's CPUOffloadPolicy).")
     eval_every_steps: int | None = Field(
         None, ge=1, description="Evaluate on val every N steps; null: at the end of each epoch."
     )
@@ -493,13 +504,31 @@ class TrainSettings(Strict):
     )
     checkpoints: bool = Field(True, description="Write checkpoints (for --resume and restarts).")
     keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
-    strategy: Literal["single", "ddp", "zero1", "fsdp"] = Field(
+    strategy: Literal["single", "ddp", "zero1", "fsdp", "tensor", "pipeline"] = Field(
         "single",
         description="single (one process); ddp (replicas, gradients all-reduced); zero1 (ddp "
         "with the optimizer state sharded); fsdp (parameters, gradients and optimizer state "
-        "sharded: torch's fully_shard).",
+        "sharded: torch's fully_shard); tensor (matrix multiplications split across ranks, "
+        "fsdp over data_degree replicas); pipeline (layers split into stages fed with "
+        "micro-batches, gradients averaged over data_degree replicas).",
     )
     world_size: int = Field(1, ge=1, description="Number of training processes.")
+    data_degree: int | None = Field(
+        None, description="tensor/pipeline: data-parallel replicas; -1: what the other "
+        "degrees leave. Default: 1, or the rest when tensor_degree/pipeline_degree is set.")
+    tensor_degree: int | None = Field(
+        None, description="tensor: ranks that split each layer; -1: the rest. Default: the "
+        "rest of world_size.")
+    pipeline_degree: int | None = Field(
+        None, description="pipeline: stages; -1: the rest. Default: the rest of world_size.")
+    schedule: Literal["gpipe", "1f1b"] = Field(
+        "1f1b", description="pipeline: gpipe (all forwards, then all backwards) or 1f1b (one "
+        "forward, one backward: fewer activations alive).")
+    num_microbatches: int = Field(
+        4, ge=1, description="pipeline: micro-batches each replica's batch is cut into.")
+    stage_split: Literal["params", "time"] | list[int] = Field(
+        "params", description="pipeline: balance stages by parameter count, by measured "
+        "forward time (GPipe's heuristic), or give the number of layers per stage.")
     reshard_after_forward: bool | None = Field(
         None, description="fsdp only: true frees gathered parameters after forward (ZeRO-3); "
         "false keeps them for backward (ZeRO-2 behaviour). Default: true.",
@@ -509,9 +538,52 @@ class TrainSettings(Strict):
         "continues from the last checkpoint (needs checkpoints)."
     )
 
+    def _parallel_consistent(self) -> None:
+        own = {"tensor": ("tensor_degree",), "pipeline": ("pipeline_degree",)}
+        for key in ("tensor_degree", "pipeline_degree", "data_degree"):
+            allowed = own.get(self.strategy, ()) + (
+                ("data_degree",) if self.strategy in own else ())
+            if getattr(self, key) is not None and key not in allowed:
+                raise ValueError(f"{key} applies to strategy "
+                                 f"{'tensor' if key == 'tensor_degree' else 'pipeline'}"
+                                 f"{'' if key != 'data_degree' else ' or tensor'}, not "
+                                 f"{self.strategy!r}; remove it or change the strategy")
+        if self.strategy == "pipeline" and self.grad_accum_steps > 1:
+            raise ValueError("pipeline accumulates over num_microbatches; set "
+                             "grad_accum_steps: 1 and raise num_microbatches instead")
+
+    def degrees(self) -> tuple[int, int, int]:
+        """(data, pipeline, tensor) degrees; their product is world_size."""
+        model_axis = {"tensor": "tensor_degree", "pipeline": "pipeline_degree"}.get(
+            self.strategy)
+        if model_axis is None:
+            return self.world_size, 1, 1
+        given = {"data_degree": self.data_degree, model_axis: getattr(self, model_axis)}
+        if given["data_degree"] is None:
+            given["data_degree"] = 1 if given[model_axis] is None else -1
+        if given[model_axis] is None:
+            given[model_axis] = -1
+        if list(given.values()).count(-1) > 1:
+            raise ValueError("only one of data_degree and "
+                             f"{model_axis} may be -1 ('the rest')")
+        known = math.prod(v for v in given.values() if v != -1)
+        for k, v in given.items():
+            if v == -1:
+                given[k] = self.world_size // known if self.world_size % known == 0 else 0
+        data, model = given["data_degree"], given[model_axis]
+        if data < 1 or model < 1 or data * model != self.world_size:
+            raise ValueError(
+                f"data_degree x {model_axis} = {_shown(self.data_degree)} x "
+                f"{_shown(getattr(self, model_axis))} does not multiply to world_size="
+                f"{self.world_size}; choose degrees whose product is {self.world_size} "
+                "(one may be -1)")
+        return (data, model, 1) if self.strategy == "pipeline" else (data, 1, model)
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
-        per_step = self.world_size * self.grad_accum_steps
+        self._parallel_consistent()
+        data = self.degrees()[0]
+        per_step = data * self.grad_accum_steps
         if self.world_size > self.batch_size:
             raise ValueError(
                 f"world_size={self.world_size} is larger than the global batch_size="
@@ -520,10 +592,16 @@ class TrainSettings(Strict):
             )
         if self.batch_size % per_step:
             raise ValueError(
-                f"batch_size={self.batch_size} is not divisible by world_size x "
-                f"grad_accum_steps={self.world_size} x {self.grad_accum_steps}={per_step}; "
+                f"batch_size={self.batch_size} is not divisible by data-parallel ranks x "
+                f"grad_accum_steps={data} x {self.grad_accum_steps}={per_step}; "
                 "use a batch size that is a multiple of it"
             )
+        if self.strategy == "pipeline" and (self.batch_size // data) % self.num_microbatches:
+            raise ValueError(
+                f"batch_size={self.batch_size} over {data} replica(s) gives "
+                f"{self.batch_size // data} samples per pipeline, which do not divide into "
+                f"num_microbatches={self.num_microbatches}; use a batch size that is a "
+                f"multiple of {data * self.num_microbatches}")
         if self.strategy == "single" and self.world_size > 1:
             raise ValueError(
                 f"world_size={self.world_size} needs a distributed strategy; "
@@ -534,6 +612,15 @@ class TrainSettings(Strict):
                 f"reshard_after_forward applies to strategy fsdp, not {self.strategy!r}; "
                 "remove it or use strategy: fsdp"
             )
+        if self.precision == "fp16" and self.strategy not in ("single", "ddp", "zero1"):
+            raise ValueError(
+                f"precision fp16 with strategy {self.strategy!r}: its loss scaler would skip "
+                "steps on some ranks and not others when gradients are sharded; use bf16 "
+                "(no loss scaling needed) or strategy single, ddp or zero1")
+        if self.offload and self.strategy != "fsdp":
+            raise ValueError(
+                f"offload applies to strategy fsdp (it offloads sharded state), not "
+                f"{self.strategy!r}; use strategy: fsdp or remove offload")
         if self.max_restarts and not self.checkpoints:
             raise ValueError(
                 f"max_restarts={self.max_restarts} needs checkpoints to restart from; set "
@@ -567,6 +654,48 @@ class Candidate(_CandidateBase):  # type: ignore[misc,valid-type]
         return self.model_dump(exclude_unset=True, exclude={"name", "model"})
 
 
+def pipeline_layer_count(model: Any) -> int | None:
+    """Layers a pipeline can cut a zoo model into (None: not known before it is built)."""
+    if isinstance(model, MLPSpec):
+        return len(model.hidden_sizes) + 1  # each Linear with its activation
+    if isinstance(model, TransformerSpec):
+        return model.num_layers + 2  # the embeddings, each block, the norm and head
+    if isinstance(model, CNNSpec):
+        return 0
+    return None
+
+
+def check_model_parallel(s: TrainSettings, model: Any) -> None:
+    """Refuse a model split that cannot work, before any process starts."""
+    _, stages, tp = s.degrees()
+    if s.strategy == "tensor":
+        if isinstance(model, CNNSpec):
+            raise ValueError("strategy tensor needs a tensor-parallel plan, and the cnn has "
+                             "none; plans exist for mlp and transformer (a user model may "
+                             "define tensor_plan()), or use ddp or fsdp")
+        widths = {"hidden_sizes": model.hidden_sizes} if isinstance(model, MLPSpec) else \
+            {"num_heads": [model.num_heads]} if isinstance(model, TransformerSpec) else {}
+        for key, values in widths.items():
+            if any(v % tp for v in values):
+                raise ValueError(f"model.{key}={values} cannot be split over tensor_degree="
+                                 f"{tp}; use sizes that are multiples of {tp}")
+    if s.strategy == "pipeline":
+        layers = pipeline_layer_count(model)
+        if layers == 0:
+            raise ValueError("strategy pipeline needs a model that is a sequence of blocks "
+                             "(mlp, transformer, an nn.Sequential or a model with "
+                             "pipeline_layers()); the cnn is not; use ddp or fsdp")
+        if layers is not None and stages > layers:
+            raise ValueError(f"pipeline_degree={stages} stages is more than the model's "
+                             f"{layers} layers; use at most {layers} stages")
+        split = s.stage_split
+        if isinstance(split, list) and (len(split) != stages or min(split) < 1 or (
+                layers is not None and sum(split) != layers)):
+            raise ValueError(f"stage_split={s.stage_split} must give {stages} positive "
+                                 "layer counts" + (f" that sum to the model's {layers} layers"
+                                                   if layers is not None else ""))
+
+
 class TrainConfig(TrainSettings):
     """Shared training settings plus the candidates to train."""
 
@@ -579,7 +708,11 @@ class TrainConfig(TrainSettings):
             if c.name in seen:
                 raise ValueError(f"two candidates are named {c.name!r}; names must be unique")
             seen.add(c.name)
-            self.settings_for(c)  # cross-field checks on the merged settings
+            settings = self.settings_for(c)  # cross-field checks on the merged settings
+            try:
+                check_model_parallel(settings, c.model)
+            except ValueError as e:
+                raise ValueError(f"candidate {c.name!r}: {e}") from None
         return self
 
     def settings_for(self, candidate: Candidate) -> TrainSettings:

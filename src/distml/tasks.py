@@ -46,7 +46,12 @@ def evaluate(
     task: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024
 ) -> tuple[dict[str, float], np.ndarray]:
     """Every metric of the task on (x, y); also the predictions (class ids or values)."""
-    outputs = predict(model, x, batch_size=batch_size)
+    return metrics_from_outputs(task, predict(model, x, batch_size=batch_size), y)
+
+
+def metrics_from_outputs(task: str, outputs: torch.Tensor, y: torch.Tensor
+                         ) -> tuple[dict[str, float], np.ndarray]:
+    """Every metric of the task from the model's outputs; also the predictions."""
     loss = float(loss_fn(task, outputs, y))
     if task == "language_modeling":
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}, outputs.argmax(-1).numpy()

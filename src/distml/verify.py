@@ -41,18 +41,35 @@ logger = logging.getLogger(__name__)
 Group = list[tuple[torch.Tensor, torch.Tensor]]
 
 
+# Strategies by name: the settings each changes. A 'module:Class' user strategy runs as ddp.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "single": {"strategy": "single"}, "ddp": {"strategy": "ddp"},
+    "zero1": {"strategy": "zero1"}, "fsdp": {"strategy": "fsdp"},
+    "fsdp-zero2": {"strategy": "fsdp", "reshard_after_forward": False},
+    "tensor": {"strategy": "tensor"},
+    "pipeline": {"strategy": "pipeline"},
+    "pipeline-gpipe": {"strategy": "pipeline", "schedule": "gpipe"},
+    "pipeline-1f1b": {"strategy": "pipeline", "schedule": "1f1b"},
+    "data-x-tensor": {"strategy": "tensor", "data_degree": 2},
+    "data-x-pipeline": {"strategy": "pipeline", "data_degree": 2},
+}
+_PARALLEL = ("reshard_after_forward", "data_degree", "tensor_degree", "pipeline_degree")
+
+
 def settings_for(name: str, base: TrainSettings, world_size: int) -> TrainSettings:
-    """Training settings of a strategy to verify; 'fsdp-zero2' is fsdp keeping gathered
-    parameters from forward to backward; 'module:Class' is a user strategy (run as ddp)."""
+    """Training settings of a strategy to verify (see VARIANTS); the candidate's other
+    settings (precision, activation checkpointing, schedule, micro-batches) are kept."""
     update: dict[str, Any] = {"world_size": world_size, "max_steps": None, "max_restarts": 0,
-                              "reshard_after_forward": None}
-    if name == "fsdp-zero2":
-        update.update(strategy="fsdp", reshard_after_forward=False)
-    elif name in ("ddp", "zero1", "fsdp", "single"):
-        update["strategy"] = name
-    else:
-        update["strategy"] = "ddp"
-    return base.model_copy(update=update)
+                              **dict.fromkeys(_PARALLEL)}
+    update.update(VARIANTS.get(name, {"strategy": "ddp"}))
+    update["offload"] = base.offload and update["strategy"] == "fsdp"
+    return TrainSettings(**{**base.model_dump(), **update})
+
+
+def reference_settings(base: TrainSettings) -> TrainSettings:
+    """One process, no activation checkpointing (it must not change the numbers), the
+    candidate's precision (bf16 is compared with bf16)."""
+    return settings_for("single", base.model_copy(update={"activation_checkpointing": False}), 1)
 
 
 def _model(cfg: Config, cand: Candidate, manifest: Manifest, val_x: torch.Tensor) -> nn.Module:
@@ -68,7 +85,7 @@ def _groups(manifest: Manifest, cfg: Config, s: TrainSettings, *, rank: int, wor
     """This rank's micro-batches for ``steps`` optimizer steps, across epochs if need be."""
     loader = PartitionLoader(manifest, "train", seed=cfg.seed, rank=rank, world_size=world,
                              batch_size=s.batch_size // (world * s.grad_accum_steps),
-                             config=cfg.data.loader)
+                             config=cfg.data.loader, drop_last=True)  # same shapes for all
     done, epoch = 0, 0
     while True:
         for group in step_groups(loader.batches(epoch), s.grad_accum_steps):
@@ -130,19 +147,26 @@ def verify(
     from distml.distributed.launch import launch_local
     from distml.training.candidate import SplitTensors
 
+    unknown = [n for n in strategies if n not in VARIANTS and ":" not in n]
+    if unknown:
+        raise DistmlError(f"--strategies: unknown {', '.join(map(repr, unknown))}; use "
+                          f"{', '.join(VARIANTS)} or module:Class")
     cand = cfg.train.candidate(candidate)
     base = cfg.train.settings_for(cand)
     tol = tolerance if tolerance is not None else (1e-4 if base.precision == "fp32" else 2e-2)
     val_x = SplitTensors.load(manifest, "val").x[:2]
-
-    ref_settings = settings_for("single", base, 1)
-    strategy = Strategy(_model(cfg, cand, manifest, val_x), ref_settings, DistEnv())
-    ranks = [_groups(manifest, cfg, base, rank=r, world=world_size, steps=steps)
-             for r in range(world_size)]
-    ref = run_steps(strategy, _union(ranks), manifest.task, steps)
-    ref["peak_mem_bytes"] = peak_memory()
-    ref_state = _full_state(strategy)
-
+    references: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
+    for name in strategies:  # one reference per data-parallel degree: its batches
+        data = settings_for(name, base, world_size).degrees()[0]
+        if data in references:
+            continue
+        strategy = Strategy(_model(cfg, cand, manifest, val_x), reference_settings(base),
+                            DistEnv())
+        ranks = [_groups(manifest, cfg, base, rank=r, world=data, steps=steps)
+                 for r in range(data)]
+        ref = run_steps(strategy, _union(ranks), manifest.task, steps)
+        ref["peak_mem_bytes"] = peak_memory()
+        references[data] = ref, _full_state(strategy)
     out = run_dir / "verify"
     out.mkdir(parents=True, exist_ok=True)
     launch_local("distml.verify", ["--run-dir", str(run_dir), "--candidate", candidate,
@@ -154,6 +178,7 @@ def verify(
     for name in strategies:
         got = json.loads((out / f"{_slug(name)}.json").read_text())
         state = load_file(out / f"{_slug(name)}.safetensors")
+        ref, ref_state = references[settings_for(name, base, world_size).degrees()[0]]
         loss_diff, param_diff = relative_diffs(ref, ref_state, got, state)
         results.append({
             "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": param_diff,
@@ -183,11 +208,11 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
     for name in args.strategies.split(","):
         s = settings_for(name, base, env.world_size)
         strategy = make_strategy(name if ":" in name else s.strategy,
-                                 _model(cfg, cand, manifest, val_x), s, env)
+                                 _model(cfg, cand, manifest, val_x), s, env, sample=val_x)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        trace = run_steps(strategy, _groups(manifest, cfg, base, rank=env.rank,
-                                            world=env.world_size, steps=args.steps),
+        trace = run_steps(strategy, _groups(manifest, cfg, base, rank=strategy.data_rank,
+                                            world=strategy.data_size, steps=args.steps),
                           manifest.task, args.steps)
         per_rank: list[Any] = [None] * env.world_size
         dist.all_gather_object(per_rank, (peak_memory(), strategy.local_bytes()))

@@ -69,7 +69,8 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
          r"train\.candidates\[0\]\.model\.hidden_sizes\[0\] = 0"),
         ("train.candidates.1.lr=-3", r"train\.candidates\[1\]\.lr = -3"),
         ("train.candidates.1.grad_accum_steps=5",
-         r"candidate 'cnn': batch_size=64 is not divisible by world_size x grad_accum_steps"
+         r"candidate 'cnn': batch_size=64 is not divisible by data-parallel ranks x "
+         r"grad_accum_steps"
          r"=1 x 5=5"),
         ("train.world_size=128",
          r"world_size=128 is larger than the global batch_size=64: every rank needs samples"),
@@ -143,3 +144,47 @@ def test_monitor_mlflow_rejects_unknown_keys(tiny_raw):
     tiny_raw["monitor"] = {"mlflow": {"uri": "x"}}
     with pytest.raises(ConfigError, match=r"monitor\.mlflow\.uri"):
         make_config(tiny_raw)
+
+
+@pytest.mark.parametrize(("train", "match"), [
+    ({"strategy": "tensor", "world_size": 2}, r"'cnn': strategy tensor needs a tensor-parallel "
+     r"plan, and the cnn has none"),
+    ({"strategy": "pipeline", "world_size": 4, "batch_size": 64,
+      "candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": [16, 16]}}]},
+     r"pipeline_degree=4 stages is more than the model's 3 layers; use at most 3"),
+    ({"strategy": "pipeline", "world_size": 2, "num_microbatches": 3},
+     r"64 samples per pipeline, which do not divide into num_microbatches=3"),
+    ({"strategy": "tensor", "world_size": 4, "data_degree": 3},
+     r"data_degree x tensor_degree = 3 x the rest does not multiply to world_size=4"),
+    ({"strategy": "tensor", "world_size": 4, "data_degree": -1, "tensor_degree": -1},
+     r"only one of data_degree and tensor_degree may be -1"),
+    ({"strategy": "ddp", "world_size": 2, "offload": True},
+     r"offload applies to strategy fsdp"),
+    ({"strategy": "fsdp", "world_size": 2, "precision": "fp16"},
+     r"precision fp16 with strategy 'fsdp'.*use bf16"),
+    ({"strategy": "pipeline", "world_size": 2, "grad_accum_steps": 2},
+     r"pipeline accumulates over num_microbatches"),
+    ({"strategy": "ddp", "world_size": 2, "pipeline_degree": 2},
+     r"pipeline_degree applies to strategy pipeline, not 'ddp'"),
+    ({"strategy": "tensor", "world_size": 2,
+      "candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": [15]}}]},
+     r"hidden_sizes=\[15\] cannot be split over tensor_degree=2"),
+    ({"strategy": "pipeline", "world_size": 2, "stage_split": [1, 1],
+      "candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": [8, 8]}}]},
+     r"stage_split=\[1, 1\] must give 2 positive layer counts that sum to the model's 3"),
+])
+def test_impossible_model_splits_are_refused_at_load(tiny_raw, train, match):
+    tiny_raw["train"].update(train)
+    with pytest.raises(ConfigError, match=match):
+        make_config(tiny_raw)
+
+
+def test_degrees_resolve_against_the_world_size(tiny_raw):
+    tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
+    cases = [({"strategy": "tensor", "world_size": 2}, (1, 1, 2)),
+             ({"strategy": "tensor", "world_size": 4, "data_degree": 2}, (2, 1, 2)),
+             ({"strategy": "pipeline", "world_size": 4, "pipeline_degree": 2}, (2, 2, 1)),
+             ({"strategy": "ddp", "world_size": 4}, (4, 1, 1))]
+    for train, degrees in cases:
+        raw = {**tiny_raw, "train": {**tiny_raw["train"], **train}}
+        assert make_config(raw).train.degrees() == degrees

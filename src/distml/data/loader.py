@@ -101,8 +101,10 @@ class PartitionLoader:
         rank: int = 0,
         world_size: int = 1,
         config: LoaderConfig | None = None,
+        drop_last: bool = False,
     ) -> None:
         self.manifest = manifest
+        self.drop_last = drop_last  # no short last batch (a pipeline needs fixed shapes)
         self.parts = [p["path"] for p in manifest.partitions(split)]
         self.sizes = [p["rows"] for p in manifest.partitions(split)]
         self.batch_size = batch_size
@@ -124,8 +126,9 @@ class PartitionLoader:
         self.wait_seconds = 0.0  # time the consumer spent blocked on the next batch
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank (the last one may be short)."""
-        return math.ceil(self.rows_per_epoch / self.batch_size)
+        """Batches per epoch on this rank (the last one may be short unless drop_last)."""
+        whole = self.rows_per_epoch / self.batch_size
+        return math.floor(whole) if self.drop_last else math.ceil(whole)
 
     def plan(self, epoch: int) -> list[Window]:
         return plan_epoch(
@@ -157,6 +160,8 @@ class PartitionLoader:
                 if window is None:
                     return
                 for x, y in window:
+                    if self.drop_last and len(x) < self.batch_size:
+                        return
                     yield torch.from_numpy(x), torch.from_numpy(y)
 
     def _produce(self, windows: list[Window], skip: int, pool: ThreadPoolExecutor

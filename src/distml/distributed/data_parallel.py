@@ -12,6 +12,7 @@ Gradient accumulation skips the gradient sync on every micro-batch but the last.
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,11 +20,13 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from distml.distributed.strategy import Strategy
+
+logger = logging.getLogger(__name__)
 
 
 class DDP(Strategy):
@@ -73,12 +76,19 @@ class FSDP(Strategy):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
-        reshard = self.settings.reshard_after_forward is not False
+        kw: dict[str, Any] = {"mesh": mesh,
+                              "reshard_after_forward": self.settings.reshard_after_forward
+                              is not False}
+        if self.settings.offload and self.env.device.type == "cpu":
+            logger.warning("offload: training runs on the CPU, where every shard already "
+                           "lives in CPU memory; there is nothing to offload")
+        elif self.settings.offload:  # shards live in CPU memory; copied in for each use
+            kw["offload_policy"] = CPUOffloadPolicy()
         # Each block is its own unit (gathered just in time), then the root takes the rest
         # (embeddings, heads, tied weights).
         for unit in shard_units(model):
-            fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
-        return fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(unit, **kw)
+        return fully_shard(model, **kw)
 
     @contextlib.contextmanager
     def sync_gradients(self, sync: bool) -> Iterator[None]:

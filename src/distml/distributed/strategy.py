@@ -7,8 +7,8 @@ but the last), clips, and steps the optimizer. It gives the state to checkpoint
 model for export (``full_state_dict``). Model-parallel strategies implement the same
 contract.
 
-Apply order, as the best codebases do it: tensor parallel -> activation checkpointing ->
-compile -> FSDP / DDP; pipeline parallelism is its own schedule.
+Apply order, as the best codebases do it: tensor parallel (or the pipeline stage's split) ->
+activation checkpointing -> FSDP / DDP.
 """
 
 from __future__ import annotations
@@ -45,17 +45,43 @@ class Strategy:
     """One process trains the whole model (``strategy: single``); the base of the others."""
 
     name = "single"
+    needs_full_batches = False  # True: the loader drops a short last batch
 
-    def __init__(self, model: nn.Module, settings: TrainSettings, env: DistEnv) -> None:
+    def __init__(self, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
+                 sample: torch.Tensor | None = None) -> None:
         self.settings = settings
         self.env = env
-        self.model = self.wrap(model.to(env.device))
+        self.sample = sample  # a few input rows, for splits that time the model's layers
+        # The apply order: split the model (tensor parallel, pipeline stage), then
+        # activation checkpointing, then the data-parallel wrapper (DDP / FSDP).
+        model = self.parallelize(model.to(env.device))
+        if settings.activation_checkpointing:
+            checkpoint_blocks(model)
+        self.model = self.wrap(model)
         self.optimizer = self.build_optimizer()
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            settings.precision)
+        # fp16 needs its loss scaled so small gradients do not flush to zero.
+        self.scaler = torch.amp.GradScaler(env.device.type) if settings.precision == "fp16" \
+            else None
 
     # -- what subclasses change ------------------------------------------------------------
 
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Split the model across ranks (model-parallel strategies)."""
+        return model
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
+
+    @property
+    def data_rank(self) -> int:
+        """This rank's index among the data-parallel replicas (which batch shard it gets)."""
+        return self.env.rank // (self.env.world_size // self.data_size)
+
+    @property
+    def data_size(self) -> int:
+        return self.settings.degrees()[0] if self.env.world_size > 1 else 1
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return build_optimizer([p for p in self.model.parameters() if p.requires_grad],
@@ -78,19 +104,42 @@ class Strategy:
         for i, (x, y) in enumerate(micro_batches):
             x = x.to(self.env.device, non_blocking=True)
             y = y.to(self.env.device, non_blocking=True)
-            with self.sync_gradients(i == len(micro_batches) - 1), torch.autocast(
-                self.env.device.type, torch.bfloat16, enabled=self.settings.precision == "bf16"
-            ):
+            with self.sync_gradients(i == len(micro_batches) - 1), self.autocast():
                 loss = loss_fn(self.model(x), y)
             # Weighted by the micro-batch's share of this rank's samples, so an accumulated
             # step equals one big batch; ranks hold equal shares, so averaging over ranks
             # gives the global batch's mean.
-            (loss * (len(x) / total)).backward()
+            scaled = loss * (len(x) / total)
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.item() * len(x)
-        if self.settings.grad_clip is not None:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.settings.grad_clip)
-        self.optimizer.step()
+        self.step_optimizer()
         return all_reduce_mean(loss_sum / total, self.env)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.env.device.type, self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def step_optimizer(self) -> None:
+        """Clip (after unscaling fp16 gradients) and step."""
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.settings.grad_clip is not None:
+            self.clip_gradients(self.settings.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when a gradient is inf or NaN
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def clip_gradients(self, max_norm: float) -> None:
+        nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def evaluate(self, task: str, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[dict[str, float], Any]:
+        """Metrics on (x, y), the same on every rank."""
+        from distml.tasks import evaluate
+
+        return evaluate(task, self.model, x, y)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -140,17 +189,40 @@ class Strategy:
                 "optimizer": sum(size(v) for v in state)}
 
 
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing per block: each block's activations are recomputed in
+    backward instead of kept. Parameter names stay canonical (torch's state-dict helpers
+    drop the wrapper's prefix)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from distml.distributed.data_parallel import shard_units
+
+    for unit in shard_units(model):
+        parent, name = _parent(model, unit)
+        setattr(parent, name, checkpoint_wrapper(unit))
+
+
+def _parent(model: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
+    for path, module in model.named_modules():
+        if module is child:
+            parent, _, name = path.rpartition(".")
+            return model.get_submodule(parent), name
+    raise ValueError("not a submodule")
+
+
 def _optimizer_states(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
     inner = getattr(optimizer, "optim", optimizer)  # ZeroRedundancyOptimizer's local one
     return list(inner.state.values())
 
 
-def make_strategy(name: str, model: nn.Module, settings: TrainSettings, env: DistEnv
-                  ) -> Strategy:
+def make_strategy(name: str, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
+                  sample: torch.Tensor | None = None) -> Strategy:
     """A strategy by name, or a user's Strategy subclass by 'module:Class'."""
     from distml.distributed.data_parallel import DDP, FSDP, ZeRO1
+    from distml.distributed.model_parallel import PipelineParallel, TensorParallel
 
     known: dict[str, type[Strategy]] = {
-        "single": Strategy, "ddp": DDP, "zero1": ZeRO1, "fsdp": FSDP}
+        "single": Strategy, "ddp": DDP, "zero1": ZeRO1, "fsdp": FSDP,
+        "tensor": TensorParallel, "pipeline": PipelineParallel}
     cls = known.get(name) or load_object(name, what="strategy")
-    return cls(model, settings, env)
+    return cls(model, settings, env, sample=sample)

@@ -1,6 +1,9 @@
-"""Multi-layer perceptron on flat features."""
+"""Multi-layer perceptron on flat features, with its tensor-parallel plan and pipeline
+layers."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch import nn
 
@@ -28,3 +31,24 @@ class MLP(nn.Sequential):
             width = size
         layers.append(nn.Linear(width, num_outputs))
         super().__init__(*layers)
+        # Where each Linear (with what follows it) starts: the layers a pipeline cuts at.
+        self.layer_starts = [i for i, m in enumerate(layers) if isinstance(m, nn.Linear)]
+
+    def pipeline_layers(self) -> list[tuple[Any, list[str]]]:
+        """(callable, the module paths it owns) in forward order: each Linear with the
+        activation and dropout after it."""
+        bounds = [*self.layer_starts, len(self)]
+        return [(nn.Sequential(*list(self)[a:b]), [str(i) for i in range(a, b)])
+                for a, b in zip(bounds, bounds[1:], strict=False)]
+
+    def tensor_plan(self) -> dict[str, Any]:
+        """Hidden Linears in pairs: the first split by output columns, the second by input
+        rows, so the activation between them stays sharded and one all-reduce ends the pair;
+        an unpaired last Linear stays whole."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        linears = [str(i) for i in self.layer_starts]
+        plan: dict[str, Any] = {}
+        for up, down in zip(linears[0::2], linears[1::2], strict=False):
+            plan[up], plan[down] = ColwiseParallel(), RowwiseParallel()
+        return plan

@@ -7,6 +7,8 @@ plans can address each block.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
@@ -83,13 +85,40 @@ class Transformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device)
+        return self.drop(self.tok_emb(tokens) + self.pos_emb(pos))  # (B, T, C)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(x))  # (B, T, V)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        t = tokens.shape[1]
-        pos = torch.arange(t, device=tokens.device)
-        x = self.drop(self.tok_emb(tokens) + self.pos_emb(pos))  # (B, T, C)
+        x = self.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.head(self.norm(x))  # (B, T, V)
+        return self.logits(x)
+
+    def pipeline_layers(self) -> list[tuple[Any, list[str]]]:
+        """(callable, the module paths it owns) in forward order: the embeddings, each
+        block, the final norm and head (which shares the token embedding's weight)."""
+        return [(self.embed, ["tok_emb", "pos_emb", "drop"]),
+                *[(block, [f"blocks.{i}"]) for i, block in enumerate(self.blocks)],
+                (self.logits, ["norm", "head"])]
+
+    def tensor_plan(self) -> dict[str, Any]:
+        """Megatron-style: per block, q, k, v split by output columns (each rank holds
+        num_heads / degree heads) and the attention output by input rows; the MLP's up
+        projection by columns and down projection by rows. Two all-reduces per block;
+        embeddings, norms and the head stay whole."""
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+        plan: dict[str, Any] = {}
+        for i in range(len(self.blocks)):
+            plan.update({f"blocks.{i}.attn.{n}": ColwiseParallel() for n in "qkv"})
+            plan[f"blocks.{i}.attn.out"] = RowwiseParallel()
+            plan[f"blocks.{i}.mlp.0"] = ColwiseParallel()
+            plan[f"blocks.{i}.mlp.2"] = RowwiseParallel()
+        return plan
 
     @torch.no_grad()
     def generate(

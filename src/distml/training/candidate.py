@@ -90,11 +90,12 @@ def train_candidate(
     env = env or init_distributed()
     settings = cfg.train.settings_for(candidate)
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
-    strategy = make_strategy(settings.strategy, model, settings, env)
-    loader = PartitionLoader(
-        manifest, "train", seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-        batch_size=settings.batch_size // (env.world_size * settings.grad_accum_steps),
-        config=cfg.data.loader,
+    strategy = make_strategy(settings.strategy, model, settings, env, sample=val.x[:16])
+    loader = PartitionLoader(  # the ranks of one data-parallel replica read the same batches
+        manifest, "train", seed=cfg.seed, rank=strategy.data_rank,
+        world_size=strategy.data_size,
+        batch_size=settings.batch_size // (strategy.data_size * settings.grad_accum_steps),
+        config=cfg.data.loader, drop_last=strategy.needs_full_batches,
     )
     if cfg.monitor.tensorboard:  # <run>/tensorboard/<candidate>: tensorboard --logdir runs/
         callbacks = [*callbacks, TensorBoardCallback(

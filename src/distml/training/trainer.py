@@ -32,7 +32,7 @@ from distml.distributed.checkpoint import (
 from distml.distributed.runtime import gather_objects
 from distml.distributed.strategy import Strategy
 from distml.monitoring.system import SystemSampler
-from distml.tasks import evaluate, loss_fn
+from distml.tasks import loss_fn
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ class Trainer:
                 loss = self.strategy.train_step(group, lambda out, y: loss_fn(self.task, out, y))
                 self.scheduler.step()
                 seconds = time.perf_counter() - start
-                n = sum(len(b[0]) for b in group) * self.env.world_size
+                n = sum(len(b[0]) for b in group) * self.strategy.data_size
                 samples += n
                 self.state.step += 1
                 self.state.position += len(group)
@@ -171,7 +171,7 @@ class Trainer:
     def _evaluate(self) -> bool:
         """Evaluate on val (every rank, the same rows), track the best; True to stop early."""
         x, y = self.val_data
-        metrics, _ = evaluate(self.task, self.model, x, y)
+        metrics, _ = self.strategy.evaluate(self.task, x, y)
         self.state.evals.append({"step": self.state.step, **metrics})
         value = metrics[self.metric]
         sign = 1.0 if METRIC_HIGHER_IS_BETTER[self.metric] else -1.0

@@ -1,0 +1,385 @@
+"""Model parallelism: the model itself split across ranks, on a 2-D device mesh
+(data x tensor, or data x pipeline; the model axis innermost, so its ranks are neighbours).
+
+- ``tensor``: each layer's matrix multiplications are split across the tensor ranks
+  (torch.distributed.tensor.parallel, with the plan the model defines next to itself:
+  ``tensor_plan()``); with ``data_degree > 1``, FSDP shards the result over the data axis.
+- ``pipeline``: the model's layers (``pipeline_layers()``, or an ``nn.Sequential``'s
+  children) are cut into contiguous stages, one per pipeline rank, and each optimizer step's
+  batch is cut into micro-batches that flow through the stages under a GPipe or 1F1B
+  schedule (torch.distributed.pipelining); with ``data_degree > 1``, each stage's gradients
+  are averaged over the replicas of that stage.
+
+Parameter names stay canonical: a stage keeps the whole model object with the other stages'
+layers replaced by empty ``nn.Identity`` modules, so checkpoints (torch.distributed.checkpoint)
+load under any strategy and world size, and ``full_state_dict`` gathers a normal model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate
+
+from distml.distributed.data_parallel import shard_units
+from distml.distributed.runtime import gather_objects
+from distml.distributed.strategy import Batch, LossFn, Strategy
+from distml.errors import DistmlError
+
+Layer = tuple[Callable[[torch.Tensor], torch.Tensor], list[str]]
+
+
+def _mesh(strategy: Strategy, axis: str) -> DeviceMesh:
+    data, pipe, tensor = strategy.settings.degrees()
+    return init_device_mesh(strategy.env.device.type, (data, pipe * tensor),
+                            mesh_dim_names=("data", axis))
+
+
+def global_norm_clip(params: list[nn.Parameter], max_norm: float,
+                     copies: Callable[[nn.Parameter], int], also: list[nn.Parameter] = ()
+                     ) -> float:
+    """Clip by the norm of the whole model's gradient, wherever its pieces live: each rank
+    adds the squares of the gradient it holds divided by how many ranks hold the same piece
+    (``copies``), and one all-reduce sums them. ``also``: gradients scaled alike but not
+    counted (a second copy of a tied parameter)."""
+    grads = [(p, getattr(p.grad, "_local_tensor", p.grad)) for p in params if p.grad is not None]
+    device = grads[0][1].device if grads else torch.device("cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=device)
+    for p, g in grads:
+        sq += g.detach().double().pow(2).sum() / copies(p)
+    dist.all_reduce(sq)
+    norm = float(sq.sqrt())
+    scale = max_norm / (norm + 1e-6)
+    if scale < 1:
+        for _, g in grads:
+            g.mul_(scale)
+        for p in also:
+            if p.grad is not None:
+                p.grad.mul_(scale)
+    return norm
+
+
+def _replication(p: nn.Parameter, world: int) -> int:
+    """How many ranks hold the same values as this rank for ``p``."""
+    if isinstance(p, DTensor):
+        mesh = p.device_mesh
+        replicated = math.prod(mesh.size(i) for i, pl in enumerate(p.placements)
+                               if isinstance(pl, Replicate))
+        return replicated * world // mesh.size()
+    return world
+
+
+class TensorParallel(Strategy):
+    name = "tensor"
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        from torch.distributed.tensor.parallel import parallelize_module
+
+        plan = getattr(model, "tensor_plan", None)
+        if plan is None:
+            raise DistmlError(f"strategy tensor: {type(model).__name__} has no tensor_plan(); "
+                              "define one (a dict of module path -> ColwiseParallel / "
+                              "RowwiseParallel) or use ddp or fsdp")
+        self.mesh = _mesh(self, "tensor")
+        return parallelize_module(model, self.mesh["tensor"], plan())
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.mesh["data"].size() == 1:
+            return model
+        # data x tensor: FSDP over the data axis of the same mesh (2-D parallelism).
+        reshard = self.settings.reshard_after_forward is not False
+        for unit in shard_units(model):
+            fully_shard(unit, mesh=self.mesh["data"], reshard_after_forward=reshard)
+        return fully_shard(model, mesh=self.mesh["data"], reshard_after_forward=reshard)
+
+    def sync_gradients(self, sync: bool):
+        if self.mesh["data"].size() > 1:
+            self.model.set_requires_gradient_sync(sync)
+        return super().sync_gradients(sync)
+
+    def clip_gradients(self, max_norm: float) -> None:
+        world = self.env.world_size
+        global_norm_clip(list(self.model.parameters()), max_norm,
+                         lambda p: _replication(p, world))
+
+
+# -- pipeline ---------------------------------------------------------------------------------
+
+def pipeline_layers(model: nn.Module) -> list[Layer]:
+    """The model as (callable, owned module paths) in forward order."""
+    if hasattr(model, "pipeline_layers"):
+        return model.pipeline_layers()
+    if isinstance(model, nn.Sequential):
+        return [(m, [name]) for name, m in model.named_children()]
+    raise DistmlError(f"strategy pipeline: {type(model).__name__} is not a sequence of blocks; "
+                      "make it an nn.Sequential or give it pipeline_layers(), or use ddp or "
+                      "fsdp")
+
+
+def split_stages(costs: list[float], stages: int) -> list[int]:
+    """Layers per stage: contiguous, every stage non-empty, minimising the largest stage's
+    cost (the pipeline runs at the pace of its slowest stage)."""
+    n = len(costs)
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    # best[k][i]: the smallest possible maximum over the first i layers in k stages.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(stages + 1)]
+    best[0][0] = 0.0
+    for k in range(1, stages + 1):
+        for i in range(k, n - (stages - k) + 1):
+            for j in range(k - 1, i):
+                value = max(best[k - 1][j], prefix[i] - prefix[j])
+                if value < best[k][i]:
+                    best[k][i], cut[k][i] = value, j
+    sizes, i = [], n
+    for k in range(stages, 0, -1):
+        sizes.append(i - cut[k][i])
+        i = cut[k][i]
+    return sizes[::-1]
+
+
+def _layer_costs(model: nn.Module, layers: list[Layer], how: str, sample: torch.Tensor
+                 ) -> list[float]:
+    """Parameters per layer, or its measured forward time on a sample batch (GPipe's
+    heuristic); measured on every rank alike, then the ranks' timings are averaged."""
+    if how == "params":
+        return [float(sum(p.numel() for path in paths
+                          for p in model.get_submodule(path).parameters())) or 1.0
+                for _, paths in layers]
+    if sample is None:
+        raise DistmlError("stage_split: time needs sample input rows to time the layers on")
+    costs, x = [], sample
+    with torch.no_grad():
+        for fn, _ in layers:
+            start = time.perf_counter()
+            for _ in range(3):
+                out = fn(x)
+            costs.append(time.perf_counter() - start)
+            x = out
+    t = torch.tensor(costs, dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+class _Stage(nn.Module):
+    """One stage's forward: its layers in order (the model is a child so that the stage's
+    parameters are the model's, under the model's own names)."""
+
+    def __init__(self, model: nn.Module, fns: list[Callable]) -> None:
+        super().__init__()
+        self.model = model
+        self.fns = fns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fn in self.fns:
+            x = fn(x)
+        return x
+
+
+class PipelineParallel(Strategy):
+    name = "pipeline"
+    needs_full_batches = True  # stages exchange fixed-shape micro-batches
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Keep this stage's layers; the others become empty placeholders."""
+        s = self.settings
+        self.mesh = _mesh(self, "pipeline")
+        pp = self.mesh["pipeline"]
+        self.stages, self.stage = pp.size(), pp.get_local_rank()
+        self.pp_group = pp.get_group()
+        layers = pipeline_layers(model)
+        if self.stages > len(layers):
+            raise DistmlError(f"pipeline_degree={self.stages} stages is more than the "
+                              f"model's {len(layers)} layers; use at most {len(layers)}")
+        sizes = s.stage_split if isinstance(s.stage_split, list) else split_stages(
+            _layer_costs(model, layers, s.stage_split, self.sample), self.stages)
+        if sum(sizes) != len(layers):
+            raise DistmlError(f"stage_split={sizes} does not cover the model's "
+                              f"{len(layers)} layers")
+        starts = [sum(sizes[:i]) for i in range(self.stages + 1)]
+        lo, hi = starts[self.stage], starts[self.stage + 1]
+        self.layer_range = (lo, hi)
+        self.split = sizes
+        owner = {path: i for i, (_, paths) in enumerate(layers) for path in paths}
+        stage_of = {path: next(k for k in range(self.stages) if starts[k] <= i < starts[k + 1])
+                    for path, i in owner.items()}
+        self.tied = self._tie_groups(model, stage_of)
+        for path, i in owner.items():  # other stages' layers: empty placeholders
+            if not lo <= i < hi:
+                parent, _, name = path.rpartition(".")
+                setattr(model.get_submodule(parent), name, nn.Identity())
+        return model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The stage and its schedule, built after activation checkpointing has wrapped the
+        blocks (the layers are looked up again, so the stage calls the wrapped ones)."""
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+        lo, hi = self.layer_range
+        self.stage_module = _Stage(model, [fn for fn, _ in pipeline_layers(model)[lo:hi]])
+        stage = PipelineStage(self.stage_module, self.stage, self.stages, self.env.device,
+                              group=self.pp_group)
+        self.busy: list[tuple[float, float]] = []  # (start, end) of each compute action
+        for action in ("forward_one_chunk", "backward_one_chunk"):
+            setattr(stage, action, self._timed(getattr(stage, action)))
+        schedule = ScheduleGPipe if self.settings.schedule == "gpipe" else Schedule1F1B
+        self.schedule = schedule(stage, n_microbatches=self.settings.num_microbatches,
+                                 loss_fn=lambda out, y: self._loss_fn(out, y))
+        return model
+
+    def _timed(self, fn: Callable) -> Callable:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.busy.append((start, time.perf_counter()))
+        return timed
+
+    def _tie_groups(self, model: nn.Module, stage_of: dict[str, int]
+                    ) -> list[tuple[nn.Parameter, Any, bool]]:
+        """Parameters shared by layers on different stages (a head tied to the embedding):
+        (parameter, the group of ranks holding it, whether this rank counts it in the norm).
+        Every rank creates every group, in the same order, as torch requires."""
+        names: dict[int, list[str]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+        out = []
+        data, stages = self.mesh["data"].size(), self.stages
+        for key, ns in names.items():
+            holders = sorted({stage_of[_owner(n, stage_of)] for n in ns})
+            if len(holders) < 2:
+                continue
+            for d in range(data):
+                group = dist.new_group([d * stages + st for st in holders])
+                if self.stage in holders and d == self.mesh["data"].get_local_rank():
+                    out.append((params[key], group, self.stage == holders[0]))
+        return out
+
+    def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> float:
+        (x, y), = micro_batches  # grad_accum_steps is 1: micro-batching is the schedule's
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._loss_fn = loss_fn
+        x, y = x.to(self.env.device), y.to(self.env.device)
+        first, last = self.stage == 0, self.stage == self.stages - 1
+        losses: list[torch.Tensor] = []
+        self.busy.clear()
+        start = time.perf_counter()
+        with self.autocast():
+            self.schedule.step(*([x] if first else []), target=y if last else None,
+                               losses=losses if last else None)
+        self.last_step = (start, time.perf_counter())  # with self.busy: the stage's bubble
+        for p, group, _ in self.tied:  # each stage saw half the story: add them up
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+        if self.mesh["data"].size() > 1:
+            _average(self.model, self.mesh["data"].get_group())
+        self.step_optimizer()
+        local = torch.stack(losses).detach().float().mean() if last else torch.zeros(())
+        total = local.to(self.env.device, torch.float64)
+        dist.all_reduce(total)  # each replica's last stage holds its loss
+        return float(total) / self.mesh["data"].size()
+
+    def clip_gradients(self, max_norm: float) -> None:
+        data = self.mesh["data"].size()
+        copies = {id(p) for p, _, counted in self.tied if not counted}  # counted once
+        global_norm_clip([p for p in self.model.parameters() if id(p) not in copies],
+                         max_norm, lambda p: data,
+                         also=[p for p, _, counted in self.tied if not counted])
+
+    # -- evaluation and state ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward_all(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor | None:
+        """The model's output for ``x`` on the last stage (None elsewhere): activations are
+        passed stage to stage with point-to-point sends, a chunk at a time."""
+        self.model.eval()
+        prev = dist.get_global_rank(self.pp_group, self.stage - 1) if self.stage else None
+        nxt = (dist.get_global_rank(self.pp_group, self.stage + 1)
+               if self.stage < self.stages - 1 else None)
+        outs = []
+        for part in x.split(chunk):
+            h = part.to(self.env.device)
+            if prev is not None:
+                h = _recv(prev, self.env.device)
+            with self.autocast():
+                h = self.stage_module(h)
+            if nxt is not None:
+                _send(h.float(), nxt)
+            else:
+                outs.append(h.float().cpu())
+        return torch.cat(outs) if outs else None
+
+    def evaluate(self, task: str, x: torch.Tensor, y: torch.Tensor
+                 ) -> tuple[dict[str, float], Any]:
+        from distml.tasks import metrics_from_outputs
+
+        out = self.forward_all(x)
+        result = [metrics_from_outputs(task, out, y) if out is not None else None]
+        dist.broadcast_object_list(result, src=self.stages - 1)  # replica 0's last stage
+        return result[0]
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        mine = {k: v.detach().cpu() for k, v in get_model_state_dict(self.model).items()}
+        parts = gather_objects(mine if self.mesh["data"].get_local_rank() == 0 else {},
+                               self.env)
+        if not self.env.is_main:
+            return None
+        full: dict[str, torch.Tensor] = {}
+        for part in parts:
+            full.update(part)
+        return full
+
+
+def _owner(param: str, paths: dict[str, int]) -> str:
+    for path in paths:
+        if param.startswith(path + "."):
+            return path
+    raise DistmlError(f"strategy pipeline: parameter {param!r} belongs to no layer of "
+                      "pipeline_layers(); every parameter must be in one")
+
+
+def _average(model: nn.Module, group: Any) -> None:
+    """Average every gradient over the data-parallel replicas, in one flat all-reduce."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _send(t: torch.Tensor, dst: int) -> None:
+    header = torch.tensor([t.dim(), *t.shape], dtype=torch.int64, device=t.device)
+    size = torch.tensor([header.numel()], dtype=torch.int64, device=t.device)
+    dist.send(size, dst)
+    dist.send(header, dst)
+    dist.send(t.contiguous(), dst)
+
+
+def _recv(src: int, device: torch.device) -> torch.Tensor:
+    size = torch.zeros(1, dtype=torch.int64, device=device)
+    dist.recv(size, src)
+    header = torch.zeros(int(size), dtype=torch.int64, device=device)
+    dist.recv(header, src)
+    t = torch.empty(header[1:].tolist(), dtype=torch.float32, device=device)
+    dist.recv(t, src)
+    return t
