@@ -43,3 +43,14 @@ def write_config(path: Path, raw: dict[str, Any]) -> Path:
 
 def make_config(raw: dict[str, Any], **kw: Any) -> Config:
     return parse_config(copy.deepcopy(raw), **kw)
+
+
+def small_lm_config(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    """A tiny transformer language model on a local text file (dropout on: verify turns it
+    off), written to tmp_path/lm.yaml."""
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 300)
+    raw["data"] = {"source": {"type": "text", "paths": ["corpus.txt"], "sequence_length": 32}}
+    raw["train"].update(batch_size=16, lr=0.003)
+    raw["train"]["candidates"] = [{"name": "gpt", "model": {
+        "type": "transformer", "num_layers": 2, "num_heads": 2, "dim": 32, "dropout": 0.1}}]
+    return write_config(tmp_path / "lm.yaml", raw)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import write_config
+from tests.conftest import small_lm_config, write_config
 from tests.e2e.test_cli import distml
 
 ROOT = Path(__file__).parents[2]
@@ -56,13 +56,7 @@ def test_verify_passes_on_the_digits_candidates(tmp_path, candidate):
 
 
 def test_verify_passes_on_the_small_transformer(tmp_path, tiny_raw):
-    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 300)
-    tiny_raw["data"] = {"source": {"type": "text", "paths": ["corpus.txt"],
-                                   "sequence_length": 32}}
-    tiny_raw["train"].update(batch_size=16, lr=0.003)
-    tiny_raw["train"]["candidates"] = [{"name": "gpt", "model": {
-        "type": "transformer", "num_layers": 2, "num_heads": 2, "dim": 32, "dropout": 0.1}}]
-    _, report = _verify(tmp_path, write_config(tmp_path / "lm.yaml", tiny_raw))
+    _, report = _verify(tmp_path, small_lm_config(tmp_path, tiny_raw))
     assert all(r["passed"] for r in report["results"]), report["results"]
 
 

@@ -10,19 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from distml.artifact import load_artifact
-from tests.conftest import write_config
+from tests.conftest import small_lm_config, write_config
 from tests.e2e.test_cli import distml
 from tests.integration.test_distributed import ROOT, _verify
-
-
-def _lm(tmp_path, tiny_raw):
-    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 300)
-    tiny_raw["data"] = {"source": {"type": "text", "paths": ["corpus.txt"],
-                                   "sequence_length": 32}}
-    tiny_raw["train"].update(batch_size=16, lr=0.003)
-    tiny_raw["train"]["candidates"] = [{"name": "gpt", "model": {
-        "type": "transformer", "num_layers": 2, "num_heads": 2, "dim": 32, "dropout": 0.1}}]
-    return write_config(tmp_path / "lm.yaml", tiny_raw)
 
 
 def _passed(report, names, tolerance=1e-4):
@@ -37,7 +27,8 @@ def test_tensor_and_pipeline_match_one_process_on_the_transformer(tmp_path, tiny
     # Activation checkpointing on: it must not change a number (the reference has it off).
     # The transformer's head shares the embedding's weight across the two pipeline stages.
     names = ["ddp", "tensor", "pipeline-gpipe", "pipeline-1f1b"]
-    _, report = _verify(tmp_path, _lm(tmp_path, tiny_raw), "--strategies", ",".join(names),
+    _, report = _verify(tmp_path, small_lm_config(tmp_path, tiny_raw),
+                        "--strategies", ",".join(names),
                         "--set", "train.activation_checkpointing=true")
     _passed(report, names)
     state = {r["strategy"]: r["state_bytes_per_rank"] for r in report["results"]}
@@ -57,7 +48,7 @@ def test_tensor_and_pipeline_match_one_process_on_the_digits_mlp(tmp_path):
 @pytest.mark.parametrize("model", ["transformer", "mlp"])
 def test_hybrids_on_a_2d_mesh_match_one_process(tmp_path, tiny_raw, model):
     names = ["data-x-tensor", "data-x-pipeline"]
-    cfg = (_lm(tmp_path, tiny_raw), ()) if model == "transformer" else (
+    cfg = (small_lm_config(tmp_path, tiny_raw), ()) if model == "transformer" else (
         ROOT / "examples" / "digits.yaml",
         ("--candidate", "mlp-wide", "--set", f"output_dir={tmp_path / 'runs'}",
          "--set", "train.stage_split=[2, 1]"))  # stages given explicitly
@@ -72,8 +63,8 @@ def test_bf16_matches_one_process_in_bf16_within_its_tolerance(tmp_path, tiny_ra
     # ranks changes which sums are rounded, so results differ by a few units of roundoff
     # compounded over 20 steps, not by 1e-4: the tolerance is 2e-2, five units.
     names = ["ddp", "pipeline-1f1b"]
-    _, report = _verify(tmp_path, _lm(tmp_path, tiny_raw), "--strategies", ",".join(names),
-                        "--set", "train.precision=bf16")
+    _, report = _verify(tmp_path, small_lm_config(tmp_path, tiny_raw),
+                        "--strategies", ",".join(names), "--set", "train.precision=bf16")
     assert report["tolerance"] == 2e-2
     _passed(report, names, tolerance=2e-2)
     assert max(r["max_rel_param_diff"] for r in report["results"]) > 1e-6  # bf16 was on
