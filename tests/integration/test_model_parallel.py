@@ -95,3 +95,21 @@ def test_a_model_parallel_run_exports_a_normal_model_and_resumes_on_one_process(
     assert result["steps"] > steps
     losses = result["history"]["train_loss"]
     assert losses[steps] < 0.8 * losses[0]  # it went on from the trained weights
+
+
+def test_a_one_process_checkpoint_resumes_as_a_pipeline_with_tied_weights(tmp_path, tiny_raw):
+    # The head's weight is the embedding's: the last stage calls it 'head.weight', one
+    # process 'tok_emb.weight'; the optimizer state must be found under either.
+    cfg = small_lm_config(tmp_path, tiny_raw)
+    distml("train", str(cfg), "--set", "train.epochs=1", cwd=tmp_path)
+    (out,) = (tmp_path / "runs" / "tiny").glob("2*/candidates/gpt")
+    steps = json.loads((out / "result.json").read_text())["steps"]
+    (out / "result.json").unlink()
+    resumed = distml("train", str(cfg), "--resume", "--set", "train.strategy=pipeline",
+                     "--set", "train.world_size=2", "--set", "train.epochs=2", cwd=tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert f"(step {steps})" in log
+    assert "cannot be loaded" not in log
+    result = json.loads((out / "result.json").read_text())
+    assert result["strategy"] == "pipeline"
+    assert result["history"]["train_loss"][steps] < 0.9 * result["history"]["train_loss"][0]

@@ -260,10 +260,15 @@ class PipelineParallel(Strategy):
             params[id(p)] = p
         out = []
         data, stages = self.mesh["data"].size(), self.stages
+        self.aliases: dict[str, str] = {}  # this stage's name of a tied parameter -> canonical
         for key, ns in names.items():
             holders = sorted({stage_of[_owner(n, stage_of)] for n in ns})
             if len(holders) < 2:
                 continue
+            local = next(n for n in ns if stage_of[_owner(n, stage_of)] == self.stage) \
+                if self.stage in holders else None
+            if local is not None and local != ns[0]:
+                self.aliases[local] = ns[0]
             for d in range(data):
                 group = dist.new_group([d * stages + st for st in holders])
                 if self.stage in holders and d == self.mesh["data"].get_local_rank():
@@ -303,6 +308,18 @@ class PipelineParallel(Strategy):
                          also=[p for p, _, counted in self.tied if not counted])
 
     # -- evaluation and state ------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """As the base, with a tied parameter's optimizer state under the model's own first
+        name for it (the last stage knows the head's weight as 'head.weight', one process
+        as 'tok_emb.weight'), so checkpoints move between pipeline and other strategies."""
+        state = super().state_dict()
+        state["optim"] = _rename_optim(state["optim"], self.aliases)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        back = {v: k for k, v in self.aliases.items()}
+        super().load_state_dict({**state, "optim": _rename_optim(state["optim"], back)})
 
     @torch.no_grad()
     def forward_all(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor | None:
@@ -344,6 +361,15 @@ class PipelineParallel(Strategy):
         for part in parts:
             full.update(part)
         return full
+
+
+def _rename_optim(optim: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """An optimizer state dict (keyed by parameter names) with some names changed."""
+    if not names:
+        return optim
+    return {"state": {names.get(k, k): v for k, v in optim["state"].items()},
+            "param_groups": [{**g, "params": [names.get(p, p) for p in g["params"]]}
+                             for g in optim["param_groups"]]}
 
 
 def _owner(param: str, paths: dict[str, int]) -> str:
