@@ -1,7 +1,8 @@
 """Model parallelism measured on a transformer (4 blocks, dim 256, 4 heads, 128 tokens,
 batch 16), each configuration on its own launch of 2 processes (or 1 for single):
 
-- pipeline bubble: K = 2 stages under GPipe at M = 1, K and 4K micro-batches. Each stage
+- pipeline bubble: K = 2 stages under GPipe at M = 1, K and 4K micro-batches, and
+  interleaved 1F1B with 2 stages per rank at M = K and 4K. Each stage
   records when its forward and backward of each micro-batch ran; the bubble is the fraction
   of the step's wall time in which the stage computed nothing, averaged over stages and
   steps (after warm-up), next to GPipe's formula (K - 1) / (M + K - 1).
@@ -114,12 +115,18 @@ def measure() -> dict:
     with tempfile.TemporaryDirectory(prefix="distml-bench-") as tmp:
         folder = Path(tmp)
         k = 2
-        bubble = {}
+        bubble, interleaved = {}, {}
         for m in (1, k, 4 * k):
             ranks = _launch(f"gpipe-{m}", k, folder, strategy="pipeline", schedule="gpipe",
                             num_microbatches=m)
             bubble[str(m)] = {"measured": round(mean(r["bubble"] for r in ranks), 3),
                               "formula": round((k - 1) / (m + k - 1), 3)}
+        v = 2  # interleaved: v stages per rank cut the bubble to (K-1)/(v*M + K-1)
+        for m in (k, 4 * k):
+            ranks = _launch(f"interleaved-{m}", k, folder, strategy="pipeline",
+                            schedule="interleaved-1f1b", virtual_stages=v, num_microbatches=m)
+            interleaved[str(m)] = {"measured": round(mean(r["bubble"] for r in ranks), 3),
+                                   "formula": round((k - 1) / (v * m + k - 1), 3)}
         memory = {
             "single": _launch("single", 1, folder, strategy="single"),
             "single_activation_checkpointing": _launch(
@@ -130,6 +137,7 @@ def measure() -> dict:
         "model": MODEL, "batch_size": BATCH, "stages": k,
         "pipeline_bubble_measured": {m: v["measured"] for m, v in bubble.items()},
         "pipeline_bubble_formula": {m: v["formula"] for m, v in bubble.items()},
+        "interleaved_bubble": interleaved,
         "memory_per_rank": {name: [{k: v for k, v in r.items() if k != "rank"} for r in ranks]
                             for name, ranks in memory.items()},
     }
@@ -144,9 +152,13 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
     def mib(name: str, key: str) -> float:
         return mem[name][0][key] / 2**20
 
+    interleaved = "; ".join(f"M={k}: {v['measured']:.3f} vs {v['formula']:.3f}"
+                            for k, v in m["interleaved_bubble"].items())
     return [
         ("pipeline, 2 stages, GPipe", "pipeline_bubble_measured vs (K-1)/(M+K-1)", bubble,
          "reported"),
+        ("pipeline, 2 ranks x 2 stages, interleaved 1F1B", "bubble vs (K-1)/(vM+K-1)",
+         interleaved, "reported"),
         ("transformer 4x256, batch 16x128", "activation MiB per rank: single / activation "
          "checkpointing / tensor x2",
          f"{mib('single', 'activation_bytes'):.1f} / "

@@ -177,7 +177,8 @@ def verify_cmd(
     candidate: Annotated[str | None, typer.Option(help="Candidate; default: the first.")] = None,
     strategies: Annotated[str, typer.Option(
         help="Comma-separated: ddp, zero1, fsdp, fsdp-zero2, tensor, pipeline, "
-        "pipeline-gpipe, pipeline-1f1b, data-x-tensor, data-x-pipeline, or module:Class.")
+        "pipeline-gpipe, pipeline-1f1b, pipeline-interleaved, data-x-tensor, data-x-pipeline, "
+        "or module:Class.")
     ] = "ddp,zero1,fsdp,fsdp-zero2",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps to compare.")] = 20,
     world_size: Annotated[int | None, typer.Option(

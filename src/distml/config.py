@@ -521,9 +521,12 @@ class TrainSettings(Strict):
         "rest of world_size.")
     pipeline_degree: int | None = Field(
         None, description="pipeline: stages; -1: the rest. Default: the rest of world_size.")
-    schedule: Literal["gpipe", "1f1b"] = Field(
-        "1f1b", description="pipeline: gpipe (all forwards, then all backwards) or 1f1b (one "
-        "forward, one backward: fewer activations alive).")
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = Field(
+        "1f1b", description="pipeline: gpipe (all forwards, then all backwards), 1f1b (one "
+        "forward, one backward: fewer activations alive), or interleaved-1f1b (virtual_stages "
+        "stages per rank: a smaller bubble, more sends).")
+    virtual_stages: int = Field(
+        2, ge=1, description="pipeline interleaved-1f1b: stages per rank, dealt round-robin.")
     num_microbatches: int = Field(
         4, ge=1, description="pipeline: micro-batches each replica's batch is cut into.")
     stage_split: Literal["params", "time"] | list[int] = Field(
@@ -596,6 +599,11 @@ class TrainSettings(Strict):
                 f"grad_accum_steps={data} x {self.grad_accum_steps}={per_step}; "
                 "use a batch size that is a multiple of it"
             )
+        rounds = max(1, self.num_microbatches // self.degrees()[1])
+        if self.schedule == "interleaved-1f1b" and self.num_microbatches % rounds:
+            raise ValueError(
+                f"interleaved-1f1b runs num_microbatches={self.num_microbatches} in rounds of "
+                f"pipeline_degree={self.degrees()[1]}; use a multiple of it")
         if self.strategy == "pipeline" and (self.batch_size // data) % self.num_microbatches:
             raise ValueError(
                 f"batch_size={self.batch_size} over {data} replica(s) gives "
@@ -668,6 +676,8 @@ def pipeline_layer_count(model: Any) -> int | None:
 def check_model_parallel(s: TrainSettings, model: Any) -> None:
     """Refuse a model split that cannot work, before any process starts."""
     _, stages, tp = s.degrees()
+    if s.strategy == "pipeline" and s.schedule == "interleaved-1f1b":
+        stages *= s.virtual_stages  # the stages to cut the model into
     if s.strategy == "tensor":
         if isinstance(model, CNNSpec):
             raise ValueError("strategy tensor needs a tensor-parallel plan, and the cnn has "
@@ -686,7 +696,8 @@ def check_model_parallel(s: TrainSettings, model: Any) -> None:
                              "(mlp, transformer, an nn.Sequential or a model with "
                              "pipeline_layers()); the cnn is not; use ddp or fsdp")
         if layers is not None and stages > layers:
-            raise ValueError(f"pipeline_degree={stages} stages is more than the model's "
+            raise ValueError(f"{stages} pipeline stages (pipeline_degree x virtual_stages "
+                             "under interleaved-1f1b) is more than the model's "
                              f"{layers} layers; use at most {layers} stages")
         split = s.stage_split
         if isinstance(split, list) and (len(split) != stages or min(split) < 1 or (

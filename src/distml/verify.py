@@ -50,6 +50,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "pipeline": {"strategy": "pipeline"},
     "pipeline-gpipe": {"strategy": "pipeline", "schedule": "gpipe"},
     "pipeline-1f1b": {"strategy": "pipeline", "schedule": "1f1b"},
+    "pipeline-interleaved": {"strategy": "pipeline", "schedule": "interleaved-1f1b"},
     "data-x-tensor": {"strategy": "tensor", "data_degree": 2},
     "data-x-pipeline": {"strategy": "pipeline", "data_degree": 2},
 }

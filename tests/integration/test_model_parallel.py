@@ -25,8 +25,9 @@ def _passed(report, names, tolerance=1e-4):
 
 def test_tensor_and_pipeline_match_one_process_on_the_transformer(tmp_path, tiny_raw):
     # Activation checkpointing on: it must not change a number (the reference has it off).
-    # The transformer's head shares the embedding's weight across the two pipeline stages.
-    names = ["ddp", "tensor", "pipeline-gpipe", "pipeline-1f1b"]
+    # The transformer's head shares the embedding's weight across the two pipeline ranks;
+    # interleaved puts 2 of its 4 layers' stages on each rank.
+    names = ["ddp", "tensor", "pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved"]
     _, report = _verify(tmp_path, small_lm_config(tmp_path, tiny_raw),
                         "--strategies", ",".join(names),
                         "--set", "train.activation_checkpointing=true")

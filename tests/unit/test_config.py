@@ -151,7 +151,8 @@ def test_monitor_mlflow_rejects_unknown_keys(tiny_raw):
      r"plan, and the cnn has none"),
     ({"strategy": "pipeline", "world_size": 4, "batch_size": 64,
       "candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": [16, 16]}}]},
-     r"pipeline_degree=4 stages is more than the model's 3 layers; use at most 3"),
+     r"4 pipeline stages \(pipeline_degree x virtual_stages under interleaved-1f1b\) is "
+     r"more than the model's 3 layers; use at most 3"),
     ({"strategy": "pipeline", "world_size": 2, "num_microbatches": 3},
      r"64 samples per pipeline, which do not divide into num_microbatches=3"),
     ({"strategy": "tensor", "world_size": 4, "data_degree": 3},

@@ -174,13 +174,14 @@ def _layer_costs(model: nn.Module, layers: list[Layer], how: str, sample: torch.
 
 
 class _Stage(nn.Module):
-    """One stage's forward: its layers in order (the model is a child so that the stage's
-    parameters are the model's, under the model's own names)."""
+    """One stage's forward: its layers in order. Its parameters (what the pipeline scales
+    and zeroes per stage) are those of the modules the layers own; the strategy's state
+    still comes from the model, under the model's own names."""
 
-    def __init__(self, model: nn.Module, fns: list[Callable]) -> None:
+    def __init__(self, model: nn.Module, layers: list[Layer]) -> None:
         super().__init__()
-        self.model = model
-        self.fns = fns
+        self.owned = nn.ModuleList(model.get_submodule(p) for _, paths in layers for p in paths)
+        self.fns = [fn for fn, _ in layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for fn in self.fns:
@@ -189,54 +190,71 @@ class _Stage(nn.Module):
 
 
 class PipelineParallel(Strategy):
+    """Stages on the pipeline ranks: one each under gpipe and 1f1b; under interleaved-1f1b
+    ``virtual_stages`` each, dealt round-robin (rank r holds stages r, r + K, ...), which
+    shortens the bubble by that factor at the cost of more sends."""
+
     name = "pipeline"
     needs_full_batches = True  # stages exchange fixed-shape micro-batches
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Keep this stage's layers; the others become empty placeholders."""
+        """Keep this rank's stages' layers; the others become empty placeholders."""
         s = self.settings
         self.mesh = _mesh(self, "pipeline")
         pp = self.mesh["pipeline"]
-        self.stages, self.stage = pp.size(), pp.get_local_rank()
-        self.pp_group = pp.get_group()
+        self.ranks, self.pp_rank, self.pp_group = pp.size(), pp.get_local_rank(), pp.get_group()
+        per_rank = s.virtual_stages if s.schedule == "interleaved-1f1b" else 1
+        self.num_stages = self.ranks * per_rank
+        self.my_stages = [self.pp_rank + k * self.ranks for k in range(per_rank)]
         layers = pipeline_layers(model)
-        if self.stages > len(layers):
-            raise DistmlError(f"pipeline_degree={self.stages} stages is more than the "
-                              f"model's {len(layers)} layers; use at most {len(layers)}")
+        if self.num_stages > len(layers):
+            raise DistmlError(f"{self.num_stages} pipeline stages is more than the model's "
+                              f"{len(layers)} layers; use at most {len(layers)}")
         sizes = s.stage_split if isinstance(s.stage_split, list) else split_stages(
-            _layer_costs(model, layers, s.stage_split, self.sample), self.stages)
-        if sum(sizes) != len(layers):
-            raise DistmlError(f"stage_split={sizes} does not cover the model's "
-                              f"{len(layers)} layers")
-        starts = [sum(sizes[:i]) for i in range(self.stages + 1)]
-        lo, hi = starts[self.stage], starts[self.stage + 1]
-        self.layer_range = (lo, hi)
+            _layer_costs(model, layers, s.stage_split, self.sample), self.num_stages)
+        if len(sizes) != self.num_stages or sum(sizes) != len(layers):
+            raise DistmlError(f"stage_split={sizes} must give {self.num_stages} stages "
+                              f"covering the model's {len(layers)} layers")
         self.split = sizes
-        owner = {path: i for i, (_, paths) in enumerate(layers) for path in paths}
-        stage_of = {path: next(k for k in range(self.stages) if starts[k] <= i < starts[k + 1])
-                    for path, i in owner.items()}
+        starts = [sum(sizes[:i]) for i in range(self.num_stages + 1)]
+        self.layer_ranges = [(starts[i], starts[i + 1]) for i in self.my_stages]
+        stage_of_layer = [k for k in range(self.num_stages) for _ in range(sizes[k])]
+        stage_of = {path: stage_of_layer[i]
+                    for i, (_, paths) in enumerate(layers) for path in paths}
         self.tied = self._tie_groups(model, stage_of)
-        for path, i in owner.items():  # other stages' layers: empty placeholders
-            if not lo <= i < hi:
+        for path, stage in stage_of.items():  # other ranks' layers: empty placeholders
+            if stage not in self.my_stages:
                 parent, _, name = path.rpartition(".")
                 setattr(model.get_submodule(parent), name, nn.Identity())
         return model
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        """The stage and its schedule, built after activation checkpointing has wrapped the
-        blocks (the layers are looked up again, so the stage calls the wrapped ones)."""
-        from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+        """The stages and their schedule, built after activation checkpointing has wrapped
+        the blocks (the layers are looked up again, so the stages call the wrapped ones)."""
+        from torch.distributed.pipelining import (
+            PipelineStage,
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
 
-        lo, hi = self.layer_range
-        self.stage_module = _Stage(model, [fn for fn, _ in pipeline_layers(model)[lo:hi]])
-        stage = PipelineStage(self.stage_module, self.stage, self.stages, self.env.device,
-                              group=self.pp_group)
+        layers = pipeline_layers(model)
+        self.stage_modules = {i: _Stage(model, layers[lo:hi])
+                              for i, (lo, hi) in zip(self.my_stages, self.layer_ranges,
+                                                     strict=True)}
+        stages = [PipelineStage(m, i, self.num_stages, self.env.device, group=self.pp_group)
+                  for i, m in self.stage_modules.items()]
         self.busy: list[tuple[float, float]] = []  # (start, end) of each compute action
-        for action in ("forward_one_chunk", "backward_one_chunk"):
-            setattr(stage, action, self._timed(getattr(stage, action)))
-        schedule = ScheduleGPipe if self.settings.schedule == "gpipe" else Schedule1F1B
-        self.schedule = schedule(stage, n_microbatches=self.settings.num_microbatches,
-                                 loss_fn=lambda out, y: self._loss_fn(out, y))
+        for stage in stages:
+            for action in ("forward_one_chunk", "backward_one_chunk"):
+                setattr(stage, action, self._timed(getattr(stage, action)))
+        kw = {"n_microbatches": self.settings.num_microbatches,
+              "loss_fn": lambda out, y: self._loss_fn(out, y)}
+        if self.settings.schedule == "interleaved-1f1b":
+            self.schedule = ScheduleInterleaved1F1B(stages, **kw)
+        else:
+            schedule = ScheduleGPipe if self.settings.schedule == "gpipe" else Schedule1F1B
+            self.schedule = schedule(stages[0], **kw)
         return model
 
     def _timed(self, fn: Callable) -> Callable:
@@ -250,7 +268,7 @@ class PipelineParallel(Strategy):
 
     def _tie_groups(self, model: nn.Module, stage_of: dict[str, int]
                     ) -> list[tuple[nn.Parameter, Any, bool]]:
-        """Parameters shared by layers on different stages (a head tied to the embedding):
+        """Parameters shared by layers on different ranks (a head tied to the embedding):
         (parameter, the group of ranks holding it, whether this rank counts it in the norm).
         Every rank creates every group, in the same order, as torch requires."""
         names: dict[int, list[str]] = {}
@@ -259,20 +277,19 @@ class PipelineParallel(Strategy):
             names.setdefault(id(p), []).append(name)
             params[id(p)] = p
         out = []
-        data, stages = self.mesh["data"].size(), self.stages
-        self.aliases: dict[str, str] = {}  # this stage's name of a tied parameter -> canonical
+        self.aliases: dict[str, str] = {}  # this rank's name of a tied parameter -> canonical
         for key, ns in names.items():
-            holders = sorted({stage_of[_owner(n, stage_of)] for n in ns})
-            if len(holders) < 2:
-                continue
-            local = next(n for n in ns if stage_of[_owner(n, stage_of)] == self.stage) \
-                if self.stage in holders else None
+            stage = {n: stage_of[_owner(n, stage_of)] for n in ns}
+            holders = sorted({st % self.ranks for st in stage.values()})
+            local = next((n for n in ns if stage[n] in self.my_stages), None)
             if local is not None and local != ns[0]:
                 self.aliases[local] = ns[0]
-            for d in range(data):
-                group = dist.new_group([d * stages + st for st in holders])
-                if self.stage in holders and d == self.mesh["data"].get_local_rank():
-                    out.append((params[key], group, self.stage == holders[0]))
+            if len(holders) < 2:
+                continue
+            for d in range(self.mesh["data"].size()):
+                group = dist.new_group([d * self.ranks + r for r in holders])
+                if local is not None and d == self.mesh["data"].get_local_rank():
+                    out.append((params[key], group, self.pp_rank == holders[0]))
         return out
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> float:
@@ -281,14 +298,14 @@ class PipelineParallel(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         self._loss_fn = loss_fn
         x, y = x.to(self.env.device), y.to(self.env.device)
-        first, last = self.stage == 0, self.stage == self.stages - 1
+        first, last = 0 in self.my_stages, self.num_stages - 1 in self.my_stages
         losses: list[torch.Tensor] = []
         self.busy.clear()
         start = time.perf_counter()
         with self.autocast():
             self.schedule.step(*([x] if first else []), target=y if last else None,
                                losses=losses if last else None)
-        self.last_step = (start, time.perf_counter())  # with self.busy: the stage's bubble
+        self.last_step = (start, time.perf_counter())  # with self.busy: the rank's bubble
         for p, group, _ in self.tied:  # each stage saw half the story: add them up
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=group)
@@ -323,24 +340,26 @@ class PipelineParallel(Strategy):
 
     @torch.no_grad()
     def forward_all(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor | None:
-        """The model's output for ``x`` on the last stage (None elsewhere): activations are
-        passed stage to stage with point-to-point sends, a chunk at a time."""
+        """The model's output for ``x`` on the last stage's rank (None elsewhere):
+        activations go stage to stage by point-to-point sends, a chunk at a time."""
         self.model.eval()
-        prev = dist.get_global_rank(self.pp_group, self.stage - 1) if self.stage else None
-        nxt = (dist.get_global_rank(self.pp_group, self.stage + 1)
-               if self.stage < self.stages - 1 else None)
+        last = self.num_stages - 1
         outs = []
         for part in x.split(chunk):
             h = part.to(self.env.device)
-            if prev is not None:
-                h = _recv(prev, self.env.device)
-            with self.autocast():
-                h = self.stage_module(h)
-            if nxt is not None:
-                _send(h.float(), nxt)
-            else:
-                outs.append(h.float().cpu())
+            for i, module in self.stage_modules.items():
+                if i > 0:
+                    h = _recv(self._peer(i - 1), self.env.device)
+                with self.autocast():
+                    h = module(h).float()
+                if i < last:
+                    _send(h, self._peer(i + 1))
+            if last in self.stage_modules:
+                outs.append(h.cpu())
         return torch.cat(outs) if outs else None
+
+    def _peer(self, stage: int) -> int:
+        return dist.get_global_rank(self.pp_group, stage % self.ranks)
 
     def evaluate(self, task: str, x: torch.Tensor, y: torch.Tensor
                  ) -> tuple[dict[str, float], Any]:
@@ -348,7 +367,7 @@ class PipelineParallel(Strategy):
 
         out = self.forward_all(x)
         result = [metrics_from_outputs(task, out, y) if out is not None else None]
-        dist.broadcast_object_list(result, src=self.stages - 1)  # replica 0's last stage
+        dist.broadcast_object_list(result, src=self.ranks - 1)  # replica 0's last stage
         return result[0]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
