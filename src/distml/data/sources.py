@@ -181,17 +181,38 @@ def _list_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_table(path: Path) -> pa.Table:
+def read_table(path: Path, row_group: int | None = None) -> pa.Table:
+    """A CSV or Parquet file (or one row group of a Parquet file); a file that cannot be
+    read is a DataError naming it."""
     try:
         if path.suffix.lower() == ".csv":
             return pcsv.read_csv(path)
+        if row_group is not None:
+            return pq.ParquetFile(path).read_row_group(row_group)
         return pq.read_table(path, memory_map=True)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"cannot read {path} (truncated or corrupt?): {e}") from None
+        where = path if row_group is None else f"{path} row group {row_group}"
+        raise DataError(f"cannot read {where} (truncated or corrupt?): {e}") from None
+
+
+def raw_columns(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
+    """Raw feature columns: numbers as float32 (nulls as NaN), anything else as str
+    categories (nulls as the empty category)."""
+    columns = {}
+    for name in names:
+        col = table[name]
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            columns[name] = pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False)
+        elif pa.types.is_null(col.type):  # an empty file has untyped columns
+            columns[name] = np.full(table.num_rows, np.nan, np.float32)
+        else:
+            columns[name] = np.asarray(pc.fill_null(pc.cast(col, pa.string()), "").to_pylist(),
+                                       dtype=object)
+    return columns
 
 
 def _file(src: FileSource, path: Path) -> RawChunk:
-    table = _read_table(path)
+    table = read_table(path)
     if src.label_column not in table.column_names:
         raise DataError(
             f"data.source.label_column={src.label_column!r} is not a column of {path}; "
@@ -201,15 +222,5 @@ def _file(src: FileSource, path: Path) -> RawChunk:
     missing = [c for c in features if c not in table.column_names]
     if missing:
         raise DataError(f"data.source.feature_columns: {missing} are not columns of {path}")
-    columns = {}
-    for name in features:
-        col = table[name]
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            columns[name] = pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False)
-        elif pa.types.is_null(col.type):  # an empty file has untyped columns
-            columns[name] = np.full(table.num_rows, np.nan, np.float32)
-        else:  # categorical; nulls become the empty category
-            columns[name] = np.asarray(pc.fill_null(pc.cast(col, pa.string()), "").to_pylist(),
-                                       dtype=object)
     labels = table[src.label_column].to_numpy(zero_copy_only=False)
-    return RawChunk(columns, labels)
+    return RawChunk(raw_columns(table, features), labels)

@@ -18,10 +18,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from distml.data.sources import raw_columns, read_table
 from distml.errors import DataError
 from distml.execution import make_executor
 from distml.execution.base import ProgressFactory
@@ -78,19 +77,10 @@ def _model(path: str) -> ServedModel:
     return _MODELS[path]
 
 
-def _read(part: Part) -> pa.Table:
-    try:
-        if part.row_group is None:
-            return pcsv.read_csv(part.path)
-        return pq.ParquetFile(part.path).read_row_group(part.row_group)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"cannot read {part} (truncated or corrupt?): {e}") from None
-
-
 def predict_part(job: PredictJob, part: Part) -> dict[str, Any]:
     """One work item: read, preprocess, predict, write ``part-NNNNN.parquet``."""
     model = _model(job.artifact)
-    table = _read(part)
+    table = read_table(Path(part.path), part.row_group)
     names = model.spec["input_columns"]
     missing = [c for c in names if c not in table.column_names]
     if missing:
@@ -100,15 +90,7 @@ def predict_part(job: PredictJob, part: Part) -> dict[str, Any]:
     if job.id_column is not None and job.id_column not in table.column_names:
         raise DataError(f"--id-column {job.id_column!r} is not a column of {part.path}; it has "
                         f"{table.column_names}")
-    cols = {}
-    for name in names:
-        col = table[name]
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            cols[name] = pc.cast(col, pa.float32()).to_numpy(zero_copy_only=False)
-        else:
-            cols[name] = np.asarray(pc.fill_null(pc.cast(col, pa.string()), "").to_pylist(),
-                                    dtype=object)
-    out = model.infer(cols)
+    out = model.infer(raw_columns(table, names))
     result: dict[str, Any] = {}
     if job.id_column is not None:
         result[job.id_column] = table[job.id_column]
