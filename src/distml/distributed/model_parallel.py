@@ -215,7 +215,6 @@ class PipelineParallel(Strategy):
         if len(sizes) != self.num_stages or sum(sizes) != len(layers):
             raise DistmlError(f"stage_split={sizes} must give {self.num_stages} stages "
                               f"covering the model's {len(layers)} layers")
-        self.split = sizes
         starts = [sum(sizes[:i]) for i in range(self.num_stages + 1)]
         self.layer_ranges = [(starts[i], starts[i + 1]) for i in self.my_stages]
         stage_of_layer = [k for k in range(self.num_stages) for _ in range(sizes[k])]

@@ -246,7 +246,6 @@ def create_app(model: ServedModel, settings: ServeConfig, *,
 
     app = FastAPI(title="distml serve", version=distml.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.inference = inference
     if token:
         app.add_middleware(BearerAuth, token=token)
 

@@ -19,7 +19,6 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
@@ -62,7 +61,6 @@ class Batcher:
         self.arriving = arriving  # requests received but not yet submitted
         self.queue: deque[_Pending] = deque()
         self.queued_rows = 0
-        self.batches = 0  # forward passes run, for tests and metrics
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="distml-infer")
         self._task: asyncio.Task | None = None
@@ -107,7 +105,6 @@ class Batcher:
                 continue
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             self.on_batch(len(x))
-            self.batches += 1
             try:
                 out = await loop.run_in_executor(self._pool, self.fn, x)
             except Exception as e:  # noqa: BLE001 - the requests get the error, the loop goes on
@@ -154,6 +151,3 @@ class Batcher:
             batch.append(p)
             rows += len(p.x)
         return batch
-
-    def stats(self) -> dict[str, Any]:
-        return {"queued_rows": self.queued_rows, "batches": self.batches}

@@ -135,7 +135,6 @@ class ReplicaSet:
                          for i in range(settings.replicas)]
         self.threads = max(1, (os.cpu_count() or 1) // settings.replicas)
         self.model: dict[str, str] = {}
-        self.restarts = 0
         self._supervisor: asyncio.Task | None = None
 
     def _spawn(self, r: Replica) -> None:
@@ -214,7 +213,6 @@ class ReplicaSet:
                 logger.warning("replica %d (pid %s) died with exit code %s; starting a new one",
                                r.index, r.process.pid, r.process.exitcode)
                 multiprocess.mark_process_dead(r.process.pid)
-                self.restarts += 1
                 if time.monotonic() - r.started < 5:  # dying at start: do not spin
                     await asyncio.sleep(2)
                 self._spawn(r)
