@@ -42,7 +42,9 @@ TIMEOUT_HEADER = "x-request-timeout-ms"
 _OPEN = ("/v2/health/live", "/v2/health/ready", "/metrics")  # no token needed
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, message: str, headers: dict[str, str] | None = None
+                   ) -> JSONResponse:
+    """The protocol's error body, ``{"error": message}``."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
@@ -118,7 +120,7 @@ class Idempotency:
         once = self.entries.get(key)
         if once is not None:
             if once.digest != digest:
-                return _error(409, f"Idempotency-Key {key!r} was used with another request "
+                return error_response(409, f"Idempotency-Key {key!r} was used with another request "
                                    "body; use a new key for a new request")
             return await asyncio.shield(once.response)
         once = _Once(digest, now + self.window_s, asyncio.get_running_loop().create_future())
@@ -202,10 +204,10 @@ class Inference:
         try:
             outputs = await self.batcher.submit(req.x, timeout_s)
         except OverloadedError:
-            return _error(503, "the server is at capacity; retry after the Retry-After "
+            return error_response(503, "the server is at capacity; retry after the Retry-After "
                                "seconds", {"Retry-After": "1"})
         except DeadlineExceededError:
-            return _error(504, f"no result within the deadline of {1000 * timeout_s:g} ms; "
+            return error_response(504, f"no result within the deadline of {1000 * timeout_s:g} ms; "
                                "the request was dropped")
         out = infer_response(self.model.name, self.model.version, req.id, outputs, req.outputs)
         return Response(json.dumps(out), media_type="application/json")
@@ -222,7 +224,7 @@ class BearerAuth:
         if scope["type"] == "http" and scope["path"] not in _OPEN:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
-                response = _error(401, "missing or wrong bearer token: send the header "
+                response = error_response(401, "missing or wrong bearer token: send the header "
                                        "'Authorization: Bearer <token>'",
                                   {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
@@ -251,7 +253,7 @@ def create_app(model: ServedModel, settings: ServeConfig, *,
 
     @app.exception_handler(ProtocolError)
     async def protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
-        return _error(e.status, e.message)
+        return error_response(e.status, e.message)
 
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:

@@ -237,7 +237,7 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    from distml.serving.app import read_body
+    from distml.serving.app import error_response, read_body
     from distml.serving.protocol import ProtocolError
 
     metrics_registry = CollectorRegistry()
@@ -258,7 +258,7 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
         try:
             body = await read_body(request, settings.max_body_bytes)
         except ProtocolError as e:
-            return JSONResponse({"error": e.message}, status_code=e.status)
+            return error_response(e.status, e.message)
         headers = {k: v for k, v in request.headers.items() if k in _FORWARDED}
         while (replica := replicas.pick(request.headers.get("idempotency-key"))) is not None:
             replica.inflight += 1
@@ -271,16 +271,14 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
                 continue
             except httpx.TransportError as e:  # it died with the request: that one fails
                 replica.ready = False
-                return JSONResponse({"error": f"replica {replica.index} stopped while "
-                                              f"handling this request ({type(e).__name__}); "
-                                              "retry"},
-                                    status_code=503, headers={"Retry-After": "1"})
+                return error_response(503, f"replica {replica.index} stopped while handling "
+                                           f"this request ({type(e).__name__}); retry",
+                                      {"Retry-After": "1"})
             finally:
                 replica.inflight -= 1
             return Response(r.content, status_code=r.status_code,
                             headers={k: v for k, v in r.headers.items() if k in _RETURNED})
-        return JSONResponse({"error": "no replica is ready; retry shortly"},
-                            status_code=503, headers={"Retry-After": "1"})
+        return error_response(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
 
     @asynccontextmanager
     async def lifespan(app: Any):
