@@ -39,6 +39,11 @@ def _settings(**train):
     return TrainSettings(batch_size=BATCH, lr=1e-3, **train)
 
 
+def _parallel(strategy: str, world_size: int, **pipeline) -> dict:
+    return {"parallel": {"strategy": strategy, "world_size": world_size,
+                         **({"pipeline": pipeline} if pipeline else {})}}
+
+
 def _activation_bytes(strategy, x, y, loss) -> int:
     """Bytes of the non-parameter tensors autograd saves during forward."""
     params = {p.data_ptr() for p in strategy.model.parameters()}
@@ -66,7 +71,7 @@ def _worker(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = build_model({"type": "transformer", "kwargs": {
         k: v for k, v in MODEL.items() if k != "type"}})
-    strategy = make_strategy(settings.strategy, model, settings, env)
+    strategy = make_strategy(settings.parallel.strategy, model, settings, env)
     rows = BATCH // strategy.data_size
     g = torch.Generator().manual_seed(strategy.data_rank)
     x = torch.randint(0, 256, (rows, TOKENS), generator=g)
@@ -76,7 +81,7 @@ def _worker(args: argparse.Namespace) -> None:
         return loss_fn("language_modeling", out, target)
 
     result: dict = {"rank": env.rank}
-    if settings.strategy == "pipeline":
+    if settings.parallel.strategy == "pipeline":
         bubbles = []
         for step in range(STEPS):
             strategy.train_step([(x, y)], loss)
@@ -106,7 +111,7 @@ def _launch(name: str, world_size: int, folder: Path, **train) -> list[dict]:
 
     out = folder / f"{name}.json"
     launch_local("bench.model_parallel", ["--worker", "--settings", json.dumps(
-        {"world_size": world_size, **train}), "--out", str(out)], world_size=world_size,
+        train), "--out", str(out)], world_size=world_size,
         max_restarts=0, log_dir=folder / "logs", what=name)
     return json.loads(out.read_text())
 
@@ -117,21 +122,22 @@ def measure() -> dict:
         k = 2
         bubble, interleaved = {}, {}
         for m in (1, k, 4 * k):
-            ranks = _launch(f"gpipe-{m}", k, folder, strategy="pipeline", schedule="gpipe",
-                            num_microbatches=m)
+            ranks = _launch(f"gpipe-{m}", k, folder, **_parallel(
+                "pipeline", k, schedule="gpipe", num_microbatches=m))
             bubble[str(m)] = {"measured": round(mean(r["bubble"] for r in ranks), 3),
                               "formula": round((k - 1) / (m + k - 1), 3)}
         v = 2  # interleaved: v stages per rank cut the bubble to (K-1)/(v*M + K-1)
         for m in (k, 4 * k):
-            ranks = _launch(f"interleaved-{m}", k, folder, strategy="pipeline",
-                            schedule="interleaved-1f1b", virtual_stages=v, num_microbatches=m)
+            ranks = _launch(f"interleaved-{m}", k, folder, **_parallel(
+                "pipeline", k, schedule="interleaved-1f1b", virtual_stages=v,
+                num_microbatches=m))
             interleaved[str(m)] = {"measured": round(mean(r["bubble"] for r in ranks), 3),
                                    "formula": round((k - 1) / (v * m + k - 1), 3)}
         memory = {
-            "single": _launch("single", 1, folder, strategy="single"),
+            "single": _launch("single", 1, folder),
             "single_activation_checkpointing": _launch(
-                "single-ac", 1, folder, strategy="single", activation_checkpointing=True),
-            "tensor_2": _launch("tensor", 2, folder, strategy="tensor"),
+                "single-ac", 1, folder, activation_checkpointing=True),
+            "tensor_2": _launch("tensor", 2, folder, **_parallel("tensor", 2)),
         }
     return {
         "model": MODEL, "batch_size": BATCH, "stages": k,

@@ -106,8 +106,8 @@ def _train(root: Path, name: str, **train) -> dict:
 
 def ddp_scaling(root: Path) -> dict:
     batch = 1024  # a bigger global batch: compute-bound, as data parallelism is meant for
-    one = _train(root, "one", strategy="ddp", world_size=1, batch_size=batch)
-    two = _train(root, "two", strategy="ddp", world_size=2, batch_size=batch)
+    one = _train(root, "one", parallel={"strategy": "ddp", "world_size": 1}, batch_size=batch)
+    two = _train(root, "two", parallel={"strategy": "ddp", "world_size": 2}, batch_size=batch)
     rate1, rate2 = one["epochs"][-1]["samples_per_s"], two["epochs"][-1]["samples_per_s"]
     return {"samples_per_s_1": rate1, "samples_per_s_2": rate2, "ddp_batch_size": batch,
             "ddp_speedup_2": rate2 / rate1, "ddp_efficiency_2": rate2 / rate1 / 2}

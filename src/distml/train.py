@@ -1,7 +1,7 @@
 """``python -m distml.train``: one training process; torchrun and the local launcher run it.
 
-    torchrun --standalone --nproc-per-node 2 -m distml.train CONFIG --set train.strategy=ddp \\
-        --set train.world_size=2
+    torchrun --standalone --nproc-per-node 2 -m distml.train CONFIG \\
+        --set train.parallel.strategy=ddp --set train.parallel.world_size=2
 
 Given a CONFIG, rank 0 creates the run folder and ingests the data (the other ranks wait and
 read it: on several nodes the output folder must be shared); given ``--run-dir`` (the local
@@ -13,21 +13,17 @@ the multi-node command.
 from __future__ import annotations
 
 import argparse
-import logging
+import contextlib
 import os
-import sys
 from pathlib import Path
 
 import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
 
-from distml.config import load_config
+from distml.config import Config, load_config
 from distml.data.dataset import Manifest
-from distml.distributed.runtime import DistEnv, init_distributed, run_worker, shutdown
+from distml.distributed.runtime import DistEnv, run_worker, worker_main
 from distml.errors import DistmlError
-from distml.monitoring.mlflow_tracking import PipelineTracking
-
-logger = logging.getLogger("distml")
+from distml.monitoring.mlflow_tracking import pipeline_tracking
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -53,57 +49,47 @@ def _broadcast(value: object, env: DistEnv) -> object:
     return box[0]
 
 
-def _prepare(args: argparse.Namespace, env: DistEnv):
-    """The run folder and the ingested data, made by rank 0, seen by every rank."""
+def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv) -> None:
+    from distml.training.candidate import SplitTensors, train_candidate
+
+    manifest = Manifest.read(run_dir / "data")
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    names = [args.candidate] if args.candidate else [c.name for c in cfg.train.candidates]
+    val = SplitTensors.load(manifest, "val")
+    for name in names:
+        cand = cfg.train.candidate(name)
+        world = cfg.train.settings_for(cand).parallel.world_size
+        if world != env.world_size:
+            raise DistmlError(
+                f"candidate {name!r} has train.parallel.world_size={world}, but "
+                f"{env.world_size} processes were started; start {world} or set "
+                f"train.parallel.world_size={env.world_size}")
+        train_candidate(cfg, cand, manifest, val=val, env=env,
+                        out_dir=run_dir / "candidates" / name,
+                        resume=args.resume or restarted)
+
+
+def _main(args: argparse.Namespace, env: DistEnv) -> None:
     from distml.workflow.pipeline import stage_ingest, start_run
 
-    if args.run_dir is not None:
-        cfg = load_config(args.run_dir / "config.yaml")
-        return cfg, args.run_dir, Manifest.read(args.run_dir / "data"), None
+    if args.run_dir is not None:  # started by distml's launcher: the driver owns the run
+        _train(args, load_config(args.run_dir / "config.yaml"), args.run_dir, env)
+        return
+    # Given a config, this job is the pipeline: rank 0 makes the run and holds its MLflow
+    # parent run, which ends FAILED if this rank fails.
     cfg = load_config(args.config, args.overrides)
-    run_dir = tracking = None
-    if env.is_main:
-        run = start_run(cfg, resume=args.resume)
-        tracking = PipelineTracking.start(cfg, run.dir)
-        stage_ingest(run)
-        run_dir = run.dir
-    run_dir = Path(_broadcast(str(run_dir), env))
-    return cfg, run_dir, Manifest.read(run_dir / "data"), tracking
+    run = start_run(cfg, resume=args.resume) if env.is_main else None
+    owner = pipeline_tracking(cfg, run.dir) if run else contextlib.nullcontext()
+    with owner:
+        if run is not None:
+            stage_ingest(run)
+        run_dir = Path(_broadcast(str(run.dir) if run else None, env))
+        _train(args, cfg, run_dir, env)
 
 
-@record
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parse(argv)
-    env = init_distributed()
-    try:
-        from distml.training.candidate import SplitTensors, train_candidate
-
-        # Given a config, this process is the pipeline: rank 0 holds its MLflow parent run.
-        cfg, run_dir, manifest, tracking = _prepare(args, env)
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        names = [args.candidate] if args.candidate else [c.name for c in cfg.train.candidates]
-        val = SplitTensors.load(manifest, "val")
-        for name in names:
-            cand = cfg.train.candidate(name)
-            world = cfg.train.settings_for(cand).world_size
-            if world != env.world_size:
-                raise DistmlError(
-                    f"candidate {name!r} has train.world_size={world}, but {env.world_size} "
-                    f"processes were started; start {world} or set train.world_size="
-                    f"{env.world_size}")
-            train_candidate(cfg, cand, manifest, val=val, env=env,
-                            out_dir=run_dir / "candidates" / name,
-                            resume=args.resume or restarted)
-        if tracking is not None:
-            tracking.close("FINISHED")
-    except DistmlError as e:
-        logger.error("%s", e)
-        ErrorHandler().record_exception(e)  # the launcher reports it, naming this rank
-        raise SystemExit(2) from None
-    finally:
-        shutdown()
+    worker_main(lambda env: _main(args, env))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from distml.execution.base import ProgressHandle
+from distml.training.callbacks import Callback
+
 logger = logging.getLogger("distml")
 
 
@@ -44,7 +47,7 @@ class ConsoleReporter:
         if not self.quiet:
             self.console.print(f"[green]✓ {name}[/] [dim]{time.perf_counter() - start:.1f}s[/]")
 
-    def progress(self, desc: str, total: int) -> Any:
+    def progress(self, desc: str, total: int) -> ProgressHandle:
         """A progress handle for an executor's map (see distml.execution)."""
         if self.quiet:
             return _SilentTask()
@@ -60,7 +63,7 @@ class ConsoleReporter:
         return (_PlainTrainingLog(candidate),)
 
 
-class _RichTrainingProgress:
+class _RichTrainingProgress(Callback):
     def __init__(self, console: Console, candidate: str) -> None:
         self.candidate = candidate
         self.progress = Progress(
@@ -92,7 +95,7 @@ class _RichTrainingProgress:
         self.progress.stop()
 
 
-class _PlainTrainingLog:
+class _PlainTrainingLog(Callback):
     """About ten lines per candidate, for logs that are not a terminal."""
 
     def __init__(self, candidate: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +25,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distml.config import Candidate, Config, TrainSettings, load_config
+from distml.config import Candidate, Config, TrainSettings, deep_merge, load_config
 from distml.data.dataset import Manifest
-from distml.data.loader import PartitionLoader
-from distml.distributed.runtime import DistEnv, init_distributed, run_worker, shutdown
+from distml.distributed.runtime import DistEnv, run_worker, worker_main
 from distml.distributed.strategy import Strategy, make_strategy
 from distml.errors import DistmlError
 from distml.tasks import loss_fn
-from distml.training.candidate import build_candidate_model
+from distml.training.candidate import build_candidate_model, train_loader
 from distml.training.trainer import lr_lambda, peak_memory, step_groups
 
 logger = logging.getLogger(__name__)
@@ -41,30 +39,37 @@ logger = logging.getLogger(__name__)
 Group = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-# Strategies by name: the settings each changes. A 'module:Class' user strategy runs as ddp.
+# Strategies by name: the parallel settings each changes. A 'module:Class' user strategy
+# runs as ddp.
 VARIANTS: dict[str, dict[str, Any]] = {
     "single": {"strategy": "single"}, "ddp": {"strategy": "ddp"},
     "zero1": {"strategy": "zero1"}, "fsdp": {"strategy": "fsdp"},
-    "fsdp-zero2": {"strategy": "fsdp", "reshard_after_forward": False},
+    "fsdp-zero2": {"strategy": "fsdp", "fsdp": {"reshard_after_forward": False}},
     "tensor": {"strategy": "tensor"},
     "pipeline": {"strategy": "pipeline"},
-    "pipeline-gpipe": {"strategy": "pipeline", "schedule": "gpipe"},
-    "pipeline-1f1b": {"strategy": "pipeline", "schedule": "1f1b"},
-    "pipeline-interleaved": {"strategy": "pipeline", "schedule": "interleaved-1f1b"},
+    "pipeline-gpipe": {"strategy": "pipeline", "pipeline": {"schedule": "gpipe"}},
+    "pipeline-1f1b": {"strategy": "pipeline", "pipeline": {"schedule": "1f1b"}},
+    "pipeline-interleaved": {"strategy": "pipeline",
+                             "pipeline": {"schedule": "interleaved-1f1b"}},
     "data-x-tensor": {"strategy": "tensor", "data_degree": 2},
     "data-x-pipeline": {"strategy": "pipeline", "data_degree": 2},
 }
-_PARALLEL = ("reshard_after_forward", "data_degree", "tensor_degree", "pipeline_degree")
 
 
 def settings_for(name: str, base: TrainSettings, world_size: int) -> TrainSettings:
     """Training settings of a strategy to verify (see VARIANTS); the candidate's other
-    settings (precision, activation checkpointing, schedule, micro-batches) are kept."""
-    update: dict[str, Any] = {"world_size": world_size, "max_steps": None, "max_restarts": 0,
-                              **dict.fromkeys(_PARALLEL)}
-    update.update(VARIANTS.get(name, {"strategy": "ddp"}))
-    update["offload"] = base.offload and update["strategy"] == "fsdp"
-    return TrainSettings(**{**base.model_dump(), **update})
+    settings (precision, activation checkpointing, its pipeline's schedule and micro-batches,
+    fsdp offload) are kept where the strategy reads them, and its degrees are not."""
+    variant = VARIANTS.get(name, {"strategy": "ddp"})
+    own = base.parallel
+    parallel: dict[str, Any] = {"strategy": variant["strategy"], "world_size": world_size}
+    if variant["strategy"] == "pipeline":
+        parallel["pipeline"] = own.pipeline.model_dump(exclude={"degree"})
+    if variant["strategy"] == "fsdp":
+        parallel["fsdp"] = {"offload": own.fsdp.offload}
+    update = {"max_steps": None, "max_restarts": 0,
+              "parallel": deep_merge(parallel, variant)}
+    return TrainSettings(**{**base.model_dump(exclude={"parallel"}), **update})
 
 
 def reference_settings(base: TrainSettings) -> TrainSettings:
@@ -84,9 +89,8 @@ def _model(cfg: Config, cand: Candidate, manifest: Manifest, val_x: torch.Tensor
 def _groups(manifest: Manifest, cfg: Config, s: TrainSettings, *, rank: int, world: int,
             steps: int) -> Iterator[Group]:
     """This rank's micro-batches for ``steps`` optimizer steps, across epochs if need be."""
-    loader = PartitionLoader(manifest, "train", seed=cfg.seed, rank=rank, world_size=world,
-                             batch_size=s.batch_size // (world * s.grad_accum_steps),
-                             config=cfg.data.loader, drop_last=True)  # same shapes for all
+    loader = train_loader(cfg, manifest, s, rank=rank, replicas=world,
+                          drop_last=True)  # the same shapes for all
     done, epoch = 0, 0
     while True:
         for group in step_groups(loader.batches(epoch), s.grad_accum_steps):
@@ -158,7 +162,7 @@ def verify(
     val_x = SplitTensors.load(manifest, "val").x[:2]
     references: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
     for name in strategies:  # one reference per data-parallel degree: its batches
-        data = settings_for(name, base, world_size).degrees()[0]
+        data = settings_for(name, base, world_size).dims.data
         if data in references:
             continue
         strategy = Strategy(_model(cfg, cand, manifest, val_x), reference_settings(base),
@@ -179,7 +183,7 @@ def verify(
     for name in strategies:
         got = json.loads((out / f"{_slug(name)}.json").read_text())
         state = load_file(out / f"{_slug(name)}.safetensors")
-        ref, ref_state = references[settings_for(name, base, world_size).degrees()[0]]
+        ref, ref_state = references[settings_for(name, base, world_size).dims.data]
         loss_diff, param_diff = relative_diffs(ref, ref_state, got, state)
         results.append({
             "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": param_diff,
@@ -208,7 +212,7 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
     val_x = SplitTensors.load(manifest, "val").x[:2]
     for name in args.strategies.split(","):
         s = settings_for(name, base, env.world_size)
-        strategy = make_strategy(name if ":" in name else s.strategy,
+        strategy = make_strategy(name if ":" in name else s.parallel.strategy,
                                  _model(cfg, cand, manifest, val_x), s, env, sample=val_x)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -227,30 +231,14 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
-
-    @record
-    def run() -> None:
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        p = argparse.ArgumentParser(prog="python -m distml.verify")
-        p.add_argument("--run-dir", type=Path, required=True)
-        p.add_argument("--candidate", required=True)
-        p.add_argument("--strategies", required=True)
-        p.add_argument("--steps", type=int, required=True)
-        p.add_argument("--out", type=Path, required=True)
-        args = p.parse_args(argv)
-        env = init_distributed()
-        try:
-            _worker(args, env)
-        except DistmlError as e:
-            logger.error("%s", e)
-            ErrorHandler().record_exception(e)
-            raise SystemExit(2) from None
-        finally:
-            shutdown()
-
-    run()
+    p = argparse.ArgumentParser(prog="python -m distml.verify")
+    p.add_argument("--run-dir", type=Path, required=True)
+    p.add_argument("--candidate", required=True)
+    p.add_argument("--strategies", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    worker_main(lambda env: _worker(args, env))
 
 
 if __name__ == "__main__":

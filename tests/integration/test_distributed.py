@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import small_lm_config, write_config
@@ -92,8 +93,8 @@ def _rank_pid(rank: int, parent: int) -> int | None:
 
 
 def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_raw):
-    tiny_raw["train"].update(strategy="ddp", world_size=2, epochs=3, checkpoint_every_steps=5,
-                             max_restarts=1, restore_best=False)
+    tiny_raw["train"].update(parallel={"strategy": "ddp", "world_size": 2}, epochs=3,
+                             checkpoint_every_steps=5, max_restarts=1, restore_best=False)
     tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
     tiny_raw["data"] = {"source": "sklearn:digits",
                         "loader": {"map_fn": "tests.helpers.slow:sleepy"}}
@@ -131,23 +132,36 @@ def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_r
     assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
-def test_resume_on_another_world_size_reshards_the_checkpoint(tmp_path, tiny_raw, strategy):
-    tiny_raw["train"].update(strategy=strategy, world_size=2, epochs=2)
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp", "zero1"])
+def test_resume_on_another_world_size_restores_the_exact_weights(tmp_path, tiny_raw, strategy):
+    # zero1 saves its optimizer state whole from rank 0; the others reshard through DCP.
+    tiny_raw["train"].update(parallel={"strategy": strategy, "world_size": 2}, epochs=2,
+                             restore_best=False)
     tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
-    cfg = write_config(tmp_path / "c.yaml", tiny_raw)
+    out = resume_with_no_more_steps(tmp_path, write_config(tmp_path / "c.yaml", tiny_raw),
+                                    "{strategy: single, world_size: 1}", "small", steps=40)
+    assert out["strategy"] == "single"
+    assert out["world_size"] == 1
+
+
+def resume_with_no_more_steps(tmp_path: Path, cfg: Path, parallel: str, candidate: str, *,
+                              steps: int | None = None) -> dict:
+    """Train, then resume the finished run under ``parallel`` with no step left to take:
+    the resumed model must be the trained one, exactly. Returns the resumed result."""
     distml("train", str(cfg), cwd=tmp_path)
-    (run,) = (tmp_path / "runs" / "tiny").glob("2*")
-    (run / "candidates" / "small" / "result.json").unlink()  # as if it died after step 40
-    out = distml("train", str(cfg), "--resume", "--set", "train.strategy=single",
-                 "--set", "train.world_size=1", "--set", "train.epochs=3", cwd=tmp_path)
-    log = out.stdout + out.stderr
-    assert "resumed from" in log
-    assert "(step 40)" in log
-    result = json.loads((run / "candidates" / "small" / "result.json").read_text())
-    assert result["steps"] == 60
-    assert result["world_size"] == 1
-    assert result["strategy"] == "single"
-    losses = result["history"]["train_loss"]
-    assert len(losses) == 60  # the first 40 were restored with the checkpoint
-    assert losses[40] < 0.8 * losses[0]  # step 41 continued from trained weights
+    (out,) = (tmp_path / "runs" / "tiny").glob(f"2*/candidates/{candidate}")
+    trained = load_file(out / "artifact" / "model.safetensors")
+    steps = steps or json.loads((out / "result.json").read_text())["steps"]
+    (out / "result.json").unlink()  # as if it died after its last checkpoint
+    resumed = distml("train", str(cfg), "--resume", "--set", f"train.parallel={parallel}",
+                     cwd=tmp_path)
+    log = resumed.stdout + resumed.stderr
+    assert f"(step {steps})" in log
+    assert "cannot be loaded" not in log
+    again = load_file(out / "artifact" / "model.safetensors")
+    assert trained.keys() == again.keys()
+    differ = [k for k in trained if not torch.equal(trained[k], again[k])]
+    assert not differ, f"resumed weights differ: {differ}"
+    result = json.loads((out / "result.json").read_text())
+    assert result["steps"] == steps
+    return result

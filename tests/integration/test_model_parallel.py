@@ -11,8 +11,7 @@ from safetensors.torch import load_file
 
 from distml.artifact import load_artifact
 from tests.conftest import small_lm_config, write_config
-from tests.e2e.test_cli import distml
-from tests.integration.test_distributed import ROOT, _verify
+from tests.integration.test_distributed import ROOT, _verify, resume_with_no_more_steps
 
 
 def _passed(report, names, tolerance=1e-4):
@@ -41,7 +40,8 @@ def test_tensor_and_pipeline_match_one_process_on_the_digits_mlp(tmp_path):
     # Stages balanced by measured forward time here (GPipe's heuristic), by parameters above.
     names = ["tensor", "pipeline-gpipe", "pipeline-1f1b"]
     _, report = _verify(tmp_path, ROOT / "examples" / "digits.yaml", "--candidate", "mlp-wide",
-                        "--strategies", ",".join(names), "--set", "train.stage_split=time",
+                        "--strategies", ",".join(names),
+                        "--set", "train.parallel.pipeline.stage_split=time",
                         "--set", f"output_dir={tmp_path / 'runs'}")
     _passed(report, names)
 
@@ -52,7 +52,7 @@ def test_hybrids_on_a_2d_mesh_match_one_process(tmp_path, tiny_raw, model):
     cfg = (small_lm_config(tmp_path, tiny_raw), ()) if model == "transformer" else (
         ROOT / "examples" / "digits.yaml",
         ("--candidate", "mlp-wide", "--set", f"output_dir={tmp_path / 'runs'}",
-         "--set", "train.stage_split=[2, 1]"))  # stages given explicitly
+         "--set", "train.parallel.pipeline.stage_split=[2, 1]"))  # stages given explicitly
     _, report = _verify(tmp_path, cfg[0], *cfg[1], "--strategies", ",".join(names),
                         "--world-size", "4")
     assert report["world_size"] == 4
@@ -74,43 +74,27 @@ def test_bf16_matches_one_process_in_bf16_within_its_tolerance(tmp_path, tiny_ra
 @pytest.mark.parametrize("strategy", ["tensor", "pipeline"])
 def test_a_model_parallel_run_exports_a_normal_model_and_resumes_on_one_process(
         tmp_path, tiny_raw, strategy):
-    tiny_raw["train"].update(strategy=strategy, world_size=2, epochs=2)
+    tiny_raw["train"].update(parallel={"strategy": strategy, "world_size": 2}, epochs=2,
+                             restore_best=False)
     tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
-    distml("train", str(cfg), cwd=tmp_path)
-    (run,) = (tmp_path / "runs" / "tiny").glob("2*")
-    out = run / "candidates" / "small"
-    first = json.loads((out / "result.json").read_text())
+    # It resumes, exactly, as one process (no step left: the weights must be the same).
+    result = resume_with_no_more_steps(tmp_path, cfg, "{strategy: single, world_size: 1}",
+                                       "small")
+    assert result["strategy"] == "single"
+    (out,) = (tmp_path / "runs" / "tiny").glob("2*/candidates/small")
     artifact = load_artifact(out / "artifact")  # the whole model, in one process
     assert load_file(out / "artifact" / "model.safetensors").keys() == {
         "0.weight", "0.bias", "2.weight", "2.bias"}
     x = artifact.preprocess(json.loads(json.dumps([[0.0] * 64])))
     assert artifact.model(x).shape == (1, 10)
-    steps = first["steps"]
-    (out / "result.json").unlink()  # as if it died after the last checkpoint
-    resumed = distml("train", str(cfg), "--resume", "--set", "train.strategy=single",
-                     "--set", "train.world_size=1", "--set", "train.epochs=3", cwd=tmp_path)
-    assert f"(step {steps})" in resumed.stdout + resumed.stderr
-    result = json.loads((out / "result.json").read_text())
-    assert result["strategy"] == "single"
-    assert result["steps"] > steps
-    losses = result["history"]["train_loss"]
-    assert losses[steps] < 0.8 * losses[0]  # it went on from the trained weights
 
 
 def test_a_one_process_checkpoint_resumes_as_a_pipeline_with_tied_weights(tmp_path, tiny_raw):
     # The head's weight is the embedding's: the last stage calls it 'head.weight', one
     # process 'tok_emb.weight'; the optimizer state must be found under either.
+    tiny_raw["train"].update(epochs=1, restore_best=False)
     cfg = small_lm_config(tmp_path, tiny_raw)
-    distml("train", str(cfg), "--set", "train.epochs=1", cwd=tmp_path)
-    (out,) = (tmp_path / "runs" / "tiny").glob("2*/candidates/gpt")
-    steps = json.loads((out / "result.json").read_text())["steps"]
-    (out / "result.json").unlink()
-    resumed = distml("train", str(cfg), "--resume", "--set", "train.strategy=pipeline",
-                     "--set", "train.world_size=2", "--set", "train.epochs=2", cwd=tmp_path)
-    log = resumed.stdout + resumed.stderr
-    assert f"(step {steps})" in log
-    assert "cannot be loaded" not in log
-    result = json.loads((out / "result.json").read_text())
+    result = resume_with_no_more_steps(tmp_path, cfg, "{strategy: pipeline, world_size: 2}",
+                                       "gpt")
     assert result["strategy"] == "pipeline"
-    assert result["history"]["train_loss"][steps] < 0.9 * result["history"]["train_loss"][0]

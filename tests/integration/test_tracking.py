@@ -24,7 +24,7 @@ def _events(folder):
 
 
 def test_scalars_histograms_and_graph_per_candidate_from_rank_0_only(tmp_path, tiny_raw):
-    tiny_raw["train"].update(strategy="ddp", world_size=2)
+    tiny_raw["train"].update(parallel={"strategy": "ddp", "world_size": 2})
     tiny_raw["monitor"] = {"histogram_every_steps": 10, "system_metrics_interval_s": 0.05}
     distml("train", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path)
     (run,) = (tmp_path / "runs" / "tiny").glob("2*")
@@ -110,7 +110,7 @@ def test_scale_ingestion_and_ddp_training(tmp_path, tiny_raw):
 def test_mlflow_one_run_per_candidate_in_a_distributed_run(tmp_path, tiny_raw):
     from mlflow.tracking import MlflowClient
 
-    tiny_raw["train"].update(strategy="ddp", world_size=2)
+    tiny_raw["train"].update(parallel={"strategy": "ddp", "world_size": 2})
     tiny_raw["monitor"] = {"mlflow": True, "system_metrics_interval_s": 0.05}
     distml("run", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path)
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
@@ -121,7 +121,7 @@ def test_mlflow_one_run_per_candidate_in_a_distributed_run(tmp_path, tiny_raw):
     assert sorted(r.info.run_name for r in children) == ["cnn", "small"]  # one each, not 2
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
     assert all(r.info.status == "FINISHED" for r in runs)
-    assert parent.data.params["train.world_size"] == "2"
+    assert parent.data.params["train.parallel.world_size"] == "2"
     assert parent.data.params["train.candidates.1.model.type"] == "cnn"
     assert 0.5 < parent.data.metrics["test/accuracy"] <= 1
     small = next(r for r in children if r.info.run_name == "small")

@@ -57,8 +57,9 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
     [
         ("train.bogus=1", r"train\.bogus = 1: unknown key"),
         ("train.lr=-0.1", r"train\.lr = -0\.1: Input should be greater than 0"),
-        ("train.world_size=0", r"train\.world_size = 0: .*greater than or equal to 1"),
-        ("train.world_size=2", r"world_size=2 needs a distributed strategy"),
+        ("train.parallel.world_size=0",
+         r"train\.parallel\.world_size = 0: .*greater than or equal to 1"),
+        ("train.parallel.world_size=2", r"world_size=2 needs a distributed strategy"),
         ("train.batch_size=abc", r"train\.batch_size = 'abc': .*valid integer"),
         ("train.candidates.1.name=small", r"two candidates are named 'small'"),
         ("select.metric=perplexity", r"select\.metric='perplexity' cannot be computed for a "
@@ -72,10 +73,17 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
          r"candidate 'cnn': batch_size=64 is not divisible by data-parallel ranks x "
          r"grad_accum_steps"
          r"=1 x 5=5"),
-        ("train.world_size=128",
+        ("train.parallel.world_size=128",
          r"world_size=128 is larger than the global batch_size=64: every rank needs samples"),
-        ("train.reshard_after_forward=false",
-         r"reshard_after_forward applies to strategy fsdp, not 'single'"),
+        ("train.parallel.fsdp.reshard_after_forward=false",
+         r"parallel\.fsdp applies to strategy fsdp, not 'single'"),
+        ("train.parallel={strategy: ddp, world_size: 3, num_nodes: 2}",
+         r"world_size=3 does not divide over num_nodes=2"),
+        ("train.schedule=gpipe", r"train\.schedule = 'gpipe': unknown key"),
+        ("monitor.mlflow.tracking_uri=file:///tmp/mlruns",
+         r"monitor\.mlflow\.tracking_uri = 'file:///tmp/mlruns': MLflow's file store .* "
+         r"use sqlite:///path/to/mlflow\.db"),
+        ("monitor.mlflow.tracking_uri=./mlruns", r"MLflow's file store"),
         ("train.candidates.0.max_restarts=2",
          r"candidate 'small': max_restarts=2 needs checkpoints to restart from"),
         ("data.split.train=0.5", r"data\.split: train \+ val \+ test = 0\.8; .*add up to 1"),
@@ -146,46 +154,75 @@ def test_monitor_mlflow_rejects_unknown_keys(tiny_raw):
         make_config(tiny_raw)
 
 
-@pytest.mark.parametrize(("train", "match"), [
-    ({"strategy": "tensor", "world_size": 2}, r"'cnn': strategy tensor needs a tensor-parallel "
-     r"plan, and the cnn has none"),
-    ({"strategy": "pipeline", "world_size": 4, "batch_size": 64,
-      "candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": [16, 16]}}]},
-     r"4 pipeline stages \(pipeline_degree x virtual_stages under interleaved-1f1b\) is "
+def _mlp(*hidden: int) -> dict:
+    return {"candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": list(hidden)}}]}
+
+
+@pytest.mark.parametrize(("parallel", "train", "match"), [
+    ({"strategy": "tensor", "world_size": 2}, {},
+     r"'cnn': strategy tensor needs a tensor-parallel plan, and the cnn has none"),
+    ({"strategy": "pipeline", "world_size": 4}, _mlp(16, 16),
+     r"4 pipeline stages \(pipeline degree x virtual_stages under interleaved-1f1b\) is "
      r"more than the model's 3 layers; use at most 3"),
-    ({"strategy": "pipeline", "world_size": 2, "num_microbatches": 3},
+    ({"strategy": "pipeline", "world_size": 2, "pipeline": {"num_microbatches": 3}}, {},
      r"64 samples per pipeline, which do not divide into num_microbatches=3"),
-    ({"strategy": "tensor", "world_size": 4, "data_degree": 3},
+    ({"strategy": "tensor", "world_size": 4, "data_degree": 3}, {},
      r"data_degree x tensor_degree = 3 x the rest does not multiply to world_size=4"),
-    ({"strategy": "tensor", "world_size": 4, "data_degree": -1, "tensor_degree": -1},
+    ({"strategy": "tensor", "world_size": 4, "data_degree": -1, "tensor_degree": -1}, {},
      r"only one of data_degree and tensor_degree may be -1"),
-    ({"strategy": "ddp", "world_size": 2, "offload": True},
-     r"offload applies to strategy fsdp"),
-    ({"strategy": "fsdp", "world_size": 2, "precision": "fp16"},
+    ({"strategy": "ddp", "world_size": 2, "fsdp": {"offload": True}}, {},
+     r"parallel\.fsdp applies to strategy fsdp, not 'ddp'"),
+    ({"strategy": "fsdp", "world_size": 2}, {"precision": "fp16"},
      r"precision fp16 with strategy 'fsdp'.*use bf16"),
-    ({"strategy": "pipeline", "world_size": 2, "grad_accum_steps": 2},
-     r"pipeline accumulates over num_microbatches"),
-    ({"strategy": "ddp", "world_size": 2, "pipeline_degree": 2},
-     r"pipeline_degree applies to strategy pipeline, not 'ddp'"),
-    ({"strategy": "tensor", "world_size": 2,
-      "candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": [15]}}]},
+    ({"strategy": "pipeline", "world_size": 2}, {"grad_accum_steps": 2},
+     r"pipeline accumulates over parallel\.pipeline\.num_microbatches"),
+    ({"strategy": "ddp", "world_size": 2, "pipeline": {"degree": 2}}, {},
+     r"parallel\.pipeline applies to strategy pipeline, not 'ddp'"),
+    ({"strategy": "ddp", "world_size": 2, "tensor_degree": 2}, {},
+     r"parallel\.tensor_degree applies to strategy tensor, not 'ddp'"),
+    ({"strategy": "tensor", "world_size": 2}, _mlp(15),
      r"hidden_sizes=\[15\] cannot be split over tensor_degree=2"),
-    ({"strategy": "pipeline", "world_size": 2, "stage_split": [1, 1],
-      "candidates": [{"name": "m", "model": {"type": "mlp", "hidden_sizes": [8, 8]}}]},
+    ({"strategy": "pipeline", "world_size": 2, "pipeline": {"stage_split": [1, 1]}}, _mlp(8, 8),
      r"stage_split=\[1, 1\] must give 2 positive layer counts that sum to the model's 3"),
 ])
-def test_impossible_model_splits_are_refused_at_load(tiny_raw, train, match):
-    tiny_raw["train"].update(train)
+def test_impossible_model_splits_are_refused_at_load(tiny_raw, parallel, train, match):
+    tiny_raw["train"].update(parallel=parallel, **train)
     with pytest.raises(ConfigError, match=match):
         make_config(tiny_raw)
 
 
 def test_degrees_resolve_against_the_world_size(tiny_raw):
     tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
-    cases = [({"strategy": "tensor", "world_size": 2}, (1, 1, 2)),
-             ({"strategy": "tensor", "world_size": 4, "data_degree": 2}, (2, 1, 2)),
-             ({"strategy": "pipeline", "world_size": 4, "pipeline_degree": 2}, (2, 2, 1)),
+    cases = [({"strategy": "tensor", "world_size": 2}, (1, 2, 1)),
+             ({"strategy": "tensor", "world_size": 4, "data_degree": 2}, (2, 2, 1)),
+             ({"strategy": "pipeline", "world_size": 4, "pipeline": {"degree": 2}}, (2, 1, 2)),
              ({"strategy": "ddp", "world_size": 4}, (4, 1, 1))]
-    for train, degrees in cases:
-        raw = {**tiny_raw, "train": {**tiny_raw["train"], **train}}
-        assert make_config(raw).train.degrees() == degrees
+    for parallel, (data, tensor, pipeline) in cases:
+        raw = {**tiny_raw, "train": {**tiny_raw["train"], "parallel": parallel}}
+        dims = make_config(raw).train.dims
+        assert (dims.data, dims.tensor, dims.pipeline) == (data, tensor, pipeline)
+
+
+def test_candidates_deep_merge_the_parallel_settings(tiny_raw):
+    tiny_raw["train"]["parallel"] = {"strategy": "pipeline", "world_size": 2,
+                                     "pipeline": {"schedule": "gpipe", "num_microbatches": 2}}
+    tiny_raw["train"]["candidates"] = [
+        {"name": "a", "model": {"type": "mlp", "hidden_sizes": [8]},
+         "parallel": {"pipeline": {"num_microbatches": 4}}},
+        {"name": "b", "model": {"type": "mlp", "hidden_sizes": [8]},
+         "parallel": {"strategy": "ddp", "pipeline": {"schedule": "interleaved-1f1b"}}}]
+    with pytest.raises(ConfigError, match=r"candidate 'b': parallel\.pipeline applies to "
+                                          r"strategy pipeline, not 'ddp'"):
+        make_config(tiny_raw)
+    del tiny_raw["train"]["candidates"][1]["parallel"]["pipeline"]
+    cfg = make_config(tiny_raw)
+    a, b = (cfg.train.settings_for(c).parallel for c in cfg.train.candidates)
+    # a keeps the shared schedule and world size and changes only the micro-batches; b, a
+    # ddp, inherits no pipeline settings
+    assert (a.strategy, a.world_size, a.pipeline.schedule, a.pipeline.num_microbatches) == (
+        "pipeline", 2, "gpipe", 4)
+    assert (b.strategy, b.world_size, b.pipeline.schedule) == ("ddp", 2, "1f1b")
+    # the saved config keeps only what each candidate overrides, and loads back the same
+    assert cfg.to_dict()["train"]["candidates"][0]["parallel"] == {
+        "pipeline": {"num_microbatches": 4}}
+    assert make_config(cfg.to_dict()).hash() == cfg.hash()

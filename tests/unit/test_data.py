@@ -9,7 +9,7 @@ from distml.config import DataConfig
 from distml.data.dataset import MANIFEST, Manifest, load_split, read_partition
 from distml.data.ingest import ingest
 from distml.data.inspect import inspect
-from distml.data.sources import Chunk, load_chunk, plan_chunks
+from distml.data.sources import Chunk
 from distml.errors import DataError
 
 
@@ -33,21 +33,21 @@ def _csv(path, n=200, nan_rows=(), label=lambda i: i % 3, seed=0):
 def test_synthetic_classification_is_seeded_and_chunked():
     src = _data(source={"type": "synthetic:classification", "n_samples": 3000,
                         "n_features": 5, "n_classes": 4, "seed": 7}).source
-    chunks = plan_chunks(src, 1000)
+    chunks = src.plan_chunks(1000)
     assert [(c.start, c.stop) for c in chunks] == [(0, 1000), (1000, 2000), (2000, 3000)]
-    a, b = load_chunk(src, chunks[1]), load_chunk(src, chunks[1])
+    a, b = src.load_chunk(chunks[1]), src.load_chunk(chunks[1])
     assert len(a) == 1000
     assert list(a.columns) == ["x0", "x1", "x2", "x3", "x4"]
     assert set(np.unique(a.labels)) == {0, 1, 2, 3}
     np.testing.assert_array_equal(a.columns["x3"], b.columns["x3"])
-    assert not np.array_equal(a.columns["x0"], load_chunk(src, chunks[0]).columns["x0"])
+    assert not np.array_equal(a.columns["x0"], src.load_chunk(chunks[0]).columns["x0"])
 
 
 def test_text_windows_are_next_token_pairs(tmp_path):
     (tmp_path / "a.txt").write_bytes(bytes(range(100)) * 3)
     src = _data(source={"type": "text", "paths": [str(tmp_path / "*.txt")],
                         "sequence_length": 10}).source
-    raw = load_chunk(src, Chunk(0, "text"))
+    raw = src.load_chunk(Chunk(0, "text"))
     assert raw.tokens.shape == (30, 11)  # 301 bytes -> 30 windows
     np.testing.assert_array_equal(raw.tokens[1, :], np.arange(10, 21))  # stride T, width T+1
 
@@ -55,7 +55,7 @@ def test_text_windows_are_next_token_pairs(tmp_path):
 def test_stdlib_text_source_reads_python_sources():
     src = _data(source={"type": "text", "paths": ["stdlib:json/*.py"],
                         "sequence_length": 32}).source
-    assert len(load_chunk(src, Chunk(0, "text"))) > 100
+    assert len(src.load_chunk(Chunk(0, "text"))) > 100
 
 
 def test_ingest_writes_stratified_partitions_and_manifest(tmp_path):

@@ -8,11 +8,12 @@ from safetensors.torch import load_file
 
 from distml.data.ingest import ingest
 from distml.distributed.checkpoint import checkpoint_paths
+from distml.training.callbacks import Callback
 from distml.training.candidate import SplitTensors, train_candidate
 from tests.conftest import make_config
 
 
-class Crash:
+class Crash(Callback):
     """Simulates a dead process: raises after a given optimizer step."""
 
     def __init__(self, at_step: int) -> None:

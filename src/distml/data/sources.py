@@ -1,8 +1,9 @@
 """Data sources, cut into chunks: the independent work items of parallel ingestion.
 
-``plan_chunks`` lists a source's chunks (cheap, in the driver); ``load_chunk`` loads one
-(in a worker). Synthetic data is generated per chunk from (seed, chunk index), so the data
-does not depend on how many workers made it. Nothing is downloaded.
+A source spec's ``plan_chunks`` lists its chunks (cheap, in the driver) and ``load_chunk``
+loads one (in a worker), with the functions here. Synthetic data is generated per chunk
+from (seed, chunk index), so the data does not depend on how many workers made it. Nothing
+is downloaded.
 """
 
 from __future__ import annotations
@@ -19,9 +20,7 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from distml.config import (
-    DigitsSource,
     FileSource,
-    Source,
     SyntheticClassificationSource,
     SyntheticRegressionSource,
     TextSource,
@@ -61,49 +60,19 @@ class RawChunk:
         return len(self.labels) if self.labels is not None else 0
 
 
-def plan_chunks(source: Source, rows_per_partition: int) -> list[Chunk]:
-    if isinstance(source, SyntheticClassificationSource | SyntheticRegressionSource):
-        n = source.n_samples
-        return [
-            Chunk(i, f"rows {start}-{min(start + rows_per_partition, n) - 1}", None, start,
-                  min(start + rows_per_partition, n))
-            for i, start in enumerate(range(0, n, rows_per_partition))
-        ]
-    if isinstance(source, FileSource):
-        return [Chunk(i, str(f), str(f)) for i, f in enumerate(_list_files(source.path))]
-    return [Chunk(0, source.type)]
+def row_chunks(n: int, rows_per_partition: int) -> list[Chunk]:
+    """Chunks of ``rows_per_partition`` consecutive rows of a generated source."""
+    return [
+        Chunk(i, f"rows {start}-{min(start + rows_per_partition, n) - 1}", None, start,
+              min(start + rows_per_partition, n))
+        for i, start in enumerate(range(0, n, rows_per_partition))
+    ]
 
 
-def load_chunk(source: Source, chunk: Chunk) -> RawChunk:
-    if isinstance(source, DigitsSource):
-        return _digits()
-    if isinstance(source, SyntheticClassificationSource):
-        return _synthetic_classification(source, chunk)
-    if isinstance(source, SyntheticRegressionSource):
-        return _synthetic_regression(source, chunk)
-    if isinstance(source, TextSource):
-        return _text(source)
-    return _file(source, Path(chunk.path))
+def load_digits() -> RawChunk:
+    from sklearn import datasets
 
-
-def fingerprint(source: Source) -> dict:
-    """What identifies the source's content, for the manifest."""
-    if isinstance(source, FileSource):
-        files = _list_files(source.path)
-        return {"source": str(source.path), "files": [
-            {"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-            for f in files]}
-    if isinstance(source, TextSource):
-        files = expand_text_paths(source.paths)
-        size = sum(f.stat().st_size for f in files)
-        return {"source": "text", "files": len(files), "bytes": size}
-    return source.model_dump(mode="json")
-
-
-def _digits() -> RawChunk:
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
+    bunch = datasets.load_digits()
     data = bunch.data.astype(np.float32)
     names = [f"pixel_{r}_{c}" for r in range(8) for c in range(8)]
     return RawChunk({n: data[:, j] for j, n in enumerate(names)}, bunch.target)
@@ -113,7 +82,7 @@ def _chunk_rng(seed: int, chunk: Chunk) -> np.random.Generator:
     return np.random.default_rng([seed, chunk.index])
 
 
-def _synthetic_classification(src: SyntheticClassificationSource, chunk: Chunk) -> RawChunk:
+def synthetic_classification(src: SyntheticClassificationSource, chunk: Chunk) -> RawChunk:
     centres = np.random.default_rng(src.seed).normal(
         0.0, src.class_sep, (src.n_classes, src.n_features)
     ).astype(np.float32)
@@ -124,7 +93,7 @@ def _synthetic_classification(src: SyntheticClassificationSource, chunk: Chunk) 
     return RawChunk({f"x{j}": x[:, j] for j in range(src.n_features)}, y)
 
 
-def _synthetic_regression(src: SyntheticRegressionSource, chunk: Chunk) -> RawChunk:
+def synthetic_regression(src: SyntheticRegressionSource, chunk: Chunk) -> RawChunk:
     weights = np.random.default_rng(src.seed).standard_normal(src.n_features).astype(np.float32)
     rng = _chunk_rng(src.seed, chunk)
     n = chunk.stop - chunk.start
@@ -147,7 +116,7 @@ def expand_text_paths(patterns: list[str]) -> list[Path]:
     return files
 
 
-def _text(src: TextSource) -> RawChunk:
+def load_text(src: TextSource) -> RawChunk:
     files = expand_text_paths(src.paths)
     if not files:
         raise DataError(f"data.source.paths={src.paths} matches no file")
@@ -171,7 +140,7 @@ def _text(src: TextSource) -> RawChunk:
     return RawChunk({}, None, windows)
 
 
-def _list_files(path: Path) -> list[Path]:
+def list_files(path: Path) -> list[Path]:
     if not path.exists():
         raise DataError(f"data.source.path: {str(path)!r} does not exist")
     files = sorted(path.rglob("*")) if path.is_dir() else [path]
@@ -211,7 +180,7 @@ def raw_columns(table: pa.Table, names: list[str]) -> dict[str, np.ndarray]:
     return columns
 
 
-def _file(src: FileSource, path: Path) -> RawChunk:
+def load_file(src: FileSource, path: Path) -> RawChunk:
     table = read_table(path)
     if src.label_column not in table.column_names:
         raise DataError(

@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from distml.distributed.strategy import Strategy
+from distml.distributed.strategy import Strategy, optimizer_spec, shard_units
 
 logger = logging.getLogger(__name__)
 
@@ -46,13 +46,9 @@ class ZeRO1(DDP):
     name = "zero1"
 
     def build_optimizer(self) -> torch.optim.Optimizer:
-        s = self.settings
+        cls, kwargs = optimizer_spec(self.settings)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if s.optimizer == "sgd":
-            return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, lr=s.lr,
-                                           momentum=s.momentum, weight_decay=s.weight_decay)
-        return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, lr=s.lr,
-                                       weight_decay=s.weight_decay)
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
 
     # torch.distributed.checkpoint does not know ZeroRedundancyOptimizer: the optimizer
     # state is consolidated on rank 0 and saved whole; every rank loads it and keeps its
@@ -75,20 +71,14 @@ class FSDP(Strategy):
     name = "fsdp"
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        mesh = init_device_mesh(self.env.device.type, (self.env.world_size,))
-        kw: dict[str, Any] = {"mesh": mesh,
-                              "reshard_after_forward": self.settings.reshard_after_forward
-                              is not False}
-        if self.settings.offload and self.env.device.type == "cpu":
+        fsdp = self.settings.parallel.fsdp
+        offload = fsdp.offload
+        if offload and self.env.device.type == "cpu":
             logger.warning("offload: training runs on the CPU, where every shard already "
                            "lives in CPU memory; there is nothing to offload")
-        elif self.settings.offload:  # shards live in CPU memory; copied in for each use
-            kw["offload_policy"] = CPUOffloadPolicy()
-        # Each block is its own unit (gathered just in time), then the root takes the rest
-        # (embeddings, heads, tied weights).
-        for unit in shard_units(model):
-            fully_shard(unit, **kw)
-        return fully_shard(model, **kw)
+            offload = False
+        return apply_fsdp(model, self.mesh["data"],
+                          reshard_after_forward=fsdp.reshard_after_forward, offload=offload)
 
     @contextlib.contextmanager
     def sync_gradients(self, sync: bool) -> Iterator[None]:
@@ -96,9 +86,14 @@ class FSDP(Strategy):
         yield
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The model's blocks if it exposes them, else its top-level children with parameters."""
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.ModuleList | nn.Sequential):
-        return list(blocks)
-    return [m for m in model.children() if any(p.requires_grad for p in m.parameters())]
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, reshard_after_forward: bool = True,
+               offload: bool = False) -> nn.Module:
+    """Shard ``model`` over ``mesh`` (a 1-D data axis) with torch's fully_shard: each block
+    is its own unit (gathered just in time), then the root takes the rest (embeddings,
+    heads, tied weights). ``offload`` keeps the shards in CPU memory between uses."""
+    kw: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if offload:
+        kw["offload_policy"] = CPUOffloadPolicy()
+    for unit in shard_units(model):
+        fully_shard(unit, **kw)
+    return fully_shard(model, **kw)

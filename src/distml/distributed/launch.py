@@ -8,14 +8,15 @@ error or Ctrl-C tears every process down. Nothing here is a cluster engine of ou
 On one machine, the same as ``distml train`` with the local launcher::
 
     torchrun --standalone --nproc-per-node 2 -m distml.train examples/digits.yaml \\
-        --set train.strategy=ddp --set train.world_size=2
+        --set train.parallel.strategy=ddp --set train.parallel.world_size=2
 
 On several machines (run on every node; HOST is node 0, reachable from the others, and the
 output folder is on a file system every node shares)::
 
     torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         --rdzv-id my-job --max-restarts 3 -m distml.train examples/digits.yaml \\
-        --set train.strategy=fsdp --set train.world_size=8
+        --set train.parallel.strategy=fsdp --set train.parallel.world_size=8 \\
+        --set train.parallel.num_nodes=2
 """
 
 from __future__ import annotations

@@ -20,28 +20,21 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate
 
-from distml.distributed.data_parallel import shard_units
+from distml.distributed.data_parallel import apply_fsdp
 from distml.distributed.runtime import gather_objects
 from distml.distributed.strategy import Batch, LossFn, Strategy
 from distml.errors import DistmlError
 
 Layer = tuple[Callable[[torch.Tensor], torch.Tensor], list[str]]
-
-
-def _mesh(strategy: Strategy, axis: str) -> DeviceMesh:
-    data, pipe, tensor = strategy.settings.degrees()
-    return init_device_mesh(strategy.env.device.type, (data, pipe * tensor),
-                            mesh_dim_names=("data", axis))
 
 
 def global_norm_clip(params: list[nn.Parameter], max_norm: float,
@@ -89,17 +82,13 @@ class TensorParallel(Strategy):
             raise DistmlError(f"strategy tensor: {type(model).__name__} has no tensor_plan(); "
                               "define one (a dict of module path -> ColwiseParallel / "
                               "RowwiseParallel) or use ddp or fsdp")
-        self.mesh = _mesh(self, "tensor")
         return parallelize_module(model, self.mesh["tensor"], plan())
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.mesh["data"].size() == 1:
             return model
         # data x tensor: FSDP over the data axis of the same mesh (2-D parallelism).
-        reshard = self.settings.reshard_after_forward is not False
-        for unit in shard_units(model):
-            fully_shard(unit, mesh=self.mesh["data"], reshard_after_forward=reshard)
-        return fully_shard(model, mesh=self.mesh["data"], reshard_after_forward=reshard)
+        return apply_fsdp(model, self.mesh["data"])
 
     def sync_gradients(self, sync: bool):
         if self.mesh["data"].size() > 1:
@@ -189,6 +178,74 @@ class _Stage(nn.Module):
         return x
 
 
+@dataclass(frozen=True)
+class StagePlan:
+    """Where the pipeline's stages live, seen from this rank."""
+
+    ranks: int  # pipeline ranks (K)
+    pp_rank: int  # this rank's place among them
+    group: Any  # the pipeline axis' process group
+    num_stages: int  # K x stages per rank
+    my_stages: list[int]  # rank r holds stages r, r + K, ... (round-robin)
+    layer_ranges: list[tuple[int, int]]  # [start, end) layers of each of my stages
+    stage_of: dict[str, int]  # module path -> stage
+    tied: list[tuple[nn.Parameter, Any, bool]]  # see _tie_groups
+    aliases: dict[str, str]  # this rank's name of a tied parameter -> the canonical one
+
+
+def plan_stages(model: nn.Module, mesh: Any, pp: Any, sample: torch.Tensor | None
+                ) -> StagePlan:
+    """Cut the model's layers into contiguous stages (by parameters, measured time or the
+    given sizes) and deal them to the pipeline ranks."""
+    axis = mesh["pipeline"]
+    ranks, pp_rank = axis.size(), axis.get_local_rank()
+    num_stages = ranks * pp.stages_per_rank
+    my_stages = [pp_rank + k * ranks for k in range(pp.stages_per_rank)]
+    layers = pipeline_layers(model)
+    if num_stages > len(layers):
+        raise DistmlError(f"{num_stages} pipeline stages is more than the model's "
+                          f"{len(layers)} layers; use at most {len(layers)}")
+    sizes = pp.stage_split if isinstance(pp.stage_split, list) else split_stages(
+        _layer_costs(model, layers, pp.stage_split, sample), num_stages)
+    if len(sizes) != num_stages or sum(sizes) != len(layers):
+        raise DistmlError(f"stage_split={sizes} must give {num_stages} stages "
+                          f"covering the model's {len(layers)} layers")
+    starts = [sum(sizes[:i]) for i in range(num_stages + 1)]
+    stage_of_layer = [k for k in range(num_stages) for _ in range(sizes[k])]
+    stage_of = {path: stage_of_layer[i] for i, (_, paths) in enumerate(layers) for path in paths}
+    tied, aliases = _tie_groups(model, stage_of, mesh, ranks, pp_rank, my_stages)
+    return StagePlan(ranks, pp_rank, axis.get_group(), num_stages, my_stages,
+                     [(starts[i], starts[i + 1]) for i in my_stages], stage_of, tied, aliases)
+
+
+def _tie_groups(model: nn.Module, stage_of: dict[str, int], mesh: Any, ranks: int,
+                pp_rank: int, my_stages: list[int]
+                ) -> tuple[list[tuple[nn.Parameter, Any, bool]], dict[str, str]]:
+    """Parameters shared by layers on different ranks (a head tied to the embedding):
+    (parameter, the group of ranks holding it, whether this rank counts it in the norm), and
+    this rank's names of tied parameters -> their canonical names. Every rank creates every
+    group, in the same order, as torch requires."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+        params[id(p)] = p
+    tied, aliases = [], {}
+    for key, ns in names.items():
+        stage = {n: stage_of[_owner(n, stage_of)] for n in ns}
+        holders = sorted({st % ranks for st in stage.values()})
+        local = next((n for n in ns if stage[n] in my_stages), None)
+        if local is not None and local != ns[0]:
+            aliases[local] = ns[0]
+        if len(holders) < 2:
+            continue
+        for d in range(mesh["data"].size()):
+            group = dist.new_group([d * ranks + r for r in holders])
+            if local is not None and d == mesh["data"].get_local_rank():
+                tied.append((params[key], group, pp_rank == holders[0]))
+    return tied, aliases
+
+
 class PipelineParallel(Strategy):
     """Stages on the pipeline ranks: one each under gpipe and 1f1b; under interleaved-1f1b
     ``virtual_stages`` each, dealt round-robin (rank r holds stages r, r + K, ...), which
@@ -198,31 +255,11 @@ class PipelineParallel(Strategy):
     needs_full_batches = True  # stages exchange fixed-shape micro-batches
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        """Keep this rank's stages' layers; the others become empty placeholders."""
-        s = self.settings
-        self.mesh = _mesh(self, "pipeline")
-        pp = self.mesh["pipeline"]
-        self.ranks, self.pp_rank, self.pp_group = pp.size(), pp.get_local_rank(), pp.get_group()
-        per_rank = s.virtual_stages if s.schedule == "interleaved-1f1b" else 1
-        self.num_stages = self.ranks * per_rank
-        self.my_stages = [self.pp_rank + k * self.ranks for k in range(per_rank)]
-        layers = pipeline_layers(model)
-        if self.num_stages > len(layers):
-            raise DistmlError(f"{self.num_stages} pipeline stages is more than the model's "
-                              f"{len(layers)} layers; use at most {len(layers)}")
-        sizes = s.stage_split if isinstance(s.stage_split, list) else split_stages(
-            _layer_costs(model, layers, s.stage_split, self.sample), self.num_stages)
-        if len(sizes) != self.num_stages or sum(sizes) != len(layers):
-            raise DistmlError(f"stage_split={sizes} must give {self.num_stages} stages "
-                              f"covering the model's {len(layers)} layers")
-        starts = [sum(sizes[:i]) for i in range(self.num_stages + 1)]
-        self.layer_ranges = [(starts[i], starts[i + 1]) for i in self.my_stages]
-        stage_of_layer = [k for k in range(self.num_stages) for _ in range(sizes[k])]
-        stage_of = {path: stage_of_layer[i]
-                    for i, (_, paths) in enumerate(layers) for path in paths}
-        self.tied = self._tie_groups(model, stage_of)
-        for path, stage in stage_of.items():  # other ranks' layers: empty placeholders
-            if stage not in self.my_stages:
+        """Plan the stages (the one place the pipeline's layout is decided) and keep this
+        rank's stages' layers; the others become empty placeholders."""
+        self.plan = plan_stages(model, self.mesh, self.settings.parallel.pipeline, self.sample)
+        for path, stage in self.plan.stage_of.items():
+            if stage not in self.plan.my_stages:
                 parent, _, name = path.rpartition(".")
                 setattr(model.get_submodule(parent), name, nn.Identity())
         return model
@@ -237,22 +274,25 @@ class PipelineParallel(Strategy):
             ScheduleInterleaved1F1B,
         )
 
+        plan, pp = self.plan, self.settings.parallel.pipeline
         layers = pipeline_layers(model)
         self.stage_modules = {i: _Stage(model, layers[lo:hi])
-                              for i, (lo, hi) in zip(self.my_stages, self.layer_ranges,
+                              for i, (lo, hi) in zip(plan.my_stages, plan.layer_ranges,
                                                      strict=True)}
-        stages = [PipelineStage(m, i, self.num_stages, self.env.device, group=self.pp_group)
+        stages = [PipelineStage(m, i, plan.num_stages, self.env.device, group=plan.group)
                   for i, m in self.stage_modules.items()]
         self.busy: list[tuple[float, float]] = []  # (start, end) of each compute action
+        self.last_step = (0.0, 0.0)  # the last step's (start, end): with busy, the bubble
         for stage in stages:
             for action in ("forward_one_chunk", "backward_one_chunk"):
                 setattr(stage, action, self._timed(getattr(stage, action)))
-        kw = {"n_microbatches": self.settings.num_microbatches,
+        self._loss_fn: LossFn | None = None  # the step's loss, set by train_step
+        kw = {"n_microbatches": pp.num_microbatches,
               "loss_fn": lambda out, y: self._loss_fn(out, y)}
-        if self.settings.schedule == "interleaved-1f1b":
+        if pp.schedule == "interleaved-1f1b":
             self.schedule = ScheduleInterleaved1F1B(stages, **kw)
         else:
-            schedule = ScheduleGPipe if self.settings.schedule == "gpipe" else Schedule1F1B
+            schedule = ScheduleGPipe if pp.schedule == "gpipe" else Schedule1F1B
             self.schedule = schedule(stages[0], **kw)
         return model
 
@@ -265,39 +305,13 @@ class PipelineParallel(Strategy):
                 self.busy.append((start, time.perf_counter()))
         return timed
 
-    def _tie_groups(self, model: nn.Module, stage_of: dict[str, int]
-                    ) -> list[tuple[nn.Parameter, Any, bool]]:
-        """Parameters shared by layers on different ranks (a head tied to the embedding):
-        (parameter, the group of ranks holding it, whether this rank counts it in the norm).
-        Every rank creates every group, in the same order, as torch requires."""
-        names: dict[int, list[str]] = {}
-        params: dict[int, nn.Parameter] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            names.setdefault(id(p), []).append(name)
-            params[id(p)] = p
-        out = []
-        self.aliases: dict[str, str] = {}  # this rank's name of a tied parameter -> canonical
-        for key, ns in names.items():
-            stage = {n: stage_of[_owner(n, stage_of)] for n in ns}
-            holders = sorted({st % self.ranks for st in stage.values()})
-            local = next((n for n in ns if stage[n] in self.my_stages), None)
-            if local is not None and local != ns[0]:
-                self.aliases[local] = ns[0]
-            if len(holders) < 2:
-                continue
-            for d in range(self.mesh["data"].size()):
-                group = dist.new_group([d * self.ranks + r for r in holders])
-                if local is not None and d == self.mesh["data"].get_local_rank():
-                    out.append((params[key], group, self.pp_rank == holders[0]))
-        return out
-
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> float:
         (x, y), = micro_batches  # grad_accum_steps is 1: micro-batching is the schedule's
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._loss_fn = loss_fn
         x, y = x.to(self.env.device), y.to(self.env.device)
-        first, last = 0 in self.my_stages, self.num_stages - 1 in self.my_stages
+        first, last = 0 in self.plan.my_stages, self.plan.num_stages - 1 in self.plan.my_stages
         losses: list[torch.Tensor] = []
         self.busy.clear()
         start = time.perf_counter()
@@ -305,7 +319,7 @@ class PipelineParallel(Strategy):
             self.schedule.step(*([x] if first else []), target=y if last else None,
                                losses=losses if last else None)
         self.last_step = (start, time.perf_counter())  # with self.busy: the rank's bubble
-        for p, group, _ in self.tied:  # each stage saw half the story: add them up
+        for p, group, _ in self.plan.tied:  # each stage saw half the story: add them up
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=group)
         if self.mesh["data"].size() > 1:
@@ -318,10 +332,10 @@ class PipelineParallel(Strategy):
 
     def clip_gradients(self, max_norm: float) -> None:
         data = self.mesh["data"].size()
-        copies = {id(p) for p, _, counted in self.tied if not counted}  # counted once
+        copies = {id(p) for p, _, counted in self.plan.tied if not counted}  # counted once
         global_norm_clip([p for p in self.model.parameters() if id(p) not in copies],
                          max_norm, lambda p: data,
-                         also=[p for p, _, counted in self.tied if not counted])
+                         also=[p for p, _, counted in self.plan.tied if not counted])
 
     # -- evaluation and state ------------------------------------------------------------------
 
@@ -330,11 +344,11 @@ class PipelineParallel(Strategy):
         name for it (the last stage knows the head's weight as 'head.weight', one process
         as 'tok_emb.weight'), so checkpoints move between pipeline and other strategies."""
         state = super().state_dict()
-        state["optim"] = _rename_optim(state["optim"], self.aliases)
+        state["optim"] = _rename_optim(state["optim"], self.plan.aliases)
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        back = {v: k for k, v in self.aliases.items()}
+        back = {v: k for k, v in self.plan.aliases.items()}
         super().load_state_dict({**state, "optim": _rename_optim(state["optim"], back)})
 
     @torch.no_grad()
@@ -342,7 +356,7 @@ class PipelineParallel(Strategy):
         """The model's output for ``x`` on the last stage's rank (None elsewhere):
         activations go stage to stage by point-to-point sends, a chunk at a time."""
         self.model.eval()
-        last = self.num_stages - 1
+        last = self.plan.num_stages - 1
         outs = []
         for part in x.split(chunk):
             h = part.to(self.env.device)
@@ -358,7 +372,7 @@ class PipelineParallel(Strategy):
         return torch.cat(outs) if outs else None
 
     def _peer(self, stage: int) -> int:
-        return dist.get_global_rank(self.pp_group, stage % self.ranks)
+        return dist.get_global_rank(self.plan.group, stage % self.plan.ranks)
 
     def evaluate(self, task: str, x: torch.Tensor, y: torch.Tensor
                  ) -> tuple[dict[str, float], Any]:
@@ -366,7 +380,7 @@ class PipelineParallel(Strategy):
 
         out = self.forward_all(x)
         result = [metrics_from_outputs(task, out, y) if out is not None else None]
-        dist.broadcast_object_list(result, src=self.ranks - 1)  # replica 0's last stage
+        dist.broadcast_object_list(result, src=self.plan.ranks - 1)  # replica 0's last stage
         return result[0]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:

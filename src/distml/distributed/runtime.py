@@ -7,6 +7,7 @@ collective backend come from ``distml.device``: nccl on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import traceback
@@ -19,6 +20,9 @@ import torch
 import torch.distributed as dist
 
 from distml.device import collective_backend, default_device
+from distml.errors import DistmlError
+
+logger = logging.getLogger("distml")
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,29 @@ def all_reduce_mean(value: float, env: DistEnv) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return float(t.item()) / env.world_size
+
+
+def worker_main(body: Callable[[DistEnv], None]) -> None:
+    """The life of one launched process: logging, joining the process group, ``body``, and
+    leaving it. A user error (DistmlError) is logged and recorded for the launcher, which
+    names the rank in its report, and exits with code 2."""
+    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
+
+    @record
+    def run() -> None:
+        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        env = init_distributed()
+        try:
+            body(env)
+        except DistmlError as e:
+            logger.error("%s", e)
+            ErrorHandler().record_exception(e)
+            raise SystemExit(2) from None
+        finally:
+            shutdown()
+
+    run()
 
 
 def run_worker(fn: Callable[[], None]) -> NoReturn:

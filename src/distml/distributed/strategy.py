@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import DeviceMesh
 
 from distml.config import TrainSettings
 from distml.distributed.runtime import DistEnv, all_reduce_mean
@@ -34,23 +35,46 @@ from distml.imports import load_object
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+# Strategies by name -> import path; a user's 'module:Class' resolves the same way, so this
+# module imports none of its subclasses.
+STRATEGIES: dict[str, str] = {
+    "single": "distml.distributed.strategy:Strategy",
+    "ddp": "distml.distributed.data_parallel:DDP",
+    "zero1": "distml.distributed.data_parallel:ZeRO1",
+    "fsdp": "distml.distributed.data_parallel:FSDP",
+    "tensor": "distml.distributed.model_parallel:TensorParallel",
+    "pipeline": "distml.distributed.model_parallel:PipelineParallel",
+}
+
+
+def optimizer_spec(s: TrainSettings) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+    """The optimizer class and its keyword arguments: the one place they are chosen."""
+    if s.optimizer == "sgd":
+        return torch.optim.SGD, {"lr": s.lr, "momentum": s.momentum,
+                                 "weight_decay": s.weight_decay}
+    return torch.optim.AdamW, {"lr": s.lr, "weight_decay": s.weight_decay}
+
 
 def build_optimizer(params: Any, s: TrainSettings) -> torch.optim.Optimizer:
-    if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    return torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+    cls, kwargs = optimizer_spec(s)
+    return cls(params, **kwargs)
 
 
 class Strategy:
-    """One process trains the whole model (``strategy: single``); the base of the others."""
+    """One process trains the whole model (``strategy: single``); the base of the others.
+
+    ``mesh`` is the job's one device mesh, built from the settings' ParallelDims: a "data"
+    axis, and the model's axis ("tensor" or "pipeline") innermost; None in one process.
+    """
 
     name = "single"
     needs_full_batches = False  # True: the loader drops a short last batch
 
     def __init__(self, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
-                 sample: torch.Tensor | None = None) -> None:
+                 mesh: DeviceMesh | None = None, sample: torch.Tensor | None = None) -> None:
         self.settings = settings
         self.env = env
+        self.mesh = mesh
         self.sample = sample  # a few input rows, for splits that time the model's layers
         # The apply order: split the model (tensor parallel, pipeline stage), then
         # activation checkpointing, then the data-parallel wrapper (DDP / FSDP).
@@ -77,11 +101,11 @@ class Strategy:
     @property
     def data_rank(self) -> int:
         """This rank's index among the data-parallel replicas (which batch shard it gets)."""
-        return self.env.rank // (self.env.world_size // self.data_size)
+        return self.mesh["data"].get_local_rank() if self.mesh is not None else 0
 
     @property
     def data_size(self) -> int:
-        return self.settings.degrees()[0] if self.env.world_size > 1 else 1
+        return self.mesh["data"].size() if self.mesh is not None else 1
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         return build_optimizer([p for p in self.model.parameters() if p.requires_grad],
@@ -195,11 +219,18 @@ def checkpoint_blocks(model: nn.Module) -> None:
     drop the wrapper's prefix)."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    from distml.distributed.data_parallel import shard_units
-
     for unit in shard_units(model):
         parent, name = _parent(model, unit)
         setattr(parent, name, checkpoint_wrapper(unit))
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The model's blocks if it exposes them, else its top-level children with parameters:
+    the units that FSDP shards and activation checkpointing wraps."""
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.ModuleList | nn.Sequential):
+        return list(blocks)
+    return [m for m in model.children() if any(p.requires_grad for p in m.parameters())]
 
 
 def _parent(model: nn.Module, child: nn.Module) -> tuple[nn.Module, str]:
@@ -217,12 +248,8 @@ def _optimizer_states(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 def make_strategy(name: str, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
                   sample: torch.Tensor | None = None) -> Strategy:
-    """A strategy by name, or a user's Strategy subclass by 'module:Class'."""
-    from distml.distributed.data_parallel import DDP, FSDP, ZeRO1
-    from distml.distributed.model_parallel import PipelineParallel, TensorParallel
-
-    known: dict[str, type[Strategy]] = {
-        "single": Strategy, "ddp": DDP, "zero1": ZeRO1, "fsdp": FSDP,
-        "tensor": TensorParallel, "pipeline": PipelineParallel}
-    cls = known.get(name) or load_object(name, what="strategy")
-    return cls(model, settings, env, sample=sample)
+    """A strategy by name, or a user's Strategy subclass by 'module:Class', on the device
+    mesh that the settings' degrees describe."""
+    cls = load_object(STRATEGIES.get(name, name), what="strategy")
+    mesh = settings.dims.build_mesh(env.device.type) if env.distributed else None
+    return cls(model, settings, env, mesh=mesh, sample=sample)

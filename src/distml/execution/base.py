@@ -12,6 +12,7 @@ travel to other processes or machines; there, distml must be installed too.
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
@@ -104,6 +105,15 @@ class Executor:
         self.close()
 
 
+# Engines by URL scheme -> the module whose ``make(address, ...)`` builds the executor. The
+# engines import this module, never the other way round.
+ENGINES: dict[str, str] = {
+    "local": "distml.execution.local",
+    "dask": "distml.execution.dask",
+    "ray": "distml.execution.ray",
+}
+
+
 def make_executor(
     spec: str,
     *,
@@ -114,28 +124,14 @@ def make_executor(
     """``local``, ``dask://local``, ``dask://HOST:PORT``, ``ray://local`` or ``ray://HOST:PORT``."""
     workers = num_workers or os.cpu_count() or 1
     kind, _, address = spec.partition("://")
-    if kind == "local" and not address:
-        from distml.execution.local import LocalExecutor
-
-        return LocalExecutor(num_workers=workers, retries=retries, progress=progress)
-    if kind in ("dask", "ray") and address:
-        module = _import_engine(kind, spec)
-        return module.make(address, num_workers=workers, retries=retries, progress=progress)
-    raise DistmlError(
-        f"execution.executor={spec!r} is not an executor; use local, dask://local, "
-        "dask://HOST:PORT, ray://local or ray://HOST:PORT"
-    )
-
-
-def _import_engine(kind: str, spec: str):
+    if kind not in ENGINES or (kind == "local") == bool(address):
+        raise DistmlError(
+            f"execution.executor={spec!r} is not an executor; use local, dask://local, "
+            "dask://HOST:PORT, ray://local or ray://HOST:PORT")
     try:
-        if kind == "dask":
-            import distml.execution.dask as module
-        else:
-            import distml.execution.ray as module
+        module = importlib.import_module(ENGINES[kind])
     except ImportError as e:
         raise DistmlError(
             f"execution.executor={spec!r} needs {kind.capitalize()}, which is not installed "
-            f"({e.name}); install it with: pip install 'distml[{kind}]'"
-        ) from None
-    return module
+            f"({e.name}); install it with: pip install 'distml[{kind}]'") from None
+    return module.make(address, num_workers=workers, retries=retries, progress=progress)

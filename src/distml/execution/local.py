@@ -18,7 +18,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from distml.errors import DistmlError
-from distml.execution.base import Executor, ProgressHandle
+from distml.execution.base import Executor, ProgressFactory, ProgressHandle
 
 _PRELOAD = ["numpy", "pyarrow", "pyarrow.parquet", "distml.data.preprocess"]
 
@@ -117,3 +117,9 @@ class LocalExecutor(Executor):
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def make(address: str, *, num_workers: int, retries: int,
+         progress: ProgressFactory | None) -> LocalExecutor:
+    """The executor for ``local`` (it has no address)."""
+    return LocalExecutor(num_workers=num_workers, retries=retries, progress=progress)

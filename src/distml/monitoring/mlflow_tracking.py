@@ -13,17 +13,19 @@ reported once, and MLflow tracking is off for the rest of the run; TensorBoard g
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from distml.config import Config
 from distml.errors import ConfigError
 from distml.fsutil import write_json_atomic, write_text_atomic
+from distml.training.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +101,7 @@ class PipelineTracking:
         self.tracker = tracker
         self.run_dir = run_dir
         self.ids = ids
+        self.closed = False
 
     @property
     def run_id(self) -> str:
@@ -175,11 +178,31 @@ class PipelineTracking:
                      "distml.candidate": summary["selected"]})
 
     def close(self, status: str) -> None:
+        """End the parent run with ``status`` (FINISHED, FAILED or KILLED), once."""
+        if self.closed:
+            return
+        self.closed = True
         self.tracker.call("close the pipeline run", self.tracker.client.set_terminated,
                           self.run_id, status)
 
 
-class MlflowCallback:
+@contextlib.contextmanager
+def pipeline_tracking(cfg: Config, run_dir: Path) -> Iterator[PipelineTracking | None]:
+    """The parent run for the duration of a block: FINISHED when it completes, FAILED when it
+    raises, KILLED when interrupted. Every entry point that starts a run uses this, so no
+    parent run stays RUNNING after its process gave up. None when MLflow is off."""
+    tracking = PipelineTracking.start(cfg, run_dir)
+    try:
+        yield tracking
+    except BaseException as e:
+        if tracking is not None:
+            tracking.close("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    if tracking is not None:
+        tracking.close("FINISHED")
+
+
+class MlflowCallback(Callback):
     """A candidate's child run, logged by rank 0 (a trainer callback)."""
 
     def __init__(self, run_dir: Path, out_dir: Path, candidate: str,

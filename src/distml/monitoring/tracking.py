@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from distml.training.callbacks import Callback
+
 logger = logging.getLogger(__name__)
 
 
@@ -22,7 +24,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return getattr(t, "_local_tensor", t).detach().float().cpu()
 
 
-class TensorBoardCallback:
+class TensorBoardCallback(Callback):
     def __init__(self, log_dir: Path, *, histogram_every: int = 50) -> None:
         self.log_dir = Path(log_dir)
         self.histogram_every = histogram_every

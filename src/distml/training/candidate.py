@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from distml.artifact import git_revision, io_schema, save_artifact
-from distml.config import Candidate, Config
+from distml.config import Candidate, Config, TrainSettings
 from distml.data.dataset import Manifest, load_split
 from distml.data.loader import PartitionLoader
 from distml.distributed.runtime import DistEnv, gather_objects, init_distributed
@@ -71,6 +71,17 @@ def build_candidate_model(
     return model, spec
 
 
+def train_loader(cfg: Config, manifest: Manifest, settings: TrainSettings, *, rank: int,
+                 replicas: int, drop_last: bool) -> PartitionLoader:
+    """The training batches of data-parallel replica ``rank`` of ``replicas`` (every rank of
+    one replica reads the same ones): each optimizer step's global batch is split among the
+    replicas, then among the accumulated micro-batches."""
+    return PartitionLoader(
+        manifest, "train", seed=cfg.seed, rank=rank, world_size=replicas,
+        batch_size=settings.batch_size // (replicas * settings.grad_accum_steps),
+        config=cfg.data.loader, drop_last=drop_last)
+
+
 def train_candidate(
     cfg: Config,
     candidate: Candidate,
@@ -90,13 +101,10 @@ def train_candidate(
     env = env or init_distributed()
     settings = cfg.train.settings_for(candidate)
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
-    strategy = make_strategy(settings.strategy, model, settings, env, sample=val.x[:16])
-    loader = PartitionLoader(  # the ranks of one data-parallel replica read the same batches
-        manifest, "train", seed=cfg.seed, rank=strategy.data_rank,
-        world_size=strategy.data_size,
-        batch_size=settings.batch_size // (strategy.data_size * settings.grad_accum_steps),
-        config=cfg.data.loader, drop_last=strategy.needs_full_batches,
-    )
+    strategy = make_strategy(settings.parallel.strategy, model, settings, env,
+                             sample=val.x[:16])
+    loader = train_loader(cfg, manifest, settings, rank=strategy.data_rank,
+                          replicas=strategy.data_size, drop_last=strategy.needs_full_batches)
     if cfg.monitor.tensorboard:  # <run>/tensorboard/<candidate>: tensorboard --logdir runs/
         callbacks = [*callbacks, TensorBoardCallback(
             out_dir.parent.parent / "tensorboard" / candidate.name,
@@ -142,7 +150,7 @@ def train_candidate(
     step_times = state.seconds / max(state.step, 1)
     result = {
         "name": candidate.name,
-        "strategy": settings.strategy,
+        "strategy": settings.parallel.strategy,
         "world_size": env.world_size,
         "params": count_parameters(model),
         "val": val_metrics,

@@ -15,7 +15,6 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -33,6 +32,7 @@ from distml.distributed.runtime import gather_objects
 from distml.distributed.strategy import Strategy
 from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
+from distml.training.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
@@ -53,16 +53,6 @@ class TrainState:
     seconds: float = 0.0  # time in optimizer steps
 
 
-class Callback(Protocol):
-    """Hooks for progress displays and trackers; every method is optional."""
-
-    def on_train_start(self, trainer: Trainer) -> None: ...
-    def on_step_end(self, trainer: Trainer, record: dict[str, float]) -> None: ...
-    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
-    def on_epoch_end(self, trainer: Trainer, stats: dict[str, float]) -> None: ...
-    def on_train_end(self, trainer: Trainer) -> None: ...
-
-
 class Trainer:
     def __init__(
         self,
@@ -74,7 +64,7 @@ class Trainer:
         val_data: tuple[torch.Tensor, torch.Tensor],
         metric: str,
         checkpoint_dir: Path,
-        callbacks: Sequence[Any] = (),
+        callbacks: Sequence[Callback] = (),
         system: SystemSampler | None = None,
     ) -> None:
         self.strategy = strategy
@@ -106,7 +96,8 @@ class Trainer:
     def fit(self, *, resume: bool = False) -> TrainState:
         if resume:
             self._restore()
-        self._emit("on_train_start")
+        for cb in self._listeners:
+            cb.on_train_start(self)
         stop = self.state.step >= self.total_steps
         while not stop:
             epoch_start, wait_start, samples = time.perf_counter(), self.loader.wait_seconds, 0
@@ -130,13 +121,15 @@ class Trainer:
                 if epoch_end:
                     self._end_epoch(samples, time.perf_counter() - epoch_start,
                                     self.loader.wait_seconds - wait_start)
-                self._emit("on_step_end", record)
+                for cb in self._listeners:
+                    cb.on_step_end(self, record)
                 stop = self._after_step(epoch_end)
                 if stop:
                     break
         if self.settings.restore_best and self.best_weights is not None:
             self.strategy.load_model_state_dict(self.best_weights)
-        self._emit("on_train_end")
+        for cb in self._listeners:
+            cb.on_train_end(self)
         return self.state
 
     def _end_epoch(self, samples: int, seconds: float, waited: float) -> None:
@@ -148,7 +141,8 @@ class Trainer:
             stats["system"] = gather_objects(self.system.summary(), self.env)
         self.state.epochs.append(stats)
         self.state.epoch, self.state.position = self.state.epoch + 1, 0
-        self._emit("on_epoch_end", stats)
+        for cb in self._listeners:
+            cb.on_epoch_end(self, stats)
 
     def _step_groups(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
         """The rest of the current epoch, grouped into optimizer steps."""
@@ -181,7 +175,8 @@ class Trainer:
             self.best_weights = self._model_copy()
         else:
             self.state.evals_since_best += 1
-        self._emit("on_eval_end", metrics)
+        for cb in self._listeners:
+            cb.on_eval_end(self, metrics)
         patience = self.settings.early_stopping_patience
         if patience is not None and self.state.evals_since_best >= patience:
             logger.info("early stopping at step %d: no improvement in %d evaluations",
@@ -238,13 +233,9 @@ class Trainer:
         strategy."""
         return {k: v.detach().clone() for k, v in self.strategy.model_state_dict().items()}
 
-    def _emit(self, hook: str, *args: Any) -> None:
-        if not self.env.is_main:
-            return  # progress and tracking are rank 0's
-        for cb in self.callbacks:
-            fn = getattr(cb, hook, None)
-            if fn is not None:
-                fn(self, *args)
+    @property
+    def _listeners(self) -> list[Callback]:
+        return self.callbacks if self.env.is_main else []  # progress and tracking: rank 0's
 
 
 def step_groups(

@@ -21,18 +21,19 @@ from typing import Any, Protocol
 import yaml
 
 from distml.artifact import load_artifact, read_spec, save_artifact
-from distml.config import Config, FileSource, TextSource
+from distml.config import Config
 from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
-from distml.data.sources import expand_text_paths
 from distml.distributed.launch import launch_training
 from distml.errors import DistmlError
 from distml.execution import make_executor
+from distml.execution.base import ProgressHandle, no_progress
 from distml.fsutil import write_json_atomic, write_text_atomic
-from distml.monitoring.mlflow_tracking import PipelineTracking
+from distml.monitoring.mlflow_tracking import pipeline_tracking
 from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better, rank
 from distml.tasks import evaluate
+from distml.training.callbacks import Callback
 from distml.training.candidate import RESULT, SplitTensors, train_candidate
 from distml.workflow.report import latest_scaling_studies, write_report
 
@@ -45,14 +46,18 @@ class Reporter(Protocol):
     """How the pipeline shows progress; the CLI supplies a rich or plain implementation."""
 
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]: ...
-    def training_callbacks(self, candidate: str) -> Sequence[Any]: ...
+    def progress(self, desc: str, total: int) -> ProgressHandle: ...
+    def training_callbacks(self, candidate: str) -> Sequence[Callback]: ...
 
 
 class NullReporter:
     def stage(self, name: str) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def training_callbacks(self, candidate: str) -> Sequence[Any]:
+    def progress(self, desc: str, total: int) -> ProgressHandle:
+        return no_progress(desc, total)
+
+    def training_callbacks(self, candidate: str) -> Sequence[Callback]:
         return ()
 
 
@@ -62,7 +67,7 @@ class Run:
 
     cfg: Config
     dir: Path
-    reporter: Any = field(default_factory=NullReporter)
+    reporter: Reporter = field(default_factory=NullReporter)
     stages: list[dict[str, Any]] = field(default_factory=list)
 
     @contextlib.contextmanager
@@ -77,7 +82,7 @@ class Run:
         return self.cfg.output_dir / self.cfg.name
 
 
-def start_run(cfg: Config, *, resume: bool = False, reporter: Any = None) -> Run:
+def start_run(cfg: Config, *, resume: bool = False, reporter: Reporter | None = None) -> Run:
     """A new run folder (or, with ``resume``, the newest one) holding the resolved config."""
     project = cfg.output_dir / cfg.name
     if resume:
@@ -101,13 +106,8 @@ def start_run(cfg: Config, *, resume: bool = False, reporter: Any = None) -> Run
 
 def _data_key(cfg: Config) -> str:
     """Hash of everything ingestion depends on, including the source files' size and mtime."""
-    src = cfg.data.source
-    files: list[Path] = []
-    if isinstance(src, FileSource):
-        files = sorted(src.path.rglob("*")) if src.path.is_dir() else [src.path]
-    elif isinstance(src, TextSource):
-        files = expand_text_paths(src.paths)
-    stamps = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.is_file()]
+    stamps = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
+              for f in cfg.data.source.files() if f.is_file()]
     data = cfg.data.model_dump(mode="json", exclude={"loader"})  # the loader reads, not writes
     blob = json.dumps([data, cfg.seed, stamps], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
@@ -118,7 +118,7 @@ def stage_ingest(run: Run) -> Manifest:
     with run.stage("ingest"):
         root = run.project_dir / f"data-{_data_key(run.cfg)}"
         with make_executor(ex.executor, num_workers=ex.num_workers, retries=ex.retries,
-                           progress=getattr(run.reporter, "progress", None)) as executor:
+                           progress=run.reporter.progress) as executor:
             manifest = ingest(run.cfg.data, root, seed=run.cfg.seed, executor=executor)
         link = run.dir / "data"
         if not link.exists():
@@ -140,13 +140,13 @@ def stage_train(
                 results.append(json.loads((out / RESULT).read_text()))
                 continue
             settings = run.cfg.train.settings_for(cand)
-            if settings.strategy == "single":
+            if settings.parallel.strategy == "single":
                 results.append(train_candidate(
                     run.cfg, cand, manifest, val=val, out_dir=out, resume=resume,
                     callbacks=run.reporter.training_callbacks(cand.name),
                 ))
                 continue
-            launch_training(run.dir, cand.name, world_size=settings.world_size,
+            launch_training(run.dir, cand.name, world_size=settings.parallel.world_size,
                             max_restarts=settings.max_restarts, resume=resume)
             results.append(json.loads((out / RESULT).read_text()))
     return results
@@ -183,12 +183,11 @@ def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) ->
 
 
 def run_pipeline(
-    cfg: Config, *, reporter: Any = None, resume: bool = False
+    cfg: Config, *, reporter: Reporter | None = None, resume: bool = False
 ) -> tuple[Run, dict[str, Any]]:
     """The whole pipeline; returns the run and its summary (also written to summary.json)."""
     run = start_run(cfg, resume=resume, reporter=reporter)
-    mlflow = PipelineTracking.start(cfg, run.dir)
-    try:
+    with pipeline_tracking(cfg, run.dir) as mlflow:
         manifest = stage_ingest(run)
         results = stage_train(run, manifest, resume=resume)
         selection = stage_select(run, manifest, results)
@@ -198,13 +197,22 @@ def run_pipeline(
                          scaling=latest_scaling_studies(run.project_dir))
         summary["stages"] = run.stages  # the report stage's own time included
         write_json_atomic(run.dir / "summary.json", summary)
-    except BaseException:
         if mlflow is not None:
-            mlflow.close("FAILED")
-        raise
-    if mlflow is not None:
-        mlflow.finish(cfg, summary, Path(selection["artifact"]))
+            mlflow.finish(cfg, summary, Path(selection["artifact"]))
     return run, summary
+
+
+def train_only(
+    cfg: Config, *, candidate: str | None = None, reporter: Reporter | None = None,
+    resume: bool = False,
+) -> tuple[Run, list[dict[str, Any]]]:
+    """Ingest (cached) and train, without selection (``distml train``)."""
+    if candidate is not None:
+        cfg.train.candidate(candidate)  # an unknown name fails before any work
+    run = start_run(cfg, resume=resume, reporter=reporter)
+    with pipeline_tracking(cfg, run.dir):
+        results = stage_train(run, stage_ingest(run), only=candidate, resume=resume)
+    return run, results
 
 
 def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from distml.config import Config, SyntheticClassificationSource, SyntheticRegressionSource
+from distml.config import Config, deep_merge
 from distml.errors import ConfigError
 from distml.fsutil import write_json_atomic
 from distml.monitoring.scaling import analyze, plot
@@ -40,11 +40,11 @@ def _time_ingest(cfg: Config, n: int, mode: str, out: Path) -> float:
 
     data = cfg.data
     if mode == "weak":
-        if not isinstance(data.source, SyntheticClassificationSource | SyntheticRegressionSource):
+        grown = data.source.grown(n)
+        if grown is None:
             raise ConfigError("weak scaling of ingestion grows a synthetic source with N; "
                               f"data.source is {data.source.type!r}")
-        data = data.model_copy(update={"source": data.source.model_copy(
-            update={"n_samples": data.source.n_samples * n})})
+        data = data.model_copy(update={"source": grown})
     root = out / f"ingest-{n}"
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
@@ -64,11 +64,12 @@ def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> fl
 
     cand = cfg.train.candidate(candidate)
     s = cfg.train.settings_for(cand)
-    strategy = "ddp" if s.strategy == "single" else s.strategy
+    strategy = "ddp" if s.parallel.strategy == "single" else s.parallel.strategy
     batch = s.batch_size * (n if mode == "weak" else 1)
     # The candidate keeps its own overrides; the scaling settings go on top of them.
-    scaled = {**cand.model_dump(mode="json", exclude_unset=True), "strategy": strategy,
-              "world_size": n, "batch_size": batch, "checkpoints": False, "max_restarts": 0}
+    scaled = deep_merge(cand.model_dump(mode="json", exclude_unset=True), {
+        "parallel": {"strategy": strategy, "world_size": n}, "batch_size": batch,
+        "checkpoints": False, "max_restarts": 0})
     cfg_n = _with(cfg, train={"candidates": [scaled]})
     cfg_n = cfg_n.model_copy(update={"output_dir": out / f"train-{n}"})
     run = start_run(cfg_n)

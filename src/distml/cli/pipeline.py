@@ -1,0 +1,195 @@
+"""Commands that run the pipeline or its stages: run, ingest, train, verify, scale."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from distml.cli.app import (
+    ConfigArg,
+    QuietOpt,
+    SetOpt,
+    app,
+    console,
+    load,
+    mib,
+    print_candidates,
+    user_errors,
+)
+
+
+@app.command()
+@user_errors
+def run(
+    config: ConfigArg,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option(help="Continue the newest run of this config.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the whole pipeline: ingest, train every candidate, select, register, report."""
+    from distml.workflow.pipeline import run_pipeline
+
+    cfg, reporter = load(config, set_, quiet)
+    run_, summary = run_pipeline(cfg, reporter=reporter, resume=resume)
+    if not quiet:
+        print_candidates(summary["candidates"], summary["metric"], summary["selected"])
+        test = ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items())
+        reg = summary["registry"]
+        console.print(f"selected [bold]{summary['selected']}[/]: test {test}")
+        console.print(f"registered {reg['name']}:{reg['version']}"
+                      + (" → production" if reg["promoted"] else "")
+                      + f"\nreport: {run_.dir / 'report.md'}")
+
+
+@app.command()
+@user_errors
+def ingest(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
+    """Ingest the data alone and print the manifest summary."""
+    from distml.workflow.pipeline import stage_ingest, start_run
+
+    cfg, reporter = load(config, set_, quiet)
+    manifest = stage_ingest(start_run(cfg, reporter=reporter))
+    if quiet:
+        return
+    table = Table(title=f"{manifest.root}")
+    for col in ("split", "rows", "partitions"):
+        table.add_column(col)
+    for split, info in manifest.splits.items():
+        table.add_row(split, f"{info['rows']:,}", str(len(info["partitions"])))
+    console.print(table)
+    console.print(f"task {manifest.task}; {manifest.num_features} columns; classes "
+                  f"{manifest.classes}; dropped invalid rows: {manifest.dropped_invalid_rows}")
+
+
+@app.command()
+@user_errors
+def train(
+    config: ConfigArg,
+    candidate: Annotated[str | None, typer.Option(help="Train only this candidate.")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue the newest run from its last checkpoints.")
+    ] = False,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Ingest (cached) and train candidates, without selection."""
+    from distml.workflow.pipeline import train_only
+
+    cfg, reporter = load(config, set_, quiet)
+    run_, results = train_only(cfg, candidate=candidate, reporter=reporter, resume=resume)
+    if not quiet:
+        print_candidates(results, cfg.metric, None)
+        console.print(f"run folder: {run_.dir}")
+
+
+@app.command("verify")
+@user_errors
+def verify_cmd(
+    config: ConfigArg,
+    candidate: Annotated[str | None, typer.Option(help="Candidate; default: the first.")] = None,
+    strategies: Annotated[str, typer.Option(
+        help="Comma-separated: ddp, zero1, fsdp, fsdp-zero2, tensor, pipeline, "
+        "pipeline-gpipe, pipeline-1f1b, pipeline-interleaved, data-x-tensor, data-x-pipeline, "
+        "or module:Class.")
+    ] = "ddp,zero1,fsdp,fsdp-zero2",
+    steps: Annotated[int, typer.Option(min=1, help="Optimizer steps to compare.")] = 20,
+    world_size: Annotated[int | None, typer.Option(
+        min=2, help="Processes; default: the candidate's world_size, or 2.")] = None,
+    tolerance: Annotated[float | None, typer.Option(
+        help="Max relative difference; default 1e-4 (fp32), 2e-2 (bf16).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train N steps under each strategy and in one process from the same weights and data;
+    compare losses and final parameters. Exits 1 when a strategy exceeds the tolerance."""
+    from distml.fsutil import write_json_atomic
+    from distml.verify import verify
+    from distml.workflow.pipeline import stage_ingest, start_run
+
+    cfg, reporter = load(config, set_, quiet)
+    cand = cfg.train.candidate(candidate) if candidate else cfg.train.candidates[0]
+    configured = cfg.train.settings_for(cand).parallel.world_size
+    run_ = start_run(cfg, reporter=reporter)
+    with reporter.stage("verify"):
+        report = verify(cfg, run_.dir, stage_ingest(run_), candidate=cand.name,
+                        strategies=[s.strip() for s in strategies.split(",") if s.strip()],
+                        steps=steps, world_size=world_size or max(configured, 2),
+                        tolerance=tolerance)
+    if json_out is not None:
+        write_json_atomic(json_out, report)
+    if not quiet:
+        ref = report["reference"]
+        table = Table(title=f"verify {cand.name}: {steps} steps, world size "
+                      f"{report['world_size']}, tolerance {report['tolerance']:g}")
+        for col in ("strategy", "max rel loss diff", "max rel param diff", "peak mem/rank",
+                    "state bytes/rank", "step s", "result"):
+            table.add_column(col, justify="left" if col == "strategy" else "right")
+        table.add_row("single (reference)", "", "", mib(ref["peak_mem_bytes"]), "",
+                      f"{ref['step_seconds']:.4f}", "")
+        for r in report["results"]:
+            table.add_row(r["strategy"], f"{r['max_rel_loss_diff']:.2e}",
+                          f"{r['max_rel_param_diff']:.2e}", mib(r["peak_mem_bytes"]),
+                          mib(max(sum(b.values()) for b in r["state_bytes_per_rank"])),
+                          f"{r['step_seconds']:.4f}",
+                          "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
+        console.print(table)
+    if not all(r["passed"] for r in report["results"]):
+        raise typer.Exit(1)
+
+
+@app.command("scale")
+@user_errors
+def scale_cmd(
+    config: ConfigArg,
+    workers: Annotated[str, typer.Option(help="Worker counts, e.g. 1,2,4.")] = "1,2",
+    mode: Annotated[str, typer.Option(help="strong (fixed work) or weak (work grows with N).")
+                    ] = "strong",
+    stage: Annotated[str, typer.Option(help="train or ingest.")] = "train",
+    candidate: Annotated[str | None, typer.Option(help="Candidate (train); default: first.")
+                         ] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a stage at several worker counts: speedup, efficiency, Karp-Flatt, Amdahl's fit,
+    Gustafson (weak); a table, JSON and a PNG plot."""
+    from distml.errors import ConfigError
+    from distml.fsutil import write_json_atomic
+    from distml.workflow.scale import scale
+
+    if mode not in ("strong", "weak") or stage not in ("train", "ingest"):
+        raise ConfigError(f"--mode {mode!r} / --stage {stage!r}: use --mode strong|weak and "
+                          "--stage train|ingest")
+    try:
+        counts = [int(w) for w in workers.split(",") if w.strip()]
+    except ValueError:
+        raise ConfigError(f"--workers {workers!r} is not a list of numbers, e.g. 1,2,4") from None
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--workers {workers!r}: worker counts must be at least 1")
+    cfg, reporter = load(config, set_, quiet)
+    if candidate is not None:
+        cfg.train.candidate(candidate)
+    with reporter.stage(f"scale {stage}"):
+        result = scale(cfg, workers=counts, mode=mode, stage=stage, candidate=candidate)
+    if json_out is not None:
+        write_json_atomic(json_out, result)
+    if quiet:
+        return
+    table = Table(title=f"{stage}, {mode} scaling")
+    for col in ("workers", "seconds", "speedup", "efficiency", "Karp-Flatt"):
+        table.add_column(col, justify="right")
+    for p in result["points"]:
+        kf = "" if p["karp_flatt"] is None else f"{p['karp_flatt']:.3f}"
+        table.add_row(str(p["workers"]), f"{p['seconds']:.2f}", f"{p['speedup']:.2f}",
+                      f"{p['efficiency']:.2f}", kf)
+    console.print(table)
+    smax = result["amdahl_max_speedup"]
+    console.print(f"Amdahl: parallel fraction P = {result['amdahl_parallel_fraction']:.3f}, "
+                  f"max speedup {'unbounded' if smax is None else f'{smax:.1f}'}"
+                  + (f"; Gustafson serial fraction {result['gustafson_serial_fraction']:.3f}"
+                     if result.get("gustafson_serial_fraction") is not None else "")
+                  + f"\nplot: {result['plot']}")

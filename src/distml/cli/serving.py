@@ -1,0 +1,125 @@
+"""Commands that put a model to work: serve (online) and predict (batch); and version."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+import distml
+from distml.cli.app import (
+    QuietOpt,
+    RegistryOpt,
+    app,
+    console,
+    err_console,
+    user_errors,
+)
+
+
+def _opt(help_: str, **kw: Any) -> Any:
+    return typer.Option(help=help_ + " Default: the config's serve section.", **kw)
+
+
+@app.command()
+@user_errors
+def serve(
+    ref: Annotated[str | None, typer.Argument(
+        help="name, name:version, name@alias or an artifact folder; default: the production "
+        "version of the newest registered model.", show_default=False)] = None,
+    config: Annotated[Path | None, typer.Option(
+        help="A pipeline config: its serve section and registry.")] = None,
+    host: Annotated[str | None, _opt("Address to bind (127.0.0.1: this machine only).")] = None,
+    port: Annotated[int | None, _opt("Port (0: a free one).")] = None,
+    replicas: Annotated[int | None, _opt("Worker processes behind the port.")] = None,
+    batching: Annotated[bool | None, _opt("Dynamic batching.", show_default=False)] = None,
+    max_batch_size: Annotated[int | None, _opt("Most rows in one forward pass.")] = None,
+    max_delay_ms: Annotated[float | None, _opt("Longest wait to fill a batch.")] = None,
+    max_queue_rows: Annotated[int | None, _opt("Queue bound per replica (then 503).")] = None,
+    timeout_ms: Annotated[float | None, _opt("Per-request deadline (then 504).")] = None,
+    quantize: Annotated[str | None, _opt("none or int8 (dynamic int8 Linear layers).")] = None,
+    token: Annotated[str | None, typer.Option(
+        envvar="DISTML_SERVE_TOKEN", show_default=False,
+        help="Require 'Authorization: Bearer TOKEN' on model routes (health stays open).")
+    ] = None,
+    registry: Annotated[Path | None, typer.Option(
+        help="Registry folder; default: the config's, else ./registry.")] = None,
+) -> None:
+    """Serve a model over the Open Inference Protocol (KServe v2 / Triton REST)."""
+    from distml.config import ServeConfig, load_config
+    from distml.serving.server import serve as run_server
+    from distml.ui import setup_logging
+
+    setup_logging(console, quiet=False)
+    cfg = load_config(config) if config is not None else None
+    flags = {"host": host, "port": port, "replicas": replicas, "dynamic_batching": batching,
+             "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
+             "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize}
+    base = cfg.serve.model_dump() if cfg is not None else {}
+    settings = _validated(ServeConfig, {**base, **{k: v for k, v in flags.items()
+                                                   if v is not None}},
+                          "invalid serve settings (flags or the config's serve section)")
+    registry = registry or (cfg.registry if cfg is not None else Path("registry"))
+
+    def ready(url: str, info: dict[str, Any]) -> None:
+        console.print(f"serving [bold]{info['model']}:{info['version']}[/] at {url} "
+                      f"({info['replicas']} replica{'s' if info['replicas'] > 1 else ''}"
+                      f"{', token required' if token else ''}); Ctrl-C stops", highlight=False)
+
+    run_server(ref, settings, registry=registry, token=token or None, on_ready=ready)
+
+
+def _validated(model: Any, data: dict[str, Any], what: str) -> Any:
+    from pydantic import ValidationError
+
+    from distml.config import format_validation_error
+    from distml.errors import ConfigError
+
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e).replace("invalid config", what)) from None
+
+
+@app.command()
+@user_errors
+def predict(
+    ref: Annotated[str, typer.Argument(
+        help="name, name:version, name@alias or an artifact folder.", show_default=False)],
+    input_: Annotated[Path, typer.Option("--input", help="CSV/Parquet file or folder with the "
+                                         "raw input columns.", show_default=False)],
+    output: Annotated[Path, typer.Option(help="Parquet file to write.", show_default=False)],
+    id_column: Annotated[str | None, typer.Option(
+        help="A column to carry into the output as the row id; default: row_id, the "
+        "row's position.")] = None,
+    executor: Annotated[str, typer.Option(
+        help="local, dask://local, dask://HOST:PORT, ray://local or ray://HOST:PORT.")
+    ] = "local",
+    workers: Annotated[int | None, typer.Option(help="Worker processes; default: cores.")
+                       ] = None,
+    registry: RegistryOpt = Path("registry"),
+    quiet: QuietOpt = False,
+) -> None:
+    """Batch inference: predict every row of the input's partitions into one Parquet file."""
+    from distml.serving.predict import predict as run_predict
+    from distml.ui import ConsoleReporter, setup_logging
+
+    setup_logging(err_console if quiet else console, quiet=quiet)
+    reporter = ConsoleReporter(console, quiet=quiet)
+    out = run_predict(ref, input_, output, registry=registry, executor=executor,
+                      num_workers=workers, id_column=id_column,
+                      progress=getattr(reporter, "progress", None))
+    if not quiet:
+        console.print(f"{out['rows']:,} rows from {out['parts']} part(s) predicted by "
+                      f"{out['model']}:{out['version']} → {out['output']}")
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of distml, torch and Python."""
+    import torch
+
+    console.print(f"distml {distml.__version__}, torch {torch.__version__}, "
+                  f"Python {sys.version.split()[0]}")

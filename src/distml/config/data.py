@@ -1,0 +1,380 @@
+"""The ``data`` section: sources, splits, feature transforms and the input pipeline.
+
+A source's behaviour lives on its spec class (what task it is, how it is cut into chunks,
+how a chunk loads, which files identify it); the loading itself is in ``distml.data.sources``,
+imported when first used so the config stays light. Adding a source is adding its class to
+``SOURCES``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from distml.config.base import (
+    IMPORT_PATH_PATTERN,
+    Strict,
+    TaggedUnion,
+    Task,
+    relative_import_path,
+    resolve_path,
+)
+
+if TYPE_CHECKING:
+    from distml.data.sources import Chunk, RawChunk
+
+# ---------------------------------------------------------------------------------------------
+# sources
+
+
+class SourceSpec(Strict):
+    """What every source answers; the defaults suit a source that loads in one piece.
+    Each source also has a ``task`` (a class constant, or a field where the user says)."""
+
+    def plan_chunks(self, rows_per_partition: int) -> list[Chunk]:
+        """The independent work items of ingestion (cheap: runs in the driver)."""
+        from distml.data.sources import Chunk
+
+        return [Chunk(0, self.type)]
+
+    def load_chunk(self, chunk: Chunk) -> RawChunk:
+        """One chunk's raw rows (runs in a worker)."""
+        raise NotImplementedError
+
+    def files(self) -> list[Path]:
+        """The files the data comes from (their size and time are part of the cache key)."""
+        return []
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the source's content, for the manifest."""
+        return self.model_dump(mode="json")
+
+    def grown(self, factor: int) -> SourceSpec | None:
+        """The same source with ``factor`` times the rows (weak scaling); None: cannot."""
+        return None
+
+
+class DigitsSource(SourceSpec):
+    """scikit-learn's bundled handwritten digits: 1,797 images of 8x8 pixels, 10 classes."""
+
+    type: Literal["sklearn:digits"]
+    task: ClassVar[Task] = "classification"
+
+    def load_chunk(self, chunk: Chunk) -> RawChunk:
+        from distml.data.sources import load_digits
+
+        return load_digits()
+
+
+class _SyntheticSource(SourceSpec):
+    """Generated in chunks of rows from (seed, chunk index): the data does not depend on how
+    many workers made it."""
+
+    n_samples: int = Field(10_000, ge=1, description="Number of rows.")
+    n_features: int = Field(20, ge=1, description="Number of features.")
+    seed: int = Field(0, description="Seed of the generator.")
+
+    def plan_chunks(self, rows_per_partition: int) -> list[Chunk]:
+        from distml.data.sources import row_chunks
+
+        return row_chunks(self.n_samples, rows_per_partition)
+
+    def grown(self, factor: int) -> SourceSpec | None:
+        return self.model_copy(update={"n_samples": self.n_samples * factor})
+
+
+class SyntheticClassificationSource(_SyntheticSource):
+    """Gaussian clusters, one or more per class; generated in chunks, fine for millions of rows."""
+
+    type: Literal["synthetic:classification"]
+    task: ClassVar[Task] = "classification"
+    n_classes: int = Field(2, ge=2, description="Number of classes.")
+    class_sep: float = Field(1.0, gt=0, description="Distance scale between class centres.")
+    noise: float = Field(1.0, gt=0, description="Standard deviation of the within-class noise.")
+
+    def load_chunk(self, chunk: Chunk) -> RawChunk:
+        from distml.data.sources import synthetic_classification
+
+        return synthetic_classification(self, chunk)
+
+
+class SyntheticRegressionSource(_SyntheticSource):
+    """A random linear function of the features plus Gaussian noise."""
+
+    type: Literal["synthetic:regression"]
+    noise: float = Field(0.1, ge=0, description="Standard deviation of the target noise.")
+    task: ClassVar[Task] = "regression"
+
+    def load_chunk(self, chunk: Chunk) -> RawChunk:
+        from distml.data.sources import synthetic_regression
+
+        return synthetic_regression(self, chunk)
+
+
+class TextSource(SourceSpec):
+    """Byte-level token sequences cut from local text files (for the transformer)."""
+
+    type: Literal["text"]
+    paths: list[str] = Field(
+        min_length=1,
+        description="Files or glob patterns. A leading 'stdlib:' means the Python standard "
+        "library's folder, e.g. 'stdlib:json/*.py'; other relative paths are relative to the "
+        "config file.",
+    )
+    sequence_length: int = Field(64, ge=2, description="Tokens per training sequence.")
+    max_bytes: int | None = Field(None, ge=1, description="Read at most this many bytes.")
+    task: ClassVar[Task] = "language_modeling"
+
+    @field_validator("paths", mode="before")
+    @classmethod
+    def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, list):
+            return value
+        return [
+            v if not isinstance(v, str) or v.startswith("stdlib:") else str(resolve_path(v, info))
+            for v in value
+        ]
+
+    def load_chunk(self, chunk: Chunk) -> RawChunk:
+        from distml.data.sources import load_text
+
+        return load_text(self)
+
+    def files(self) -> list[Path]:
+        from distml.data.sources import expand_text_paths
+
+        return expand_text_paths(self.paths)
+
+    def fingerprint(self) -> dict[str, Any]:
+        files = self.files()
+        return {"source": "text", "files": len(files),
+                "bytes": sum(f.stat().st_size for f in files)}
+
+
+class FileSource(SourceSpec):
+    """A CSV or Parquet file, or a folder of them, with one label column."""
+
+    type: Literal["file"] = "file"
+    path: Path = Field(description="CSV/Parquet file or folder (relative to the config file).")
+    label_column: str = Field("label", description="Name of the label (target) column.")
+    feature_columns: list[str] | None = Field(
+        None, description="Feature columns; default: every other column."
+    )
+    task: Literal["classification", "regression"] = Field(
+        "classification", description="What the label is."
+    )
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        return resolve_path(value, info) if isinstance(value, str | Path) else value
+
+    def plan_chunks(self, rows_per_partition: int) -> list[Chunk]:
+        from distml.data.sources import Chunk, list_files
+
+        return [Chunk(i, str(f), str(f)) for i, f in enumerate(list_files(self.path))]
+
+    def load_chunk(self, chunk: Chunk) -> RawChunk:
+        from distml.data.sources import load_file
+
+        return load_file(self, Path(chunk.path))
+
+    def files(self) -> list[Path]:
+        from distml.data.sources import list_files
+
+        return list_files(self.path)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"source": str(self.path), "files": [
+            {"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
+            for f in self.files()]}
+
+
+SOURCES = TaggedUnion(
+    [DigitsSource, SyntheticClassificationSource, SyntheticRegressionSource, TextSource,
+     FileSource],
+    default="file", what="source", hint=" (or give a path to a CSV/Parquet file or folder)")
+Source = SOURCES.annotation
+
+
+class SplitConfig(Strict):
+    """Fractions of the rows in each split; they must add up to 1."""
+
+    train: float = Field(0.7, gt=0, lt=1, description="Fraction for training.")
+    val: float = Field(0.15, gt=0, lt=1, description="Fraction for validation (selection).")
+    test: float = Field(0.15, gt=0, lt=1, description="Fraction for the final test.")
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-6):
+            raise ValueError(
+                f"train + val + test = {total:g}; the fractions must add up to 1 "
+                "(e.g. 0.7, 0.15, 0.15)"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# feature transforms: the fitting and applying is in distml.data.transforms, keyed by `type`
+
+
+class _ColumnsTransform(Strict):
+    columns: list[str] | None = Field(None, description="Columns; default: every numeric one.")
+
+
+class StandardizeSpec(_ColumnsTransform):
+    """(x - mean) / std per column, statistics fitted on the training split."""
+
+    type: Literal["standardize"]
+
+
+class MinMaxSpec(_ColumnsTransform):
+    """(x - min) / (max - min) per column, fitted on the training split."""
+
+    type: Literal["minmax"]
+
+
+class ImputeSpec(_ColumnsTransform):
+    """Replace missing values (NaN) by the training mean or a constant."""
+
+    type: Literal["impute"]
+    strategy: Literal["mean", "constant"] = Field("mean", description="mean or constant.")
+    value: float = Field(0.0, description="The constant, for strategy: constant.")
+
+
+class ClipSpec(_ColumnsTransform):
+    """Clip values into [min, max]."""
+
+    type: Literal["clip"]
+    min: float | None = Field(None, description="Lower bound; null: none.")
+    max: float | None = Field(None, description="Upper bound; null: none.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ClipSpec:
+        if self.min is None and self.max is None:
+            raise ValueError("clip needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"clip min={self.min} is greater than max={self.max}")
+        return self
+
+
+class OneHotSpec(Strict):
+    """Categorical (string) columns -> one 0/1 feature per category seen in training."""
+
+    type: Literal["onehot"]
+    columns: list[str] = Field(min_length=1, description="Categorical columns to encode.")
+
+
+class UserTransformSpec(Strict):
+    """A user function 'module:function' (or 'file.py:function') taking and returning a dict
+    of column name -> numpy array; it runs on every partition."""
+
+    type: str = Field(pattern=IMPORT_PATH_PATTERN, description="Import path of the function.")
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _file_relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        return relative_import_path(value, info)
+
+
+TRANSFORMS = TaggedUnion(
+    [StandardizeSpec, MinMaxSpec, ImputeSpec, ClipSpec, OneHotSpec], user=UserTransformSpec,
+    what="transform", hint=", or 'module:function' for a user function")
+TransformSpec = TRANSFORMS.annotation
+
+
+class LoaderConfig(Strict):
+    """The training input pipeline."""
+
+    shuffle: bool = Field(True, description="Shuffle samples every epoch (seeded).")
+    shuffle_window: int = Field(
+        65_536, ge=1, description="Rows shuffled together (across partitions); rounded up to "
+        "whole batches. Larger: more random, more memory.",
+    )
+    num_threads: int = Field(
+        2, ge=1, description="Threads decoding partitions in parallel (interleave) and running "
+        "the map function."
+    )
+    prefetch_batches: int = Field(8, ge=0, description="Batches prepared ahead in the background.")
+    cache: Literal["memory", "disk", "none"] = Field(
+        "memory", description="Keep decoded partitions in memory, as .npy files on local disk, "
+        "or re-read them every epoch."
+    )
+    remainder: Literal["drop", "pad"] = Field(
+        "drop", description="When rows do not divide among ranks: drop the extra rows of the "
+        "epoch, or pad by repeating rows from its start."
+    )
+    map_fn: str | None = Field(
+        None, pattern=IMPORT_PATH_PATTERN, description="Optional 'module:function' applied "
+        "to each batch (x, y) of numpy arrays, returning (x, y); runs in the threads."
+    )
+
+
+class DataConfig(Strict):
+    """Where the data comes from and how it is prepared."""
+
+    source: Source = Field(
+        description="'sklearn:digits', 'synthetic:classification', 'synthetic:regression', "
+        "a path to a CSV/Parquet file or folder, or a mapping with 'type' and its options."
+    )
+    split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions.")
+    stratify: bool = Field(True, description="Keep class proportions in every split.")
+    classes: list[str] | None = Field(
+        None, description="Declared class labels; rows with another label are an error."
+    )
+    transforms: list[TransformSpec] | None = Field(
+        None,
+        description="Feature transforms in order, fitted on the training split and stored in "
+        "the artifact: standardize, minmax, impute, clip, onehot, or 'module:function'. "
+        "Default: [standardize] for numeric features, none for text.",
+    )
+    drop_invalid: bool = Field(
+        False, description="Drop rows with NaN or infinite features instead of failing."
+    )
+    rows_per_partition: int = Field(
+        100_000, ge=1, description="Rows per Parquet partition (the unit of parallel work)."
+    )
+    loader: LoaderConfig = Field(default_factory=LoaderConfig, description="Input pipeline.")
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"type": value} if value in SOURCES.names else {"type": "file", "path": value}
+        return value
+
+    @field_validator("transforms", mode="before")
+    @classmethod
+    def _transform_shorthand(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"type": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("classes", mode="before")
+    @classmethod
+    def _classes_as_str(cls, value: Any) -> Any:
+        return [str(v) for v in value] if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _transforms_fit_source(self) -> DataConfig:
+        if self.task == "language_modeling" and self.transforms:
+            names = [t.type for t in self.transforms]
+            raise ValueError(
+                f"data.transforms={names} apply to feature columns; a text source "
+                "takes none (use transforms: [])"
+            )
+        return self
+
+    @property
+    def feature_transforms(self) -> list[Any]:
+        if self.transforms is not None:
+            return list(self.transforms)
+        return [] if self.task == "language_modeling" else [StandardizeSpec(type="standardize")]
+
+    @property
+    def task(self) -> Task:
+        return self.source.task

@@ -1,0 +1,164 @@
+"""``train.parallel``: how a candidate's training is spread over processes, and
+``ParallelDims``, which checks the degrees once and builds the one device mesh.
+
+Each nested section belongs to the strategies that read it (``pipeline`` to pipeline,
+``fsdp`` to fsdp); setting it for another strategy is an error, so the structure says what
+applies where instead of a list of special cases.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field
+
+from distml.config.base import Strict
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+StrategyName = Literal["single", "ddp", "zero1", "fsdp", "tensor", "pipeline"]
+
+
+class PipelineConfig(Strict):
+    """Pipeline parallelism: stages fed with micro-batches."""
+
+    degree: int | None = Field(
+        None, description="Stages (pipeline ranks); -1: the rest. Default: the rest of "
+        "world_size.")
+    schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = Field(
+        "1f1b", description="gpipe (all forwards, then all backwards), 1f1b (one forward, one "
+        "backward: fewer activations alive), or interleaved-1f1b (virtual_stages stages per "
+        "rank: a smaller bubble, more sends).")
+    num_microbatches: int = Field(
+        4, ge=1, description="Micro-batches each replica's batch is cut into.")
+    virtual_stages: int = Field(
+        2, ge=1, description="interleaved-1f1b: stages per rank, dealt round-robin.")
+    stage_split: Literal["params", "time"] | list[int] = Field(
+        "params", description="Balance stages by parameter count, by measured forward time "
+        "(GPipe's heuristic), or give the number of layers per stage.")
+
+    @property
+    def stages_per_rank(self) -> int:
+        return self.virtual_stages if self.schedule == "interleaved-1f1b" else 1
+
+
+class FsdpConfig(Strict):
+    """Fully sharded data parallelism (torch's fully_shard)."""
+
+    reshard_after_forward: bool = Field(
+        True, description="true frees gathered parameters after forward (ZeRO-3); false keeps "
+        "them for backward (ZeRO-2 behaviour).")
+    offload: bool = Field(
+        False, description="Keep parameters, gradients and optimizer state in CPU memory "
+        "between uses (torch's CPUOffloadPolicy; needs an accelerator).")
+
+
+class ParallelConfig(Strict):
+    """The parallelism strategy and its degrees; a candidate overrides any part of it."""
+
+    strategy: StrategyName = Field(
+        "single",
+        description="single (one process); ddp (replicas, gradients all-reduced); zero1 (ddp "
+        "with the optimizer state sharded); fsdp (parameters, gradients and optimizer state "
+        "sharded: torch's fully_shard); tensor (matrix multiplications split across ranks, "
+        "fsdp over data_degree replicas); pipeline (layers split into stages fed with "
+        "micro-batches, gradients averaged over data_degree replicas).",
+    )
+    world_size: int = Field(1, ge=1, description="Number of training processes.")
+    num_nodes: int = Field(
+        1, ge=1, description="Machines the world_size processes are spread over (torchrun "
+        "--nnodes, a Kubernetes TrainJob's numNodes); the local launcher runs them all here.")
+    data_degree: int | None = Field(
+        None, description="tensor/pipeline: data-parallel replicas; -1: what the other "
+        "degrees leave. Default: 1, or the rest when tensor_degree/pipeline.degree is set.")
+    tensor_degree: int | None = Field(
+        None, description="tensor: ranks that split each layer; -1: the rest. Default: the "
+        "rest of world_size.")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
+                                     description="strategy pipeline only.")
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="strategy fsdp only.")
+
+    def check_applies(self, strategy: str | None = None) -> None:
+        """A setting given for a strategy that does not read it is a mistake: say so.
+        ``strategy``: the one in force, when this is a candidate's partial override."""
+        strategy = strategy or self.strategy
+        for key, owners in _OWNERS.items():
+            default = type(self).model_fields[key].get_default(call_default_factory=True)
+            if getattr(self, key) != default and strategy not in owners:
+                raise ValueError(
+                    f"parallel.{key} applies to strategy {' or '.join(owners)}, not "
+                    f"{strategy!r}; remove it or change the strategy")
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.world_size // self.num_nodes
+
+
+# Settings that belong to some strategies only; a non-default value elsewhere is refused.
+_OWNERS = {"tensor_degree": ("tensor",), "data_degree": ("tensor", "pipeline"),
+           "pipeline": ("pipeline",), "fsdp": ("fsdp",)}
+
+
+def applicable(parallel: dict[str, Any], strategy: str) -> dict[str, Any]:
+    """Parallel settings (as data) without the sections that ``strategy`` does not read:
+    a candidate inherits the shared pipeline settings only if it is a pipeline itself."""
+    return {k: v for k, v in parallel.items() if strategy in _OWNERS.get(k, (strategy,))}
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """The degrees of each mesh axis, validated once; their product is the world size."""
+
+    strategy: str
+    world_size: int
+    data: int
+    tensor: int = 1
+    pipeline: int = 1
+
+    @classmethod
+    def from_config(cls, p: ParallelConfig) -> ParallelDims:
+        axis = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}.get(p.strategy)
+        if axis is None:  # data parallel only (or one process)
+            return cls(p.strategy, p.world_size, p.world_size)
+        model_given = p.tensor_degree if p.strategy == "tensor" else p.pipeline.degree
+        data, model = p.data_degree, model_given
+        if data is None:
+            data = 1 if model is None else -1
+        if model is None:
+            model = -1
+        if data == -1 and model == -1:
+            raise ValueError(f"only one of data_degree and {axis} may be -1 ('the rest')")
+        known = math.prod(v for v in (data, model) if v != -1)
+        rest = p.world_size // known if p.world_size % known == 0 else 0
+        data, model = (rest if data == -1 else data), (rest if model == -1 else model)
+        if data < 1 or model < 1 or data * model != p.world_size:
+            raise ValueError(
+                f"data_degree x {axis} = {_shown(p.data_degree)} x {_shown(model_given)} does "
+                f"not multiply to world_size={p.world_size}; choose degrees whose product is "
+                f"{p.world_size} (one may be -1)")
+        if p.strategy == "tensor":
+            return cls(p.strategy, p.world_size, data, tensor=model)
+        return cls(p.strategy, p.world_size, data, pipeline=model)
+
+    @property
+    def model_axis(self) -> str | None:
+        """The mesh axis the model is split over, innermost (its ranks are neighbours)."""
+        return "tensor" if self.tensor > 1 or self.strategy == "tensor" else \
+            "pipeline" if self.pipeline > 1 or self.strategy == "pipeline" else None
+
+    def build_mesh(self, device_type: str) -> DeviceMesh:
+        """The one device mesh: ("data",) or ("data", model axis)."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        axis = self.model_axis
+        if axis is None:
+            return init_device_mesh(device_type, (self.data,), mesh_dim_names=("data",))
+        return init_device_mesh(device_type, (self.data, self.tensor * self.pipeline),
+                                mesh_dim_names=("data", axis))
+
+
+def _shown(degree: int | None) -> str:
+    return "the rest" if degree in (None, -1) else str(degree)

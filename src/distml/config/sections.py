@@ -1,0 +1,120 @@
+"""The smaller sections: ``select``, ``execution``, ``serve`` and ``monitor``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from distml.config.base import NAME_PATTERN, Strict
+
+
+class SelectConfig(Strict):
+    """How the best candidate is chosen and registered."""
+
+    metric: str | None = Field(
+        None,
+        description="Validation metric: accuracy, f1_macro or loss (classification); loss, mae "
+        "or r2 (regression); perplexity or loss (language modeling). Default: the first.",
+    )
+    register_as: str | None = Field(
+        None, pattern=NAME_PATTERN, description="Registry name; default: config name."
+    )
+    promote: bool = Field(
+        True, description="Move the 'production' alias to the new version when it is better."
+    )
+
+
+class ExecutionConfig(Strict):
+    """Where embarrassingly parallel work (preprocessing partitions) runs."""
+
+    executor: str = Field(
+        "local",
+        pattern=r"^(local|(dask|ray)://.+)$",
+        description="local (a process pool on this machine), dask://local (a Dask "
+        "LocalCluster), dask://HOST:PORT (a running Dask scheduler), ray://local or "
+        "ray://HOST:PORT.",
+    )
+    num_workers: int | None = Field(
+        None, ge=1, description="Worker processes (local, dask://local, ray://local); "
+        "default: the CPU count. 1 runs in-process."
+    )
+    retries: int = Field(
+        2, ge=0, description="Retries of a failed work item before the stage fails."
+    )
+
+
+class ServeConfig(Strict):
+    """Online serving (``distml serve``); command-line flags override these."""
+
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 exposes the server to "
+                      "the network (then set a token).")
+    port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
+    replicas: int = Field(1, ge=1, description="Worker processes behind the one port; a dead "
+                          "one is replaced.")
+    dynamic_batching: bool = Field(True, description="Gather concurrent requests into one "
+                                   "forward pass.")
+    max_batch_size: int = Field(64, ge=1, description="Most rows in one forward pass.")
+    max_delay_ms: float = Field(2.0, ge=0, description="Longest wait for more requests once "
+                                "one is queued.")
+    max_queue_rows: int = Field(1024, ge=1, description="Rows waiting per replica; past it, "
+                                "503 with Retry-After.")
+    timeout_ms: float = Field(5000.0, gt=0, description="Per-request deadline (a request may "
+                              "ask for less with the X-Request-Timeout-Ms header); past it, "
+                              "504 and the work is dropped.")
+    idempotency_window_s: float = Field(60.0, ge=0, description="Requests with the same "
+                                        "Idempotency-Key header within this window are "
+                                        "computed once.")
+    max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body; "
+                                "larger gets 413.")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 "
+                                              "quantization of Linear layers (CPU).")
+
+
+class MlflowConfig(Strict):
+    """MLflow tracking: one run per candidate inside one parent run per pipeline run."""
+
+    tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (http://host:5000, sqlite:///path.db, ...); "
+        "default: sqlite:///<output_dir>/mlflow.db with artifacts in <output_dir>/mlartifacts.")
+    experiment: str | None = Field(None, description="Experiment name; default: the pipeline "
+                                   "name.")
+    register_model: bool = Field(True, description="Register the selected model in MLflow's model "
+                           "registry (under select.register_as or the pipeline name).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_file_store(cls, value: str | None) -> str | None:
+        # MLflow's file store (./mlruns) is in maintenance mode and MLflow 3 refuses it
+        # unless an environment variable says otherwise: say what to use at load time.
+        scheme = value.partition(":")[0] if value is not None and ":" in value else ""
+        if value is not None and (scheme == "file" or (not scheme and value != "databricks")):
+            raise ValueError(
+                "MLflow's file store (file:// or a plain folder) is in maintenance mode and "
+                "MLflow 3 refuses it; use sqlite:///path/to/mlflow.db (a local SQL store, the "
+                "default when tracking_uri is left out) or an http://host:5000 server")
+        return value
+
+
+class MonitorConfig(Strict):
+    """Tracking and monitoring."""
+
+    tensorboard: bool = Field(
+        True, description="Write TensorBoard event files under <run>/tensorboard/<candidate>.")
+    histogram_every_steps: int = Field(
+        50, ge=1, description="Histograms of weights and gradients every N steps.")
+    system_metrics_interval_s: float | None = Field(
+        2.0, gt=0, description="Sample CPU %, RSS (and GPU memory and utilisation) every N "
+        "seconds on every rank, summarised per epoch; null: off.")
+    mlflow: MlflowConfig | None = Field(
+        None, description="MLflow tracking (needs distml[mlflow]): true for a local store, "
+        "or {tracking_uri, experiment, register_model}; null or false: off.")
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _mlflow_switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
+
+

@@ -1,0 +1,217 @@
+"""The ``train`` section: settings shared by every candidate, and the candidates, each of
+which may override any setting (nested sections are deep-merged)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, create_model, model_validator
+
+from distml.config.base import NAME_PATTERN, Strict
+from distml.config.models import ModelSpec
+from distml.config.parallel import ParallelConfig, ParallelDims, applicable
+from distml.errors import ConfigError
+
+
+class TrainSettings(Strict):
+    """Training settings shared by every candidate; a candidate may override any of them."""
+
+    epochs: int = Field(10, ge=1, description="Passes over the training split.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Samples per optimizer step (global batch).")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="adamw or sgd.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd only).")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "cosine", description="Decay after warmup: constant, cosine or linear."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Final lr as a fraction of lr.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Max global gradient norm; null: off.")
+    grad_accum_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step; batch_size is split among them."
+    )
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 autocast; or fp16 autocast with dynamic loss scaling.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each block's activations in backward instead of keeping "
+        "them (less memory, about one more forward of compute).")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Evaluate on val every N steps; null: at the end of each epoch."
+    )
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improvement."
+    )
+    restore_best: bool = Field(True, description="End with the best weights seen on val.")
+    checkpoint_every_steps: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps; null: at the end of each epoch."
+    )
+    checkpoints: bool = Field(True, description="Write checkpoints (for --resume and restarts).")
+    keep_checkpoints: int = Field(2, ge=1, description="How many recent checkpoints to keep.")
+    max_restarts: int = Field(
+        0, ge=0, description="Restart every process this many times after one dies; training "
+        "continues from the last checkpoint (needs checkpoints)."
+    )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig, description="Parallelism: strategy, world size, "
+        "degrees, and the pipeline and fsdp settings.")
+
+    @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims.from_config(self.parallel)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainSettings:
+        p = self.parallel
+        p.check_applies()
+        dims = self.dims
+        if p.world_size % p.num_nodes:
+            raise ValueError(f"parallel.world_size={p.world_size} does not divide over "
+                             f"num_nodes={p.num_nodes}; use a multiple of {p.num_nodes}")
+        if p.world_size > self.batch_size:
+            raise ValueError(
+                f"parallel.world_size={p.world_size} is larger than the global batch_size="
+                f"{self.batch_size}: every rank needs samples in every step; use a batch size "
+                f"of at least {p.world_size}")
+        if p.strategy == "single" and p.world_size > 1:
+            raise ValueError(
+                f"parallel.world_size={p.world_size} needs a distributed strategy; strategy "
+                "'single' runs one process (use ddp, zero1 or fsdp, or world_size: 1)")
+        per_step = dims.data * self.grad_accum_steps
+        if self.batch_size % per_step:
+            raise ValueError(
+                f"batch_size={self.batch_size} is not divisible by data-parallel ranks x "
+                f"grad_accum_steps={dims.data} x {self.grad_accum_steps}={per_step}; "
+                "use a batch size that is a multiple of it")
+        if p.strategy == "pipeline":
+            self._check_pipeline(dims)
+        if self.precision == "fp16" and p.strategy not in ("single", "ddp", "zero1"):
+            raise ValueError(
+                f"precision fp16 with strategy {p.strategy!r}: its loss scaler would skip "
+                "steps on some ranks and not others when gradients are sharded; use bf16 "
+                "(no loss scaling needed) or strategy single, ddp or zero1")
+        if self.max_restarts and not self.checkpoints:
+            raise ValueError(
+                f"max_restarts={self.max_restarts} needs checkpoints to restart from; set "
+                "checkpoints: true (or max_restarts: 0)")
+        return self
+
+    def _check_pipeline(self, dims: ParallelDims) -> None:
+        pp = self.parallel.pipeline
+        if self.grad_accum_steps > 1:
+            raise ValueError("pipeline accumulates over parallel.pipeline.num_microbatches; set "
+                             "grad_accum_steps: 1 and raise num_microbatches instead")
+        if pp.schedule == "interleaved-1f1b" and pp.num_microbatches % dims.pipeline:
+            raise ValueError(
+                f"interleaved-1f1b runs num_microbatches={pp.num_microbatches} in rounds of "
+                f"pipeline degree={dims.pipeline}; use a multiple of it")
+        if (self.batch_size // dims.data) % pp.num_microbatches:
+            raise ValueError(
+                f"batch_size={self.batch_size} over {dims.data} replica(s) gives "
+                f"{self.batch_size // dims.data} samples per pipeline, which do not divide "
+                f"into num_microbatches={pp.num_microbatches}; use a batch size that is a "
+                f"multiple of {dims.data * pp.num_microbatches}")
+
+    def check_model(self, model: Any) -> None:
+        """Refuse a model split that cannot work, before any process starts."""
+        p, dims = self.parallel, self.dims
+        if p.strategy == "tensor":
+            model.check_tensor_degree(dims.tensor)
+        if p.strategy != "pipeline":
+            return
+        stages = dims.pipeline * p.pipeline.stages_per_rank  # the stages to cut the model into
+        layers = model.pipeline_layer_count()
+        if layers == 0:
+            raise ValueError(f"strategy pipeline needs a model that is a sequence of blocks "
+                             "(mlp, transformer, an nn.Sequential or a model with "
+                             f"pipeline_layers()); the {model.type} is not; use ddp or fsdp")
+        if layers is not None and stages > layers:
+            raise ValueError(f"{stages} pipeline stages (pipeline degree x virtual_stages "
+                             "under interleaved-1f1b) is more than the model's "
+                             f"{layers} layers; use at most {layers} stages")
+        split = p.pipeline.stage_split
+        if isinstance(split, list) and (len(split) != stages or min(split) < 1 or (
+                layers is not None and sum(split) != layers)):
+            raise ValueError(f"stage_split={split} must give {stages} positive layer counts"
+                             + (f" that sum to the model's {layers} layers"
+                                if layers is not None else ""))
+
+
+def _optional(field: Any) -> tuple[Any, Any]:
+    """The same field, but optional with default None (for per-candidate overrides)."""
+    annotation = field.annotation
+    if field.metadata:
+        annotation = Annotated[annotation, *field.metadata]
+    return (annotation | None, Field(None, description=field.description))
+
+
+_CandidateBase = create_model(  # type: ignore[call-overload]
+    "_CandidateBase",
+    __base__=Strict,
+    **{name: _optional(f) for name, f in TrainSettings.model_fields.items()},
+)
+
+
+class Candidate(_CandidateBase):  # type: ignore[misc,valid-type]
+    """One model to train; any training setting given here overrides the shared one."""
+
+    name: str = Field(pattern=NAME_PATTERN, description="Unique candidate name.")
+    model: ModelSpec = Field(description="The model: a zoo type with options, or a user factory.")
+
+    def overrides(self) -> dict[str, Any]:
+        """What this candidate sets, nested sections holding only the keys it gives."""
+        return self.model_dump(exclude_unset=True, exclude={"name", "model"})
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``update`` laid over it; mappings merge key by key, the rest replace."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+class TrainConfig(TrainSettings):
+    """Shared training settings plus the candidates to train."""
+
+    candidates: list[Candidate] = Field(min_length=1, description="Models to train and compare.")
+
+    @model_validator(mode="after")
+    def _unique_and_consistent(self) -> TrainConfig:
+        seen: set[str] = set()
+        for c in self.candidates:
+            if c.name in seen:
+                raise ValueError(f"two candidates are named {c.name!r}; names must be unique")
+            seen.add(c.name)
+            settings = self.settings_for(c)  # cross-field checks on the merged settings
+            try:
+                settings.check_model(c.model)
+            except ValueError as e:
+                raise ValueError(f"candidate {c.name!r}: {e}") from None
+        return self
+
+    def settings_for(self, candidate: Candidate) -> TrainSettings:
+        """The shared settings with the candidate's overrides deep-merged over them."""
+        merged = deep_merge(self.model_dump(exclude={"candidates"}), candidate.overrides())
+        strategy = merged["parallel"]["strategy"]
+        try:
+            if candidate.parallel is not None:  # what the candidate itself gives must apply
+                candidate.parallel.check_applies(strategy)
+            merged["parallel"] = applicable(merged["parallel"], strategy)
+            return TrainSettings(**merged)
+        except ValidationError as e:
+            msg = e.errors()[0]["msg"].removeprefix("Value error, ")
+            raise ValueError(f"candidate {candidate.name!r}: {msg}") from None
+        except ValueError as e:
+            raise ValueError(f"candidate {candidate.name!r}: {e}") from None
+
+    def candidate(self, name: str) -> Candidate:
+        for c in self.candidates:
+            if c.name == name:
+                return c
+        names = ", ".join(c.name for c in self.candidates)
+        raise ConfigError(f"no candidate named {name!r}; the config has: {names}")

@@ -1,0 +1,28 @@
+"""The training loop's extension point: progress displays and trackers subclass ``Callback``
+and override the hooks they need (rank 0 calls them; the others never do)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from distml.training.trainer import Trainer
+
+
+class Callback:
+    """Hooks called by the trainer; each does nothing unless overridden."""
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        pass
+
+    def on_step_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        pass
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_epoch_end(self, trainer: Trainer, stats: dict[str, Any]) -> None:
+        pass
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        pass

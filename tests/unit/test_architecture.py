@@ -1,0 +1,123 @@
+"""The shape of the code base: small files, no import cycles, dependencies pointing down,
+and models that say truthfully how a pipeline can cut them."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distml.config import MODELS, CNNSpec, MLPSpec, TransformerSpec
+from distml.models import build_model
+
+PACKAGE = Path(__file__).parents[2] / "src" / "distml"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """distml modules imported at module level (imports inside functions are lazy: they
+    cannot make a cycle at import time). ``from pkg import name`` counts as importing
+    pkg.name when that is a module."""
+    found: set[str] = set()
+    for node in ast.parse(path.read_text()).body:
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        found.update(n for n in names if n in modules)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {name: _imports(path, set(files)) - {name} for name, path in files.items()}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                return path[path.index(dep):] + [dep]
+            if dep not in state and (found := visit(dep)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_no_import_cycle_among_modules():
+    cycle = _cycle(_graph())
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_base_modules_import_none_of_their_kinds():
+    graph = _graph()
+    assert not {m for m in graph["distml.distributed.strategy"]
+                if m.startswith("distml.distributed.") and m != "distml.distributed.runtime"}
+    assert not {m for m in graph["distml.execution.base"] if m.startswith("distml.execution.")}
+
+
+def test_lower_layers_do_not_import_upper_ones():
+    upper = ("distml.cli", "distml.workflow", "distml.ui")
+    lower = ("distml.config", "distml.data", "distml.distributed", "distml.models",
+             "distml.execution", "distml.training", "distml.serving")
+    for module, deps in _graph().items():
+        if module.startswith(lower):
+            assert not [d for d in deps if d.startswith(upper)], module
+
+
+def test_no_source_file_is_over_500_lines():
+    long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, f"files over 500 lines: {long}"
+
+
+def test_the_config_loads_without_torch():
+    code = "import sys, distml.config; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(("spec", "task", "features"), [
+    (MLPSpec(type="mlp", hidden_sizes=[8, 8, 8]), "classification", 16),
+    (CNNSpec(type="cnn", channels=[4]), "classification", 16),
+    (TransformerSpec(type="transformer", num_layers=3, num_heads=2, dim=16),
+     "language_modeling", 16),
+], ids=lambda v: getattr(v, "type", None))
+def test_declared_pipeline_layers_match_the_built_model(spec, task, features):
+    # Every zoo model is listed here; the config refuses pipeline splits by the declared
+    # count before any process starts, so it must be the built model's.
+    assert {type(spec)} <= set(MODELS.members)
+    model = build_model(spec.resolve(task=task, num_features=features, num_outputs=4,
+                                     where="model"))
+    declared = spec.pipeline_layer_count()
+    if declared == 0:  # cannot be cut into stages
+        assert not hasattr(model, "pipeline_layers")
+    else:
+        assert declared == len(model.pipeline_layers())
+
+
+def test_the_zoo_is_covered_by_the_layer_count_test():
+    assert {m.__name__ for m in MODELS.members} == {"MLPSpec", "CNNSpec", "TransformerSpec"}
