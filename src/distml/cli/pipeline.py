@@ -151,6 +151,8 @@ def scale_cmd(
     stage: Annotated[str, typer.Option(help="train or ingest.")] = "train",
     candidate: Annotated[str | None, typer.Option(help="Candidate (train); default: first.")
                          ] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Timed runs per worker count (after "
+                                         "one warm-up); the median is reported.")] = 3,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -174,22 +176,26 @@ def scale_cmd(
     if candidate is not None:
         cfg.train.candidate(candidate)
     with reporter.stage(f"scale {stage}"):
-        result = scale(cfg, workers=counts, mode=mode, stage=stage, candidate=candidate)
+        result = scale(cfg, workers=counts, mode=mode, stage=stage, candidate=candidate,
+                       repeats=repeats)
     if json_out is not None:
         write_json_atomic(json_out, result)
     if quiet:
         return
     table = Table(title=f"{stage}, {mode} scaling")
-    for col in ("workers", "seconds", "speedup", "efficiency", "Karp-Flatt"):
+    for col in ("workers", "seconds (median)", "min-max", "speedup", "efficiency",
+                "Karp-Flatt"):
         table.add_column(col, justify="right")
     for p in result["points"]:
         kf = "" if p["karp_flatt"] is None else f"{p['karp_flatt']:.3f}"
-        table.add_row(str(p["workers"]), f"{p['seconds']:.2f}", f"{p['speedup']:.2f}",
+        table.add_row(str(p["workers"]), f"{p['seconds']:.2f}",
+                      f"{p['seconds_min']:.2f}-{p['seconds_max']:.2f}", f"{p['speedup']:.2f}",
                       f"{p['efficiency']:.2f}", kf)
     console.print(table)
-    smax = result["amdahl_max_speedup"]
-    console.print(f"Amdahl: parallel fraction P = {result['amdahl_parallel_fraction']:.3f}, "
-                  f"max speedup {'unbounded' if smax is None else f'{smax:.1f}'}"
-                  + (f"; Gustafson serial fraction {result['gustafson_serial_fraction']:.3f}"
-                     if result.get("gustafson_serial_fraction") is not None else "")
+    frac, smax = result["amdahl_parallel_fraction"], result["amdahl_max_speedup"]
+    amdahl = ("Amdahl's law not fitted (see the warnings)" if frac is None else
+              f"Amdahl: parallel fraction P = {frac:.3f}, max speedup "
+              + ("unbounded" if smax is None else f"{smax:.1f}"))
+    console.print(amdahl + (f"; Gustafson serial fraction {result['gustafson_serial_fraction']:.3f}"
+                            if result.get("gustafson_serial_fraction") is not None else "")
                   + f"\nplot: {result['plot']}")

@@ -73,21 +73,27 @@ def _scaling_lines(run_dir: Path, studies: list[dict[str, Any]]) -> list[str]:
     for study in studies:
         png = f"scaling-{study['stage']}-{study['mode']}.png"
         shutil.copyfile(Path(study["folder"]) / "scaling.png", run_dir / png)
-        smax = study["amdahl_max_speedup"]
         what = study["stage"] + (f" of {study['candidate']}" if study.get("candidate") else "")
         lines += [
-            "", f"### {what}, {study['mode']} scaling", "",
-            f"Amdahl fit: parallel fraction P = {study['amdahl_parallel_fraction']:.3f}, "
-            f"maximum speedup {'unbounded' if smax is None else f'{smax:.1f}'}; measured in "
-            f"`{study['folder']}` on {study['cores']} cores.", "",
-            "| workers | seconds | speedup | efficiency | Karp-Flatt |", "|---|---|---|---|---|",
-            *[f"| {p['workers']} | {p['seconds']:.2f} | {p['speedup']:.2f} | "
-              f"{p['efficiency']:.2f} | "
+            "", f"### {what}, {study['mode']} scaling", "", _amdahl_line(study)
+            + f" Measured in `{study['folder']}` on {study['cores']} cores.", "",
+            "| workers | seconds (median) | min-max | speedup | efficiency | Karp-Flatt |",
+            "|---|---|---|---|---|---|",
+            *[f"| {p['workers']} | {p['seconds']:.2f} | {p['seconds_min']:.2f}-"
+              f"{p['seconds_max']:.2f} | {p['speedup']:.2f} | {p['efficiency']:.2f} | "
               + ("" if p["karp_flatt"] is None else f"{p['karp_flatt']:.3f}") + " |"
               for p in study["points"]],
             "", f"![{what} scaling]({png})",
         ]
     return lines
+
+
+def _amdahl_line(study: dict[str, Any]) -> str:
+    if study["amdahl_parallel_fraction"] is None:
+        return "Amdahl's law not fitted: " + "; ".join(study["warnings"]) + "."
+    smax = study["amdahl_max_speedup"]
+    return (f"Amdahl fit: parallel fraction P = {study['amdahl_parallel_fraction']:.3f}, "
+            f"maximum speedup {'unbounded' if smax is None else f'{smax:.1f}'}.")
 
 
 def plot_confusion(targets: np.ndarray, preds: np.ndarray, labels: list[str], path: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,21 @@ def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> fl
     return result["wall_seconds"]
 
 
+def measure(time_once: Callable[[int], float], workers: list[int], *, repeats: int
+            ) -> dict[int, list[float]]:
+    """Timings of ``time_once(n)`` for every worker count: one untimed warm-up first (imports,
+    the page cache, worker pools: otherwise the first point pays for them), then ``repeats``
+    rounds, interleaved so that drift over time hits every count alike."""
+    time_once(workers[0])
+    samples: dict[int, list[float]] = {n: [] for n in workers}
+    for _ in range(repeats):
+        for n in workers:
+            samples[n].append(time_once(n))
+    return samples
+
+
 def scale(cfg: Config, *, workers: list[int], mode: str, stage: str,
-          candidate: str | None = None) -> dict[str, Any]:
+          candidate: str | None = None, repeats: int = 3) -> dict[str, Any]:
     """Time ``stage`` at each worker count; returns the analysis (also JSON and PNG)."""
     if 1 not in workers:
         workers = [1, *workers]
@@ -101,12 +115,16 @@ def scale(cfg: Config, *, workers: list[int], mode: str, stage: str,
     out = cfg.output_dir / cfg.name / f"scale-{stage}-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     name = candidate or cfg.train.candidates[0].name
-    times = {}
-    for n in workers:
-        times[n] = (_time_ingest(cfg, n, mode, out) if stage == "ingest"
-                    else _time_train(cfg, name, n, mode, out))
-        logger.info("%s with %d workers: %.2fs", stage, n, times[n])
-    result = analyze(times, mode=mode)
+
+    def time_once(n: int) -> float:
+        seconds = (_time_ingest(cfg, n, mode, out) if stage == "ingest"
+                   else _time_train(cfg, name, n, mode, out))
+        logger.info("%s with %d workers: %.2fs", stage, n, seconds)
+        return seconds
+
+    result = analyze(measure(time_once, workers, repeats=repeats), mode=mode)
+    for warning in result["warnings"]:
+        logger.warning("%s; Amdahl's law is not fitted", warning)
     result.update(stage=stage, cores=cores,
                   candidate=name if stage == "train" else None, folder=str(out))
     result["plot"] = str(plot(result, out / "scaling.png",
