@@ -98,6 +98,7 @@ def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_r
     tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
     tiny_raw["data"] = {"source": "sklearn:digits",
                         "loader": {"map_fn": "tests.helpers.slow:sleepy"}}
+    tiny_raw["monitor"] = {"mlflow": True, "system_metrics_interval_s": None}
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
     distml("train", str(cfg), cwd=tmp_path, env=ENV)  # uninterrupted
     (clean,) = (tmp_path / "runs" / "tiny").glob("2*")
@@ -130,6 +131,16 @@ def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_r
     assert len(ra["peak_mem_bytes_per_rank"]) == 2  # every rank's peak, gathered to rank 0
     rb = json.loads((faulty / "candidates/small/result.json").read_text())
     assert ra["history"]["train_loss"] == rb["history"]["train_loss"]
+    # The restarted rank 0 went on with the candidate's MLflow run: one run, not two.
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    parent = json.loads((faulty / "mlflow.json").read_text())["parent_run_id"]
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id],
+                              f"tags.mlflow.parentRunId = '{parent}'")
+    assert [(r.info.run_name, r.info.status) for r in runs] == [("small", "FINISHED")]
+    steps = {m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")}
+    assert steps == set(range(1, 61))  # every step logged, the replayed ones once more
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "ddp", "zero1"])

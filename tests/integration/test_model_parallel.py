@@ -37,10 +37,13 @@ def test_tensor_and_pipeline_match_one_process_on_the_transformer(tmp_path, tiny
 
 
 def test_tensor_and_pipeline_match_one_process_on_the_digits_mlp(tmp_path):
-    # Stages balanced by measured forward time here (GPipe's heuristic), by parameters above.
-    names = ["tensor", "pipeline-gpipe", "pipeline-1f1b"]
+    # Stages balanced by measured forward time here (GPipe's heuristic), by parameters above;
+    # activation checkpointing on; a third hidden layer gives interleaving its 4 stages.
+    names = ["tensor", "pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved"]
     _, report = _verify(tmp_path, ROOT / "examples" / "digits.yaml", "--candidate", "mlp-wide",
                         "--strategies", ",".join(names),
+                        "--set", "train.candidates.1.model.hidden_sizes=[256, 256, 256]",
+                        "--set", "train.activation_checkpointing=true",
                         "--set", "train.parallel.pipeline.stage_split=time",
                         "--set", f"output_dir={tmp_path / 'runs'}")
     _passed(report, names)
