@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,29 @@ def small_lm_config(tmp_path: Path, raw: dict[str, Any]) -> Path:
     raw["train"]["candidates"] = [{"name": "gpt", "model": {
         "type": "transformer", "num_layers": 2, "num_heads": 2, "dim": 32, "dropout": 0.1}}]
     return write_config(tmp_path / "lm.yaml", raw)
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory) -> Path:
+    """A folder with a small digits model registered as 'tiny' (registry/) and the raw
+    digits rows as digits.parquet (row groups of 400 rows, a 'key' and a 'label' column):
+    trained once per test session and shared by every test that needs a model."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from sklearn.datasets import load_digits
+
+    from tests.e2e.test_cli import distml
+
+    root = tmp_path_factory.mktemp("trained-digits")
+    raw = {**TINY, "output_dir": str(root / "runs"), "registry": str(root / "registry")}
+    raw["train"] = {**TINY["train"], "candidates": TINY["train"]["candidates"][:1]}
+    distml("run", str(write_config(root / "c.yaml", raw)), "-q", cwd=root)
+    columns = json.loads((root / "registry" / "tiny" / "v1" / "spec.json").read_text())[
+        "input_columns"]
+    digits = load_digits()
+    table = pa.table({**{c: digits.data[:, j].astype(np.float32)
+                         for j, c in enumerate(columns)},
+                      "key": np.arange(len(digits.data)) * 10, "label": digits.target})
+    pq.write_table(table, root / "digits.parquet", row_group_size=400)
+    return root

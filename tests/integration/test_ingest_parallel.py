@@ -45,7 +45,6 @@ def test_process_pool_writes_what_one_process_writes(tmp_path):
 
 
 def test_dask_local_cluster_gives_the_same_output_as_local(tmp_path):
-    pytest.importorskip("distributed")
     with make_executor("local", num_workers=2) as ex:
         ingest(_data(), tmp_path / "local", seed=0, executor=ex)
     with make_executor("dask://local", num_workers=2) as ex:
@@ -163,7 +162,6 @@ def test_unknown_engine_and_missing_extra(monkeypatch):
 
 
 def test_ray_gives_the_same_output_as_local(tmp_path, tiny_raw):
-    pytest.importorskip("ray")  # an optional extra: pip install 'distml[ray]'
     # Through the CLI, as a user runs it: Ray's driver owns its process (its shutdown would
     # take a pytest process down with it).
     from tests.conftest import write_config
