@@ -17,14 +17,20 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_model_state_dict
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
-from distml.distributed.strategy import Strategy, optimizer_spec, shard_units
+from distml.distributed.strategy import (
+    Strategy,
+    build_optimizer,
+    optimizer_spec,
+    shard_units,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,24 +53,49 @@ class ZeRO1(DDP):
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         cls, kwargs = optimizer_spec(self.settings)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kwargs)
+        return ZeroRedundancyOptimizer(self._params(), optimizer_class=cls, **kwargs)
 
-    # torch.distributed.checkpoint does not know ZeroRedundancyOptimizer: the optimizer
-    # state is consolidated on rank 0 and saved whole; every rank loads it and keeps its
-    # own partition, whatever the world size was.
+    # torch.distributed.checkpoint does not know ZeroRedundancyOptimizer, whose state is
+    # partitioned by parameter index. It is consolidated, offered by every rank alike (DCP
+    # writes a replicated entry once) and saved under parameter names like every other
+    # strategy's, so a zero1 checkpoint resumes under any strategy and vice versa.
     def state_dict(self) -> dict[str, Any]:
-        return {"model": get_model_state_dict(self.model)}
+        self.optimizer.consolidate_state_dict(to=0)
+        box = [self.optimizer.state_dict() if self.env.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return {"model": get_model_state_dict(self.model),
+                "optim": _by_name(box[0], self._param_names())}
+
+    def state_template(self) -> dict[str, Any]:
+        # The names and shapes a checkpoint holds, from a plain optimizer over the same
+        # parameters (ZeRO's own state is empty until its first step).
+        plain = build_optimizer(self._params(), self.settings)
+        return {"model": get_model_state_dict(self.model),
+                "optim": get_optimizer_state_dict(self.model, plain)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_model_state_dict(state["model"])
+        names = self._param_names()
+        index = {name: i for i, name in enumerate(names)}
+        optim = state["optim"]
+        self.optimizer.load_state_dict({  # every rank keeps its own partition
+            "state": {index[k]: v for k, v in optim["state"].items()},
+            "param_groups": [{**g, "params": [index[p] for p in g["params"]]}
+                             for g in optim["param_groups"]]})
 
-    def extra_state(self) -> dict[str, Any] | None:
-        self.optimizer.consolidate_state_dict(to=0)
-        return {"optim": self.optimizer.state_dict()} if self.env.is_main else None
+    def _params(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
 
-    def load_extra_state(self, extra: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(extra["optim"])
+    def _param_names(self) -> list[str]:
+        """Canonical names of the optimizer's parameters, in its order."""
+        return [n for n, p in self.model.module.named_parameters() if p.requires_grad]
+
+
+def _by_name(indexed: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter index, keyed by parameter name instead."""
+    return {"state": {names[i]: v for i, v in indexed["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                             for g in indexed["param_groups"]]}
 
 
 class FSDP(Strategy):

@@ -173,6 +173,10 @@ class Strategy:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
         return {"model": model_sd, "optim": optim_sd}
 
+    def state_template(self) -> dict[str, Any]:
+        """What to fill from a checkpoint: the names and shapes of ``state_dict()``."""
+        return self.state_dict()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])

@@ -204,7 +204,7 @@ class Trainer:
         for path in reversed(checkpoint_paths(self.checkpoint_dir)):
             try:
                 rank_state = read_rank_state(path, self.env)
-                template = self.strategy.state_dict()
+                template = self.strategy.state_template()
                 if rank_state["progress"]["best_step"] is not None:
                     template["best"] = self._model_copy()
                 loaded = load_sharded(path, template)
