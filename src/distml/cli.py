@@ -16,6 +16,7 @@ from rich.table import Table
 
 import distml
 from distml.errors import DistmlError
+from distml.export.cli import register as register_kubernetes_commands
 
 app = typer.Typer(
     help="distml: end-to-end distributed machine learning for PyTorch, from one YAML file.",
@@ -502,6 +503,9 @@ def version() -> None:
 
     console.print(f"distml {distml.__version__}, torch {torch.__version__}, "
                   f"Python {sys.version.split()[0]}")
+
+
+register_kubernetes_commands(app)  # distml export kubernetes, distml stage ingest|select
 
 
 def main() -> None:
