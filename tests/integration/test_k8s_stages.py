@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distml.cli import app
+from distml.config import TrainSettings
 from distml.registry import Registry
 from distml.train import main as train_main
 from tests.conftest import write_config
@@ -34,7 +35,10 @@ def test_workflow_steps_share_one_run_folder(tmp_path, tiny_raw):
     tiny_raw["train"].update(epochs=1, max_steps=4)
     tiny_raw["execution"] = {"num_workers": 1}
     tiny_raw["monitor"] = {"tensorboard": False, "system_metrics_interval_s": None}
-    tiny_raw["train"]["candidates"][0].update(strategy="ddp", world_size=2)
+    ddp2 = {"strategy": "ddp", "world_size": 2}
+    # TEMPORARY: flat keys until train.parallel is merged (then: {"parallel": ddp2} only)
+    tiny_raw["train"]["candidates"][0].update(
+        {"parallel": ddp2} if "parallel" in TrainSettings.model_fields else ddp2)
     cfg = write_config(tmp_path / "tiny.yaml", tiny_raw)
     run = tmp_path / "runs" / "tiny" / "tiny-x7k2p"  # <output_dir>/<name>/<workflow name>
     runner = CliRunner()
