@@ -191,12 +191,7 @@ def run_pipeline(
         manifest = stage_ingest(run)
         results = stage_train(run, manifest, resume=resume)
         selection = stage_select(run, manifest, results)
-        with run.stage("report"):
-            summary = build_summary(run, manifest, selection)
-            write_report(run.dir, summary, manifest=manifest, selection=selection,
-                         scaling=latest_scaling_studies(run.project_dir))
-        summary["stages"] = run.stages  # the report stage's own time included
-        write_json_atomic(run.dir / "summary.json", summary)
+        summary = stage_report(run, manifest, selection)
         if mlflow is not None:
             mlflow.finish(cfg, summary, Path(selection["artifact"]))
     return run, summary
@@ -213,6 +208,17 @@ def train_only(
     with pipeline_tracking(cfg, run.dir):
         results = stage_train(run, stage_ingest(run), only=candidate, resume=resume)
     return run, results
+
+
+def stage_report(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dict[str, Any]:
+    """The report (with plots) and summary.json; returns the summary."""
+    with run.stage("report"):
+        summary = build_summary(run, manifest, selection)
+        write_report(run.dir, summary, manifest=manifest, selection=selection,
+                     scaling=latest_scaling_studies(run.project_dir))
+    summary["stages"] = run.stages  # the report stage's own time included
+    write_json_atomic(run.dir / "summary.json", summary)
+    return summary
 
 
 def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dict[str, Any]:

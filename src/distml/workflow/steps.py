@@ -20,15 +20,21 @@ import yaml
 from distml.config import Config, load_config
 from distml.data.dataset import Manifest
 from distml.errors import DistmlError
-from distml.fsutil import write_json_atomic, write_text_atomic
+from distml.fsutil import write_text_atomic
 from distml.training.candidate import RESULT
-from distml.workflow.pipeline import Run, build_summary, stage_ingest, stage_select
-from distml.workflow.report import latest_scaling_studies, write_report
+from distml.workflow.pipeline import (
+    NullReporter,
+    Reporter,
+    Run,
+    stage_ingest,
+    stage_report,
+    stage_select,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def ingest_into(cfg: Config, run_dir: Path, *, reporter: Any = None) -> Manifest:
+def ingest_into(cfg: Config, run_dir: Path, *, reporter: Reporter | None = None) -> Manifest:
     """Make ``run_dir`` a run of ``cfg`` (its config.yaml) and ingest its data (cached by
     the data's hash beside it, as ``distml run`` does)."""
     run_dir = Path(run_dir)
@@ -39,7 +45,7 @@ def ingest_into(cfg: Config, run_dir: Path, *, reporter: Any = None) -> Manifest
                               f"this one {cfg.hash()}); give a new --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    run = Run(cfg, run_dir, **({"reporter": reporter} if reporter is not None else {}))
+    run = Run(cfg, run_dir, reporter or NullReporter())
     return stage_ingest(run)
 
 
@@ -53,7 +59,7 @@ def _results(run_dir: Path, cfg: Config) -> list[dict[str, Any]]:
     return [json.loads((run_dir / "candidates" / n / RESULT).read_text()) for n in names]
 
 
-def select_run(run_dir: Path, *, reporter: Any = None) -> dict[str, Any]:
+def select_run(run_dir: Path, *, reporter: Reporter | None = None) -> dict[str, Any]:
     """Select the best trained candidate of the run, register it, write the report and
     summary.json; returns the summary."""
     run_dir = Path(run_dir)
@@ -61,13 +67,7 @@ def select_run(run_dir: Path, *, reporter: Any = None) -> dict[str, Any]:
         raise DistmlError(f"{run_dir} is not a run folder (no config.yaml); "
                           "`distml stage ingest CONFIG --run-dir DIR` makes one")
     cfg = load_config(run_dir / "config.yaml")
-    run = Run(cfg, run_dir, **({"reporter": reporter} if reporter is not None else {}))
+    run = Run(cfg, run_dir, reporter or NullReporter())
     manifest = Manifest.read(run_dir / "data")
-    selection = stage_select(run, manifest, _results(run_dir, cfg))
-    with run.stage("report"):
-        summary = build_summary(run, manifest, selection)
-        write_report(run_dir, summary, manifest=manifest, selection=selection,
-                     scaling=latest_scaling_studies(run.project_dir))
-    summary["stages"] = run.stages  # this process's stages; the others ran elsewhere
-    write_json_atomic(run_dir / "summary.json", summary)
-    return summary
+    # The summary's stages are this process's; ingestion and training ran elsewhere.
+    return stage_report(run, manifest, stage_select(run, manifest, _results(run_dir, cfg)))
