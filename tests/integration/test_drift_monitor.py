@@ -10,11 +10,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
+from distml.config import DataConfig
+from distml.data import transforms
+from distml.data.dataset import load_split
+from distml.data.ingest import ingest
 from distml.errors import ConfigError, DataError
+from distml.monitoring.drift import feature_drift
 from distml.monitoring.drift_report import run_monitor
-from distml.monitoring.reference import read_reference
+from distml.monitoring.reference import build_reference, read_reference
 from tests.conftest import TINY, write_config
 from tests.e2e.test_cli import distml
 
@@ -121,3 +127,38 @@ def test_a_missing_label_column_is_refused_and_nothing_is_written(digits):
     with pytest.raises(ConfigError, match="'cusum' is not known; choose from adwin"):
         run_monitor("tiny", files["same"], root / "bad-report", registry=root / "registry",
                     labels=None, json_out=None, alpha=0.05, detector="cusum")
+
+
+def test_a_categorical_column_is_monitored_through_onehot_and_standardize(tmp_path):
+    rng = np.random.default_rng(0)
+
+    def rows(n: int, p: list[float]) -> dict[str, np.ndarray]:
+        return {"color": rng.choice(np.array(["red", "green", "blue"], dtype=object), n, p=p),
+                "a": rng.normal(size=n)}
+
+    train = rows(3000, [0.6, 0.3, 0.1])
+    pq.write_table(pa.table({**train, "label": (train["a"] > 0).astype(int)}),
+                   tmp_path / "t.parquet")
+    data = DataConfig.model_validate({"source": str(tmp_path / "t.parquet"),
+                                      "transforms": [{"type": "onehot", "columns": ["color"]},
+                                                     "standardize"]})
+    manifest = ingest(data, tmp_path / "data", seed=0)
+    x, y = load_split(manifest, "val")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(manifest.num_features, 2)
+    ref = build_reference(manifest, model, torch.from_numpy(x), torch.from_numpy(y))
+    color = next(c for c in ref["columns"] if c["name"] == "color")
+    assert color["other"] == 0
+    assert sum(color["counts"]) == ref["train_rows"]
+    assert color["counts"][color["categories"].index("red")] > 0.5 * ref["train_rows"]
+
+    def drifted(new: dict[str, np.ndarray]) -> list[str]:
+        cols = transforms.apply(manifest.preprocessing, new)
+        results = feature_drift(ref, transforms.to_matrix(cols), manifest.feature_names)
+        return [r.column for r in results if r.drifted]
+
+    assert drifted(rows(1000, [0.6, 0.3, 0.1])) == []
+    assert drifted(rows(1000, [0.2, 0.3, 0.5])) == ["color"]
+    unseen = rows(1000, [0.6, 0.3, 0.1])
+    unseen["color"][:200] = "purple"
+    assert drifted(unseen) == ["color"]

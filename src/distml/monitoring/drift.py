@@ -162,17 +162,26 @@ def correct(results: list[ColumnDrift], *, alpha: float) -> list[ColumnDrift]:
     return results
 
 
+def onehot_categories(block: np.ndarray, column: dict[str, Any]) -> tuple[np.ndarray, int]:
+    """A one-hot block (N, K) of model inputs -> each hot row's category index, and the
+    number of rows with none hot (a category training never saw). Later transforms (e.g.
+    standardize) move the 0/1 levels, so a feature is hot past the middle of its levels."""
+    hot, cold = np.asarray(column["hot"]), np.asarray(column["cold"])
+    is_hot = (block - (hot + cold) / 2) * np.sign(hot - cold) > 0  # (N, K)
+    any_hot = is_hot.any(axis=1)
+    return is_hot[any_hot].argmax(axis=1), int((~any_hot).sum())
+
+
 def column_values(column: dict[str, Any], x: np.ndarray, index: dict[str, int]
                   ) -> np.ndarray | dict[str, int]:
     """A column's new values from the model-input matrix ``x`` (N, F): the numeric feature,
     or category counts from the one-hot block."""
     if column["kind"] == "numeric":
         return x[:, index[column["features"][0]]]
-    block = x[:, [index[f] for f in column["features"]]] > 0.5
-    hot = block.any(axis=1)
-    counts = np.bincount(block[hot].argmax(axis=1), minlength=block.shape[1])
+    which, other = onehot_categories(x[:, [index[f] for f in column["features"]]], column)
+    counts = np.bincount(which, minlength=len(column["features"]))
     out = {c: int(n) for c, n in zip(column["categories"], counts, strict=True)}
-    out["(other)"] = int((~hot).sum())
+    out["(other)"] = other
     return out
 
 

@@ -157,8 +157,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"# Drift report: {r['model']}:{r['version']} on {r['input']}", "",
         f"{r['rows']:,} rows. Data drift: **{len(drifted)} of {len(r['columns'])} columns** "
         f"({', '.join(drifted) or 'none'}); Benjamini-Hochberg adjusted p < {s['alpha']}. "
-        f"Largest PSI {r['max_psi']:.3f}. Concept drift: **{'yes' if r['concept_drift'] else 'no'}"
-        f"** (from {r['concept_drift_from']}).", "",
+        f"Largest PSI {r['max_psi']:.3f}. {_concept(r)}", "",
         "| column | kind | test | statistic | p | adjusted p | PSI | drifted |",
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
@@ -188,6 +187,13 @@ def markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _concept(r: dict[str, Any]) -> str:
+    if r["concept_drift_from"] is None:
+        return "Concept drift: not measured (no class probabilities and no labels)."
+    return (f"Concept drift: **{'yes' if r['concept_drift'] else 'no'}** (from "
+            f"{r['concept_drift_from']}).")
+
+
 def _rows(alarms: list[int]) -> str:
     if not alarms:
         return "none"
@@ -214,6 +220,5 @@ def print_summary(console: Any, r: dict[str, Any]) -> None:
     drifted = r["drifted_features"]
     console.print(f"{r['rows']:,} rows against {r['model']}:{r['version']}: "
                   f"{len(drifted)} drifted column(s){': ' + ', '.join(drifted) if drifted else ''};"
-                  f" concept drift {'[red]yes[/]' if r['concept_drift'] else 'no'} "
-                  f"(from {r['concept_drift_from']})\nreport: {Path(r['out_dir']) / 'report.md'}",
-                  highlight=False)
+                  f" {_concept(r).replace('**', '').lower()}\n"
+                  f"report: {Path(r['out_dir']) / 'report.md'}", highlight=False)

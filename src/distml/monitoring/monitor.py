@@ -167,7 +167,9 @@ class DriftMonitor:
         label_free = self._label_free()
         supervised = self._supervised()
         enough = supervised is not None and self.labelled >= s.error_window
-        concept = supervised["drift"] if enough else bool(label_free and label_free["drift"])
+        source = "labels" if enough else "margin density" if label_free is not None else None
+        concept = (supervised["drift"] if enough
+                   else bool(label_free is not None and label_free["drift"]))
         return {
             "rows": self.rows, "window_rows": 0 if x is None else len(x),
             "settings": s.to_dict(),
@@ -177,7 +179,7 @@ class DriftMonitor:
             "prediction": prediction,
             "label_free": label_free, "supervised": supervised,
             "concept_drift": concept,
-            "concept_drift_from": "labels" if enough else "margin density",
+            "concept_drift_from": source,  # None: not measured (regression, no labels)
         }
 
     def _label_free(self) -> dict[str, Any] | None:

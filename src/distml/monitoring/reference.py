@@ -26,10 +26,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from distml.data import transforms
 from distml.data.dataset import Manifest, read_partition
 from distml.errors import ArtifactError
 from distml.fsutil import write_text_atomic
 from distml.monitoring.detectors import MarginReference, margins
+from distml.monitoring.drift import onehot_categories
 from distml.tasks import predict
 
 logger = logging.getLogger(__name__)
@@ -66,12 +68,14 @@ def numeric_sketch(values: np.ndarray) -> dict[str, Any]:
 
 def categorical_sketch(categories: list[str], counts: np.ndarray, other: int = 0
                        ) -> dict[str, Any]:
-    order = np.argsort(-np.asarray(counts), kind="stable")[:MAX_CATEGORIES]
-    kept = int(np.asarray(counts)[order].sum())
-    return {"kind": "categorical", "rows": int(np.sum(counts)) + other,
-            "categories": [str(categories[i]) for i in order],
-            "counts": [int(counts[i]) for i in order],
-            "other": int(np.sum(counts)) - kept + other}
+    """Category counts in the given order; past MAX_CATEGORIES only the most frequent are
+    kept (still in order) and the rest are counted as other."""
+    counts = np.asarray(counts, dtype=np.int64)
+    keep = np.sort(np.argsort(-counts, kind="stable")[:MAX_CATEGORIES])
+    return {"kind": "categorical", "rows": int(counts.sum()) + other,
+            "categories": [str(categories[i]) for i in keep],
+            "counts": [int(counts[i]) for i in keep],
+            "other": int(counts.sum() - counts[keep].sum()) + other}
 
 
 def onehot_columns(preprocessing: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -81,6 +85,29 @@ def onehot_columns(preprocessing: list[dict[str, Any]]) -> dict[str, list[str]]:
         if p["type"] == "onehot":
             out.update(zip(p["columns"], p["categories"], strict=True))
     return out
+
+
+def onehot_levels(input_columns: dict[str, str], preprocessing: list[dict[str, Any]],
+                  name: str, categories: list[str]) -> tuple[list[float], list[float]]:
+    """What each ``name=category`` feature holds for a row of that category and for a row of
+    none, after every fitted step (standardize after onehot moves them from 1 and 0)."""
+    k = len(categories)
+    raw: dict[str, np.ndarray] = {}
+    for col, kind in input_columns.items():
+        if col == name:
+            raw[col] = np.array([*categories, "\0unseen"], dtype=object)
+        elif kind == "categorical":
+            raw[col] = np.array([""] * (k + 1), dtype=object)
+        else:
+            raw[col] = np.zeros(k + 1, dtype=np.float32)
+    try:
+        out = transforms.apply(preprocessing, raw)
+        feats = [np.asarray(out[f"{name}={c}"], dtype=np.float32) for c in categories]
+    except Exception as e:  # a user transform that cannot take made-up rows
+        logger.warning("one-hot levels of %s after the transforms are unknown (%s); "
+                       "assuming 1 and 0", name, e)
+        return [1.0] * k, [0.0] * k
+    return (_f32([f[j] for j, f in enumerate(feats)]), _f32([f[k] for f in feats]))
 
 
 def column_map(input_columns: dict[str, str], feature_names: list[str],
@@ -95,10 +122,12 @@ def column_map(input_columns: dict[str, str], feature_names: list[str],
     out = []
     for name in input_columns:
         if name in encoded:
-            feats = [f"{name}={c}" for c in encoded[name]]
+            cats = [str(c) for c in encoded[name]]
+            feats = [f"{name}={c}" for c in cats]
             if all(f in index for f in feats):
+                hot, cold = onehot_levels(input_columns, preprocessing, name, cats)
                 out.append({"name": name, "kind": "categorical", "features": feats,
-                            "categories": [str(c) for c in encoded[name]]})
+                            "categories": cats, "hot": hot, "cold": cold})
                 continue
         elif name in index:
             out.append({"name": name, "kind": "numeric", "features": [name]})
@@ -106,13 +135,6 @@ def column_map(input_columns: dict[str, str], feature_names: list[str],
         logger.warning("input column %s is not monitored: no model input feature keeps its "
                        "name (a user transform renamed it)", name)
     return out
-
-
-def categorical_counts(x: np.ndarray, indices: list[int]) -> tuple[np.ndarray, int]:
-    """Category counts from a one-hot block; rows with no category hot are 'other'."""
-    block = x[:, indices] > 0.5  # (N, K)
-    hot = block.any(axis=1)
-    return block[hot].argmax(axis=1).astype(np.int64), int((~hot).sum())
 
 
 def sketch_columns(columns: list[dict[str, Any]], feature_names: list[str], x: np.ndarray
@@ -124,9 +146,10 @@ def sketch_columns(columns: list[dict[str, Any]], feature_names: list[str], x: n
         if col["kind"] == "numeric":
             sketch = numeric_sketch(x[:, idx[0]])
         else:
-            which, other = categorical_counts(x, idx)
-            counts = np.bincount(which, minlength=len(idx))
-            sketch = categorical_sketch(col["categories"], counts, other)
+            which, other = onehot_categories(x[:, idx], col)
+            counts = np.bincount(which, minlength=len(idx))  # one per feature, in order
+            sketch = {"kind": "categorical", "rows": len(x), "counts": counts.tolist(),
+                      "other": other}
         out.append({**col, **sketch})
     return out
 
