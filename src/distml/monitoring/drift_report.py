@@ -211,6 +211,7 @@ def run_monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
     report = monitor(ref, input_path, out_dir, registry=registry, label_column=labels,
                      alpha=alpha, detector=detector)
     if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(json_out, report)
     report["out_dir"] = str(out_dir)
     return report
