@@ -3,7 +3,13 @@ grouped by area in the modules of this package."""
 
 from __future__ import annotations
 
-from distml.cli import inspect, kubernetes, pipeline, serving  # noqa: F401 - they register commands
+from distml.cli import (  # noqa: F401 - they register commands
+    inspect,
+    kubernetes,
+    monitor,
+    pipeline,
+    serving,
+)
 from distml.cli.app import app, data_app, models_app, runs_app
 
 __all__ = ["app", "data_app", "main", "models_app", "runs_app"]

@@ -1,1 +1,1 @@
-"""Monitoring: tracking backends and scalability analysis."""
+"""Monitoring: tracking backends, scalability analysis, and data and concept drift."""

@@ -30,6 +30,7 @@ from distml.execution import make_executor
 from distml.execution.base import ProgressHandle, no_progress
 from distml.fsutil import write_json_atomic, write_text_atomic
 from distml.monitoring.mlflow_tracking import pipeline_tracking
+from distml.monitoring.reference import build_reference, write_reference
 from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better, rank
 from distml.tasks import evaluate
@@ -163,6 +164,8 @@ def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) ->
         test_metrics, predictions = evaluate(manifest.task, artifact.model, test.x, test.y)
         artifact.spec["metrics"]["test"] = test_metrics
         selected = save_artifact(artifact.model, artifact.spec, run.dir / "selected")
+        val = SplitTensors.load(manifest, "val")  # what drift monitoring compares against
+        write_reference(selected, build_reference(manifest, artifact.model, val.x, val.y))
 
         registry = Registry(cfg.registry)
         version = registry.register(selected, cfg.model_name)
