@@ -25,7 +25,14 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from distml.config import Candidate, Config, TrainSettings, deep_merge, load_config
+from distml.config import (
+    Candidate,
+    Config,
+    ParallelConfig,
+    TrainSettings,
+    deep_merge,
+    load_config,
+)
 from distml.data.dataset import Manifest
 from distml.distributed.runtime import DistEnv, run_worker, worker_main
 from distml.distributed.strategy import Strategy, make_strategy
@@ -56,12 +63,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def settings_for(name: str, base: TrainSettings, world_size: int) -> TrainSettings:
+def settings_for(name: str, base: TrainSettings, world_size: int, *,
+                 own: ParallelConfig | None = None) -> TrainSettings:
     """Training settings of a strategy to verify (see VARIANTS); the candidate's other
-    settings (precision, activation checkpointing, its pipeline's schedule and micro-batches,
-    fsdp offload) are kept where the strategy reads them, and its degrees are not."""
+    settings (precision, activation checkpointing, the pipeline's schedule and micro-batches,
+    fsdp offload: from ``own``, the candidate's parallel settings with every section) are
+    kept where the strategy reads them, and its degrees are not."""
     variant = VARIANTS.get(name, {"strategy": "ddp"})
-    own = base.parallel
+    own = own or base.parallel
     parallel: dict[str, Any] = {"strategy": variant["strategy"], "world_size": world_size}
     if variant["strategy"] == "pipeline":
         parallel["pipeline"] = own.pipeline.model_dump(exclude={"degree"})
@@ -211,7 +220,8 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
     base = cfg.train.settings_for(cand)
     val_x = SplitTensors.load(manifest, "val").x[:2]
     for name in args.strategies.split(","):
-        s = settings_for(name, base, env.world_size)
+        s = settings_for(name, base, env.world_size,
+                         own=cfg.train.parallel_for(cand))
         strategy = make_strategy(name if ":" in name else s.parallel.strategy,
                                  _model(cfg, cand, manifest, val_x), s, env, sample=val_x)
         if env.device.type == "cuda":

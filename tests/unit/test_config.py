@@ -75,8 +75,8 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
          r"=1 x 5=5"),
         ("train.parallel.world_size=128",
          r"world_size=128 is larger than the global batch_size=64: every rank needs samples"),
-        ("train.parallel.fsdp.reshard_after_forward=false",
-         r"parallel\.fsdp applies to strategy fsdp, not 'single'"),
+        ("train.candidates.0.parallel.fsdp.reshard_after_forward=false",
+         r"candidate 'small': parallel\.fsdp applies to strategy fsdp, not 'single'"),
         ("train.parallel={strategy: ddp, world_size: 3, num_nodes: 2}",
          r"world_size=3 does not divide over num_nodes=2"),
         ("train.schedule=gpipe", r"train\.schedule = 'gpipe': unknown key"),
@@ -170,15 +170,21 @@ def _mlp(*hidden: int) -> dict:
      r"data_degree x tensor_degree = 3 x the rest does not multiply to world_size=4"),
     ({"strategy": "tensor", "world_size": 4, "data_degree": -1, "tensor_degree": -1}, {},
      r"only one of data_degree and tensor_degree may be -1"),
-    ({"strategy": "ddp", "world_size": 2, "fsdp": {"offload": True}}, {},
-     r"parallel\.fsdp applies to strategy fsdp, not 'ddp'"),
+    ({"strategy": "ddp", "world_size": 2},
+     {"candidates": [{"name": "m", "model": {"type": "mlp"}, "parallel": {
+         "fsdp": {"offload": True}}}]},
+     r"candidate 'm': parallel\.fsdp applies to strategy fsdp, not 'ddp'"),
     ({"strategy": "fsdp", "world_size": 2}, {"precision": "fp16"},
      r"precision fp16 with strategy 'fsdp'.*use bf16"),
     ({"strategy": "pipeline", "world_size": 2}, {"grad_accum_steps": 2},
      r"pipeline accumulates over parallel\.pipeline\.num_microbatches"),
-    ({"strategy": "ddp", "world_size": 2, "pipeline": {"degree": 2}}, {},
+    ({"strategy": "ddp", "world_size": 2},
+     {"candidates": [{"name": "m", "model": {"type": "mlp"}, "parallel": {
+         "pipeline": {"degree": 2}}}]},
      r"parallel\.pipeline applies to strategy pipeline, not 'ddp'"),
-    ({"strategy": "ddp", "world_size": 2, "tensor_degree": 2}, {},
+    ({"strategy": "ddp", "world_size": 2},
+     {"candidates": [{"name": "m", "model": {"type": "mlp"}, "parallel": {
+         "tensor_degree": 2}}]},
      r"parallel\.tensor_degree applies to strategy tensor, not 'ddp'"),
     ({"strategy": "tensor", "world_size": 2}, _mlp(15),
      r"hidden_sizes=\[15\] cannot be split over tensor_degree=2"),
@@ -218,7 +224,7 @@ def test_candidates_deep_merge_the_parallel_settings(tiny_raw):
     cfg = make_config(tiny_raw)
     a, b = (cfg.train.settings_for(c).parallel for c in cfg.train.candidates)
     # a keeps the shared schedule and world size and changes only the micro-batches; b, a
-    # ddp, inherits no pipeline settings
+    # ddp, inherits no pipeline settings (the shared ones are defaults for pipelines)
     assert (a.strategy, a.world_size, a.pipeline.schedule, a.pipeline.num_microbatches) == (
         "pipeline", 2, "gpipe", 4)
     assert (b.strategy, b.world_size, b.pipeline.schedule) == ("ddp", 2, "1f1b")

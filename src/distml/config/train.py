@@ -64,7 +64,6 @@ class TrainSettings(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
         p = self.parallel
-        p.check_applies()
         dims = self.dims
         if p.world_size % p.num_nodes:
             raise ValueError(f"parallel.world_size={p.world_size} does not divide over "
@@ -195,11 +194,13 @@ class TrainConfig(TrainSettings):
         return self
 
     def settings_for(self, candidate: Candidate) -> TrainSettings:
-        """The shared settings with the candidate's overrides deep-merged over them."""
+        """The shared settings with the candidate's overrides deep-merged over them. The
+        shared pipeline and fsdp sections are defaults for the candidates whose strategy
+        reads them; a candidate's own section must apply to its strategy."""
         merged = deep_merge(self.model_dump(exclude={"candidates"}), candidate.overrides())
         strategy = merged["parallel"]["strategy"]
         try:
-            if candidate.parallel is not None:  # what the candidate itself gives must apply
+            if candidate.parallel is not None:
                 candidate.parallel.check_applies(strategy)
             merged["parallel"] = applicable(merged["parallel"], strategy)
             return TrainSettings(**merged)
@@ -208,6 +209,13 @@ class TrainConfig(TrainSettings):
             raise ValueError(f"candidate {candidate.name!r}: {msg}") from None
         except ValueError as e:
             raise ValueError(f"candidate {candidate.name!r}: {e}") from None
+
+    def parallel_for(self, candidate: Candidate) -> ParallelConfig:
+        """The candidate's parallel settings with every section, including those its own
+        strategy does not read (``distml verify`` tries the other strategies with them)."""
+        shared = self.parallel.model_dump()
+        own = candidate.parallel.model_dump(exclude_unset=True) if candidate.parallel else {}
+        return ParallelConfig(**deep_merge(shared, own))
 
     def candidate(self, name: str) -> Candidate:
         for c in self.candidates:

@@ -254,6 +254,9 @@ class MlflowCallback(Callback):
             self.tracker.call("log metrics", self.tracker.client.log_batch, self.run_id,
                               metrics=batch[i:i + 1000])
 
+    def on_checkpoint(self, trainer: Any, step: int) -> None:
+        self._flush()  # a restart resumes after this step: what came before must be logged
+
     def on_step_end(self, trainer: Any, record: dict[str, float]) -> None:
         self._add("train/", {k: record[k] for k in ("loss", "lr", "samples_per_s")},
                   int(record["step"]))

@@ -24,5 +24,9 @@ class Callback:
     def on_epoch_end(self, trainer: Trainer, stats: dict[str, Any]) -> None:
         pass
 
+    def on_checkpoint(self, trainer: Trainer, step: int) -> None:
+        """A checkpoint of ``step`` is complete: a restart replays only later steps, so
+        anything buffered up to here must be made durable now."""
+
     def on_train_end(self, trainer: Trainer) -> None:
         pass

@@ -160,6 +160,8 @@ class Trainer:
             step % s.checkpoint_every_steps == 0)
         if s.checkpoints and (due or stop):
             self.save()
+            for cb in self._listeners:
+                cb.on_checkpoint(self, step)
         return stop
 
     def _evaluate(self) -> bool:
