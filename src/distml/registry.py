@@ -108,7 +108,10 @@ class Registry:
         """The audit log of ``name``, oldest first."""
         path = self.root / check_name(name) / AUDIT
         lines = path.read_text().splitlines() if path.is_file() else []
-        return [json.loads(line) for line in lines if line.strip()]
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{path} is damaged (not one JSON object a line): {e}") from None
 
     def resolve(self, ref: str, *, allow_path: bool = True) -> ModelVersion:
         """A reference (see module docstring) -> the version it names. ``allow_path``: whether
@@ -190,10 +193,11 @@ class Registry:
         new = self.get(name, version)  # must exist
         aliases = self.aliases(name)
         old = aliases.get(alias)
+        previous = next((v for v in self.versions(name) if v.version == old), None)
         self._log(name, {
             "event": "alias", "alias": alias, "from_version": old, "to_version": version,
             "metric": _metric(new.path),
-            "previous_metric": _metric(self.get(name, old).path) if old is not None else None,
+            "previous_metric": _metric(previous.path) if previous is not None else None,
             "reason": reason, "by": by or actor()})
         aliases[alias] = version
         write_json_atomic(self.root / name / "aliases.json", aliases)
@@ -212,7 +216,9 @@ def _is_artifact(path: Path) -> bool:
 
 def _artifact_name(path: Path) -> str:
     """The model name an artifact folder carries (it names served models and reports)."""
-    name = read_spec(path).get("name", path.name)
+    name = read_spec(path).get("name")
+    if name is None:  # any folder name will do for a folder the user named; not a hostile one
+        return path.name if _NAME.fullmatch(path.name) else "model"
     return check_name(name, what=f"the model name in {path / SPEC}")
 
 

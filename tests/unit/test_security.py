@@ -259,3 +259,10 @@ def test_a_path_ref_to_an_artifact_is_still_a_reference(guarded):
 def test_hostile_names_and_paths_in_a_config_are_refused(tiny_raw, override, match):
     with pytest.raises(ConfigError, match=match):
         make_config(tiny_raw, overrides=[override])
+
+
+def test_an_artifact_folder_giving_itself_a_hostile_name_is_refused(tmp_path):
+    art = _artifact(tmp_path)
+    write_spec(art, {**read_spec(art), "name": "../../etc"})  # served as, reported as
+    with pytest.raises(ArtifactError, match=r"model name in .*spec\.json '\.\./\.\./etc' is not"):
+        Registry(tmp_path / "reg").resolve(str(art))
