@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -60,6 +62,15 @@ def test_predict_refuses_code_untrusted_and_runs_it_with_trust_code(code_artifac
     assert pq.read_metadata(tmp_path / "out.parquet").num_rows == 1797
     assert marker.read_text() == "imported"
     assert list(tmp_path.glob("CALLED-*"))  # the workers ran it: the trust went with the job
+
+
+def test_serve_refuses_code_untrusted(code_artifact, tmp_path):
+    art, marker, fn = code_artifact
+    proc = subprocess.run([sys.executable, "-m", "distml", "serve", str(art), "--port", "0"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert _flat(f"transform '{fn}'") in _flat(proc.stderr)
+    assert not marker.exists()
 
 
 def test_monitor_refuses_code_untrusted(code_artifact, trained_digits, tmp_path):

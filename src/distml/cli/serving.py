@@ -63,9 +63,10 @@ def serve(
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
              "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize}
     base = cfg.serve.model_dump() if cfg is not None else {}
-    flags["trust_code"] = True if trust_code else None  # the flag adds trust, never removes
-    flags["trusted_modules"] = [*base.get("trusted_modules", []), *trust_module] \
-        if trust_module else None
+    if trust_code:  # the flags add trust to the config's, never take it away
+        flags["trust_code"] = True
+    if trust_module:
+        flags["trusted_modules"] = [*base.get("trusted_modules", []), *trust_module]
     settings = _validated(ServeConfig, {**base, **{k: v for k, v in flags.items()
                                                    if v is not None}},
                           "invalid serve settings (flags or the config's serve section)")
