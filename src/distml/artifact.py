@@ -3,10 +3,21 @@
 spec.json holds everything needed to rebuild and use the model with no config: the resolved
 model spec, input/output schema (Open Inference Protocol names, datatypes and shapes), label
 names, the fitted preprocessing, metrics, the config hash and the git revision.
+
+Integrity: spec.json's ``sha256`` field records the SHA-256 of model.safetensors and of
+spec.json's own content without that field (canonical JSON: sorted keys, no spaces). Loading
+checks both before anything is built, so a corrupt or edited file is refused by name. They
+catch corruption and casual edits; someone able to rewrite both files can rewrite the digests
+too, so compare ``distml models show``'s digest with the one the registry's audit log recorded
+at registration when that matters.
+
+Trust: an artifact naming code (a user transform or model factory) loads only under a
+``TrustPolicy`` that allows it (see distml.trust).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,12 +33,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from distml.config import ZOO
 from distml.data import transforms
 from distml.errors import ArtifactError
+from distml.fsutil import write_text_atomic
 from distml.models import build_model
+from distml.trust import TrustPolicy
 
 WEIGHTS, SPEC = "model.safetensors", "spec.json"
 FORMAT_VERSION = 1
+DIGESTS = "sha256"  # the spec.json field: {"model.safetensors": hex, "spec.json": hex}
 
 
 def io_schema(
@@ -71,10 +86,74 @@ def save_artifact(model: nn.Module, spec: dict[str, Any], directory: Path) -> Pa
         **spec,
     }
     save_model(model, str(tmp / WEIGHTS))
-    (tmp / SPEC).write_text(json.dumps(full, indent=2) + "\n")
+    write_spec(tmp, full)
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def spec_sha256(spec: dict[str, Any]) -> str:
+    """The digest of a spec's content without its digests field, independent of layout."""
+    body = {k: v for k, v in spec.items() if k != DIGESTS}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"))
+                          .encode()).hexdigest()
+
+
+def write_spec(directory: Path, spec: dict[str, Any]) -> dict[str, Any]:
+    """Write spec.json with the digests of the weights beside it and of itself; returns it."""
+    directory = Path(directory)
+    spec = {k: v for k, v in spec.items() if k != DIGESTS}
+    spec[DIGESTS] = {WEIGHTS: file_sha256(directory / WEIGHTS), SPEC: spec_sha256(spec)}
+    write_text_atomic(directory / SPEC, json.dumps(spec, indent=2) + "\n")
+    return spec
+
+
+def verify_integrity(directory: Path, spec: dict[str, Any], *, shown: Path | None = None
+                     ) -> dict[str, str]:
+    """Check both recorded digests; returns them. ``shown``: the folder named in errors."""
+    directory, shown = Path(directory), Path(shown or directory)
+    recorded = spec.get(DIGESTS)
+    if not (isinstance(recorded, dict) and isinstance(recorded.get(WEIGHTS), str)
+            and isinstance(recorded.get(SPEC), str)):
+        raise ArtifactError(
+            f"{shown / SPEC} records no SHA-256 digests (its {DIGESTS!r} field), so its files "
+            "cannot be checked: it was written before distml recorded them, or edited; "
+            "re-create the artifact (distml run), or register it again (that records them)")
+    if spec_sha256(spec) != recorded[SPEC]:
+        raise ArtifactError(f"{shown / SPEC} does not match the SHA-256 recorded in it: the "
+                            "file was corrupted or edited after it was written; refusing it")
+    if not (directory / WEIGHTS).is_file():
+        raise ArtifactError(f"{shown} has no {WEIGHTS}")
+    if file_sha256(directory / WEIGHTS) != recorded[WEIGHTS]:
+        raise ArtifactError(
+            f"{shown / WEIGHTS} does not match the SHA-256 recorded in {SPEC} "
+            f"({recorded[WEIGHTS][:16]}...): the file was corrupted or replaced; refusing it")
+    return recorded
+
+
+def code_references(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (what, 'module:function') the spec would import when loaded and used; built-in
+    transforms and zoo models are not listed (an exact zoo import path is built in too, but
+    no other distml function: 'distml.x:y' could still do harm with the spec's kwargs)."""
+    code = []
+    kind = (spec.get("model") or {}).get("type")
+    if not isinstance(kind, str):
+        raise ArtifactError(f"the spec's model.type must be a string, not {kind!r}")
+    if kind not in ZOO and kind not in ZOO.values():
+        code.append(("model factory", kind))
+    for step in spec.get("preprocessing") or []:
+        name = step.get("type") if isinstance(step, dict) else None
+        if isinstance(name, str) and ":" in name:
+            code.append(("transform", name))
+    return code
 
 
 def read_spec(directory: Path) -> dict[str, Any]:
@@ -135,12 +214,14 @@ class Artifact:
         return out.numpy()
 
 
-def load_artifact(directory: str | Path) -> Artifact:
+def load_artifact(directory: str | Path, *, trust: TrustPolicy | None = None) -> Artifact:
+    """Load after checking the recorded digests, and the code the spec names against
+    ``trust`` (default: no code trusted); nothing is imported before both pass."""
     directory = Path(directory)
     spec = read_spec(directory)
+    verify_integrity(directory, spec)
+    (trust or TrustPolicy()).check(code_references(spec), where=str(directory / SPEC))
     weights = directory / WEIGHTS
-    if not weights.is_file():
-        raise ArtifactError(f"{directory} has no {WEIGHTS}")
     model = build_model(spec["model"])
     try:
         load_model(model, str(weights))

@@ -21,3 +21,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def append_jsonl(path: Path, obj: Any) -> None:
+    """Append one JSON line with a single write to a file opened for appending (concurrent
+    appenders do not interleave), then fsync: a logged line survives a crash."""
+    data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):  # a short write (full disk, signal): finish the line
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)

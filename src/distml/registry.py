@@ -5,28 +5,59 @@ Layout::
     <root>/<name>/v1/{model.safetensors, spec.json}
     <root>/<name>/v2/...
     <root>/<name>/aliases.json          {"production": 2}
+    <root>/<name>/audit.jsonl           one line per registration and alias move
 
 A version folder is copied in under a temporary name and renamed, so it is complete or
-absent. References: ``name`` (the production alias, else the newest version), ``name:3``,
-``name@alias``, or a path to an artifact folder.
+absent; its digests are checked on the copy (or recorded, for an artifact without them).
+References: ``name`` (the production alias, else the newest version), ``name:3``,
+``name@alias``, or a path to an artifact folder. Model and alias names must be one safe path
+component (``NAME_PATTERN``); anything else is refused before a file is touched, so no
+reference reads or writes outside ``<root>`` unless it is an artifact folder's path.
 """
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
 import shutil
+import socket
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-from distml.artifact import read_spec
+from distml.artifact import DIGESTS, SPEC, WEIGHTS, read_spec, verify_integrity, write_spec
+from distml.config.base import MAX_PATH_LENGTH, NAME_PATTERN, NAME_RULE
 from distml.errors import ArtifactError
-from distml.fsutil import write_json_atomic
+from distml.fsutil import append_jsonl, write_json_atomic
 
 PRODUCTION = "production"
+AUDIT = "audit.jsonl"
 _VERSION = re.compile(r"^v(\d+)$")
-_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$")
+_NAME = re.compile(NAME_PATTERN)
+
+
+def shown(value: str) -> str:
+    """A user's value for an error message, cut short (a hostile name may be megabytes)."""
+    return repr(value) if len(value) <= 80 else f"{value[:60]!r}... ({len(value)} characters)"
+
+
+def check_name(value: str, *, what: str = "model name") -> str:
+    """``value`` if it is a safe registry name (one path component), else ArtifactError."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ArtifactError(f"{what} {shown(str(value))} is not valid: use {NAME_RULE}")
+    return value
+
+
+def actor() -> str:
+    """Who is moving things, for the audit log: user@host."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = str(os.getuid())
+    return f"{user}@{socket.gethostname()}"
 
 
 @dataclass(frozen=True)
@@ -45,10 +76,11 @@ class Registry:
     def names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and self.versions(p.name))
+        return sorted(p.name for p in self.root.iterdir()
+                      if _NAME.fullmatch(p.name) and p.is_dir() and self.versions(p.name))
 
     def versions(self, name: str) -> list[ModelVersion]:
-        folder = self.root / name
+        folder = self.root / check_name(name)
         if not folder.is_dir():
             return []
         found = [
@@ -59,7 +91,7 @@ class Registry:
         return sorted(found, key=lambda v: v.version)
 
     def aliases(self, name: str) -> dict[str, int]:
-        path = self.root / name / "aliases.json"
+        path = self.root / check_name(name) / "aliases.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def get(self, name: str, version: int) -> ModelVersion:
@@ -72,13 +104,31 @@ class Registry:
             + (f"; versions: {have}" if have else f"; registered models: {self.names()}")
         )
 
-    def resolve(self, ref: str) -> ModelVersion:
-        """A reference (see module docstring) -> the version it names."""
-        path = Path(ref)
-        if (path / "spec.json").is_file():
-            return ModelVersion(read_spec(path).get("name", path.name), 0, path)
+    def audit(self, name: str) -> list[dict[str, Any]]:
+        """The audit log of ``name``, oldest first."""
+        path = self.root / check_name(name) / AUDIT
+        lines = path.read_text().splitlines() if path.is_file() else []
+        try:
+            return [json.loads(line) for line in lines if line.strip()]
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{path} is damaged (not one JSON object a line): {e}") from None
+
+    def resolve(self, ref: str, *, allow_path: bool = True) -> ModelVersion:
+        """A reference (see module docstring) -> the version it names. ``allow_path``: whether
+        a path to an artifact folder is a reference (False where a client names the model)."""
+        if "\0" in ref or len(ref) > MAX_PATH_LENGTH:
+            raise ArtifactError(f"model reference {shown(ref)} is not valid: give name, "
+                                f"name:version or name@alias (names: {NAME_RULE})"
+                                + (", or an artifact folder" if allow_path else ""))
+        if allow_path and _is_artifact(Path(ref)):
+            return ModelVersion(_artifact_name(Path(ref)), 0, Path(ref))
+        if allow_path and ("/" in ref or ref.startswith(".")):
+            raise ArtifactError(f"{shown(ref)} is not an artifact folder (no {SPEC} there) "
+                                "and not a registry reference (name, name:version or "
+                                "name@alias)")
         name, sep, alias = ref.partition("@")
         if sep:
+            check_name(alias, what="alias")
             aliases = self.aliases(name)
             if alias not in aliases:
                 raise ArtifactError(
@@ -87,7 +137,7 @@ class Registry:
             return self.get(name, aliases[alias])
         name, sep, version = ref.partition(":")
         if sep:
-            if not version.isdigit():
+            if not re.fullmatch(r"[0-9]{1,9}", version):
                 raise ArtifactError(f"{ref!r}: the version after ':' must be a number")
             return self.get(name, int(version))
         versions = self.versions(name)
@@ -101,28 +151,85 @@ class Registry:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def register(self, artifact_dir: Path, name: str) -> ModelVersion:
-        """Copy an artifact in as the next version of ``name``."""
-        if not _NAME.match(name):
-            raise ArtifactError(f"model name {name!r} must be letters, digits, '.', '_' or '-'")
-        read_spec(artifact_dir)  # refuse anything that is not an artifact
+    def register(self, artifact_dir: Path, name: str, *, by: str | None = None
+                 ) -> ModelVersion:
+        """Copy an artifact in as the next version of ``name``: its recorded digests are
+        checked on the copy (an artifact without them gets them), and the registration goes
+        to the audit log with the weights' digest."""
+        check_name(name)
+        spec = read_spec(artifact_dir)  # refuse anything that is not an artifact
         folder = self.root / name
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".incoming-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(artifact_dir, tmp)
+        try:
+            if DIGESTS in spec:  # one pass over the copy: corrupt at the source or in copying
+                digests = verify_integrity(tmp, spec, shown=Path(artifact_dir))
+            else:
+                digests = write_spec(tmp, spec)[DIGESTS]
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         while True:  # os.rename onto a missing name is atomic; retry if a racer took it
             version = max((v.version for v in self.versions(name)), default=0) + 1
             target = folder / f"v{version}"
             try:
                 os.rename(tmp, target)
-                return ModelVersion(name, version, target)
+                break
             except OSError:
                 if not target.exists():
                     raise
+        self._log(name, {"event": "register", "version": version,
+                         "sha256": digests[WEIGHTS], "by": by or actor()})
+        return ModelVersion(name, version, target)
 
-    def set_alias(self, name: str, alias: str, version: int) -> None:
-        self.get(name, version)  # must exist
+    def set_alias(self, name: str, alias: str, version: int, *, reason: str = "",
+                  by: str | None = None) -> None:
+        """Point ``alias`` at ``version``, logging the move (old and new version, each one's
+        selection metric, ``reason`` and who) to the audit log first: a crash between the
+        two leaves a logged move that did not happen, never an unlogged one."""
+        check_name(alias, what="alias")
+        new = self.get(name, version)  # must exist
         aliases = self.aliases(name)
+        old = aliases.get(alias)
+        previous = next((v for v in self.versions(name) if v.version == old), None)
+        self._log(name, {
+            "event": "alias", "alias": alias, "from_version": old, "to_version": version,
+            "metric": _metric(new.path),
+            "previous_metric": _metric(previous.path) if previous is not None else None,
+            "reason": reason, "by": by or actor()})
         aliases[alias] = version
         write_json_atomic(self.root / name / "aliases.json", aliases)
+
+    def _log(self, name: str, entry: dict[str, Any]) -> None:
+        append_jsonl(self.root / name / AUDIT,
+                     {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **entry})
+
+
+def _is_artifact(path: Path) -> bool:
+    try:
+        return (path / SPEC).is_file()
+    except (OSError, ValueError):  # a name too long for the file system is no folder
+        return False
+
+
+def _artifact_name(path: Path) -> str:
+    """The model name an artifact folder carries (it names served models and reports)."""
+    name = read_spec(path).get("name")
+    if name is None:  # any folder name will do for a folder the user named; not a hostile one
+        return path.name if _NAME.fullmatch(path.name) else "model"
+    return check_name(name, what=f"the model name in {path / SPEC}")
+
+
+def _metric(path: Path) -> dict[str, Any] | None:
+    """The selection metric a version was chosen by, and its value (test, else val)."""
+    try:
+        spec = read_spec(path)
+    except ArtifactError:
+        return None
+    name, metrics = spec.get("select_metric"), spec.get("metrics") or {}
+    for split in ("test", "val"):
+        if name is not None and name in (metrics.get(split) or {}):
+            return {"name": name, "split": split, "value": metrics[split][name]}
+    return None

@@ -96,7 +96,7 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
          r"data\.transforms\[0\]\.type = 'normalize': transform type must be one of standardize"),
         ("execution.executor=spark://x", r"execution\.executor = 'spark://x': String should match"),
         ("train.candidates=[]", r"train\.candidates = \[\]: List should have at least 1 item"),
-        ("name=has space", r"name = 'has space': String should match pattern"),
+        ("name=has space", r"name = 'has space': not a valid name: use 1-100 letters"),
         ("train.candidates.0.model={type: transformer, dim: 30, num_heads: 4}",
          r"dim=30 is not divisible by num_heads=4"),
         ("train.epochs", r"--set 'train.epochs' is not KEY=VALUE"),

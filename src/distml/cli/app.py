@@ -41,6 +41,19 @@ SetOpt = Annotated[
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print errors and warnings only.")]
 RegistryOpt = Annotated[Path, typer.Option(help="Registry folder.")]
+TrustCodeOpt = Annotated[bool, typer.Option(
+    "--trust-code", help="Load the model even if its artifact names code to run (a user "
+    "transform or model factory, 'module:function'); only for artifacts you trust.")]
+TrustModuleOpt = Annotated[list[str] | None, typer.Option(
+    "--trust-module", help="Trust the code of this module (and its submodules) or .py file "
+    "only (repeatable).", show_default=False)]
+
+
+def trust_policy(trust_code: bool, modules: list[str] | None):
+    """The TrustPolicy of the --trust-code and --trust-module flags."""
+    from distml.trust import TrustPolicy
+
+    return TrustPolicy.of(trust_code=trust_code, modules=modules or ())
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -127,13 +127,28 @@ def models_show(
     ref: Annotated[str, typer.Argument(help="name, name:version, name@alias or a folder.")],
     registry: RegistryOpt = Path("registry"),
 ) -> None:
-    """Print a model version's spec.json."""
-    from distml.artifact import read_spec
+    """Print a model version's spec.json, the code it names and its checked SHA-256."""
+    from distml.artifact import WEIGHTS, code_references, read_spec, verify_integrity
+    from distml.errors import ArtifactError
     from distml.registry import Registry
 
-    version = Registry(registry).resolve(ref)
+    reg = Registry(registry)
+    version = reg.resolve(ref)
+    spec = read_spec(version.path)
     console.print(f"[bold]{version.name}[/] version {version.version} at {version.path}")
-    console.print_json(json.dumps(read_spec(version.path)))
+    console.print_json(json.dumps(spec))
+    code = code_references(spec)
+    console.print("code it names: " + ("none" if not code else ", ".join(
+        f"{what} {path!r}" for what, path in code) + " (it loads only with --trust-code or "
+        "--trust-module)"), highlight=False)
+    digest = verify_integrity(version.path, spec)[WEIGHTS]  # a mismatch: error, exit 2
+    console.print(f"sha256 {WEIGHTS}: {digest} (verified)", highlight=False)
+    registered = [e["sha256"] for e in (reg.audit(version.name) if version.version else [])
+                  if e.get("event") == "register" and e.get("version") == version.version]
+    if registered and registered[-1] != digest:
+        raise ArtifactError(f"{version.path}: the registry's audit log recorded sha256 "
+                            f"{registered[-1]} at registration; the artifact now records "
+                            f"{digest}: it was replaced after registration")
 
 
 @models_app.command("promote")
@@ -144,8 +159,10 @@ def models_promote(
     alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
     registry: RegistryOpt = Path("registry"),
 ) -> None:
-    """Point an alias (default: production) at a version."""
-    from distml.registry import Registry
+    """Point an alias (default: production) at a version; the move goes to the audit log."""
+    from distml.registry import AUDIT, Registry
 
-    Registry(registry).set_alias(name, alias, version)
-    console.print(f"{name}@{alias} → version {version}")
+    reg = Registry(registry)
+    reg.set_alias(name, alias, version, reason="distml models promote")
+    console.print(f"{name}@{alias} → version {version} (logged in "
+                  f"{reg.root / name / AUDIT})", highlight=False)

@@ -8,7 +8,15 @@ from typing import Annotated
 
 import typer
 
-from distml.cli.app import RegistryOpt, app, console, user_errors
+from distml.cli.app import (
+    RegistryOpt,
+    TrustCodeOpt,
+    TrustModuleOpt,
+    app,
+    console,
+    trust_policy,
+    user_errors,
+)
 
 
 @app.command("monitor")
@@ -28,9 +36,12 @@ def monitor_cmd(
     detector: Annotated[str, typer.Option(help="adwin, ddm, hddm_a, hddm_w or page_hinkley.")
                         ] = "adwin",
     registry: RegistryOpt = Path("registry"),
+    trust_code: TrustCodeOpt = False,
+    trust_module: TrustModuleOpt = None,
 ) -> None:
     """Data and concept drift of new rows against the model's training reference."""
     from distml.monitoring.drift_report import print_summary, run_monitor
 
     print_summary(console, run_monitor(ref, input_, out, registry=registry, labels=labels,
-                                       json_out=json_out, alpha=alpha, detector=detector))
+                                       json_out=json_out, alpha=alpha, detector=detector,
+                                       trust=trust_policy(trust_code, trust_module)))

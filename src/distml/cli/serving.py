@@ -12,9 +12,12 @@ import distml
 from distml.cli.app import (
     QuietOpt,
     RegistryOpt,
+    TrustCodeOpt,
+    TrustModuleOpt,
     app,
     console,
     err_console,
+    trust_policy,
     user_errors,
 )
 
@@ -46,6 +49,8 @@ def serve(
     ] = None,
     registry: Annotated[Path | None, typer.Option(
         help="Registry folder; default: the config's, else ./registry.")] = None,
+    trust_code: TrustCodeOpt = False,
+    trust_module: TrustModuleOpt = None,
 ) -> None:
     """Serve a model over the Open Inference Protocol (KServe v2 / Triton REST)."""
     from distml.config import ServeConfig, load_config
@@ -58,6 +63,10 @@ def serve(
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
              "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize}
     base = cfg.serve.model_dump() if cfg is not None else {}
+    if trust_code:  # the flags add trust to the config's, never take it away
+        flags["trust_code"] = True
+    if trust_module:
+        flags["trusted_modules"] = [*base.get("trusted_modules", []), *trust_module]
     settings = _validated(ServeConfig, {**base, **{k: v for k, v in flags.items()
                                                    if v is not None}},
                           "invalid serve settings (flags or the config's serve section)")
@@ -100,6 +109,8 @@ def predict(
     workers: Annotated[int | None, typer.Option(help="Worker processes; default: cores.")
                        ] = None,
     registry: RegistryOpt = Path("registry"),
+    trust_code: TrustCodeOpt = False,
+    trust_module: TrustModuleOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Batch inference: predict every row of the input's partitions into one Parquet file."""
@@ -110,7 +121,8 @@ def predict(
     reporter = ConsoleReporter(console, quiet=quiet)
     out = run_predict(ref, input_, output, registry=registry, executor=executor,
                       num_workers=workers, id_column=id_column,
-                      progress=getattr(reporter, "progress", None))
+                      progress=getattr(reporter, "progress", None),
+                      trust=trust_policy(trust_code, trust_module))
     if not quiet:
         console.print(f"{out['rows']:,} rows from {out['parts']} part(s) predicted by "
                       f"{out['model']}:{out['version']} → {out['output']}")

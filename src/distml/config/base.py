@@ -6,6 +6,7 @@ Nothing here imports torch: the config loads (and errors are reported) before an
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
@@ -25,7 +26,13 @@ METRIC_HIGHER_IS_BETTER = {
     "loss": False, "mae": False, "perplexity": False,
 }
 
-NAME_PATTERN = r"^[A-Za-z0-9][\w.-]*$"  # names that are safe as one path component
+# Names that become one path component (pipeline, candidate, registry model and alias names):
+# no '/', no leading '.', no NUL, and short enough for any file system (255 bytes a component).
+MAX_NAME_LENGTH = 100
+NAME_PATTERN = rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_NAME_LENGTH - 1}}}$"  # ASCII: bytes = chars
+NAME_RULE = (f"1-{MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', starting with a letter or "
+             "digit (it becomes a folder name)")
+MAX_PATH_LENGTH = 4096  # PATH_MAX on Linux
 IMPORT_PATH_PATTERN = r"^.+:[A-Za-z_]\w*$"  # 'package.module:name' or 'file.py:name'
 
 
@@ -35,15 +42,36 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def check_path_text(value: str | Path) -> str:
+    """A path's text, refused (ValueError naming it) when no file system could hold it: a NUL
+    byte, or longer than PATH_MAX or NAME_MAX; otherwise an OS error surfaces deep inside."""
+    text = str(value)
+    shown = repr(text) if len(text) <= 80 else f"{text[:60]!r}... ({len(text)} characters)"
+    if "\0" in text:
+        raise ValueError(f"path {shown} contains a NUL byte; give a plain file path")
+    if len(os.fsencode(text)) > MAX_PATH_LENGTH or any(
+            len(os.fsencode(part)) > 255 for part in text.split("/")):
+        raise ValueError(f"path {shown} is too long (at most {MAX_PATH_LENGTH} bytes, and 255 "
+                         "bytes per folder or file name)")
+    return text
+
+
+def safe_path(value: Any) -> Any:
+    """A ``mode='before'`` validator for Path fields: see ``check_path_text``."""
+    return Path(check_path_text(value)) if isinstance(value, str | Path) else value
+
+
 def resolve_path(value: str | Path, info: ValidationInfo) -> Path:
     """Relative paths in the config are relative to the config file's folder."""
-    path = Path(value).expanduser()
+    path = Path(check_path_text(value)).expanduser()
     base = (info.context or {}).get("base_dir")
     return path if path.is_absolute() or base is None else Path(base) / path
 
 
 def relative_import_path(value: Any, info: ValidationInfo) -> Any:
     """'path/to/file.py:name' is relative to the config file; 'module:name' stays."""
+    if isinstance(value, str):
+        check_path_text(value)
     if isinstance(value, str) and ".py:" in value:
         file, name = value.rsplit(":", 1)
         return f"{resolve_path(file, info)}:{name}"

@@ -19,6 +19,7 @@ from distml.config.base import (
     Strict,
     TaggedUnion,
     Task,
+    check_path_text,
     relative_import_path,
     resolve_path,
 )
@@ -133,6 +134,9 @@ class TextSource(SourceSpec):
     def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, list):
             return value
+        for v in value:
+            if isinstance(v, str):
+                check_path_text(v)
         return [
             v if not isinstance(v, str) or v.startswith("stdlib:") else str(resolve_path(v, info))
             for v in value

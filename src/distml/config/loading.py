@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from distml.config.base import NAME_PATTERN, TASK_METRICS, Strict
+from distml.config.base import NAME_PATTERN, NAME_RULE, TASK_METRICS, Strict, safe_path
 from distml.config.data import SOURCES, TRANSFORMS, DataConfig
 from distml.config.models import MODELS
 from distml.config.sections import ExecutionConfig, MonitorConfig, SelectConfig, ServeConfig
@@ -32,6 +32,8 @@ class Config(Strict):
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+
+    _safe_paths = field_validator("output_dir", "registry", mode="before")(safe_path)
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> Config:
@@ -112,6 +114,12 @@ def _format_loc(loc: tuple[Any, ...]) -> str:
     return out
 
 
+def _short(value: Any) -> str:
+    """A value as the user wrote it, cut short: a hostile 1 MB name is not echoed whole."""
+    text = repr(value)
+    return text if len(text) <= 200 else f"{text[:80]}... ({len(text)} characters)"
+
+
 def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
@@ -121,10 +129,12 @@ def format_validation_error(err: ValidationError) -> str:
             msg = "unknown key (check the spelling; `distml --help` and README list the keys)"
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e.get("ctx", {}).get("pattern") == NAME_PATTERN:
+            msg = f"not a valid name: use {NAME_RULE}"
         value = e.get("input")
         if e["type"].startswith("unknown_") and isinstance(value, dict):
             where, value = f"{where}.type", value.get("type")
-        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
+        shown = "" if e["type"] == "missing" or isinstance(value, dict) else f" = {_short(value)}"
         lines.append(f"  {where}{shown}: {msg}" if e["loc"] else f"  {msg}")
     return "invalid config:\n" + "\n".join(lines)
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from distml.config.base import NAME_PATTERN, Strict
+from distml.config.base import NAME_PATTERN, Strict, resolve_path
+
+_MODULE = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 
 
 class SelectConfig(Strict):
@@ -69,6 +72,28 @@ class ServeConfig(Strict):
                                 "larger gets 413.")
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 "
                                               "quantization of Linear layers (CPU).")
+    trust_code: bool = Field(False, description="Load artifacts that name code to run (a user "
+                             "transform or model factory, 'module:function') from any module; "
+                             "default: refuse them (--trust-code sets it).")
+    trusted_modules: list[str] = Field(
+        default_factory=list, description="Modules (a package trusts its submodules) or .py "
+        "files (relative to the config) whose functions an artifact may name without "
+        "trust_code (--trust-module adds one). Built-in transforms and zoo models need none.")
+
+    @field_validator("trusted_modules", mode="before")
+    @classmethod
+    def _modules(cls, value: Any, info: ValidationInfo) -> Any:
+        if not isinstance(value, list):
+            return value
+        out = []
+        for v in value:
+            if isinstance(v, str) and v.endswith(".py"):
+                v = str(resolve_path(v, info))
+            elif isinstance(v, str) and not re.fullmatch(_MODULE, v):
+                raise ValueError(f"{v!r} is neither a module name (package.module) nor a .py "
+                                 "file")
+            out.append(v)
+        return out
 
 
 class MlflowConfig(Strict):

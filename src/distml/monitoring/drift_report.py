@@ -31,6 +31,7 @@ from distml.monitoring.reference import build_reference, read_reference
 from distml.serving.model import resolve
 from distml.serving.predict import plan_parts
 from distml.tasks import predict
+from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -86,11 +87,12 @@ def settings_for(rows: int, labels: int, *, alpha: float, detector: str) -> Drif
 
 
 def monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
-            label_column: str | None = None, alpha: float = 0.05, detector: str = "adwin"
-            ) -> dict[str, Any]:
-    """Run the drift report; returns it (as drift.json holds it)."""
+            label_column: str | None = None, alpha: float = 0.05, detector: str = "adwin",
+            trust: TrustPolicy | None = None) -> dict[str, Any]:
+    """Run the drift report; returns it (as drift.json holds it). ``trust``: the code the
+    artifact may name (default: none)."""
     path, name, version = resolve(ref, registry)
-    artifact = load_artifact(path)
+    artifact = load_artifact(path, trust=trust)
     if artifact.task == "language_modeling":
         raise ArtifactError(f"{name}:{version} is a language model; distml monitor checks "
                             "classification and regression models")
@@ -202,14 +204,14 @@ def _rows(alarms: list[int]) -> str:
 
 
 def run_monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
-                labels: str | None, json_out: Path | None, alpha: float, detector: str
-                ) -> dict[str, Any]:
+                labels: str | None, json_out: Path | None, alpha: float, detector: str,
+                trust: TrustPolicy | None = None) -> dict[str, Any]:
     """The CLI's entry: the report, and drift.json copied to ``json_out`` when asked."""
     from distml.monitoring.detectors import make_river_detector
 
     make_river_detector(detector)  # an unknown name fails before any work
     report = monitor(ref, input_path, out_dir, registry=registry, label_column=labels,
-                     alpha=alpha, detector=detector)
+                     alpha=alpha, detector=detector, trust=trust)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(json_out, report)

@@ -17,6 +17,7 @@ from torch import nn
 from distml.artifact import Artifact, load_artifact
 from distml.errors import ArtifactError
 from distml.registry import Registry
+from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +96,12 @@ def _val_accuracy(artifact: Artifact, model: nn.Module) -> float | None:
     return float((pred == y).mean())
 
 
-def load_served_model(ref: str | None, *, registry: Path, quantize: str = "none") -> ServedModel:
+def load_served_model(ref: str | None, *, registry: Path, quantize: str = "none",
+                      trust: TrustPolicy | None = None) -> ServedModel:
+    """Load what ``ref`` names (see ``resolve``); an artifact naming code loads only if
+    ``trust`` allows it (default: none; ``TrustPolicy.for_serve(settings)`` in a server)."""
     path, name, version = resolve(ref, registry)
-    artifact = load_artifact(path)
+    artifact = load_artifact(path, trust=trust)
     if artifact.spec["inputs"][0]["datatype"] == "FP32" and any(
             p["type"] == "onehot" for p in artifact.spec.get("preprocessing", [])):
         raise ArtifactError(f"{name}:{version} has categorical inputs, which one FP32 input "

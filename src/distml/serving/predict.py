@@ -25,6 +25,7 @@ from distml.errors import DataError
 from distml.execution import make_executor
 from distml.execution.base import ProgressFactory
 from distml.serving.model import ServedModel, load_served_model, resolve
+from distml.trust import TrustPolicy
 
 _SUFFIXES = (".csv", ".parquet", ".pq")
 
@@ -44,6 +45,7 @@ class PredictJob:
     artifact: str
     id_column: str | None
     out_dir: str
+    trust: TrustPolicy = TrustPolicy()  # travels to each worker: it decides as the driver did
 
 
 def plan_parts(path: Path) -> list[Part]:
@@ -66,20 +68,21 @@ def plan_parts(path: Path) -> list[Part]:
     return parts
 
 
-_MODELS: dict[str, ServedModel] = {}  # per worker process: each artifact is loaded once
+# Per worker process: each artifact is loaded (and its digests checked) once per policy.
+_MODELS: dict[tuple[str, TrustPolicy], ServedModel] = {}
 
 
-def _model(path: str) -> ServedModel:
-    if path not in _MODELS:
+def _model(path: str, trust: TrustPolicy) -> ServedModel:
+    if (path, trust) not in _MODELS:
         from distml.artifact import load_artifact
 
-        _MODELS[path] = ServedModel(load_artifact(path), "", "")
-    return _MODELS[path]
+        _MODELS[path, trust] = ServedModel(load_artifact(path, trust=trust), "", "")
+    return _MODELS[path, trust]
 
 
 def predict_part(job: PredictJob, part: Part) -> dict[str, Any]:
     """One work item: read, preprocess, predict, write ``part-NNNNN.parquet``."""
-    model = _model(job.artifact)
+    model = _model(job.artifact, job.trust)
     table = read_table(Path(part.path), part.row_group)
     names = model.spec["input_columns"]
     missing = [c for c in names if c not in table.column_names]
@@ -107,18 +110,21 @@ def predict_part(job: PredictJob, part: Part) -> dict[str, Any]:
 def predict(
     ref: str, input_path: Path, output: Path, *, registry: Path, executor: str = "local",
     num_workers: int | None = None, id_column: str | None = None,
-    progress: ProgressFactory | None = None,
+    progress: ProgressFactory | None = None, trust: TrustPolicy | None = None,
 ) -> dict[str, Any]:
-    """Predict every row of the input; returns {rows, parts, output, model, version}."""
+    """Predict every row of the input; returns {rows, parts, output, model, version}.
+    ``trust``: the code the artifact may name (default: none)."""
+    trust = trust or TrustPolicy()
     artifact, name, version = resolve(ref, registry)
-    load_served_model(str(artifact), registry=registry)  # a broken artifact fails here, once
+    # A broken or untrusted artifact fails here, once, before any worker starts.
+    load_served_model(str(artifact), registry=registry, trust=trust)
     parts = plan_parts(input_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = output.with_name(f".{output.name}.parts-{os.getpid()}")
     tmp_file = output.with_name(f".{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
-    job = PredictJob(str(artifact), id_column, str(tmp_dir))
+    job = PredictJob(str(artifact), id_column, str(tmp_dir), trust)
     try:
         with make_executor(executor, num_workers=min(num_workers or os.cpu_count() or 1,
                                                       len(parts)),

@@ -36,6 +36,7 @@ from distml.selection import is_better, rank
 from distml.tasks import evaluate
 from distml.training.callbacks import Callback
 from distml.training.candidate import RESULT, SplitTensors, train_candidate
+from distml.trust import TrustPolicy
 from distml.workflow.report import latest_scaling_studies, write_report
 
 logger = logging.getLogger(__name__)
@@ -159,7 +160,9 @@ def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) ->
     with run.stage("select"):
         ranked = rank(results, metric)
         best = ranked[0]
-        artifact = load_artifact(best["artifact"])
+        # This run wrote the artifact from the user's own config, whose code (if any) ran
+        # in ingest and training already: trusted.
+        artifact = load_artifact(best["artifact"], trust=TrustPolicy(trust_code=True))
         test = SplitTensors.load(manifest, "test")
         test_metrics, predictions = evaluate(manifest.task, artifact.model, test.x, test.y)
         artifact.spec["metrics"]["test"] = test_metrics
@@ -176,13 +179,22 @@ def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) ->
             old = old.get("test", {}).get(metric)
         promoted = cfg.select.promote and is_better(metric, test_metrics[metric], old)
         if promoted:
-            registry.set_alias(cfg.model_name, PRODUCTION, version.version)
+            registry.set_alias(cfg.model_name, PRODUCTION, version.version,
+                               reason=_why(run, metric, test_metrics[metric], current, old))
     return {
         "ranked": ranked, "best": best, "test": test_metrics, "predictions": predictions,
         "targets": test.y.numpy(), "artifact": str(selected),
         "registry": {"name": cfg.model_name, "version": version.version, "promoted": promoted,
                      "previous_production": current},
     }
+
+
+def _why(run: Run, metric: str, new: float, current: int | None, old: float | None) -> str:
+    """The audit log's reason for an automatic promotion."""
+    than = ("no production version before" if current is None else
+            f"production v{current} has no test {metric}" if old is None else
+            f"better than production v{current}'s {old:.6g}")
+    return f"distml run {run.dir.name}: test {metric} {new:.6g}, {than}"
 
 
 def run_pipeline(
