@@ -192,7 +192,10 @@ class PartitionLoader:
         return any(pid == p for w in windows for p, _, _ in w.segments)
 
     def _gather(self, window: Window, decoding: dict[int, Future[Batch]]) -> Batch:
-        """The window's rows, permuted, in one vectorized gather."""
+        """The window's rows, permuted: row k is row perm[k] of its segments laid end to
+        end. One vectorized copy per segment and no intermediate concatenation (which
+        would move every byte twice): a lone segment is gathered, several are scattered
+        to their places (row j goes to inverse_perm[j])."""
         parts = []
         for pid, a, b in window.segments:
             x, y = self._cache[pid] if pid in self._cache else decoding[pid].result()
@@ -202,9 +205,17 @@ class PartitionLoader:
         perm = np.random.default_rng(window.seed).permutation(window.rows)
         if len(parts) == 1:
             return parts[0][0][perm], parts[0][1][perm]
-        x = np.concatenate([p[0] for p in parts])
-        y = np.concatenate([p[1] for p in parts])
-        return x[perm], y[perm]
+        inverse = np.empty_like(perm)
+        inverse[perm] = np.arange(len(perm))
+        x0, y0 = parts[0]
+        x = np.empty((window.rows, *x0.shape[1:]), x0.dtype)
+        y = np.empty((window.rows, *y0.shape[1:]), y0.dtype)
+        at = 0
+        for px, py in parts:
+            to = inverse[at : at + len(px)]
+            x[to], y[to] = px, py
+            at += len(px)
+        return x, y
 
     def _decode(self, pid: int) -> Batch:
         """Read one partition, through the cache when there is one."""
