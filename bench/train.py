@@ -8,7 +8,7 @@ bench/model_parallel.py).
   alternate: a warm-up round, then REPEATS rounds (each ratio is of one round's pair).
 - ddp_efficiency_2: samples/s of ddp on 2 processes over 1 process, one thread per process,
   on a compute-bound MLP; efficiency = speedup / 2. Both go through the launcher; launches
-  alternate (1, 2, 1, 2, ...), DDP_LAUNCHES each, and every epoch after a launch's first is
+  alternate (1, 2, 2, 1, 1, 2), DDP_LAUNCHES each, and every epoch after a launch's first is
   a sample (paired with the same epoch of the other's launch in that round).
 - memory: bytes per rank of parameters, gradients and optimizer state under ddp, zero1,
   fsdp-zero2 and fsdp at world size 2, each strategy on its own processes (distml verify
