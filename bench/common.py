@@ -44,6 +44,44 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def interleaved(contenders: dict[str, Callable[[], float]], *, repeats: int, warmup: int = 1
+                ) -> dict[str, list[float]]:
+    """Each contender's figure per repeat. Every round runs all contenders, in an order
+    rotated by one each round, so a drift in the machine (or a neighbour's burst) hits all
+    alike; ``warmup`` rounds first, discarded."""
+    names = list(contenders)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            value = contenders[name]()
+            if r >= warmup:
+                out[name].append(value)
+    return out
+
+
+def ratios(a: list[float], b: list[float]) -> list[float]:
+    """a / b per repeat (the pairs ran in the same round)."""
+    return [x / y for x, y in zip(a, b, strict=True)]
+
+
+def stats(xs: list[float]) -> dict[str, Any]:
+    """Median and spread of one figure's repeats (min, max and the interquartile range),
+    with the samples themselves."""
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (
+        xs[0], xs[0], xs[0])
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "q1": q1,
+            "q3": q3, "n": len(xs), "samples": xs}
+
+
+def show(s: dict[str, Any] | list[float], fmt: str = "{:.2f}", scale: float = 1.0) -> str:
+    """'median (min-max)' of a figure's stats (or of its samples), for the README."""
+    if isinstance(s, list):
+        s = stats(s)
+    f = lambda v: fmt.format(v * scale)  # noqa: E731
+    return f"{f(s['median'])} ({f(s['min'])}-{f(s['max'])})"
+
+
 def save(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     result = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -12,7 +12,9 @@ distml does more than the Dask program: it validates every row, splits train/val
 (stratified), fits on train only, and writes checksums and a manifest.
 
 Each distml measurement runs in a fresh process, so every configuration starts equally cold
-(the pool's workers are new processes each time).
+(the pool's workers are new processes each time). The four run in rounds, in a rotated
+order: a warm-up round, then REPEATS rounds; every figure is reported as its median and its
+spread, and each ratio is taken within a round.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bench.common import median, save, timed
+from bench.common import interleaved, ratios, save, show, stats
 
 ROWS, FEATURES, FILES, REPEATS = 2_000_000, 32, 16, 5
 
@@ -93,41 +95,59 @@ def main() -> dict:
         root = Path(tmp)
         raw = make_table(root)
         out = root / "out"
-        clear = lambda: shutil.rmtree(out, ignore_errors=True)  # noqa: E731
-        seconds: dict[str, list[float]] = {"one-core": [], "in-process": [], "local": []}
-        for _ in range(REPEATS):  # interleaved, so drifts in the machine hit all alike
-            for mode, times in seconds.items():
-                clear()
+
+        def distml(mode: str):
+            return lambda: run_distml(raw, out, mode)
+
+        def dask() -> float:
+            start = time.perf_counter()
+            run_dask(client, raw, out)
+            return time.perf_counter() - start
+
+        def cleared(fn):  # every run writes into an empty folder, its dirty pages flushed
+            def run() -> float:
+                shutil.rmtree(out, ignore_errors=True)
                 os.sync()
-                times.append(run_distml(raw, out, mode))
-        serial, default, local = seconds["one-core"], seconds["in-process"], seconds["local"]
+                return fn()
+            return run
+
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                           dashboard_address=None) as cluster, Client(cluster) as client:
-            run_dask(client, raw, out)  # warm-up: workers import pandas and pyarrow
-            dask_s = timed(lambda: run_dask(client, raw, out), repeats=REPEATS, setup=clear)
+            # Rounds of all four, interleaved, after a warm-up round (Dask's workers import
+            # pandas and pyarrow in it); the cluster idles while distml runs.
+            seconds = interleaved({
+                "distml_serial": cleared(distml("one-core")),
+                "distml_in_process_default_threads": cleared(distml("in-process")),
+                "distml_local": cleared(distml("local")),
+                "dask": cleared(dask),
+            }, repeats=REPEATS)
+    local = seconds["distml_local"]
     result = {
         "rows": ROWS, "features": FEATURES, "input_files": FILES, "workers": workers,
         "repeats": REPEATS,
-        "seconds": {"distml_serial": serial, "distml_in_process_default_threads": default,
-                    "distml_local": local, "dask": dask_s},
-        "speedup_local_vs_serial": median(serial) / median(local),
-        "speedup_local_vs_in_process_default_threads": median(default) / median(local),
-        "ratio_vs_dask": median(dask_s) / median(local),
-        "rows_per_s_local": ROWS / median(local),
+        "seconds": {k: stats(v) for k, v in seconds.items()},
+        "speedup_local_vs_serial": stats(ratios(seconds["distml_serial"], local)),
+        "speedup_local_vs_in_process_default_threads": stats(ratios(
+            seconds["distml_in_process_default_threads"], local)),
+        "ratio_vs_dask": stats(ratios(seconds["dask"], local)),
+        "rows_per_s_local": stats([ROWS / t for t in local]),
     }
     save("ingest", result)
     return result
 
 
 def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
+    if not isinstance(r.get("ratio_vs_dask"), dict):  # a file from before the spreads
+        return []
     s = r["seconds"]
     return [
         ("ingest 2M x 32", "speedup_local_vs_serial",
-         f"{r['speedup_local_vs_serial']:.2f} ({median(s['distml_serial']):.2f} s / "
-         f"{median(s['distml_local']):.2f} s, {r['workers']} workers; vs one process with "
-         f"Arrow's threads: {r['speedup_local_vs_in_process_default_threads']:.2f})", ">= 1.7"),
+         f"{show(r['speedup_local_vs_serial'])} ({show(s['distml_serial'])} s / "
+         f"{show(s['distml_local'])} s, {r['workers']} workers; vs one process with "
+         f"Arrow's threads: {show(r['speedup_local_vs_in_process_default_threads'])})",
+         ">= 1.7"),
         ("ingest 2M x 32", "ratio_vs_dask",
-         f"{r['ratio_vs_dask']:.2f} (Dask {median(s['dask']):.2f} s)", ">= 1.0"),
+         f"{show(r['ratio_vs_dask'])} (Dask {show(s['dask'])} s)", ">= 1.0"),
     ]
 
 

@@ -4,12 +4,19 @@ bench/model_parallel.py).
 
 - ratio_vs_raw_torch: steps/s of distml's single strategy (the whole Trainer: loader,
   scheduler, clipping, loss logging) over a hand-written loop running the same model, the
-  same initial weights and the same batches from memory. Same thread count.
+  same initial weights and the same batches from memory. Same thread count. The two
+  alternate: a warm-up round, then REPEATS rounds (each ratio is of one round's pair).
 - ddp_efficiency_2: samples/s of ddp on 2 processes over 1 process, one thread per process,
-  on a compute-bound MLP; efficiency = speedup / 2. Both runs go through the launcher.
-- memory: bytes per rank of parameters, gradients and optimizer state under ddp, zero1 and
-  fsdp at world size 2 (as measured by distml verify), next to the ZeRO paper's formulas for
-  fp32 Adam: 4 bytes per parameter each for parameters and gradients, 8 for Adam's moments.
+  on a compute-bound MLP; efficiency = speedup / 2. Both go through the launcher; launches
+  alternate (1, 2, 2, 1, 1, 2), DDP_LAUNCHES each, and every epoch after a launch's first is
+  a sample (paired with the same epoch of the other's launch in that round).
+- memory: bytes per rank of parameters, gradients and optimizer state under ddp, zero1,
+  fsdp-zero2 and fsdp at world size 2, each strategy on its own processes (distml verify
+  --separate), measured (Strategy.held_bytes: the tensors' storages, each counted once) at
+  three moments of a step: after forward, after backward (before the optimizer step) and
+  after the step; next to the ZeRO paper's formulas for fp32 Adam (4 bytes per parameter
+  for parameters, 4 for gradients, 8 for Adam's moments) for ddp, ZeRO-1, ZeRO-2, ZeRO-3.
+  Peak RSS is per strategy too, since each has its own processes.
 """
 
 from __future__ import annotations
@@ -26,16 +33,19 @@ import torch
 import yaml
 
 from bench import model_parallel
-from bench.common import save
+from bench.common import interleaved, ratios, save, show, stats
 
 HIDDEN, FEATURES, CLASSES, BATCH = [1024, 1024], 32, 4, 256
-STEPS = 150
+STEPS, REPEATS = 150, 5
+DDP_LAUNCHES, DDP_EPOCHS, DDP_ROWS = 3, 3, 30_000
+# verify's strategies and the ZeRO stage each realises
+ZERO_STAGE = {"ddp": "ddp", "zero1": "zero1", "fsdp-zero2": "zero2", "fsdp": "zero3"}
 
 
-def _config(root: Path, **train) -> dict:
+def _config(root: Path, n_samples: int = 60_000, **train) -> dict:
     return {
         "name": "bench", "output_dir": str(root / "runs"), "registry": str(root / "reg"),
-        "data": {"source": {"type": "synthetic:classification", "n_samples": 60_000,
+        "data": {"source": {"type": "synthetic:classification", "n_samples": n_samples,
                             "n_features": FEATURES, "n_classes": CLASSES},
                  "split": {"train": 0.9, "val": 0.05, "test": 0.05}},
         "train": {"epochs": 2, "batch_size": BATCH, "lr": 1e-3, "checkpoints": False,
@@ -66,36 +76,40 @@ def raw_vs_distml(root: Path) -> dict:
                                config=cfg.data.loader)
 
     batches = [b for _, b in zip(range(STEPS), loader().batches(0), strict=False)]
-    results = {}
-    for _ in range(2):  # alternate, twice: the second round is reported
+
+    def raw() -> float:  # the hand-written loop
         model, _ = build_candidate_model(cfg, cand, manifest, val.x[:2])
         opt = torch.optim.AdamW(model.parameters(), lr=settings.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(settings, STEPS))
         start = time.perf_counter()
-        for x, y in batches:  # the hand-written loop
+        for x, y in batches:
             loss = torch.nn.functional.cross_entropy(model(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), settings.grad_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        results["raw_torch_steps_per_s"] = STEPS / (time.perf_counter() - start)
+        return STEPS / (time.perf_counter() - start)
 
+    def distml() -> float:
         model, _ = build_candidate_model(cfg, cand, manifest, val.x[:2])
         trainer = Trainer(Strategy(model, settings, DistEnv()), settings, task=manifest.task,
                           train_loader=loader(), val_data=(val.x[:1], val.y[:1]),
                           metric=cfg.metric, checkpoint_dir=root / "ck")
         start = time.perf_counter()
         trainer.fit()
-        results["distml_steps_per_s"] = STEPS / (time.perf_counter() - start)
-    results["ratio_vs_raw_torch"] = results["distml_steps_per_s"] / results["raw_torch_steps_per_s"]
-    results["threads"] = torch.get_num_threads()
-    return results
+        return STEPS / (time.perf_counter() - start)
+
+    rates = interleaved({"raw_torch": raw, "distml": distml}, repeats=REPEATS)
+    return {"raw_torch_steps_per_s": stats(rates["raw_torch"]),
+            "distml_steps_per_s": stats(rates["distml"]),
+            "ratio_vs_raw_torch": stats(ratios(rates["distml"], rates["raw_torch"])),
+            "threads": torch.get_num_threads()}
 
 
 def _train(root: Path, name: str, **train) -> dict:
     cfg_path = root / f"{name}.yaml"
-    cfg = _config(root, **train)
+    cfg = _config(root, DDP_ROWS, **train)
     cfg["name"] = name
     cfg_path.write_text(yaml.safe_dump(cfg))
     subprocess.run([sys.executable, "-m", "distml", "train", str(cfg_path), "--quiet"],
@@ -106,11 +120,16 @@ def _train(root: Path, name: str, **train) -> dict:
 
 def ddp_scaling(root: Path) -> dict:
     batch = 1024  # a bigger global batch: compute-bound, as data parallelism is meant for
-    one = _train(root, "one", parallel={"strategy": "ddp", "world_size": 1}, batch_size=batch)
-    two = _train(root, "two", parallel={"strategy": "ddp", "world_size": 2}, batch_size=batch)
-    rate1, rate2 = one["epochs"][-1]["samples_per_s"], two["epochs"][-1]["samples_per_s"]
-    return {"samples_per_s_1": rate1, "samples_per_s_2": rate2, "ddp_batch_size": batch,
-            "ddp_speedup_2": rate2 / rate1, "ddp_efficiency_2": rate2 / rate1 / 2}
+    rates: dict[int, list[float]] = {1: [], 2: []}
+    for i in range(DDP_LAUNCHES):
+        for world in (1, 2) if i % 2 == 0 else (2, 1):
+            result = _train(root, f"ddp{world}-{i}", batch_size=batch, epochs=DDP_EPOCHS,
+                            parallel={"strategy": "ddp", "world_size": world})
+            rates[world] += [e["samples_per_s"] for e in result["epochs"][1:]]  # 1st: warm-up
+    speedup = ratios(rates[2], rates[1])
+    return {"samples_per_s_1": stats(rates[1]), "samples_per_s_2": stats(rates[2]),
+            "ddp_batch_size": batch, "ddp_speedup_2": stats(speedup),
+            "ddp_efficiency_2": stats([x / 2 for x in speedup])}
 
 
 def memory(root: Path) -> dict:
@@ -121,20 +140,34 @@ def memory(root: Path) -> dict:
     cfg = parse_config(_config(root))
     run = start_run(cfg)
     report = verify(cfg, run.dir, stage_ingest(run), candidate="mlp",
-                    strategies=["ddp", "zero1", "fsdp", "fsdp-zero2"], steps=3, world_size=2)
+                    strategies=list(ZERO_STAGE), steps=3, world_size=2, separate=True)
     params = sum(a * b + b for a, b in zip([FEATURES, *HIDDEN], [*HIDDEN, CLASSES],
                                            strict=True))
     w = 2
     formula = {  # bytes per rank, fp32 Adam (ZeRO paper, Table 1 with K=8, 4-byte weights)
         "ddp": 16 * params, "zero1": 4 * params + 4 * params + 8 * params / w,
         "zero2": 4 * params + 12 * params / w, "zero3": 16 * params / w}
-    measured = {r["strategy"]: [sum(b.values()) for b in r["state_bytes_per_rank"]]
-                for r in report["results"]}
-    return {"parameters": params, "world_size": w, "measured_bytes_per_rank": measured,
-            "formula_bytes_per_rank": formula,
-            # (peak RSS on CPU is per process; verify runs the strategies in one process)
-            "peak_rss_bytes": {r["strategy"]: r["peak_mem_bytes"] for r in report["results"]},
-            "verify_passed": all(r["passed"] for r in report["results"])}
+    held, peak_moment = {}, {}
+    for r in report["results"]:
+        per_rank = r["held_bytes_per_rank"]  # [{moment: {params, grads, optimizer}}]
+        held[r["strategy"]] = per_rank
+        peak_moment[r["strategy"]] = [max(moments.items(), key=lambda kv: sum(kv[1].values()))
+                                      for moments in per_rank]
+    return {
+        "parameters": params, "world_size": w, "formula_bytes_per_rank": formula,
+        "zero_stage_of_strategy": ZERO_STAGE,
+        # the most a rank held at the three moments, and when (measured)
+        "measured_bytes_per_rank": {k: [sum(b.values()) for _, b in v]
+                                    for k, v in peak_moment.items()},
+        "measured_moment_per_rank": {k: [m for m, _ in v] for k, v in peak_moment.items()},
+        "held_bytes_per_rank": held,
+        # what local_bytes derives from the shapes after the step (the former figure)
+        "state_bytes_after_step_per_rank": {
+            r["strategy"]: [sum(b.values()) for b in r["state_bytes_per_rank"]]
+            for r in report["results"]},
+        "peak_rss_bytes": {r["strategy"]: r["peak_mem_bytes"] for r in report["results"]},
+        "verify_passed": all(r["passed"] for r in report["results"]),
+    }
 
 
 def main() -> dict:
@@ -149,19 +182,33 @@ def main() -> dict:
 
 
 def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
+    if not isinstance(r.get("ratio_vs_raw_torch"), dict):  # a file from before the repeats
+        return []
     m = r["memory"]
-    mem = ", ".join(f"{k} {' / '.join(f'{b / 2**20:.1f}' for b in v)}"
-                    for k, v in m["measured_bytes_per_rank"].items())
-    formula = ", ".join(f"{k} {v / 2**20:.1f}" for k, v in m["formula_bytes_per_rank"].items())
+    mib = 1 / 2**20
+
+    def split(moment: dict) -> str:
+        return "+".join(f"{moment[k] * mib:.1f}" for k in ("params", "grads", "optimizer"))
+
+    mem = "; ".join(
+        f"{name} {' / '.join(f'{b * mib:.1f}' for b in v)} (vs {stage} "
+        f"{m['formula_bytes_per_rank'][stage] * mib:.1f}; rank 0 "
+        f"{m['measured_moment_per_rank'][name][0].replace('_', ' ')}: "
+        f"{split(m['held_bytes_per_rank'][name][0][m['measured_moment_per_rank'][name][0]])})"
+        for name, stage in m["zero_stage_of_strategy"].items()
+        for v in [m["measured_bytes_per_rank"][name]])
+    rss = ", ".join(f"{k} {v * mib:.0f}" for k, v in m["peak_rss_bytes"].items())
     return [
         ("train, mlp 32-1024-1024-4", "ratio_vs_raw_torch",
-         f"{r['ratio_vs_raw_torch']:.3f} ({r['distml_steps_per_s']:.0f} vs "
-         f"{r['raw_torch_steps_per_s']:.0f} steps/s, batch {r['batch_size']})", ">= 0.95"),
+         f"{show(r['ratio_vs_raw_torch'], '{:.3f}')} ({show(r['distml_steps_per_s'], '{:.0f}')}"
+         f" vs {show(r['raw_torch_steps_per_s'], '{:.0f}')} steps/s, batch {r['batch_size']})",
+         ">= 0.95"),
         ("train, mlp 32-1024-1024-4", "ddp_efficiency_2",
-         f"{r['ddp_efficiency_2']:.2f} (speedup {r['ddp_speedup_2']:.2f}, 1 thread/rank, "
+         f"{show(r['ddp_efficiency_2'])} (speedup {show(r['ddp_speedup_2'])}, 1 thread/rank, "
          f"batch {r['ddp_batch_size']})", "reported"),
-        ("train, world size 2", "MiB of params+grads+optimizer, rank 0 / rank 1",
-         f"measured: {mem}; ZeRO formulas: {formula}", "reported"),
+        ("train, world size 2", "MiB held per rank at the step's fullest moment, rank 0 / "
+         "rank 1 (params+grads+optimizer)", f"{mem}", "reported"),
+        ("train, world size 2", "peak RSS MiB per strategy (own processes)", rss, "reported"),
         *model_parallel.table_rows(r["model_parallel"]),
     ]
 

@@ -1,10 +1,11 @@
 """``distml verify``: does each distributed strategy train the model one process would?
 
 The reference trains N steps in this process; every strategy trains N steps on
-``world_size`` processes (one launch, strategies in turn). Both start from the same seeded
-weights, and at step k the reference's batch is the union of the ranks' batches at step k,
-so with exact arithmetic the losses and final parameters would be equal. Dropout is turned
-off: random masks differ by construction between one process and several.
+``world_size`` processes (one launch, strategies in turn; or, with ``separate``, a launch
+per strategy, so that each process's peak memory is that strategy's own). Both start from
+the same seeded weights, and at step k the reference's batch is the union of the ranks'
+batches at step k, so with exact arithmetic the losses and final parameters would be equal.
+Dropout is turned off: random masks differ by construction between one process and several.
 
 Workers run ``python -m distml.verify --run-dir ...`` and write, per strategy, the loss of
 every step and (rank 0) the full final parameters; the driver compares them.
@@ -155,9 +156,10 @@ def relative_diffs(ref: dict[str, Any], ref_state: dict[str, torch.Tensor],
 
 def verify(
     cfg: Config, run_dir: Path, manifest: Manifest, *, candidate: str, strategies: list[str],
-    steps: int, world_size: int, tolerance: float | None = None,
+    steps: int, world_size: int, tolerance: float | None = None, separate: bool = False,
 ) -> dict[str, Any]:
-    """Run the reference here and the strategies on ``world_size`` processes; compare."""
+    """Run the reference here and the strategies on ``world_size`` processes; compare.
+    ``separate``: one launch per strategy (peak memory per strategy; slower to start)."""
     from distml.distributed.launch import launch_local
     from distml.training.candidate import SplitTensors
 
@@ -183,11 +185,12 @@ def verify(
         references[data] = ref, _full_state(strategy)
     out = run_dir / "verify"
     out.mkdir(parents=True, exist_ok=True)
-    launch_local("distml.verify", ["--run-dir", str(run_dir), "--candidate", candidate,
-                                   "--strategies", ",".join(strategies), "--steps", str(steps),
-                                   "--out", str(out)],
-                 world_size=world_size, max_restarts=0, log_dir=out / "logs",
-                 what="verify")
+    for names in ([[n] for n in strategies] if separate else [strategies]):
+        launch_local("distml.verify", ["--run-dir", str(run_dir), "--candidate", candidate,
+                                       "--strategies", ",".join(names), "--steps", str(steps),
+                                       "--out", str(out)],
+                     world_size=world_size, max_restarts=0, log_dir=out / "logs",
+                     what="verify")
     results = []
     for name in strategies:
         got = json.loads((out / f"{_slug(name)}.json").read_text())
@@ -198,10 +201,12 @@ def verify(
             "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": param_diff,
             "peak_mem_bytes": got["peak_mem_bytes"], "step_seconds": got["step_seconds"],
             "state_bytes_per_rank": got["state_bytes"],  # [{params, grads, optimizer}] by rank
+            "held_bytes_per_rank": got["held_bytes"],  # [{moment: {params, grads, ...}}]
             "passed": loss_diff <= tol and param_diff <= tol,
         })
     return {"candidate": candidate, "world_size": world_size, "steps": steps,
-            "tolerance": tol, "reference": {"strategy": "single", **ref}, "results": results}
+            "tolerance": tol, "separate_launches": separate,
+            "reference": {"strategy": "single", **ref}, "results": results}
 
 
 def _slug(name: str) -> str:
@@ -226,18 +231,51 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
                                  _model(cfg, cand, manifest, val_x), s, env, sample=val_x)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        held = _probe_held_bytes(strategy, manifest.task)
         trace = run_steps(strategy, _groups(manifest, cfg, base, rank=strategy.data_rank,
                                             world=strategy.data_size, steps=args.steps),
                           manifest.task, args.steps)
         per_rank: list[Any] = [None] * env.world_size
-        dist.all_gather_object(per_rank, (peak_memory(), strategy.local_bytes()))
+        dist.all_gather_object(per_rank, (peak_memory(), strategy.local_bytes(), held))
         full = _full_state(strategy)
         if env.is_main:
             save_file(full, args.out / f"{_slug(name)}.safetensors")
             (args.out / f"{_slug(name)}.json").write_text(json.dumps(
-                {**trace, "peak_mem_bytes": max(p for p, _ in per_rank),
-                 "state_bytes": [b for _, b in per_rank]}))
+                {**trace, "peak_mem_bytes": max(p for p, _, _ in per_rank),
+                 "state_bytes": [b for _, b, _ in per_rank],
+                 "held_bytes": [h for _, _, h in per_rank]}))
         dist.barrier()
+
+
+def _probe_held_bytes(strategy: Strategy, task: str) -> dict[str, dict[str, int]]:
+    """What the rank holds (Strategy.held_bytes) at three moments of every step: after
+    forward (the loss is being computed: gathered parameters still held, no gradients yet),
+    after backward (the gradients as the strategy keeps them, before the optimizer step
+    updates or reshards anything) and after the step. The dict fills in as steps run; each
+    moment keeps the largest total seen."""
+    held: dict[str, dict[str, int]] = {}
+
+    def record(moment: str) -> None:
+        now = strategy.held_bytes()
+        if sum(now.values()) >= sum(held.get(moment, {}).values()):
+            held[moment] = now
+
+    step_optimizer, train_step = strategy.step_optimizer, strategy.train_step
+
+    def probed_step_optimizer() -> None:
+        record("after_backward")
+        step_optimizer()
+        record("after_step")
+
+    def probed_train_step(groups: Group, loss: Any) -> float:
+        def probed_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            record("after_forward")
+            return loss(out, y)
+        return train_step(groups, probed_loss)
+
+    strategy.step_optimizer = probed_step_optimizer  # type: ignore[method-assign]
+    strategy.train_step = probed_train_step  # type: ignore[method-assign]
+    return held
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -43,13 +43,12 @@ def test_verify_passes_on_the_digits_candidates(tmp_path, candidate):
         assert r["peak_mem_bytes"] > 0
     state = {r["strategy"]: r["state_bytes_per_rank"] for r in report["results"]}
     # Sharding shows in what each rank holds. ddp: everything on every rank. zero1: the
-    # optimizer state split (by whole tensors, so unevenly on a small model). fsdp:
-    # parameters, gradients and optimizer state split about evenly.
+    # optimizer state split in halves (by elements, not whole tensors). fsdp: parameters,
+    # gradients and optimizer state split about evenly.
     ddp = state["ddp"][0]
     assert state["ddp"][1] == ddp
-    zero1 = [b["optimizer"] for b in state["zero1"]]
-    assert sum(zero1) == ddp["optimizer"]
-    assert max(zero1) < ddp["optimizer"]
+    for share in (b["optimizer"] for b in state["zero1"]):
+        assert abs(share - ddp["optimizer"] / 2) < 0.01 * ddp["optimizer"]
     for kind in ("params", "grads", "optimizer"):
         shards = [b[kind] for b in state["fsdp"]]
         assert sum(shards) >= ddp[kind]  # (padding may round a shard up)

@@ -119,3 +119,20 @@ def test_disk_cache_is_removed_with_the_loader(manifest):
     del loader
     gc.collect()
     assert not folder.exists()
+
+
+def test_a_window_is_its_rows_in_plan_order_permuted_by_its_seed(manifest):
+    # The plan is the contract (a resumed run relies on it): window w's row k is row perm[k]
+    # of its segments laid end to end, perm drawn from the window's seed, whether the window
+    # lies in one partition or spans several.
+    loader, batches = _epoch(manifest, epoch=1, batch=25, shuffle_window=100)
+    parts = [read_partition(manifest, p["path"]) for p in manifest.partitions("train")]
+    plan = loader.plan(1)
+    assert any(len(w.segments) > 1 for w in plan)
+    assert any(len(w.segments) == 1 for w in plan)
+    expected = []
+    for w in plan:
+        rows = np.concatenate([parts[pid][0][a:b] for pid, a, b in w.segments])
+        expected.append(rows[np.random.default_rng(w.seed).permutation(w.rows)])
+    np.testing.assert_array_equal(np.concatenate([x for x, _ in batches]),
+                                  np.concatenate(expected))

@@ -101,6 +101,10 @@ def verify_cmd(
     tolerance: Annotated[float | None, typer.Option(
         help="Max relative difference; default 1e-4 (fp32), 2e-2 (bf16).")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report here.")] = None,
+    separate: Annotated[bool, typer.Option(
+        help="Launch each strategy on its own processes, so that its peak memory is its "
+        "own (one launch runs them in turn: the peak is the launch's running maximum).")
+    ] = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -118,14 +122,15 @@ def verify_cmd(
         report = verify(cfg, run_.dir, stage_ingest(run_), candidate=cand.name,
                         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                         steps=steps, world_size=world_size or max(configured, 2),
-                        tolerance=tolerance)
+                        tolerance=tolerance, separate=separate)
     if json_out is not None:
         write_json_atomic(json_out, report)
     if not quiet:
         ref = report["reference"]
         table = Table(title=f"verify {cand.name}: {steps} steps, world size "
                       f"{report['world_size']}, tolerance {report['tolerance']:g}")
-        for col in ("strategy", "max rel loss diff", "max rel param diff", "peak mem/rank",
+        peak = "peak mem/rank" if separate else "peak mem/rank (launch max)"
+        for col in ("strategy", "max rel loss diff", "max rel param diff", peak,
                     "state bytes/rank", "step s", "result"):
             table.add_column(col, justify="left" if col == "strategy" else "right")
         table.add_row("single (reference)", "", "", mib(ref["peak_mem_bytes"]), "",

@@ -35,6 +35,7 @@ import torch
 
 from distml.config import LoaderConfig
 from distml.data.dataset import Manifest, read_partition
+from distml.errors import DataError
 from distml.imports import load_object
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -119,6 +120,12 @@ class PartitionLoader:
             if self.config.map_fn else None
         )
         self._cache: dict[int, Batch] = {}
+        # The memory cache keeps every decoded partition at its place in one array per
+        # split (allocated on the first decode; pages become resident as partitions land),
+        # so a window is one np.take of row indices, wherever its rows come from.
+        self._offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self._rows: Batch | None = None
+        self._rows_lock = threading.Lock()
         # Removed with the loader (or at exit): the cache is this process's scratch space.
         self._disk_dir = (tempfile.TemporaryDirectory(prefix="distml-cache-")
                           if self.config.cache == "disk" else None)
@@ -166,7 +173,8 @@ class PartitionLoader:
 
     def _produce(self, windows: list[Window], skip: int, pool: ThreadPoolExecutor
                  ) -> Iterator[list[Batch]]:
-        """Each window's batches (views of its gathered rows, mapped if asked)."""
+        """Each window's batches (views of its gathered rows, mapped if asked); the next
+        window's partitions are decoded and its permutation drawn in the pool meanwhile."""
         decoding: dict[int, Future[Batch]] = {}
 
         def decode_ahead(window: Window) -> None:  # interleave: next window's partitions
@@ -174,11 +182,21 @@ class PartitionLoader:
                 if pid not in decoding and pid not in self._cache:
                     decoding[pid] = pool.submit(self._decode, pid)
 
+        def shuffle_ahead(i: int) -> Future[np.ndarray] | None:
+            # Drawing a window's permutation costs a quarter of gathering it: it is drawn
+            # in the pool (numpy releases the GIL) while the previous window is gathered.
+            if not self.config.shuffle or i >= len(windows):
+                return None
+            return pool.submit(self._order, windows[i])
+
+        order = shuffle_ahead(0)
         for i, window in enumerate(windows):
             decode_ahead(window)
             if i + 1 < len(windows):
                 decode_ahead(windows[i + 1])
-            x, y = self._gather(window, decoding)
+            order, next_order = order, shuffle_ahead(i + 1)
+            x, y = self._gather(window, decoding, order.result() if order else None)
+            order = next_order
             bounds = range(skip * self.batch_size if i == 0 else 0, len(x), self.batch_size)
             batches = [(x[b : b + self.batch_size], y[b : b + self.batch_size]) for b in bounds]
             if self.map_fn is not None:
@@ -191,20 +209,49 @@ class PartitionLoader:
     def _needed(pid: int, windows: list[Window]) -> bool:
         return any(pid == p for w in windows for p, _, _ in w.segments)
 
-    def _gather(self, window: Window, decoding: dict[int, Future[Batch]]) -> Batch:
-        """The window's rows, permuted, in one vectorized gather."""
+    def _order(self, window: Window) -> np.ndarray:
+        """Where the window's rows come from, in batch order: row k is row perm[k] of its
+        segments laid end to end (perm drawn from the window's seed). With the memory cache,
+        as indices into its one array; otherwise as perm itself."""
+        perm = np.random.default_rng(window.seed).permutation(window.rows)
+        if self.config.cache != "memory":
+            return perm
+        at = self._offsets
+        if len(window.segments) == 1:
+            pid, a, _ = window.segments[0]
+            perm += at[pid] + a
+            return perm
+        return np.take(np.concatenate([np.arange(at[pid] + a, at[pid] + b)
+                                       for pid, a, b in window.segments]), perm)
+
+    def _gather(self, window: Window, decoding: dict[int, Future[Batch]],
+                order: np.ndarray | None = None) -> Batch:
+        """The window's rows in batch order (see _order). Every byte is moved once, by
+        np.take (numpy's fancy indexing is about twice as slow): from the memory cache's
+        one array; otherwise a lone segment is gathered, and several are scattered to
+        their places (row j goes to inverse_perm[j]) rather than concatenated first."""
         parts = []
         for pid, a, b in window.segments:
             x, y = self._cache[pid] if pid in self._cache else decoding[pid].result()
             parts.append((x[a:b], y[a:b]))
         if not self.config.shuffle:
             return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-        perm = np.random.default_rng(window.seed).permutation(window.rows)
+        perm = self._order(window) if order is None else order
+        if self.config.cache == "memory":  # each segment's rows are in place in one array
+            return (np.take(self._rows[0], perm, axis=0), np.take(self._rows[1], perm, axis=0))
         if len(parts) == 1:
-            return parts[0][0][perm], parts[0][1][perm]
-        x = np.concatenate([p[0] for p in parts])
-        y = np.concatenate([p[1] for p in parts])
-        return x[perm], y[perm]
+            return np.take(parts[0][0], perm, axis=0), np.take(parts[0][1], perm, axis=0)
+        inverse = np.empty_like(perm)
+        inverse[perm] = np.arange(len(perm))
+        x0, y0 = parts[0]
+        x = np.empty((window.rows, *x0.shape[1:]), x0.dtype)
+        y = np.empty((window.rows, *y0.shape[1:]), y0.dtype)
+        at = 0
+        for px, py in parts:
+            to = inverse[at : at + len(px)]
+            x[to], y[to] = px, py
+            at += len(px)
+        return x, y
 
     def _decode(self, pid: int) -> Batch:
         """Read one partition, through the cache when there is one."""
@@ -220,8 +267,25 @@ class PartitionLoader:
         else:
             batch = read_partition(self.manifest, self.parts[pid])
         if self.config.cache == "memory":
+            batch = self._keep(pid, batch)
             self._cache[pid] = batch
         return batch
+
+    def _keep(self, pid: int, batch: Batch) -> Batch:
+        """Copy a decoded partition to its place in the split's one array (see __init__)."""
+        x, y = batch
+        with self._rows_lock:
+            if self._rows is None:
+                total = int(self._offsets[-1])
+                self._rows = (np.empty((total, *x.shape[1:]), x.dtype),
+                              np.empty((total, *y.shape[1:]), y.dtype))
+        lo, hi = int(self._offsets[pid]), int(self._offsets[pid + 1])
+        if hi - lo != len(x):
+            raise DataError(f"partition {self.parts[pid]} has {len(x)} rows, its manifest "
+                            f"says {hi - lo}; ingest again")
+        self._rows[0][lo:hi] = x
+        self._rows[1][lo:hi] = y
+        return self._rows[0][lo:hi], self._rows[1][lo:hi]
 
 
 _DONE = object()

@@ -1,7 +1,8 @@
 """Data parallelism: every rank trains on its own shard of each global batch.
 
 - ``ddp``: a full replica per rank; gradients are averaged by all-reduce (DistributedDataParallel).
-- ``zero1``: ddp, with the optimizer state sharded across ranks (ZeroRedundancyOptimizer).
+- ``zero1``: ddp, with the optimizer state sharded evenly across ranks (a flat buffer cut
+  into equal shards: distml.distributed.zero).
 - ``fsdp``: parameters, gradients and optimizer state sharded (torch's ``fully_shard``);
   ``reshard_after_forward: true`` frees gathered parameters after forward (ZeRO-3),
   ``false`` keeps them for backward (ZeRO-2 behaviour).
@@ -22,7 +23,6 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
-from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 
 from distml.distributed.strategy import (
@@ -31,6 +31,7 @@ from distml.distributed.strategy import (
     optimizer_spec,
     shard_units,
 )
+from distml.distributed.zero import FlatZeRO, flatten_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -49,53 +50,44 @@ class DDP(Strategy):
 
 
 class ZeRO1(DDP):
+    """ddp, with the optimizer state split evenly across ranks by elements (see
+    distml.distributed.zero: torch's ZeroRedundancyOptimizer splits by whole tensors)."""
+
     name = "zero1"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        # The parameters become views of one flat buffer before DDP registers them.
+        self.flat = flatten_parameters(self._params(model), self.env.world_size)
+        return super().wrap(model)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         cls, kwargs = optimizer_spec(self.settings)
-        return ZeroRedundancyOptimizer(self._params(), optimizer_class=cls, **kwargs)
+        return FlatZeRO(self._params(), self.flat, dist.group.WORLD, cls, **kwargs)
 
-    # torch.distributed.checkpoint does not know ZeroRedundancyOptimizer, whose state is
-    # partitioned by parameter index. It is consolidated, offered by every rank alike (DCP
-    # writes a replicated entry once) and saved under parameter names like every other
-    # strategy's, so a zero1 checkpoint resumes under any strategy and vice versa.
+    # The optimizer state is saved under parameter names, in the form a plain optimizer's
+    # takes, offered by every rank alike (DCP writes a replicated entry once), so a zero1
+    # checkpoint resumes under any strategy and world size, and vice versa.
     def state_dict(self) -> dict[str, Any]:
-        self.optimizer.consolidate_state_dict(to=0)
-        box = [self.optimizer.state_dict() if self.env.is_main else None]
-        dist.broadcast_object_list(box, src=0)
         return {"model": get_model_state_dict(self.model),
-                "optim": _by_name(box[0], self._param_names())}
+                "optim": self.optimizer.full_state(self._param_names())}
 
     def state_template(self) -> dict[str, Any]:
         # The names and shapes a checkpoint holds, from a plain optimizer over the same
-        # parameters (ZeRO's own state is empty until its first step).
+        # parameters (ours holds no state until its first step).
         plain = build_optimizer(self._params(), self.settings)
         return {"model": get_model_state_dict(self.model),
                 "optim": get_optimizer_state_dict(self.model, plain)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.load_model_state_dict(state["model"])
-        names = self._param_names()
-        index = {name: i for i, name in enumerate(names)}
-        optim = state["optim"]
-        self.optimizer.load_state_dict({  # every rank keeps its own partition
-            "state": {index[k]: v for k, v in optim["state"].items()},
-            "param_groups": [{**g, "params": [index[p] for p in g["params"]]}
-                             for g in optim["param_groups"]]})
+        self.optimizer.load_full_state(state["optim"], self._param_names())
 
-    def _params(self) -> list[nn.Parameter]:
-        return [p for p in self.model.parameters() if p.requires_grad]
+    def _params(self, model: nn.Module | None = None) -> list[nn.Parameter]:
+        return [p for p in (model or self.model).parameters() if p.requires_grad]
 
     def _param_names(self) -> list[str]:
         """Canonical names of the optimizer's parameters, in its order."""
         return [n for n, p in self.model.module.named_parameters() if p.requires_grad]
-
-
-def _by_name(indexed: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """An optimizer state dict keyed by parameter index, keyed by parameter name instead."""
-    return {"state": {names[i]: v for i, v in indexed["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
-                             for g in indexed["param_groups"]]}
 
 
 class FSDP(Strategy):

@@ -281,14 +281,23 @@ class PipelineParallel(Strategy):
                                                      strict=True)}
         stages = [PipelineStage(m, i, plan.num_stages, self.env.device, group=plan.group)
                   for i, m in self.stage_modules.items()]
-        self.busy: list[tuple[float, float]] = []  # (start, end) of each compute action
-        self.last_step = (0.0, 0.0)  # the last step's (start, end): with busy, the bubble
+        # The last step's compute on this rank, for measuring the bubble: (kind, stage,
+        # micro-batch, start, end), kind forward / loss / backward / backward_weight, times
+        # from time.perf_counter (CLOCK_MONOTONIC on Linux: one clock for every process of
+        # the machine, so the ranks' records can be laid on one time line); and the step's
+        # (start, end) around the schedule.
+        self.actions: list[tuple[str, int, int, float, float]] = []
+        self.last_step = (0.0, 0.0)
         for stage in stages:
-            for action in ("forward_one_chunk", "backward_one_chunk"):
-                setattr(stage, action, self._timed(getattr(stage, action)))
+            for kind, action in (("forward", "forward_one_chunk"),
+                                 ("backward", "backward_one_chunk"),
+                                 ("backward_weight", "backward_weight_one_chunk")):
+                if hasattr(stage, action):
+                    setattr(stage, action, self._timed(kind, stage.stage_index,
+                                                       getattr(stage, action)))
         self._loss_fn: LossFn | None = None  # the step's loss, set by train_step
-        kw = {"n_microbatches": pp.num_microbatches,
-              "loss_fn": lambda out, y: self._loss_fn(out, y)}
+        timed_loss = self._timed("loss", plan.num_stages - 1, lambda out, y: self._loss_fn(out, y))
+        kw = {"n_microbatches": pp.num_microbatches, "loss_fn": timed_loss}
         if pp.schedule == "interleaved-1f1b":
             self.schedule = ScheduleInterleaved1F1B(stages, **kw)
         else:
@@ -296,13 +305,17 @@ class PipelineParallel(Strategy):
             self.schedule = schedule(stages[0], **kw)
         return model
 
-    def _timed(self, fn: Callable) -> Callable:
+    def _timed(self, kind: str, stage: int, fn: Callable) -> Callable:
+        """``fn``, recording each call in ``self.actions``. The micro-batch is the chunk id
+        the schedule passes first; the loss, called with none, is counted per step (the
+        last stage computes it for the micro-batches in order)."""
         def timed(*args: Any, **kwargs: Any) -> Any:
+            mb = args[0] if kind != "loss" else sum(a[0] == "loss" for a in self.actions)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.busy.append((start, time.perf_counter()))
+                self.actions.append((kind, stage, int(mb), start, time.perf_counter()))
         return timed
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> float:
@@ -313,12 +326,12 @@ class PipelineParallel(Strategy):
         x, y = x.to(self.env.device), y.to(self.env.device)
         first, last = 0 in self.plan.my_stages, self.plan.num_stages - 1 in self.plan.my_stages
         losses: list[torch.Tensor] = []
-        self.busy.clear()
+        self.actions.clear()
         start = time.perf_counter()
         with self.autocast():
             self.schedule.step(*([x] if first else []), target=y if last else None,
                                losses=losses if last else None)
-        self.last_step = (start, time.perf_counter())  # with self.busy: the rank's bubble
+        self.last_step = (start, time.perf_counter())  # with self.actions: the bubble
         for p, group, _ in self.plan.tied:  # each stage saw half the story: add them up
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=group)

@@ -217,6 +217,34 @@ class Strategy:
                 "optimizer": sum(size(v) for v in state)}
 
 
+    def held_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds right now, by what the tensors are, each storage counted
+        once: parameters (the model's as they stand, gathered or not, and the optimizer's:
+        under FSDP they differ while a unit is gathered), their gradients, and the
+        optimizer's state. Unlike ``local_bytes``, measured, not derived from the shapes:
+        read between forward and backward it shows gathered parameters, after backward the
+        gradients as they are (whole, or shards)."""
+        seen: set[int] = set()
+
+        def held(t: torch.Tensor | None) -> int:
+            if not isinstance(t, torch.Tensor):
+                return 0
+            storage = getattr(t, "_local_tensor", t).untyped_storage()
+            if storage.nbytes() == 0 or storage.data_ptr() in seen:  # freed, or counted
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+
+        inner = getattr(self.optimizer, "optim", self.optimizer)
+        params = [*self.model.parameters(),
+                  *(p for o in {id(self.optimizer): self.optimizer, id(inner): inner}.values()
+                    for g in o.param_groups for p in g["params"])]
+        return {"params": sum(held(p) for p in params),
+                "grads": sum(held(p.grad) for p in params),
+                "optimizer": sum(held(v) for st in _optimizer_states(self.optimizer)
+                                 for v in st.values())}
+
+
 def checkpoint_blocks(model: nn.Module) -> None:
     """Activation checkpointing per block: each block's activations are recomputed in
     backward instead of kept. Parameter names stay canonical (torch's state-dict helpers

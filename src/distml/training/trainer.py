@@ -255,9 +255,20 @@ def step_groups(
 
 
 def peak_memory() -> int:
-    """This process's peak memory in bytes: the CUDA allocator's peak, else peak RSS."""
+    """This process's peak memory in bytes: the CUDA allocator's peak, else peak RSS.
+
+    On Linux the peak RSS is read from /proc/self/status (VmHWM, this process's own
+    address space): getrusage's ru_maxrss survives exec, so a worker started by a big
+    parent (the launcher, verify's driver) would report the parent's peak as its own."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
