@@ -110,7 +110,10 @@ def predict(
     progress: ProgressFactory | None = None,
 ) -> dict[str, Any]:
     """Predict every row of the input; returns {rows, parts, output, model, version}."""
+    # Paths travel to workers, whose working folder (on another machine) is not ours.
+    input_path, output = input_path.absolute(), output.absolute()
     artifact, name, version = resolve(ref, registry)
+    artifact = artifact.absolute()
     load_served_model(str(artifact), registry=registry)  # a broken artifact fails here, once
     parts = plan_parts(input_path)
     output.parent.mkdir(parents=True, exist_ok=True)
