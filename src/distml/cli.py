@@ -123,14 +123,34 @@ def train(
     ] = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        help="Join a job on several machines: HOST:PORT of node 0, which serves the "
+        "rendezvous (run this command on every node; the output folder must be shared).",
+        show_default=False)] = None,
+    nnodes: Annotated[int | None, typer.Option(
+        help="Machines in the job (with --rdzv-endpoint); default: the config's.",
+        min=1, show_default=False)] = None,
+    rdzv_id: Annotated[str, typer.Option(
+        help="The job's id, the same on every node; a node restarted with it rejoins "
+        "the job.")] = "distml",
 ) -> None:
-    """Ingest (cached) and train candidates, without selection."""
-    from distml.monitoring.mlflow_tracking import PipelineTracking
-    from distml.workflow.pipeline import stage_ingest, stage_train, start_run
-
+    """Ingest (cached) and train candidates, without selection; with --rdzv-endpoint, this
+    machine's part of a job on several (run on each, with the same options)."""
     cfg, reporter = _load(config, set_, quiet)
     if candidate is not None:
         cfg.train.candidate(candidate)  # unknown names fail before any work
+    if rdzv_endpoint is not None:
+        from distml.distributed import preflight
+
+        route, port = preflight.prepare_node(rdzv_endpoint)  # in a second: before torch loads
+        from distml.distributed.launch import launch_training_nodes
+
+        launch_training_nodes(cfg, config, set_ or [], candidate=candidate, resume=resume,
+                              num_nodes=nnodes, route=route, port=port, job_id=rdzv_id)
+        return
+    from distml.monitoring.mlflow_tracking import PipelineTracking
+    from distml.workflow.pipeline import stage_ingest, stage_train, start_run
+
     run_ = start_run(cfg, resume=resume, reporter=reporter)
     tracking = PipelineTracking.start(cfg, run_.dir)
     results = stage_train(run_, stage_ingest(run_), only=candidate, resume=resume)

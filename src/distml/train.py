@@ -17,17 +17,20 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-import torch.distributed as dist
-from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
-
-from distml.config import load_config
-from distml.data.dataset import Manifest
-from distml.distributed.runtime import DistEnv, init_distributed, run_worker, shutdown
+# Only what the preflight needs is imported here: a misconfigured node fails in a second,
+# before torch loads (the rest is imported once the checks pass).
+from distml.config import Config, load_config
+from distml.distributed import preflight
 from distml.errors import DistmlError
-from distml.monitoring.mlflow_tracking import PipelineTracking
+
+if TYPE_CHECKING:
+    from distml.distributed.runtime import DistEnv
 
 logger = logging.getLogger("distml")
+
+JOB_FILE = "job-id"  # in a run folder started by torchrun: its --rdzv-id
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -45,44 +48,84 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _broadcast(value: object, env: DistEnv) -> object:
-    if not env.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def _prepare(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool):
+    """The config, the run folder and the ingested data (made by rank 0, seen by every
+    rank), the tracking parent run (rank 0's), and whether to resume."""
+    from distml.data.dataset import Manifest
+    from distml.distributed.runtime import broadcast_object, gather_objects
+    from distml.monitoring.mlflow_tracking import PipelineTracking
+    from distml.workflow.pipeline import stage_ingest
 
-
-def _prepare(args: argparse.Namespace, env: DistEnv):
-    """The run folder and the ingested data, made by rank 0, seen by every rank."""
-    from distml.workflow.pipeline import stage_ingest, start_run
-
+    # A restarted agent (torchrun's --max-restarts) resumes; on several nodes, an agent
+    # started afresh beside restarted ones (a node's pod replaced) must resume as well.
+    restarted = max(gather_objects(
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), env)) > 0
+    resume = args.resume or restarted
     if args.run_dir is not None:
         cfg = load_config(args.run_dir / "config.yaml")
-        return cfg, args.run_dir, Manifest.read(args.run_dir / "data"), None
+        if across_nodes and preflight.enabled():
+            preflight.check_output_shared(args.run_dir, env)
+        return cfg, args.run_dir, Manifest.read(args.run_dir / "data"), None, resume
     cfg = load_config(args.config, args.overrides)
+    if across_nodes and preflight.enabled():
+        preflight.check_output_shared(cfg.output_dir, env)
     run_dir = tracking = None
     if env.is_main:
-        run = start_run(cfg, resume=args.resume)
+        run = _job_run(cfg, resume=resume)
         tracking = PipelineTracking.start(cfg, run.dir)
         stage_ingest(run)
         run_dir = run.dir
-    run_dir = Path(_broadcast(str(run_dir), env))
-    return cfg, run_dir, Manifest.read(run_dir / "data"), tracking
+    run_dir = Path(broadcast_object(str(run_dir), env))
+    return cfg, run_dir, Manifest.read(run_dir / "data"), tracking, resume
 
 
-@record
-def main(argv: list[str] | None = None) -> None:
+def _job_run(cfg: Config, *, resume: bool):
+    """A new run folder, tagged with torchrun's job id (``--rdzv-id``); on a resume, the
+    newest folder of this job (else the newest of all), so that restarted ranks continue
+    the run their job started instead of beginning another one."""
+    from distml.fsutil import write_text_atomic
+    from distml.workflow.pipeline import Run, start_run
+
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id is "none"
+    if not resume:
+        run = start_run(cfg)
+        if job != "none":
+            write_text_atomic(run.dir / JOB_FILE, job)
+        return run
+    project = cfg.output_dir / cfg.name
+    for folder in sorted(project.glob("2*"), reverse=True):
+        tag = folder / JOB_FILE
+        if job != "none" and tag.is_file() and tag.read_text() == job:
+            return Run(cfg, folder)
+    return start_run(cfg, resume=True)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
     logging.basicConfig(level=logging.INFO, stream=sys.stdout,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = _parse(argv)
-    env = init_distributed()
     try:
+        # On several machines: the preflight checks, and gloo's interface, before the
+        # process group exists.
+        across_nodes = preflight.prepare_rank() is not None
+    except DistmlError as e:
+        _fail(e)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    from distml.distributed.runtime import run_worker
+
+    run_worker(lambda: record(_train)(args, across_nodes=across_nodes))
+
+
+def _train(args: argparse.Namespace, *, across_nodes: bool) -> None:
+    from distml.distributed.runtime import init_distributed, shutdown
+
+    try:
+        env = init_distributed()
         from distml.training.candidate import SplitTensors, train_candidate
 
         # Given a config, this process is the pipeline: rank 0 holds its MLflow parent run.
-        cfg, run_dir, manifest, tracking = _prepare(args, env)
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        cfg, run_dir, manifest, tracking, resume = _prepare(args, env, across_nodes=across_nodes)
         names = [args.candidate] if args.candidate else [c.name for c in cfg.train.candidates]
         val = SplitTensors.load(manifest, "val")
         for name in names:
@@ -94,17 +137,24 @@ def main(argv: list[str] | None = None) -> None:
                     f"processes were started; start {world} or set train.world_size="
                     f"{env.world_size}")
             train_candidate(cfg, cand, manifest, val=val, env=env,
-                            out_dir=run_dir / "candidates" / name,
-                            resume=args.resume or restarted)
+                            out_dir=run_dir / "candidates" / name, resume=resume)
         if tracking is not None:
             tracking.close("FINISHED")
     except DistmlError as e:
-        logger.error("%s", e)
-        ErrorHandler().record_exception(e)  # the launcher reports it, naming this rank
-        raise SystemExit(2) from None
+        _fail(e)
     finally:
         shutdown()
 
 
+def _fail(e: DistmlError) -> NoReturn:
+    logger.error("%s", e)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under an agent: it reports the message
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+    sys.stdout.flush()
+    raise SystemExit(2) from None
+
+
 if __name__ == "__main__":
-    run_worker(main)
+    main()
