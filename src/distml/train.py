@@ -6,8 +6,10 @@
 Given a CONFIG, rank 0 creates the run folder and ingests the data (the other ranks wait and
 read it: on several nodes the output folder must be shared); given ``--run-dir`` (the local
 launcher), the run's saved config and data are used. A restarted process (torchrun's
-``--max-restarts``) resumes from the last checkpoint. See ``distml.distributed.launch`` for
-the multi-node command.
+``--max-restarts``) resumes from the last checkpoint, in the run folder that its job
+(torchrun's ``--rdzv-id``) started. On several machines the preflight checks run first and
+gloo is pointed at the interface that routes to the master (``distml.distributed.preflight``).
+See ``distml.distributed.launch`` for the multi-node commands.
 """
 
 from __future__ import annotations

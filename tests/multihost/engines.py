@@ -75,7 +75,7 @@ class DaskCluster:
 
     def add_worker(self, node: Node, logs: Path) -> Daemon:
         worker = start(node, [
-            str(BIN / "python"), "-m", "distributed.cli.dask_worker", f"tcp://{self.address}",
+            str(BIN / "dask"), "worker", f"tcp://{self.address}",
             "--host", node.addr, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
             "--name", node.hostname, "--local-directory", str(logs / f"dask-{node.hostname}"),
         ], logs / f"dask-worker-{node.hostname}.log")
@@ -91,7 +91,7 @@ def dask_cluster(scheduler: Node, workers: list[Node], logs: Path) -> Iterator[D
     daemons: list[Daemon] = []
     try:
         sched = start(scheduler, [
-            str(BIN / "python"), "-m", "distributed.cli.dask_scheduler", "--host",
+            str(BIN / "dask"), "scheduler", "--host",
             scheduler.addr, "--port", "8786", "--no-dashboard"], logs / "dask-scheduler.log")
         daemons.append(sched)
         sched.wait_for("Scheduler at:")

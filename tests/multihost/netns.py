@@ -133,6 +133,14 @@ class Node:
         return subprocess.run(self.command(argv), env=env, timeout=timeout, text=True,
                               start_new_session=True, **kw)
 
+    def wait_listening(self, port: int, timeout: float = 60) -> None:
+        """Until something in this node listens on TCP ``port``."""
+        deadline = time.monotonic() + timeout
+        while f":{port} " not in self.run(["ss", "-ltnH"]).stdout + " ":
+            if time.monotonic() > deadline:
+                raise AssertionError(f"nothing listens on {self.hostname}:{port}")
+            time.sleep(0.2)
+
     def pids(self) -> list[int]:
         return ns_pids(self.ns)
 
@@ -202,6 +210,8 @@ class Cluster:
         for node in self.nodes:
             node.hosts_file.parent.mkdir(parents=True, exist_ok=True)
             node.hosts_file.write_text("\n".join(lines) + "\n")
+            # No name server: a name not in the hosts file fails at once, on loopback.
+            node.hosts_file.with_name("resolv.conf").write_text("nameserver 127.0.0.1\n")
 
     def close(self) -> None:
         for node in self.nodes:

@@ -24,6 +24,8 @@ from distml.workflow.pipeline import stage_ingest, stage_train, start_run
 from tests.multihost.engines import dask_cluster, node_env, ray_cluster
 from tests.multihost.netns import Cluster, Node, kill_group
 
+pytestmark = pytest.mark.multihost
+
 # A transform that leaves its columns as they are, but leaves a mark per call (the node's
 # hostname, the worker's pid) and sleeps, so that a worker can be killed while it holds an
 # item. The folder for the marks and the delay are read from the file "control" next to it

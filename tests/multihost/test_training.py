@@ -16,30 +16,11 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from distml.config import TrainSettings
-from tests.multihost.engines import node_env
-from tests.multihost.netns import Cluster, Node, kill_group
+from tests.multihost.engines import BIN, node_env
+from tests.multihost.jobs import CONFIG, ENV, layout, start_agent, wait_all
+from tests.multihost.netns import Cluster, Node
 
-CONFIG = {
-    "name": "mh", "seed": 0,
-    "data": {"source": "sklearn:digits", "loader": {"map_fn": "tests.helpers.slow:sleepy"}},
-    "monitor": {"tensorboard": False},
-    "train": {"epochs": 2, "batch_size": 64, "checkpoint_every_steps": 5, "restore_best": False,
-              "max_restarts": 1,
-              "parallel": {"strategy": "ddp", "world_size": 2},
-              "candidates": [{"name": "small", "model": {"type": "mlp", "hidden_sizes": [16]}}]},
-}
-# Every rank one thread, on one machine or two: more threads could split a sum differently.
-ENV = {"OMP_NUM_THREADS": "1", "LOGLEVEL": "INFO"}  # (and the agents say what they do)
-
-
-def layout(raw: dict) -> dict:
-    """The config in the layout this checkout reads: train.parallel.* (the nested layout);
-    the flat keys (train.strategy, train.world_size) where it is not there yet.
-    TODO(lead): remove at the merge of the nested layout (and its call below)."""
-    if "parallel" not in TrainSettings.model_fields:
-        raw["train"].update(raw["train"].pop("parallel"))
-    return raw
+pytestmark = pytest.mark.multihost
 
 
 @pytest.fixture(scope="module")
@@ -72,29 +53,8 @@ def assert_same_training(work: Path, name: str) -> None:
     assert rb["world_size"] == 2
 
 
-def start_agent(node: Node, argv: list[str], work: Path, log: str) -> subprocess.Popen:
-    with (work / log).open("a") as out:
-        return node.popen(argv, cwd=work, env=node_env(**ENV), stdout=out,
-                          stderr=subprocess.STDOUT)
-
-
-def wait_all(procs: list[subprocess.Popen], work: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            code = proc.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            code = None
-        if code != 0:
-            for p in procs:
-                kill_group(p)
-            logs = "\n".join(f"--- {f.name}\n{f.read_text()[-4000:]}"
-                             for f in sorted(work.glob("*.log")))
-            raise AssertionError(f"an agent ended with {code}:\n{logs}")
-
-
 def torchrun(a: Node, port: int, job: str, output_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+    return [str(BIN / "torchrun"), "--nnodes", "2",
             "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
             f"{a.addr}:{port}", "--rdzv-id", job, "--max-restarts", "1", "-m",
             "distml.train", "mh.yaml", "--set", f"output_dir={output_dir}"]

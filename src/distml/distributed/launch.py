@@ -10,11 +10,17 @@ On one machine, the same as ``distml train`` with the local launcher::
     torchrun --standalone --nproc-per-node 2 -m distml.train examples/digits.yaml \\
         --set train.strategy=ddp --set train.world_size=2
 
-On several machines (run on every node; HOST is node 0, reachable from the others, and the
-output folder is on a file system every node shares)::
+On several machines, run on every node (10.0.0.1 is node 0, which serves the rendezvous;
+the config and the output folder are on a file system every node shares)::
 
-    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        --rdzv-id my-job --max-restarts 3 -m distml.train examples/digits.yaml \\
+    distml train examples/digits.yaml --rdzv-endpoint 10.0.0.1:29500 --nnodes 2 \
+        --rdzv-id my-job --set train.strategy=fsdp --set train.world_size=8
+
+which checks the node (``preflight``) and then runs torch's agent as ``launch_node`` does:
+the same as
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 \
+        --rdzv-id my-job --max-restarts 3 -m distml.train examples/digits.yaml \
         --set train.strategy=fsdp --set train.world_size=8
 """
 

@@ -215,13 +215,15 @@ def prepare_rank() -> Route | None:
     return route
 
 
-def check_output_shared(folder: Path, env: DistEnv, *, seconds: float = 8) -> None:
+def check_output_shared(folder: Path, env: DistEnv) -> None:
     """Every rank must see what rank 0 writes to ``folder`` (collective: all ranks call it).
 
     Rank 0 writes a marker named by a fresh nonce, which the ranks learn over the process
-    group; the others look for it for up to ``seconds`` (a network file system may show a
-    new file with a delay)."""
+    group; the others look for it for up to ``wait_seconds()`` (a network file system may
+    show a new file with a delay)."""
     from distml.distributed.runtime import broadcast_object, gather_objects
+
+    seconds = wait_seconds()
 
     nonce = broadcast_object(uuid.uuid4().hex if env.is_main else None, env)
     marker = folder / f".distml-preflight-{nonce}"
