@@ -6,24 +6,35 @@
 Given a CONFIG, rank 0 creates the run folder and ingests the data (the other ranks wait and
 read it: on several nodes the output folder must be shared); given ``--run-dir`` (the local
 launcher), the run's saved config and data are used. A restarted process (torchrun's
-``--max-restarts``) resumes from the last checkpoint. See ``distml.distributed.launch`` for
-the multi-node command.
+``--max-restarts``) resumes from the last checkpoint, in the run folder that its job
+(torchrun's ``--rdzv-id``) started. On several machines the preflight checks run first and
+gloo is pointed at the interface that routes to the master (``distml.distributed.preflight``).
+See ``distml.distributed.launch`` for the multi-node commands.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-import torch.distributed as dist
-
+# Only what the preflight needs is imported here: a misconfigured node fails in a second,
+# before torch loads (the rest is imported once the checks pass).
 from distml.config import Config, load_config
-from distml.data.dataset import Manifest
-from distml.distributed.runtime import DistEnv, run_worker, worker_main
+from distml.distributed import preflight
 from distml.errors import DistmlError
-from distml.monitoring.mlflow_tracking import pipeline_tracking
+
+if TYPE_CHECKING:
+    from distml.distributed.runtime import DistEnv
+    from distml.workflow.pipeline import Run
+
+logger = logging.getLogger("distml")
+
+JOB_FILE = "job-id"  # in a run folder started by torchrun: its --rdzv-id
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -41,19 +52,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _broadcast(value: object, env: DistEnv) -> object:
-    if not env.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv) -> None:
+def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv, *,
+           resume: bool) -> None:
+    from distml.data.dataset import Manifest
     from distml.training.candidate import SplitTensors, train_candidate
 
     manifest = Manifest.read(run_dir / "data")
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     names = [args.candidate] if args.candidate else [c.name for c in cfg.train.candidates]
     val = SplitTensors.load(manifest, "val")
     for name in names:
@@ -65,32 +69,90 @@ def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv) -
                 f"{env.world_size} processes were started; start {world} or set "
                 f"train.parallel.world_size={env.world_size}")
         train_candidate(cfg, cand, manifest, val=val, env=env,
-                        out_dir=run_dir / "candidates" / name,
-                        resume=args.resume or restarted)
+                        out_dir=run_dir / "candidates" / name, resume=resume)
 
 
-def _main(args: argparse.Namespace, env: DistEnv) -> None:
-    from distml.workflow.pipeline import stage_ingest, start_run
+def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None:
+    from distml.distributed.runtime import broadcast_object, gather_objects
+    from distml.workflow.pipeline import stage_ingest
 
+    # A restarted agent (torchrun's --max-restarts) resumes; on several nodes, an agent
+    # started afresh beside restarted ones (a node's pod replaced) must resume as well.
+    restarted = max(gather_objects(
+        int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), env)) > 0
+    resume = args.resume or restarted
+    check_shared = across_nodes and preflight.enabled()
     if args.run_dir is not None:  # started by distml's launcher: the driver owns the run
-        _train(args, load_config(args.run_dir / "config.yaml"), args.run_dir, env)
+        if check_shared:
+            preflight.check_output_shared(args.run_dir, env)
+        cfg = load_config(args.run_dir / "config.yaml")
+        _train(args, cfg, args.run_dir, env, resume=resume)
         return
     # Given a config, this job is the pipeline: rank 0 makes the run and holds its MLflow
     # parent run, which ends FAILED if this rank fails.
+    from distml.monitoring.mlflow_tracking import pipeline_tracking
+
     cfg = load_config(args.config, args.overrides)
-    run = start_run(cfg, resume=args.resume) if env.is_main else None
-    owner = pipeline_tracking(cfg, run.dir) if run else contextlib.nullcontext()
-    with owner:
+    if check_shared:
+        preflight.check_output_shared(cfg.output_dir, env)
+    run = _job_run(cfg, resume=resume) if env.is_main else None
+    with pipeline_tracking(cfg, run.dir) if run else contextlib.nullcontext():
         if run is not None:
             stage_ingest(run)
-        run_dir = Path(_broadcast(str(run.dir) if run else None, env))
-        _train(args, cfg, run_dir, env)
+        run_dir = Path(broadcast_object(str(run.dir) if run else None, env))
+        _train(args, cfg, run_dir, env, resume=resume)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _job_run(cfg: Config, *, resume: bool) -> Run:
+    """A new run folder, tagged with torchrun's job id (``--rdzv-id``); on a resume, the
+    newest folder of this job (else the newest of all), so that restarted ranks continue
+    the run their job started instead of beginning another one."""
+    from distml.fsutil import write_text_atomic
+    from distml.workflow.pipeline import Run, start_run
+
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id is "none"
+    if not resume:
+        run = start_run(cfg)
+        if job != "none":
+            write_text_atomic(run.dir / JOB_FILE, job)
+        return run
+    project = cfg.output_dir / cfg.name
+    for folder in sorted(project.glob("2*"), reverse=True):
+        tag = folder / JOB_FILE
+        if job != "none" and tag.is_file() and tag.read_text() == job:
+            return Run(cfg, folder)
+    return start_run(cfg, resume=True)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    _logging()
     args = _parse(argv)
-    worker_main(lambda env: _main(args, env))
+    try:
+        # On several machines: the preflight checks, and gloo's interface, before the
+        # process group exists (and before torch loads).
+        across_nodes = preflight.prepare_rank() is not None
+    except DistmlError as e:
+        _fail(e)
+    from distml.distributed.runtime import run_worker, worker_main
+
+    run_worker(lambda: worker_main(lambda env: _main(args, env, across_nodes=across_nodes)))
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(e: DistmlError) -> NoReturn:
+    """A user error before torch is loaded: logged, recorded for an agent, exit code 2."""
+    logger.error("%s", e)
+    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under an agent: it reports the message
+        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+        ErrorHandler().record_exception(e)
+    sys.stdout.flush()
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
-    run_worker(main)
+    main()

@@ -74,11 +74,33 @@ def train(
     ] = False,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    rdzv_endpoint: Annotated[str | None, typer.Option(
+        help="Join a job on several machines: HOST:PORT of node 0, which serves the "
+        "rendezvous (run this command on every node; the output folder must be shared).",
+        show_default=False)] = None,
+    nnodes: Annotated[int | None, typer.Option(
+        help="Machines in the job (with --rdzv-endpoint); default: the config's "
+        "train.parallel.num_nodes.", min=1, show_default=False)] = None,
+    rdzv_id: Annotated[str, typer.Option(
+        help="The job's id, the same on every node; a node restarted with it rejoins "
+        "the job.")] = "distml",
 ) -> None:
-    """Ingest (cached) and train candidates, without selection."""
+    """Ingest (cached) and train candidates, without selection; with --rdzv-endpoint, this
+    machine's part of a job on several (run on each, with the same options)."""
+    cfg, reporter = load(config, set_, quiet)
+    if rdzv_endpoint is not None:
+        from distml.distributed import preflight
+
+        if candidate is not None:
+            cfg.train.candidate(candidate)  # an unknown name fails before any work
+        route, port = preflight.prepare_node(rdzv_endpoint)  # in a second: before torch loads
+        from distml.distributed.launch import launch_training_nodes
+
+        launch_training_nodes(cfg, config, set_ or [], candidate=candidate, resume=resume,
+                              num_nodes=nnodes, route=route, port=port, job_id=rdzv_id)
+        return
     from distml.workflow.pipeline import train_only
 
-    cfg, reporter = load(config, set_, quiet)
     run_, results = train_only(cfg, candidate=candidate, reporter=reporter, resume=resume)
     if not quiet:
         print_candidates(results, cfg.metric, None)

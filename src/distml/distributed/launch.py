@@ -10,17 +10,24 @@ On one machine, the same as ``distml train`` with the local launcher::
     torchrun --standalone --nproc-per-node 2 -m distml.train examples/digits.yaml \\
         --set train.parallel.strategy=ddp --set train.parallel.world_size=2
 
-On several machines (run on every node; HOST is node 0, reachable from the others, and the
-output folder is on a file system every node shares)::
+On several machines, run on every node (10.0.0.1 is node 0, which serves the rendezvous;
+the config and the output folder are on a file system every node shares)::
 
-    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        --rdzv-id my-job --max-restarts 3 -m distml.train examples/digits.yaml \\
-        --set train.parallel.strategy=fsdp --set train.parallel.world_size=8 \\
-        --set train.parallel.num_nodes=2
+    distml train examples/digits.yaml --rdzv-endpoint 10.0.0.1:29500 --nnodes 2 \
+        --rdzv-id my-job --set train.parallel.strategy=fsdp --set train.parallel.world_size=8
+
+which checks the node (``preflight``) and then runs torch's agent as ``launch_node`` does:
+the same as
+
+    torchrun --nnodes 2 --nproc-per-node 4 --rdzv-backend c10d --rdzv-endpoint 10.0.0.1:29500 \
+        --rdzv-id my-job --max-restarts 3 -m distml.train examples/digits.yaml \
+        --set train.parallel.strategy=fsdp --set train.parallel.world_size=8
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import sys
 import uuid
 from pathlib import Path
@@ -30,6 +37,8 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+from distml.config import Config
+from distml.distributed import network, preflight
 from distml.errors import DistmlError
 
 
@@ -39,6 +48,7 @@ def launch_local(
 ) -> None:
     """Run ``python -m module *args`` on ``world_size`` local processes; ``what`` names the
     job in errors."""
+    preflight.check_loopback()
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=str(uuid.uuid4()),
         rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
@@ -46,6 +56,35 @@ def launch_local(
         logs_specs=DefaultLogsSpecs(log_dir=str(log_dir), tee=Std.ALL),
         log_line_prefix_template="[rank ${local_rank}] ",
     )
+    _launch(config, module, args, what=what)
+
+
+def launch_node(
+    module: str, args: list[str], *, route: network.Route, port: int, num_nodes: int,
+    nproc_per_node: int, job_id: str, max_restarts: int, what: str,
+) -> None:
+    """This node's part of a job on ``num_nodes`` machines, each running this with the
+    same node 0 (``route.master``, which serves the rendezvous on ``port``) and ``job_id``.
+    ``route`` comes from ``preflight.prepare_node``, which checked this node first."""
+    # torch's agents share the rendezvous store with the ranks by default; then a new agent
+    # (a node restarted after its agent died) waits forever for the store address, which
+    # the surviving rank-0 agent publishes only once (torch 2.13). Unshared, every round
+    # publishes it, and rank 0's process serves the ranks' store at this node's address.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    config = LaunchConfig(
+        min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=nproc_per_node,
+        run_id=job_id, rdzv_backend="c10d", rdzv_endpoint=f"{route.master}:{port}",
+        # Whether this node serves the rendezvous, from its addresses rather than torch's
+        # guess from the hostname; and the address it shows the others.
+        rdzv_configs={"is_host": route.master_is_here}, local_addr=route.own_addr,
+        max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn",
+        logs_specs=DefaultLogsSpecs(tee=Std.ALL),
+        log_line_prefix_template=f"[{socket.gethostname()} rank ${{rank}}] ",
+    )
+    _launch(config, module, args, what=what)
+
+
+def _launch(config: LaunchConfig, module: str, args: list[str], *, what: str) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", module, *args)
     except ChildFailedError as e:
@@ -55,9 +94,10 @@ def launch_local(
             message = message.get("message", "")
         if not failure.error_file_data:
             message = "see its log above"
+        restarts = config.max_restarts
         raise DistmlError(
             f"{what} failed on rank {rank} (exit code {failure.exitcode}"
-            f"{f', after {max_restarts} restarts' if max_restarts else ''}): "
+            f"{f', after {restarts} restarts' if restarts else ''}): "
             f"{str(message).strip()}"
         ) from None
     except SignalException as e:
@@ -70,3 +110,40 @@ def launch_training(run_dir: Path, candidate: str, *, world_size: int, max_resta
     args = ["--run-dir", str(run_dir), "--candidate", candidate, *(["--resume"] * resume)]
     launch_local("distml.train", args, world_size=world_size, max_restarts=max_restarts,
                  log_dir=run_dir / "logs" / candidate, what=f"training {candidate!r}")
+
+
+def node_shape(cfg: Config, candidates: list[str] | None, *, num_nodes: int | None
+               ) -> tuple[int, int, int]:
+    """(nodes, processes per node, max restarts) of a multi-node job training
+    ``candidates`` (None: all); nodes default to the config's."""
+    # The one place that reads the parallel settings for a multi-node launch.
+    chosen = [cfg.train.candidate(n) for n in candidates] if candidates else cfg.train.candidates
+    settings = [cfg.train.settings_for(c) for c in chosen]
+    worlds = {s.parallel.world_size for s in settings}
+    if len(worlds) > 1:
+        raise DistmlError(f"the candidates have different train.parallel.world_size values "
+                          f"{sorted(worlds)}; one job trains them all on one set of processes: "
+                          "give --candidate to train them one at a time")
+    (world,) = worlds
+    nodes = num_nodes or settings[0].parallel.num_nodes
+    if nodes < 1 or world % nodes:
+        raise DistmlError(f"train.parallel.world_size={world} does not divide over {nodes} "
+                          "nodes; use "
+                          f"a number of nodes that divides {world} (e.g. --nnodes "
+                          f"{max(1, min(world, 2))})")
+    return nodes, world // nodes, max(s.max_restarts for s in settings)
+
+
+def launch_training_nodes(
+    cfg: Config, config: Path, overrides: list[str], *, candidate: str | None, resume: bool,
+    num_nodes: int | None, route: network.Route, port: int, job_id: str,
+) -> None:
+    """``distml train --rdzv-endpoint``: this node's agent of a job training the config's
+    candidates on several machines (``python -m distml.train CONFIG`` in every rank)."""
+    nodes, per_node, restarts = node_shape(cfg, [candidate] if candidate else None,
+                                           num_nodes=num_nodes)
+    args = [str(config.absolute()), *(a for o in overrides for a in ("--set", o)),
+            *(["--candidate", candidate] if candidate else []), *(["--resume"] * resume)]
+    launch_node("distml.train", args, route=route, port=port, num_nodes=nodes,
+                nproc_per_node=per_node, job_id=job_id, max_restarts=restarts,
+                what=f"training job {job_id!r}")

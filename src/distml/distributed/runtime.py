@@ -63,25 +63,39 @@ def init_distributed() -> DistEnv:
 
 
 def _store(world: int) -> dist.Store:
-    """The rendezvous store, with a prefix per restart attempt.
+    """The rendezvous store, with a prefix per restart attempt where it outlives one.
 
     Under torchrun's agent (and so our launcher) every attempt talks to the agent's one
-    store; without a prefix, restarted processes would read the addresses that the dead
-    attempt published and wait on them forever.
+    store by default; without a prefix, restarted processes would read the addresses that
+    the dead attempt published and wait on them forever. With the store unshared
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as distml's multi-node launcher sets), rank 0
+    serves a new one each attempt, and the restart counts of the ranks may differ (a
+    restarted node's new agent counts from 0), so there is no prefix to agree on.
     """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
         is_master=not agent_store and int(os.environ.get("RANK", "0")) == 0,
         timeout=timedelta(minutes=10), wait_for_workers=False,
     )
+    if not agent_store:
+        return store
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"distml/attempt-{attempt}", store)
 
 
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def broadcast_object(value: object, env: DistEnv) -> object:
+    """Rank 0's ``value``, on every rank."""
+    if not env.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def gather_objects(value: object, env: DistEnv) -> list:

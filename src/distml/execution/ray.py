@@ -22,7 +22,11 @@ class RayExecutor(Executor):
         self, fn: Callable, items: list, *, handle: ProgressHandle, desc: str,
         describe: Callable[[Any], str],
     ) -> Iterator:
-        task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True)(_call)
+        # SPREAD: an item is a whole partition; spread over the nodes rather than packed
+        # onto the driver's node first (Ray's default), which a cluster would wait on.
+        # max_retries covers a dead worker or node as well as an exception.
+        task = ray.remote(num_cpus=1, max_retries=self.retries, retry_exceptions=True,
+                          scheduling_strategy="SPREAD")(_call)
         fn_ref = ray.put(fn)  # shipped once, not with every task
         refs = [task.remote(fn_ref, item) for item in items]
         try:

@@ -115,7 +115,10 @@ def predict(
     """Predict every row of the input; returns {rows, parts, output, model, version}.
     ``trust``: the code the artifact may name (default: none)."""
     trust = trust or TrustPolicy()
+    # Paths travel to workers, whose working folder (on another machine) is not ours.
+    input_path, output = input_path.absolute(), output.absolute()
     artifact, name, version = resolve(ref, registry)
+    artifact = artifact.absolute()
     # A broken or untrusted artifact fails here, once, before any worker starts.
     load_served_model(str(artifact), registry=registry, trust=trust)
     parts = plan_parts(input_path)
