@@ -282,14 +282,14 @@ def test_a_standard_triton_client_works_unchanged(server, trained):
     x = trained[1][:3]
     client = http.InferenceServerClient(url=url.removeprefix("http://"))
     assert client.is_server_live()
-    assert client.is_model_ready("tiny", headers=AUTH)
-    meta = client.get_model_metadata("tiny", headers=AUTH)
+    assert client.is_model_ready("tiny", headers=dict(AUTH))
+    meta = client.get_model_metadata("tiny", headers=dict(AUTH))
     assert meta["inputs"][0]["name"] == "input"
     inp = http.InferInput("input", list(x.shape), "FP32")
     inp.set_data_from_numpy(x, binary_data=False)
     outputs = [http.InferRequestedOutput(n, binary_data=False)
                for n in ("probabilities", "label")]
-    result = client.infer("tiny", [inp], outputs=outputs, headers=AUTH)
+    result = client.infer("tiny", [inp], outputs=outputs, headers=dict(AUTH))
     probs = result.as_numpy("probabilities")
     assert probs.shape == (3, 10)
     np.testing.assert_allclose(probs.sum(1), 1, rtol=1e-5)
