@@ -45,7 +45,8 @@ async def _level(port: int, path: str, requests: list[tuple[bytes, str]], concur
             body, headers = requests[counter[0] % len(requests)]
             counter[0] += 1
             start = time.perf_counter()
-            status = await conn.post(body, headers)
+            # A server that stops answering fails the level instead of hanging the run.
+            status = await asyncio.wait_for(conn.post(body, headers), 30)
             if not record:
                 continue
             if status == 200:

@@ -19,9 +19,11 @@ alike for every peer; once, wrk (if installed) measures the same level to cross-
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -102,7 +104,7 @@ def _commands(artifact: Path, folder: Path) -> dict[str, tuple[list[str], int]]:
     cmds["kserve"] = ([str(python("kserve")), str(PEERS / "kserve_peer.py"), str(artifact),
                        str(port), str(_free_port())], port)
     port = _free_port()
-    cmds["mlserver"] = ([str(python("mlserver")), "-m", "mlserver", "start",
+    cmds["mlserver"] = ([str(python("mlserver").parent / "mlserver"), "start",
                          str(_mlserver_folder(artifact, folder / "mlserver", port))], port)
     return cmds
 
@@ -125,8 +127,12 @@ def _mlserver_folder(artifact: Path, folder: Path, port: int) -> Path:
 def _start(cmd: list[str], port: int, body: bytes) -> subprocess.Popen:
     import httpx
 
+    # This checkout's sources first, so that distml serve is the code under test.
+    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
+    # A session of its own: stopping it stops the worker processes some servers start.
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": path},
+                            start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -139,7 +145,7 @@ def _start(cmd: list[str], port: int, body: bytes) -> subprocess.Popen:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd} exited: {proc.stderr.read()[-2000:]}")
         time.sleep(0.5)
-    proc.kill()
+    _stop(proc)
     raise RuntimeError(f"{cmd} did not answer within 180 s")
 
 
@@ -165,11 +171,19 @@ def _run_server(name: str, cmd: list[str], port: int, payloads: dict) -> dict:
             out["wrk_check"] = _wrk_check(port, payloads["json1"][0][0])
         return out
     finally:
-        proc.terminate()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """The server and every process of its session."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
         try:
             proc.wait(30)
+            break
         except subprocess.TimeoutExpired:
-            proc.kill()
+            continue
 
 
 def _wrk_check(port: int, body: bytes) -> dict | None:
@@ -215,8 +229,8 @@ def main() -> dict:
         for name, (cmd, port) in _commands(artifact, Path(tmp)).items():
             try:
                 results[name] = _run_server(name, cmd, port, payloads)
-            except (RuntimeError, OSError, subprocess.CalledProcessError) as e:
-                results[name] = {"failed": str(e)[-500:]}  # reported, the others still run
+            except Exception as e:  # noqa: BLE001 - reported; the other servers still run
+                results[name] = {"failed": f"{type(e).__name__}: {str(e)[-500:]}"}
                 print(name, "failed:", e, flush=True)
     return _summarize(results, raw_ms)
 
