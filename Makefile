@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 CONFIG ?= examples/digits.yaml
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean proto
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ test: lint
 
 bench: install
 	$(BIN)/python -m bench
+
+# The gRPC protocol's Python code, shipped in the package: regenerate after editing the .proto.
+# grpcio-tools 1.75 emits code for protobuf >= 6.31, which protobuf 7 runs as well. The
+# messages go into a descriptor pool of their own (not the default one), so that they live
+# beside another copy of the protocol in one process (tritonclient's, KServe's).
+PROTO := src/distml/serving/proto/open_inference_grpc
+proto:
+	$(PYTHON) -m venv .venv-proto
+	.venv-proto/bin/python -m pip -q install grpcio-tools==1.75.1
+	.venv-proto/bin/python -m grpc_tools.protoc -I src --python_out=src --pyi_out=src $(PROTO).proto
+	sed -i 's/_descriptor_pool.Default()/_descriptor_pool.DescriptorPool()/' $(PROTO)_pb2.py
 
 clean:
 	rm -rf $(VENV) runs registry .pytest_cache

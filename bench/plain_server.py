@@ -1,18 +1,32 @@
-"""The peer of ``distml serve`` in bench/serve.py: a plain FastAPI endpoint, as one would write
-it by hand, running the same artifact (preprocessing and model) once per request.
+"""Plain FastAPI peers of ``distml serve`` in bench/serve.py, running the same artifact
+(preprocessing and model) once per request, no batching:
 
-    python -m bench.plain_server ARTIFACT PORT
+- untuned: as one would write it first: a sync endpoint (FastAPI runs it in its thread pool),
+  the body as a ``dict`` parameter, the response a dict that FastAPI encodes;
+- tuned: an ``async def`` endpoint reading the body bytes, one torch thread, the response
+  encoded once to bytes.
+
+    python -m bench.plain_server ARTIFACT PORT [--tuned]
 """
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 
 from distml.artifact import load_artifact
+
+
+def _outputs(name: str, probs: np.ndarray, labels: np.ndarray) -> dict:
+    return {"model_name": name, "outputs": [
+        {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape),
+         "data": probs.reshape(-1).tolist()},
+        {"name": "label", "datatype": "BYTES", "shape": [len(probs)],
+         "data": labels[probs.argmax(-1)].tolist()}]}
 
 
 def make_app(artifact_dir: str) -> FastAPI:
@@ -24,16 +38,30 @@ def make_app(artifact_dir: str) -> FastAPI:
     def infer(name: str, request: dict) -> dict:  # sync: FastAPI runs it in its thread pool
         tensor = request["inputs"][0]
         x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
-        probs = artifact.predict(x)
-        return {"model_name": name, "outputs": [
-            {"name": "probabilities", "datatype": "FP32", "shape": list(probs.shape),
-             "data": probs.reshape(-1).tolist()},
-            {"name": "label", "datatype": "BYTES", "shape": [len(probs)],
-             "data": labels[probs.argmax(-1)].tolist()}]}
+        return _outputs(name, artifact.predict(x), labels)
+
+    return app
+
+
+def make_tuned_app(artifact_dir: str) -> FastAPI:
+    import torch
+
+    torch.set_num_threads(1)  # one request at a time: more threads only contend
+    artifact = load_artifact(artifact_dir)
+    labels = np.asarray(artifact.labels, dtype=object)
+    app = FastAPI()
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        tensor = json.loads(await request.body())["inputs"][0]
+        x = np.asarray(tensor["data"], dtype=np.float32).reshape(tensor["shape"])
+        body = json.dumps(_outputs(name, artifact.predict(x), labels)).encode()
+        return Response(body, media_type="application/json")
 
     return app
 
 
 if __name__ == "__main__":
-    uvicorn.run(make_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
+    build = make_tuned_app if "--tuned" in sys.argv[3:] else make_app
+    uvicorn.run(build(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
                 log_level="warning", access_log=False)

@@ -43,6 +43,8 @@ def serve(
     max_queue_rows: Annotated[int | None, _opt("Queue bound per replica (then 503).")] = None,
     timeout_ms: Annotated[float | None, _opt("Per-request deadline (then 504).")] = None,
     quantize: Annotated[str | None, _opt("none or int8 (dynamic int8 Linear layers).")] = None,
+    grpc_port: Annotated[int | None, _opt("Also serve the protocol's gRPC service on this "
+                                          "port (0: a free one).")] = None,
     token: Annotated[str | None, typer.Option(
         envvar="DISTML_SERVE_TOKEN", show_default=False,
         help="Require 'Authorization: Bearer TOKEN' on model routes (health stays open).")
@@ -52,7 +54,7 @@ def serve(
     trust_code: TrustCodeOpt = False,
     trust_module: TrustModuleOpt = None,
 ) -> None:
-    """Serve a model over the Open Inference Protocol (KServe v2 / Triton REST)."""
+    """Serve a model over the Open Inference Protocol (KServe v2 / Triton: REST, gRPC)."""
     from distml.config import ServeConfig, load_config
     from distml.serving.server import serve as run_server
     from distml.ui import setup_logging
@@ -61,7 +63,8 @@ def serve(
     cfg = load_config(config) if config is not None else None
     flags = {"host": host, "port": port, "replicas": replicas, "dynamic_batching": batching,
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
-             "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize}
+             "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize,
+             "grpc_port": grpc_port}
     base = cfg.serve.model_dump() if cfg is not None else {}
     if trust_code:  # the flags add trust to the config's, never take it away
         flags["trust_code"] = True
@@ -73,7 +76,8 @@ def serve(
     registry = registry or (cfg.registry if cfg is not None else Path("registry"))
 
     def ready(url: str, info: dict[str, Any]) -> None:
-        console.print(f"serving [bold]{info['model']}:{info['version']}[/] at {url} "
+        grpc = f", gRPC at {info['grpc']}" if "grpc" in info else ""
+        console.print(f"serving [bold]{info['model']}:{info['version']}[/] at {url}{grpc} "
                       f"({info['replicas']} replica{'s' if info['replicas'] > 1 else ''}"
                       f"{', token required' if token else ''}); Ctrl-C stops", highlight=False)
 

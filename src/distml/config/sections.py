@@ -72,6 +72,12 @@ class ServeConfig(Strict):
                                 "larger gets 413.")
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 "
                                               "quantization of Linear layers (CPU).")
+    grpc_port: int | None = Field(None, ge=0, le=65535, description="Also serve the "
+                                  "protocol's gRPC service on this port (0: a free one); "
+                                  "null: REST only.")
+    reload_interval_s: float | None = Field(1.0, gt=0, description="Serving name or "
+                                            "name@alias: check the registry this often and "
+                                            "switch to the version it names; null: never.")
     trust_code: bool = Field(False, description="Load artifacts that name code to run (a user "
                              "transform or model factory, 'module:function') from any module; "
                              "default: refuse them (--trust-code sets it).")

@@ -1,6 +1,7 @@
 """The HTTP server of one replica: the Open Inference Protocol's REST routes (KServe v2,
-Triton), Prometheus metrics, bearer-token auth, a body-size limit, dynamic batching with
-backpressure and deadlines, and idempotency keys.
+Triton) with the binary tensor data and model repository extensions, Prometheus metrics,
+bearer-token auth, a body-size limit, and (when asked) the protocol's gRPC service on its own
+port, both over one ``Inference`` (batcher, deadlines, idempotency, hot reload).
 
 Errors follow the protocol: a JSON object ``{"error": "..."}`` with a 4xx status for anything
 the client can fix, 503 (with Retry-After) when overloaded, 504 past the deadline.
@@ -8,37 +9,30 @@ the client can fix, 503 (with Retry-After) when overloaded, 504 past the deadlin
 
 from __future__ import annotations
 
-import asyncio
 import gc
-import hashlib
 import hmac
 import json
-import math
 import time
-from collections import OrderedDict
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 import distml
 from distml.config import ServeConfig
-from distml.serving.batching import Batcher, DeadlineExceededError, OverloadedError
+from distml.serving.batching import DeadlineExceededError, OverloadedError
+from distml.serving.inference import Inference
+from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel
-from distml.serving.protocol import InferRequest, ProtocolError, infer_response, parse_infer
+from distml.serving.protocol import ProtocolError
+from distml.serving.rest import HEADER_LENGTH, parse_body, response_body
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 TIMEOUT_HEADER = "x-request-timeout-ms"
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _OPEN = ("/v2/health/live", "/v2/health/ready", "/metrics")  # no token needed
 
 
@@ -48,26 +42,8 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-class Metrics:
-    """The server's Prometheus metrics. Under several replicas prometheus-client's
-    multiprocess mode aggregates them (gauges summed over live processes)."""
-
-    def __init__(self, model: ServedModel, registry: CollectorRegistry | None) -> None:
-        reg = {"registry": registry}
-        self.requests = Counter("distml_requests", "HTTP requests by route and status",
-                                ["route", "status"], **reg)
-        self.latency = Histogram(
-            "distml_request_seconds", "Request latency by route", ["route"], **reg,
-            buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
-        self.batch = Histogram("distml_batch_rows", "Rows per forward pass", **reg,
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
-        self.queue = Gauge("distml_queue_rows", "Rows waiting for the model", **reg,
-                           multiprocess_mode="livesum")
-        self.inflight = Gauge("distml_inflight_requests", "Requests being handled", **reg,
-                              multiprocess_mode="livesum")
-        info = Gauge("distml_model_info", "The served model", ["model", "version", "quantized"],
-                     **reg, multiprocess_mode="max")
-        info.labels(model.name, model.version, str(model.quantized).lower()).set(1)
+def server_metadata() -> dict[str, Any]:
+    return {"name": "distml", "version": distml.__version__, "extensions": EXTENSIONS}
 
 
 class MetricsMiddleware:
@@ -97,46 +73,6 @@ class MetricsMiddleware:
             self.metrics.latency.labels(route).observe(time.perf_counter() - start)
 
 
-@dataclass
-class _Once:
-    digest: str
-    expires: float
-    response: asyncio.Future
-
-
-class Idempotency:
-    """Requests with one key within the window share one computation and its response. A
-    key reused with another body is a 409; a 5xx outcome is not kept, so a retry runs."""
-
-    def __init__(self, window_s: float) -> None:
-        self.window_s = window_s
-        self.entries: OrderedDict[str, _Once] = OrderedDict()
-
-    async def run(self, key: str, body: bytes, compute: Any) -> Response:
-        now = time.monotonic()
-        while self.entries and next(iter(self.entries.values())).expires < now:
-            self.entries.popitem(last=False)
-        digest = hashlib.sha256(body).hexdigest()
-        once = self.entries.get(key)
-        if once is not None:
-            if once.digest != digest:
-                return error_response(409, f"Idempotency-Key {key!r} was used with another request "
-                                   "body; use a new key for a new request")
-            return await asyncio.shield(once.response)
-        once = _Once(digest, now + self.window_s, asyncio.get_running_loop().create_future())
-        self.entries[key] = once
-        try:
-            response = await compute()
-        except BaseException:
-            self.entries.pop(key, None)
-            once.response.cancel()
-            raise
-        if response.status_code >= 500:
-            self.entries.pop(key, None)
-        once.response.set_result(response)
-        return response
-
-
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -150,67 +86,38 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-class Inference:
-    """The infer route's work: deadline, parsing, batching, the response."""
+async def infer_route(inference: Inference, request: Request, name: str,
+                      version: str | None) -> Response:
+    """The infer route's work: body, deadline, parsing, batching, the response."""
+    if inference.slot_for(name, version).batcher.full():  # checked before the body is read
+        return _overloaded()
+    inference.arriving += 1
+    try:
+        body = await read_body(request, inference.settings.max_body_bytes)
+        timeout_s = inference.timeout_s(request.headers.get(TIMEOUT_HEADER),
+                                        "X-Request-Timeout-Ms")
+        slot = inference.slot_for(name, version)  # the version served now, after the read
+        req = parse_body(body, request.headers.get(HEADER_LENGTH), slot.model)
+    finally:
+        inference.arriving -= 1
+    try:
+        result = await inference.infer(slot, req, timeout_s,
+                                       request.headers.get(IDEMPOTENCY_HEADER))
+    except OverloadedError:
+        return _overloaded()
+    except DeadlineExceededError:
+        return error_response(504, f"no result within the deadline of {1000 * timeout_s:g} ms; "
+                              "the request was dropped")
+    content, header_length = response_body(result.name, result.version, req, result.outputs)
+    if header_length is None:
+        return Response(content, media_type="application/json")
+    return Response(content, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_length)})
 
-    def __init__(self, model: ServedModel, settings: ServeConfig, metrics: Metrics) -> None:
-        self.model = model
-        self.settings = settings
-        self.batcher = Batcher(
-            model.infer, batching=settings.dynamic_batching,
-            max_batch_size=settings.max_batch_size, max_delay_s=settings.max_delay_ms / 1000,
-            max_queue_rows=settings.max_queue_rows, on_batch=metrics.batch.observe,
-            on_queue=metrics.queue.set, arriving=lambda: self.arriving)
-        self.idempotency = Idempotency(settings.idempotency_window_s)
-        self.arriving = 0  # requests in the route, not yet queued: the batcher waits for them
 
-    def check_model(self, name: str, version: str | None) -> None:
-        m = self.model
-        if name != m.name:
-            raise ProtocolError(404, f"unknown model {name!r}; this server serves {m.name!r}")
-        if version is not None and version != m.version:
-            raise ProtocolError(404, f"model {name!r} has no version {version!r}; this server "
-                                     f"serves version {m.version!r}")
-
-    def timeout_s(self, asked: str | None) -> float:
-        """The configured deadline, or less when the request asks for less."""
-        timeout_s = self.settings.timeout_ms / 1000
-        if asked is None:
-            return timeout_s
-        try:
-            value = float(asked) / 1000
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value) or value <= 0:
-            raise ProtocolError(400, f"{TIMEOUT_HEADER}: {asked!r} must be a positive number "
-                                     "of milliseconds")
-        return min(timeout_s, value)
-
-    async def __call__(self, request: Request, name: str, version: str | None) -> Response:
-        self.check_model(name, version)
-        self.arriving += 1
-        try:
-            body = await read_body(request, self.settings.max_body_bytes)
-            timeout_s = self.timeout_s(request.headers.get(TIMEOUT_HEADER))
-            req = parse_infer(body, self.model.input, self.model.outputs)
-        finally:
-            self.arriving -= 1
-        key = request.headers.get(IDEMPOTENCY_HEADER)
-        if key:
-            return await self.idempotency.run(key, body, lambda: self.respond(req, timeout_s))
-        return await self.respond(req, timeout_s)
-
-    async def respond(self, req: InferRequest, timeout_s: float) -> Response:
-        try:
-            outputs = await self.batcher.submit(req.x, timeout_s)
-        except OverloadedError:
-            return error_response(503, "the server is at capacity; retry after the Retry-After "
-                               "seconds", {"Retry-After": "1"})
-        except DeadlineExceededError:
-            return error_response(504, f"no result within the deadline of {1000 * timeout_s:g} ms; "
-                               "the request was dropped")
-        out = infer_response(self.model.name, self.model.version, req.id, outputs, req.outputs)
-        return Response(json.dumps(out), media_type="application/json")
+def _overloaded() -> Response:
+    return error_response(503, "the server is at capacity; retry after the Retry-After seconds",
+                          {"Retry-After": "1"})
 
 
 class BearerAuth:
@@ -225,29 +132,41 @@ class BearerAuth:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):
                 response = error_response(401, "missing or wrong bearer token: send the header "
-                                       "'Authorization: Bearer <token>'",
-                                  {"WWW-Authenticate": "Bearer"})
+                                          "'Authorization: Bearer <token>'",
+                                          {"WWW-Authenticate": "Bearer"})
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
 
 
-def create_app(model: ServedModel, settings: ServeConfig, *,
-               token: str | None = None) -> FastAPI:
-    """The app of one replica (metrics in a registry of its own)."""
-    registry = CollectorRegistry()
-    metrics = Metrics(model, registry)
-    inference = Inference(model, settings, metrics)
+def create_app(model: ServedModel, settings: ServeConfig, *, token: str | None = None,
+               ref: str | None = None, registry: Path | None = None,
+               grpc_address: str | None = None) -> FastAPI:
+    """The app of one replica (metrics in a registry of its own). ``grpc_address``: also
+    serve gRPC there (``host:port`` or ``unix:path``); the bound port is then in
+    ``app.state.grpc_port``."""
+    metrics_registry = CollectorRegistry()
+    metrics = Metrics(metrics_registry)
+    inference = Inference(model, settings, metrics, ref=ref, registry=registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         gc.collect()
         gc.freeze()  # the model and libraries are long-lived: keep them out of GC pauses
-        inference.batcher.start()
+        inference.start()
+        grpc_server = None
+        if grpc_address is not None:
+            from distml.serving.grpc_service import start_grpc
+
+            grpc_server, app.state.grpc_port = await start_grpc(inference, grpc_address,
+                                                                token=token)
         yield
-        await inference.batcher.stop()
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
+        await inference.stop()
 
     app = FastAPI(title="distml serve", version=distml.__version__, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.inference = inference
     if token:
         app.add_middleware(BearerAuth, token=token)
 
@@ -255,6 +174,18 @@ def create_app(model: ServedModel, settings: ServeConfig, *,
     async def protocol_error(request: Request, e: ProtocolError) -> JSONResponse:
         return error_response(e.status, e.message)
 
+    _routes(app, inference)
+    _repository_routes(app, inference)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _routes(app: FastAPI, inference: Inference) -> None:
     @app.get("/v2/health/live")
     async def live() -> dict[str, bool]:
         return {"live": True}
@@ -264,29 +195,70 @@ def create_app(model: ServedModel, settings: ServeConfig, *,
         return {"ready": True}
 
     @app.get("/v2")
-    async def server_metadata() -> dict[str, Any]:
-        return {"name": "distml", "version": distml.__version__, "extensions": []}
+    async def metadata() -> dict[str, Any]:
+        return server_metadata()
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
-        inference.check_model(name, version)
-        return model.metadata()
+        return inference.slot_for(name, version).model.metadata()
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, version: str | None = None) -> dict[str, Any]:
-        inference.check_model(name, version)
-        return {"name": model.name, "ready": True}
+        slot = inference.slot_for(name, version)
+        return {"name": name, "version": slot.model.version, "ready": True}
 
     @app.post("/v2/models/{name}/infer")
     @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        return await inference(request, name, version)
+        return await infer_route(inference, request, name, version)
 
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
-    return app
+def _repository_routes(app: FastAPI, inference: Inference) -> None:
+    """Triton's model repository extension, over the registry: the index, load (the version
+    the served reference names now) and unload."""
+
+    @app.post("/v2/repository/index")
+    async def index(request: Request) -> list[dict[str, str]]:
+        body = await read_body(request, 4096)
+        ready_only = _ready_only(body)
+        slot = inference.current
+        entry = {"name": inference.name, "version": slot.model.version if slot else "",
+                 "state": "READY" if slot else "UNAVAILABLE"}
+        if slot is None:
+            entry["reason"] = "unloaded"
+        return [entry] if slot is not None or not ready_only else []
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(name: str) -> dict[str, str]:
+        _known(inference, name)
+        version = await inference.load()
+        return {"name": name, "version": version, "state": "READY"}
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(name: str) -> dict[str, str]:
+        _known(inference, name)
+        await inference.unload()
+        return {"name": name, "state": "UNAVAILABLE"}
+
+
+def _known(inference: Inference, name: str) -> None:
+    if name != inference.name:
+        raise ProtocolError(404, f"unknown model {name[:80]!r}; this server serves "
+                                 f"{inference.name!r}")
+
+
+def _ready_only(body: bytes) -> bool:
+    """The index request's optional body: {"ready": bool}."""
+    if not body.strip():
+        return False
+    try:
+        req = json.loads(body)
+    except (ValueError, RecursionError):
+        raise ProtocolError(400, "the index request body must be JSON like "
+                                 "{\"ready\": true}") from None
+    ready = req.get("ready", False) if isinstance(req, dict) else None
+    if not isinstance(ready, bool):
+        raise ProtocolError(400, "ready: must be true or false")
+    return ready

@@ -49,6 +49,7 @@ class Batcher:
         max_queue_rows: int = 1024,
         on_batch: Callable[[int], None] = lambda rows: None,
         on_queue: Callable[[int], None] = lambda rows: None,
+        on_drop: Callable[[int], None] = lambda requests: None,
         arriving: Callable[[], int] = lambda: 1,
     ) -> None:
         self.fn = fn
@@ -58,6 +59,7 @@ class Batcher:
         self.max_queue_rows = max_queue_rows
         self.on_batch = on_batch
         self.on_queue = on_queue
+        self.on_drop = on_drop  # requests dropped unrun, their deadline passed in the queue
         self.arriving = arriving  # requests received but not yet submitted
         self.queue: deque[_Pending] = deque()
         self.queued_rows = 0
@@ -73,6 +75,10 @@ class Batcher:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._pool.shutdown(wait=True)
+
+    def full(self) -> bool:
+        """No room for another request: refuse it before spending time on its body."""
+        return self.queued_rows >= self.max_queue_rows and bool(self.queue)
 
     async def submit(self, x: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
         """The model's outputs for ``x``; OverloadedError or DeadlineExceededError otherwise."""
@@ -143,6 +149,7 @@ class Batcher:
             if p.future.done():  # its deadline passed while it waited
                 self.queue.popleft()
                 self._queued(-len(p.x))
+                self.on_drop(1)
                 continue
             if batch and (not self.batching or rows + len(p.x) > limit):
                 break

@@ -17,6 +17,7 @@ from torch import nn
 from distml.artifact import Artifact, load_artifact
 from distml.errors import ArtifactError
 from distml.registry import Registry
+from distml.serving.protocol import ProtocolError
 from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,16 @@ class ServedModel:
         """The protocol's model metadata."""
         return {"name": self.name, "versions": [self.version], "platform": "pytorch",
                 "inputs": [self.input], "outputs": self.outputs}
+
+    def check(self, x: np.ndarray, where: str) -> None:
+        """Values the schema's datatype allows but the model cannot take: token ids outside
+        the vocabulary would fail deep in the embedding."""
+        if self.artifact.task == "language_modeling" and x.size:
+            vocab = self.outputs[0]["shape"][-1]
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= vocab:
+                raise ProtocolError(400, f"{where}: token ids must be in [0, {vocab}); got "
+                                         f"{low if low < 0 else high}")
 
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Raw rows (n, columns) -> each output tensor by name."""

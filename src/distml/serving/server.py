@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import tempfile
 import time
@@ -27,11 +28,15 @@ from typing import Any
 import uvicorn
 
 from distml.config import ServeConfig
+from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
 
-_FORWARDED = ("content-type", "authorization", "idempotency-key", "x-request-timeout-ms")
-_RETURNED = ("content-type", "retry-after", "www-authenticate")
+_FORWARDED = ("content-type", "authorization", "idempotency-key", "x-request-timeout-ms",
+              "inference-header-content-length")
+_RETURNED = ("content-type", "retry-after", "www-authenticate",
+             "inference-header-content-length")
+_BROADCAST = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")  # to every replica
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -62,10 +67,15 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
     if settings.replicas == 1:
         from distml.serving.app import create_app
 
-        model = load_served_model(ref, registry=registry, quantize=settings.quantize)
-        server = _uvicorn(create_app(model, settings, token=token))
+        model = load_served_model(ref, registry=registry, quantize=settings.quantize,
+                                  trust=TrustPolicy.for_serve(settings))
+        grpc_address = (None if settings.grpc_port is None
+                        else _grpc_host(settings.host, settings.grpc_port))
+        app = create_app(model, settings, token=token, ref=ref, registry=registry,
+                         grpc_address=grpc_address)
+        server = _uvicorn(app)
         _announce(server, on_ready, url, {"model": model.name, "version": model.version,
-                                          "replicas": 1})
+                                          "replicas": 1}, app)
         server.run(sockets=[sock])
         return
     with tempfile.TemporaryDirectory(prefix="distml-serve-") as tmp:
@@ -75,18 +85,27 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
         replicas.start()
         try:
             info = {**replicas.model, "replicas": settings.replicas}
-            server = _uvicorn(front_app(replicas, settings))
-            _announce(server, on_ready, url, info)
+            app = front_app(replicas, settings)
+            server = _uvicorn(app)
+            _announce(server, on_ready, url, info, app)
             server.run(sockets=[sock])
         finally:
             replicas.stop()
 
 
-def _announce(server: uvicorn.Server, on_ready: Callable, url: str, info: dict) -> None:
+def _grpc_host(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _announce(server: uvicorn.Server, on_ready: Callable, url: str, info: dict,
+              app: Any) -> None:
     original = server.startup
 
     async def startup(sockets: Any = None) -> None:
         await original(sockets=sockets)
+        port = getattr(app.state, "grpc_port", None)  # bound by the app's startup
+        if port is not None:
+            info["grpc"] = _grpc_host(url.split("//")[1].rsplit(":", 1)[0], port)
         on_ready(url, info)
 
     server.startup = startup
@@ -107,9 +126,13 @@ def _replica_main(ref: str | None, settings: dict, registry: str, token: str | N
 
     torch.set_num_threads(threads)
     cfg = ServeConfig(**settings)
-    model = load_served_model(ref, registry=Path(registry), quantize=cfg.quantize)
+    model = load_served_model(ref, registry=Path(registry), quantize=cfg.quantize,
+                              trust=TrustPolicy.for_serve(cfg))
     ready.put({"model": model.name, "version": model.version})
-    _uvicorn(create_app(model, cfg, token=token), uds=uds).run()
+    grpc_address = None if cfg.grpc_port is None else f"unix:{uds}.grpc"
+    app = create_app(model, cfg, token=token, ref=ref, registry=Path(registry),
+                     grpc_address=grpc_address)
+    _uvicorn(app, uds=uds).run()
 
 
 @dataclass
@@ -122,6 +145,7 @@ class Replica:
     started: float = 0.0
     inflight: int = 0
     ready: bool = False
+    channel: Any = None  # gRPC, to the replica's unix:<uds>.grpc
 
 
 class ReplicaSet:
@@ -177,6 +201,10 @@ class ReplicaSet:
         for r in self.replicas:
             r.client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(r.uds)),
                                          base_url="http://replica", timeout=None)
+            if self.settings.grpc_port is not None:
+                import grpc
+
+                r.channel = grpc.aio.insecure_channel(f"unix:{r.uds}.grpc")
             await self._wait_ready(r)
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
 
@@ -186,6 +214,8 @@ class ReplicaSet:
         for r in self.replicas:
             if r.client is not None:
                 await r.client.aclose()
+            if r.channel is not None:
+                await r.channel.close()
 
     async def _wait_ready(self, r: Replica) -> None:
         import httpx
@@ -228,8 +258,8 @@ class ReplicaSet:
 
 
 def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
-    """The one port: health, aggregated metrics, and every other route forwarded."""
-    import httpx
+    """The one port: health, aggregated metrics, and every other route forwarded (a model
+    repository load or unload to every replica); gRPC, when asked, proxied the same way."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.multiprocess import MultiProcessCollector
     from starlette.applications import Starlette
@@ -260,30 +290,26 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
         except ProtocolError as e:
             return error_response(e.status, e.message)
         headers = {k: v for k, v in request.headers.items() if k in _FORWARDED}
+        if request.method == "POST" and _BROADCAST.match(request.url.path):
+            return await _broadcast(replicas, request, body, headers)
         while (replica := replicas.pick(request.headers.get("idempotency-key"))) is not None:
-            replica.inflight += 1
-            try:
-                r = await replica.client.request(request.method, request.url.path,
-                                                 params=request.query_params, content=body,
-                                                 headers=headers)
-            except httpx.ConnectError:  # never reached it: safe to send to another
-                replica.ready = False
-                continue
-            except httpx.TransportError as e:  # it died with the request: that one fails
-                replica.ready = False
-                return error_response(503, f"replica {replica.index} stopped while handling "
-                                           f"this request ({type(e).__name__}); retry",
-                                      {"Retry-After": "1"})
-            finally:
-                replica.inflight -= 1
-            return Response(r.content, status_code=r.status_code,
-                            headers={k: v for k, v in r.headers.items() if k in _RETURNED})
+            response = await _send(replica, request, body, headers)
+            if response is not None:
+                return response
         return error_response(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
 
     @asynccontextmanager
     async def lifespan(app: Any):
         await replicas.open()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from distml.serving.grpc_service import start_grpc_proxy
+
+            grpc_server, app.state.grpc_port = await start_grpc_proxy(
+                replicas, _grpc_host(settings.host, settings.grpc_port), settings)
         yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
         await replicas.close()
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
@@ -291,3 +317,42 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
         Route("/v2/health/live", live), Route("/v2/health/ready", ready),
         Route("/metrics", metrics), Route("/{path:path}", forward, methods=methods),
     ], lifespan=lifespan)
+
+
+async def _send(replica: Replica, request: Any, body: bytes, headers: dict[str, str]) -> Any:
+    """The replica's response; None when it could not be reached (send to another)."""
+    import httpx
+    from starlette.responses import Response
+
+    from distml.serving.app import error_response
+
+    replica.inflight += 1
+    try:
+        r = await replica.client.request(request.method, request.url.path,
+                                         params=request.query_params, content=body,
+                                         headers=headers)
+    except httpx.ConnectError:  # never reached it: safe to send to another
+        replica.ready = False
+        return None
+    except httpx.TransportError as e:  # it died with the request: that one fails
+        replica.ready = False
+        return error_response(503, f"replica {replica.index} stopped while handling this "
+                                   f"request ({type(e).__name__}); retry", {"Retry-After": "1"})
+    finally:
+        replica.inflight -= 1
+    return Response(r.content, status_code=r.status_code,
+                    headers={k: v for k, v in r.headers.items() if k in _RETURNED})
+
+
+async def _broadcast(replicas: ReplicaSet, request: Any, body: bytes,
+                     headers: dict[str, str]) -> Any:
+    """A repository load or unload on every ready replica: the first failure, else the
+    first answer."""
+    from distml.serving.app import error_response
+
+    live = [r for r in replicas.replicas if r.ready]
+    answers = [a for a in await asyncio.gather(*[_send(r, request, body, headers)
+                                                for r in live]) if a is not None]
+    if not answers:
+        return error_response(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
+    return next((a for a in answers if a.status_code >= 400), answers[0])

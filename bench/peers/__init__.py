@@ -1,0 +1,43 @@
+"""The Python model servers that bench/serve.py compares distml with, each serving the digits
+artifact through its own documented API. A peer whose dependencies clash with distml's
+installs into a virtual environment of its own under bench/.venvs/<peer>/, made on first use;
+torch, numpy and distml come from the running environment through a .pth file placed after
+the peer's own packages, so the peer's pins win and torch is not installed twice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+VENVS = ROOT / "bench" / ".venvs"
+PEERS = Path(__file__).parent
+
+# Peer -> its requirements (pinned: a benchmark compares versions it names).
+REQUIREMENTS = {
+    "mlserver": ["mlserver==1.7.1"],
+    "kserve": ["kserve==0.21.0"],
+    "litserve": ["litserve==0.2.19"],
+}
+
+
+def python(peer: str) -> Path:
+    """The interpreter of the peer's environment, made (once) if missing."""
+    venv = VENVS / peer
+    exe = venv / "bin" / "python"
+    marker = venv / ".ready"
+    if marker.is_file():
+        return exe
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([str(exe), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    *REQUIREMENTS[peer]], check=True)
+    site = subprocess.run([str(exe), "-c", "import sysconfig; print(sysconfig.get_paths()"
+                           "['purelib'])"], check=True, capture_output=True, text=True)
+    ours = sysconfig.get_paths()["purelib"]
+    # After the peer's own site-packages: distml's sources, then torch & co. from ours.
+    (Path(site.stdout.strip()) / "zz_distml_bench.pth").write_text(
+        f"{ROOT / 'src'}\n{ROOT}\n{ours}\n")
+    marker.touch()
+    return exe
