@@ -15,15 +15,19 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 from pathlib import Path
-
-import torch.distributed as dist
+from typing import TYPE_CHECKING
 
 from distml.config import Config, load_config
-from distml.data.dataset import Manifest
-from distml.distributed.runtime import DistEnv, run_worker, worker_main
+from distml.distributed.param_server import keeper
 from distml.errors import DistmlError
-from distml.monitoring.mlflow_tracking import pipeline_tracking
+
+if TYPE_CHECKING:
+    from distml.distributed.runtime import DistEnv
+
+# torch and the rest are imported in the functions: a parameter-server worker rank's keeper
+# (distml.distributed.param_server.keeper) runs this module's main without them.
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +46,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _broadcast(value: object, env: DistEnv) -> object:
+    import torch.distributed as dist
+
     if not env.distributed:
         return value
     box = [value]
@@ -50,6 +56,7 @@ def _broadcast(value: object, env: DistEnv) -> object:
 
 
 def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv) -> None:
+    from distml.data.dataset import Manifest
     from distml.training.candidate import SplitTensors, train_candidate
 
     manifest = Manifest.read(run_dir / "data")
@@ -70,6 +77,7 @@ def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv) -
 
 
 def _main(args: argparse.Namespace, env: DistEnv) -> None:
+    from distml.monitoring.mlflow_tracking import pipeline_tracking
     from distml.workflow.pipeline import stage_ingest, start_run
 
     if args.run_dir is not None:  # started by distml's launcher: the driver owns the run
@@ -88,9 +96,21 @@ def _main(args: argparse.Namespace, env: DistEnv) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from distml.distributed.runtime import worker_main
+
     args = _parse(argv)
     worker_main(lambda env: _main(args, env))
 
 
-if __name__ == "__main__":
+def _entry() -> None:
+    args = _parse(None)
+    code = keeper.keep_if_worker(args.config, args.run_dir, args.candidate, args.overrides)
+    if code is not None:  # this rank was a parameter-server worker's keeper
+        sys.exit(code)
+    from distml.distributed.runtime import run_worker
+
     run_worker(main)
+
+
+if __name__ == "__main__":
+    _entry()
