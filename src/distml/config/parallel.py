@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distml.config.base import Strict
 
@@ -78,6 +78,18 @@ class ParameterServerConfig(Strict):
         4, ge=1, description="Size of a work item: this many of a worker's batches (of "
         "batch_size / workers rows), cut from one partition of the training split.")
 
+    @model_validator(mode="after")
+    def _mode_reads_it(self) -> ParameterServerConfig:
+        """A mode given together with a setting of another mode is a mistake. (Given apart,
+        e.g. a candidate changing only the mode, the inherited setting is just unused.)"""
+        given = self.model_fields_set
+        for key, mode in _MODE_OWNERS.items():
+            default = type(self).model_fields[key].default
+            if {"mode", key} <= given and getattr(self, key) != default and self.mode != mode:
+                raise ValueError(f"parallel.parameter_server.{key} applies to mode {mode}, "
+                                 f"not {self.mode!r}; remove it or set mode: {mode}")
+        return self
+
 
 class ParallelConfig(Strict):
     """The parallelism strategy and its degrees; a candidate overrides any part of it."""
@@ -132,8 +144,17 @@ _OWNERS = {"tensor_degree": ("tensor",), "data_degree": ("tensor", "pipeline"),
 
 def applicable(parallel: dict[str, Any], strategy: str) -> dict[str, Any]:
     """Parallel settings (as data) without the sections that ``strategy`` does not read:
-    a candidate inherits the shared pipeline settings only if it is a pipeline itself."""
-    return {k: v for k, v in parallel.items() if strategy in _OWNERS.get(k, (strategy,))}
+    a candidate inherits the shared pipeline settings only if it is a pipeline itself, and a
+    parameter-server candidate its mode's settings only."""
+    out = {k: v for k, v in parallel.items() if strategy in _OWNERS.get(k, (strategy,))}
+    ps = out.get("parameter_server")
+    if isinstance(ps, dict) and "mode" in ps:
+        out["parameter_server"] = {k: v for k, v in ps.items()
+                                   if _MODE_OWNERS.get(k, ps["mode"]) == ps["mode"]}
+    return out
+
+
+_MODE_OWNERS = {"staleness": "ssp", "backup_workers": "sync"}
 
 
 @dataclass(frozen=True)

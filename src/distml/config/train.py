@@ -9,12 +9,7 @@ from pydantic import Field, ValidationError, create_model, model_validator
 
 from distml.config.base import NAME_PATTERN, Strict
 from distml.config.models import ModelSpec
-from distml.config.parallel import (
-    ParallelConfig,
-    ParallelDims,
-    ParameterServerConfig,
-    applicable,
-)
+from distml.config.parallel import ParallelConfig, ParallelDims, applicable
 from distml.errors import ConfigError
 
 
@@ -122,13 +117,6 @@ class TrainSettings(Strict):
 
     def _check_parameter_server(self, dims: ParallelDims) -> None:
         ps = self.parallel.parameter_server
-        if ps.mode != "ssp" and ps.staleness != ParameterServerConfig().staleness:
-            raise ValueError(f"parallel.parameter_server.staleness={ps.staleness} applies to "
-                             f"mode ssp, not {ps.mode!r}; remove it or set mode: ssp")
-        if ps.mode != "sync" and ps.backup_workers:
-            raise ValueError(f"parallel.parameter_server.backup_workers={ps.backup_workers} "
-                             f"applies to mode sync, not {ps.mode!r}; remove it or set "
-                             "mode: sync")
         if ps.backup_workers >= dims.data:
             raise ValueError(
                 f"parallel.parameter_server.backup_workers={ps.backup_workers} must be less "

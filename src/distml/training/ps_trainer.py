@@ -94,7 +94,7 @@ class PSTrainer:
         factor = lr_lambda(self.settings, self.total_steps)
         server = ShardServer(s.shard, s.optimizer, ps=self.ps, workers=s.workers,
                              lr_at=lambda v: self.settings.lr * factor(v),
-                             limit=self.total_steps, version=s.version)
+                             limit=self.settings.max_steps, version=s.version)
         is_main = self.env.rank == 0
         queue = WorkQueue(len(self.reader.items), seed=self.reader.seed,
                           shuffle=self.reader.config.shuffle)
@@ -124,10 +124,10 @@ class PSTrainer:
         self._emitted = len(server.losses)
         for cb in self.callbacks:
             cb.on_train_start(self)
-        start, paused = time.perf_counter(), 0.0
-        self._clock = lambda: self.state.seconds + time.perf_counter() - start - paused
+        start, paused, before = time.perf_counter(), 0.0, self.state.seconds
+        self._clock = lambda: before + time.perf_counter() - start - paused
         next_eval = self._next_eval(server.version)
-        stop = server.version >= self.total_steps
+        stop = server.stopped
         while not stop and self.state.epoch < self.settings.epochs:
             coordinator.open_epoch(self.state.epoch)
             epoch_start, first = time.perf_counter(), (len(server.losses), len(server.updates))
