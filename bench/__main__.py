@@ -1,4 +1,4 @@
-"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve]``; writes
+"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve] [param_server]``; writes
 bench/results/*.json and the README's benchmark table."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import ingest, loader, serve, train
+from bench import ingest, loader, param_server, serve, train
 from bench.common import RESULTS, update_readme
 
-BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train, "serve": serve}
+BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train, "serve": serve,
+              "param_server": param_server}
 
 
 def main(names: list[str]) -> None:

@@ -200,12 +200,12 @@ def write_report(
         "![throughput and data stall per epoch](throughput.png)",
         "",
         f"![validation {metric} against wall time](val_vs_time.png)",
-        *parameter_server_lines(selection["ranked"]),
     ]
     if manifest.task == "classification":
         plot_confusion(selection["targets"], selection["predictions"], manifest.classes,
                        run_dir / "confusion_matrix.png")
         lines += ["", "![confusion matrix](confusion_matrix.png)"]
+    lines += parameter_server_lines(selection["ranked"])
     if scaling:
         lines += _scaling_lines(run_dir, scaling)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]

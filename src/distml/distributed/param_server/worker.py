@@ -7,8 +7,8 @@ server); the last push of an item asks for no parameters, and the next item star
 its own pull. A heartbeat thread renews the worker's lease in the job's store.
 
 Test and benchmark hook: ``DISTML_STRAGGLER=RANK:FACTOR`` makes the worker of that global
-rank sleep FACTOR times its compute time after each batch (a persistent straggler; sleeping
-uses no CPU, so it slows this worker only).
+rank sleep FACTOR times its compute time (the median of its last steps) after each batch: a
+persistent straggler; sleeping uses no CPU, so it slows this worker only.
 """
 
 from __future__ import annotations
@@ -42,6 +42,14 @@ def straggler_factor(rank: int) -> float:
     return float(factor or 2.0) if int(who) == rank else 0.0
 
 
+def straggler_compute(recent: list[float], seconds: float, *, window: int = 9) -> float:
+    """The compute time a straggler's sleep is a multiple of: the median of its last
+    ``window`` steps (``recent`` is updated), so one cold first step does not set it."""
+    recent.append(seconds)
+    del recent[:-window]
+    return sorted(recent)[len(recent) // 2]
+
+
 class ServerLostError(RuntimeError):
     """A server stopped answering: the job cannot go on (it restarts from a checkpoint)."""
 
@@ -60,6 +68,7 @@ class Worker:
         self.pulled = [0] * len(servers)  # the version of each shard this worker holds
         self.wanted = [0] * len(servers)  # sync: the version the next pull must wait for
         self.straggle = straggler_factor(rank)
+        self._recent: list[float] = []  # the straggler's recent compute times
         self.stats = dict.fromkeys(STATS, 0.0)
         self.epoch = 0
 
@@ -118,8 +127,9 @@ class Worker:
             compute = time.perf_counter() - start
             self.stats["compute_s"] += compute
             if self.straggle:
-                time.sleep(self.straggle * compute)
-                self.stats["straggle_s"] += self.straggle * compute
+                sleep = self.straggle * straggler_compute(self._recent, compute)
+                time.sleep(sleep)
+                self.stats["straggle_s"] += sleep
             if not self._push(epoch, grad, loss, len(x), pull=i < len(batches) - 1):
                 return False
             self.stats["batches"] += 1
