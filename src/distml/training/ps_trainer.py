@@ -131,7 +131,7 @@ class PSTrainer:
         while not stop and self.state.epoch < self.settings.epochs:
             coordinator.open_epoch(self.state.epoch)
             epoch_start, first = time.perf_counter(), (len(server.losses), len(server.updates))
-            while not coordinator.wait_epoch_over(0.05):
+            while not coordinator.wait_epoch_over(0.02):
                 self._emit_steps()
                 if host.lost_peer:
                     raise RuntimeError(f"lost {host.lost_peer}")

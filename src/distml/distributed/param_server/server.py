@@ -253,6 +253,8 @@ class ServerHost:
         stats = self.channel.recv_into(c, torch.empty(len(STATS), dtype=torch.float64))
         self.stats[c] = dict(zip(STATS, stats.tolist(), strict=True))
         assert self.coordinator is not None, "TAKE goes to server 0"
+        if self.server.stopped:  # max_steps reached: no more work for anyone
+            self.coordinator.stop()
         kind, epoch, item = self.coordinator.take(c, None if msg.item < 0 else msg.item,
                                                   wait=bool(msg.flag))
         if kind == STOP:
