@@ -11,9 +11,9 @@ median time is reported. The same grid runs without a straggler.
 
 Each family runs in one launch (ddp on 4 processes, the parameter servers on 5): the runs
 follow one another in the same processes, so a run costs its training, not a start-up.
-ddp's straggler is ``StragglerDDP``: the straggler rank sleeps twice its step time (the
-median of its last steps: its compute, the others already wait in the all-reduce) before
-each step; a parameter-server worker sleeps twice the median of its last compute times.
+Both stragglers sleep twice the median of their last compute times (forward and backward)
+after each step: a parameter-server worker before it pushes, ddp's (``StragglerDDP``) after
+its step, so the others wait in the next all-reduce.
 The machine (2 cores) is shared: the numbers are noisy, hence medians over seeds.
 """
 
@@ -36,9 +36,9 @@ from distml.distributed.param_server.worker import straggler_compute, straggler_
 from distml.distributed.strategy import STRATEGIES
 
 TARGET = 0.95
-WORKERS, BATCH, EPOCHS, EVAL_SAMPLES = 4, 64, 5, 320
-HIDDEN = [128]
-LRS, SEEDS = [0.003, 0.01], [0, 1, 2]
+WORKERS, BATCH, EPOCHS, EVAL_SAMPLES = 4, 64, 4, 128
+HIDDEN = [512, 512]
+LRS, SEEDS = [0.0005, 0.001], [0, 1, 2]
 PS = {"strategy": "parameter_server", "world_size": WORKERS + 1}
 MODES: dict[str, dict[str, Any]] = {
     "ddp": {"strategy": "ddp", "world_size": WORKERS},
@@ -87,21 +87,25 @@ def _runs(root: Path, family: str) -> list[dict[str, Any]]:
 
 
 class StragglerDDP(DDP):
-    """ddp whose straggler rank (DISTML_STRAGGLER) sleeps FACTOR times its step time (the
-    median of its last steps) before each step; that time is its compute, the others being
-    already in the all-reduce when it starts."""
+    """ddp whose straggler rank (DISTML_STRAGGLER) sleeps FACTOR times its compute time (the
+    median of its last steps) after each step, as a parameter-server worker does. Compute is
+    measured live, from the start of forward to the last gradient computed in backward (hooks
+    on the model), so the all-reduce and the optimizer are not counted."""
 
-    recent: list[float] | None = None
+    def wrap(self, model):
+        self.recent: list[float] = []
+        self.marks = [0.0, 0.0]  # forward start, last gradient ready
+        model.register_forward_pre_hook(lambda *_: self.marks.__setitem__(0, time.perf_counter()))
+        for p in model.parameters():
+            p.register_post_accumulate_grad_hook(
+                lambda _: self.marks.__setitem__(1, time.perf_counter()))
+        return super().wrap(model)
 
     def train_step(self, micro_batches, loss_fn):
-        factor = straggler_factor(self.env.rank)
-        if factor and self.recent:
-            time.sleep(factor * sorted(self.recent)[len(self.recent) // 2])
-        start = time.perf_counter()
         loss = super().train_step(micro_batches, loss_fn)
+        factor = straggler_factor(self.env.rank)
         if factor:
-            self.recent = self.recent or []
-            straggler_compute(self.recent, time.perf_counter() - start)
+            time.sleep(factor * straggler_compute(self.recent, self.marks[1] - self.marks[0]))
         return loss
 
 

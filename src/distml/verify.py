@@ -8,6 +8,10 @@ off: random masks differ by construction between one process and several.
 
 Workers run ``python -m distml.verify --run-dir ...`` and write, per strategy, the loss of
 every step and (rank 0) the full final parameters; the driver compares them.
+
+Parameter servers: ``ps-sync`` runs one worker and world_size - 1 servers in lock step
+(``ParameterServer.train_step``), which is one process's step. The asynchronous modes are
+refused with the reason: their result depends on the order gradients arrive in.
 """
 
 from __future__ import annotations
