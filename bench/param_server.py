@@ -244,10 +244,20 @@ def main() -> dict[str, Any]:
         "straggler_view": {r["mode"]: r["per_worker"] for r in records
                            if r["scenario"] == "straggler" and r["seed"] == 0
                            and r["lr"] == s[r["mode"]]["lr"] and r["per_worker"]},
-        "runs": records,
     }
     save("param_server", result)
-    return {k: v for k, v in result.items() if k not in ("runs", "straggler_view")}
+    save_runs(records, RESULTS / "param_server_runs.jsonl")
+    return {k: v for k, v in result.items() if k != "straggler_view"}
+
+
+def save_runs(records: list[dict[str, Any]], path: Path) -> None:
+    """Every run's accuracy curve, one JSON line per run (for the plot and a rerun's check)."""
+    with path.open("w") as f:
+        for r in records:
+            evals = [{"elapsed_s": round(e["elapsed_s"], 3), "accuracy": round(e["accuracy"], 4)}
+                     for e in r["evals"]]
+            f.write(json.dumps({**{k: r[k] for k in ("id", "scenario", "mode", "lr", "seed",
+                                                       "final")}, "evals": evals}) + "\n")
 
 
 def _fmt(row: dict[str, Any]) -> str:
