@@ -1,4 +1,5 @@
-"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve] [drift]``; writes
+"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve] [drift]
+[param_server]``; writes
 bench/results/*.json and the README's benchmark table."""
 
 from __future__ import annotations
@@ -6,11 +7,11 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import drift, ingest, loader, serve, train
+from bench import drift, ingest, loader, param_server, serve, train
 from bench.common import RESULTS, update_readme
 
 BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train, "serve": serve,
-              "drift": drift}
+              "drift": drift, "param_server": param_server}
 
 
 def main(names: list[str]) -> None:

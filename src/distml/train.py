@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, NoReturn
 # before torch loads (the rest is imported once the checks pass).
 from distml.config import Config, load_config
 from distml.distributed import preflight
+from distml.distributed.param_server import keeper
 from distml.errors import DistmlError
 
 if TYPE_CHECKING:
@@ -127,6 +128,11 @@ def _job_run(cfg: Config, *, resume: bool) -> Run:
 def main(argv: list[str] | None = None) -> NoReturn:
     _logging()
     args = _parse(argv)
+    # A parameter-server worker rank runs as a keeper of its real process, so that the
+    # worker's death does not take the job down (distml.distributed.param_server.keeper).
+    code = keeper.keep_if_worker(args.config, args.run_dir, args.candidate, args.overrides)
+    if code is not None:
+        sys.exit(code)
     try:
         # On several machines: the preflight checks, and gloo's interface, before the
         # process group exists (and before torch loads).

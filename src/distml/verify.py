@@ -9,6 +9,10 @@ Dropout is turned off: random masks differ by construction between one process a
 
 Workers run ``python -m distml.verify --run-dir ...`` and write, per strategy, the loss of
 every step and (rank 0) the full final parameters; the driver compares them.
+
+Parameter servers: ``ps-sync`` runs one worker and world_size - 1 servers in lock step
+(``ParameterServer.train_step``), which is one process's step. The asynchronous modes are
+refused with the reason: their result depends on the order gradients arrive in.
 """
 
 from __future__ import annotations
@@ -61,6 +65,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
                              "pipeline": {"schedule": "interleaved-1f1b"}},
     "data-x-tensor": {"strategy": "tensor", "data_degree": 2},
     "data-x-pipeline": {"strategy": "pipeline", "data_degree": 2},
+    # One worker, the other ranks servers (the parameters sharded across them).
+    "ps-sync": {"strategy": "parameter_server", "parameter_server": {"mode": "sync"}},
+}
+
+# Parameter-server modes that apply gradients in the order they arrive: no run is the
+# same as another, so there is nothing to certify against one process.
+NONDETERMINISTIC = {
+    "ps-async": "gradients are applied in the order they arrive, with a staleness that "
+                "depends on timing",
+    "ps-ssp": "within the staleness bound, gradients are applied in the order they arrive",
+    "ps-sync-backup": "which gradients a step drops depends on which arrive last",
 }
 
 
@@ -77,6 +92,8 @@ def settings_for(name: str, base: TrainSettings, world_size: int, *,
         parallel["pipeline"] = own.pipeline.model_dump(exclude={"degree"})
     if variant["strategy"] == "fsdp":
         parallel["fsdp"] = {"offload": own.fsdp.offload}
+    if variant["strategy"] == "parameter_server":
+        parallel["parameter_server"] = {"num_servers": world_size - 1}
     update = {"max_steps": None, "max_restarts": 0,
               "parallel": deep_merge(parallel, variant)}
     return TrainSettings(**{**base.model_dump(exclude={"parallel"}), **update})
@@ -163,6 +180,14 @@ def verify(
     from distml.distributed.launch import launch_local
     from distml.training.candidate import SplitTensors
 
+    for name in strategies:
+        if name in NONDETERMINISTIC:
+            raise DistmlError(
+                f"--strategies {name}: not deterministic ({NONDETERMINISTIC[name]}), so "
+                "no run of it equals one process and verify cannot certify it; verify "
+                "ps-sync (one worker, no backup workers: each step is the one process's "
+                "step) and judge the asynchronous modes by their accuracy and measured "
+                "staleness")
     unknown = [n for n in strategies if n not in VARIANTS and ":" not in n]
     if unknown:
         raise DistmlError(f"--strategies: unknown {', '.join(map(repr, unknown))}; use "

@@ -8,3 +8,8 @@ import time
 def sleepy(x, y):
     time.sleep(0.01)
     return x, y
+
+
+def sleepier(x, y):
+    time.sleep(0.05)
+    return x, y

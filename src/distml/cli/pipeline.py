@@ -115,7 +115,7 @@ def verify_cmd(
     strategies: Annotated[str, typer.Option(
         help="Comma-separated: ddp, zero1, fsdp, fsdp-zero2, tensor, pipeline, "
         "pipeline-gpipe, pipeline-1f1b, pipeline-interleaved, data-x-tensor, data-x-pipeline, "
-        "or module:Class.")
+        "ps-sync (one worker, world_size - 1 parameter servers), or module:Class.")
     ] = "ddp,zero1,fsdp,fsdp-zero2",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps to compare.")] = 20,
     world_size: Annotated[int | None, typer.Option(

@@ -48,7 +48,13 @@ from distml.config.models import (
     ModelSpec,
     TransformerSpec,
 )
-from distml.config.parallel import FsdpConfig, ParallelConfig, ParallelDims, PipelineConfig
+from distml.config.parallel import (
+    FsdpConfig,
+    ParallelConfig,
+    ParallelDims,
+    ParameterServerConfig,
+    PipelineConfig,
+)
 from distml.config.sections import (
     ExecutionConfig,
     MlflowConfig,
@@ -63,7 +69,8 @@ __all__ = [
     "ZOO", "CNNSpec", "Candidate", "ClipSpec", "Config", "CustomModelSpec", "DataConfig",
     "DigitsSource", "ExecutionConfig", "FileSource", "FsdpConfig", "ImputeSpec", "LoaderConfig",
     "MLPSpec", "MinMaxSpec", "MlflowConfig", "ModelSpec", "MonitorConfig", "OneHotSpec",
-    "ParallelConfig", "ParallelDims", "PipelineConfig", "SelectConfig", "ServeConfig", "Source",
+    "ParallelConfig", "ParallelDims", "ParameterServerConfig", "PipelineConfig", "SelectConfig",
+    "ServeConfig", "Source",
     "SplitConfig", "StandardizeSpec", "Strict", "SyntheticClassificationSource",
     "SyntheticRegressionSource", "Task", "TextSource", "TrainConfig", "TrainSettings",
     "TransformSpec", "TransformerSpec", "UserTransformSpec", "apply_override", "deep_merge",

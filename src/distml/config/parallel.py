@@ -12,14 +12,15 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from distml.config.base import Strict
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-StrategyName = Literal["single", "ddp", "zero1", "fsdp", "tensor", "pipeline"]
+StrategyName = Literal["single", "ddp", "zero1", "fsdp", "tensor", "pipeline",
+                       "parameter_server"]
 
 
 class PipelineConfig(Strict):
@@ -56,6 +57,40 @@ class FsdpConfig(Strict):
         "between uses (torch's CPUOffloadPolicy; needs an accelerator).")
 
 
+class ParameterServerConfig(Strict):
+    """Parameter servers: the first num_servers ranks hold the parameters and apply the
+    optimizer; the other ranks are workers that compute gradients on work items."""
+
+    num_servers: int = Field(
+        1, ge=1, description="Server ranks (the first ones); the parameters are split across "
+        "them in equal byte ranges. The other world_size - num_servers ranks are workers.")
+    mode: Literal["async", "ssp", "sync"] = Field(
+        "async", description="async (every gradient applied as it arrives); ssp "
+        "(stale-synchronous: a worker may run at most `staleness` steps ahead of the "
+        "slowest); sync (a step averages one gradient per worker, less backup_workers).")
+    staleness: int = Field(
+        2, ge=0, description="ssp: the bound s on how many steps the fastest worker may be "
+        "ahead of the slowest (Ho et al. 2013).")
+    backup_workers: int = Field(
+        0, ge=0, description="sync: a step takes the first workers - backup_workers gradients "
+        "to arrive and drops the late ones (Chen et al. 2016).")
+    batches_per_item: int = Field(
+        4, ge=1, description="Size of a work item: this many of a worker's batches (of "
+        "batch_size / workers rows), cut from one partition of the training split.")
+
+    @model_validator(mode="after")
+    def _mode_reads_it(self) -> ParameterServerConfig:
+        """A mode given together with a setting of another mode is a mistake. (Given apart,
+        e.g. a candidate changing only the mode, the inherited setting is just unused.)"""
+        given = self.model_fields_set
+        for key, mode in _MODE_OWNERS.items():
+            default = type(self).model_fields[key].default
+            if {"mode", key} <= given and getattr(self, key) != default and self.mode != mode:
+                raise ValueError(f"parallel.parameter_server.{key} applies to mode {mode}, "
+                                 f"not {self.mode!r}; remove it or set mode: {mode}")
+        return self
+
+
 class ParallelConfig(Strict):
     """The parallelism strategy and its degrees; a candidate overrides any part of it."""
 
@@ -65,7 +100,9 @@ class ParallelConfig(Strict):
         "with the optimizer state sharded); fsdp (parameters, gradients and optimizer state "
         "sharded: torch's fully_shard); tensor (matrix multiplications split across ranks, "
         "fsdp over data_degree replicas); pipeline (layers split into stages fed with "
-        "micro-batches, gradients averaged over data_degree replicas).",
+        "micro-batches, gradients averaged over data_degree replicas); parameter_server "
+        "(servers hold the parameters and apply the optimizer, workers push gradients, "
+        "asynchronously or not: see parameter_server).",
     )
     world_size: int = Field(1, ge=1, description="Number of training processes.")
     num_nodes: int = Field(
@@ -80,6 +117,8 @@ class ParallelConfig(Strict):
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
                                      description="strategy pipeline only.")
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="strategy fsdp only.")
+    parameter_server: ParameterServerConfig = Field(
+        default_factory=ParameterServerConfig, description="strategy parameter_server only.")
 
     def check_applies(self, strategy: str | None = None) -> None:
         """A setting given for a strategy that does not read it is a mistake: say so.
@@ -99,27 +138,48 @@ class ParallelConfig(Strict):
 
 # Settings that belong to some strategies only; a non-default value elsewhere is refused.
 _OWNERS = {"tensor_degree": ("tensor",), "data_degree": ("tensor", "pipeline"),
-           "pipeline": ("pipeline",), "fsdp": ("fsdp",)}
+           "pipeline": ("pipeline",), "fsdp": ("fsdp",),
+           "parameter_server": ("parameter_server",)}
 
 
 def applicable(parallel: dict[str, Any], strategy: str) -> dict[str, Any]:
     """Parallel settings (as data) without the sections that ``strategy`` does not read:
-    a candidate inherits the shared pipeline settings only if it is a pipeline itself."""
-    return {k: v for k, v in parallel.items() if strategy in _OWNERS.get(k, (strategy,))}
+    a candidate inherits the shared pipeline settings only if it is a pipeline itself, and a
+    parameter-server candidate its mode's settings only."""
+    out = {k: v for k, v in parallel.items() if strategy in _OWNERS.get(k, (strategy,))}
+    ps = out.get("parameter_server")
+    if isinstance(ps, dict) and "mode" in ps:
+        out["parameter_server"] = {k: v for k, v in ps.items()
+                                   if _MODE_OWNERS.get(k, ps["mode"]) == ps["mode"]}
+    return out
+
+
+_MODE_OWNERS = {"staleness": "ssp", "backup_workers": "sync"}
 
 
 @dataclass(frozen=True)
 class ParallelDims:
-    """The degrees of each mesh axis, validated once; their product is the world size."""
+    """The degrees of each mesh axis, validated once; their product is the world size.
+    Under parameter_server, ``data`` counts the workers and ``servers`` the servers: roles
+    that talk point to point, not axes of a mesh."""
 
     strategy: str
     world_size: int
     data: int
     tensor: int = 1
     pipeline: int = 1
+    servers: int = 0
 
     @classmethod
     def from_config(cls, p: ParallelConfig) -> ParallelDims:
+        if p.strategy == "parameter_server":
+            servers = p.parameter_server.num_servers
+            if servers >= p.world_size:
+                raise ValueError(
+                    f"parallel.parameter_server.num_servers={servers} leaves no worker in "
+                    f"world_size={p.world_size}; use at most {p.world_size - 1} servers or a "
+                    "larger world_size")
+            return cls(p.strategy, p.world_size, p.world_size - servers, servers=servers)
         axis = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}.get(p.strategy)
         if axis is None:  # data parallel only (or one process)
             return cls(p.strategy, p.world_size, p.world_size)
@@ -149,10 +209,13 @@ class ParallelDims:
         return "tensor" if self.tensor > 1 or self.strategy == "tensor" else \
             "pipeline" if self.pipeline > 1 or self.strategy == "pipeline" else None
 
-    def build_mesh(self, device_type: str) -> DeviceMesh:
-        """The one device mesh: ("data",) or ("data", model axis)."""
+    def build_mesh(self, device_type: str) -> DeviceMesh | None:
+        """The one device mesh: ("data",) or ("data", model axis); None for parameter
+        servers, whose ranks exchange tensors point to point."""
         from torch.distributed.device_mesh import init_device_mesh
 
+        if self.servers:
+            return None
         axis = self.model_axis
         if axis is None:
             return init_device_mesh(device_type, (self.data,), mesh_dim_names=("data",))

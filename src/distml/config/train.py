@@ -85,6 +85,8 @@ class TrainSettings(Strict):
                 "use a batch size that is a multiple of it")
         if p.strategy == "pipeline":
             self._check_pipeline(dims)
+        if p.strategy == "parameter_server":
+            self._check_parameter_server(dims)
         if self.precision == "fp16" and p.strategy not in ("single", "ddp", "zero1"):
             raise ValueError(
                 f"precision fp16 with strategy {p.strategy!r}: its loss scaler would skip "
@@ -111,6 +113,23 @@ class TrainSettings(Strict):
                 f"{self.batch_size // dims.data} samples per pipeline, which do not divide "
                 f"into num_microbatches={pp.num_microbatches}; use a batch size that is a "
                 f"multiple of {dims.data * pp.num_microbatches}")
+
+    def _check_parameter_server(self, dims: ParallelDims) -> None:
+        ps = self.parallel.parameter_server
+        if ps.backup_workers >= dims.data:
+            raise ValueError(
+                f"parallel.parameter_server.backup_workers={ps.backup_workers} must be less "
+                f"than the {dims.data} worker(s) (world_size - num_servers): a step needs at "
+                f"least one gradient; use at most {dims.data - 1}")
+        if self.grad_accum_steps > 1:
+            raise ValueError(f"grad_accum_steps={self.grad_accum_steps} with strategy "
+                             "parameter_server: a worker pushes one batch's gradient at a "
+                             "time; set grad_accum_steps: 1 (raise batch_size instead)")
+        if self.checkpoint_every_steps is not None:
+            raise ValueError(
+                f"checkpoint_every_steps={self.checkpoint_every_steps} with strategy "
+                "parameter_server: its checkpoints are taken at the end of each epoch, when "
+                "no gradient is in flight; remove checkpoint_every_steps")
 
     def check_model(self, model: Any) -> None:
         """Refuse a model split that cannot work, before any process starts."""

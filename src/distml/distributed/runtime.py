@@ -24,6 +24,8 @@ from distml.errors import DistmlError
 
 logger = logging.getLogger("distml")
 
+_job_store: dist.Store | None = None  # the rendezvous store this process joined with
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -55,11 +57,19 @@ def init_distributed() -> DistEnv:
         threads = os.environ.get("OMP_NUM_THREADS") or (os.cpu_count() or 1) // local_world
         torch.set_num_threads(max(1, int(threads)))
     if "MASTER_ADDR" in os.environ and not dist.is_initialized():  # launched: torchrun/ours
+        global _job_store
+        _job_store = _store(world)
         dist.init_process_group(
-            backend=collective_backend(device), store=_store(world), rank=rank,
+            backend=collective_backend(device), store=_job_store, rank=rank,
             world_size=world, device_id=device if device.type == "cuda" else None,
         )
     return DistEnv(rank, local_rank, world, device)
+
+
+def job_store() -> dist.Store | None:
+    """The key-value store of this job (this restart attempt's keys), for coordination that
+    must not be a collective: parameter servers' worker leases."""
+    return _job_store
 
 
 def _store(world: int) -> dist.Store:

@@ -44,6 +44,7 @@ STRATEGIES: dict[str, str] = {
     "fsdp": "distml.distributed.data_parallel:FSDP",
     "tensor": "distml.distributed.model_parallel:TensorParallel",
     "pipeline": "distml.distributed.model_parallel:PipelineParallel",
+    "parameter_server": "distml.distributed.param_server.strategy:ParameterServer",
 }
 
 
@@ -69,6 +70,7 @@ class Strategy:
 
     name = "single"
     needs_full_batches = False  # True: the loader drops a short last batch
+    trainer = "distml.training.trainer:Trainer"  # the loop that drives it (import path)
 
     def __init__(self, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
                  mesh: DeviceMesh | None = None, sample: torch.Tensor | None = None) -> None:

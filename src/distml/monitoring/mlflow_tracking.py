@@ -271,6 +271,9 @@ class MlflowCallback(Callback):
         for rank, system in enumerate(stats.get("system", [])):
             self._add(f"system/rank{rank}/", {k: v for k, v in system.items()
                                               if k != "samples"}, epoch)
+        for rank, worker in stats.get("workers", {}).items():  # parameter servers
+            self._add(f"workers/rank{rank}/", worker, epoch)
+        self._add("staleness/", stats.get("staleness", {}), epoch)
         self._flush()
 
     def on_train_end(self, trainer: Any) -> None:

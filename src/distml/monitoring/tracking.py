@@ -1,10 +1,11 @@
 """Experiment tracking as trainer callbacks (rank 0 only): TensorBoard event files.
 
 Scalars every step (loss, learning rate, samples/s), evaluation metrics, per-epoch
-throughput, data stall, peak memory and every rank's system metrics; histograms of weights
-and gradients every N steps (this rank's shard under fsdp); the model graph once. Tracking
-never breaks training: a failure to write (unwritable folder, full disk) is reported once
-and tracking stops.
+throughput, data stall, peak memory and every rank's system metrics (parameter servers:
+each worker's items, batches, compute, waiting and step time, and the staleness);
+histograms of weights and gradients every N steps (this rank's shard under fsdp); the model
+graph once. Tracking never breaks training: a failure to write (unwritable folder, full
+disk) is reported once and tracking stops.
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ class TensorBoardCallback(Callback):
                 if key != "samples":
                     self._safely("scalars", self.writer.add_scalar if self.writer else None,
                                  f"system/rank{rank}/{key}", value, epoch)
+        # Parameter servers: each worker's own numbers (the straggler view) and staleness.
+        for rank, worker in stats.get("workers", {}).items():
+            for key, value in worker.items():
+                self._safely("scalars", self.writer.add_scalar if self.writer else None,
+                             f"workers/rank{rank}/{key}", value, epoch)
+        for key, value in stats.get("staleness", {}).items():
+            self._safely("scalars", self.writer.add_scalar if self.writer else None,
+                         f"staleness/{key}", value, epoch)
 
     def on_train_end(self, trainer: Any) -> None:
         self._safely("the last events", self.writer.close if self.writer else None)

@@ -27,8 +27,8 @@ from distml.errors import DistmlError
 from distml.serving.batching import Batcher
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel, load_served_model, resolve
-from distml.trust import TrustPolicy
 from distml.serving.protocol import InferRequest, ProtocolError
+from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
 

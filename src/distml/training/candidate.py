@@ -15,15 +15,15 @@ from distml.artifact import git_revision, io_schema, save_artifact
 from distml.config import Candidate, Config, TrainSettings
 from distml.data.dataset import Manifest, load_split
 from distml.data.loader import PartitionLoader
-from distml.distributed.runtime import DistEnv, gather_objects, init_distributed
+from distml.distributed.runtime import DistEnv, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.fsutil import write_json_atomic
+from distml.imports import load_object
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
 from distml.monitoring.mlflow_tracking import MlflowCallback, flatten
 from distml.monitoring.system import SystemSampler
 from distml.monitoring.tracking import TensorBoardCallback
 from distml.tasks import evaluate, output_shape
-from distml.training.trainer import Trainer, peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,8 @@ def train_candidate(
         callbacks = [*callbacks, mlflow]
     interval = cfg.monitor.system_metrics_interval_s
     system = SystemSampler(interval).start() if interval else None
-    trainer = Trainer(
+    trainer_class = load_object(strategy.trainer, what="trainer")  # the strategy's loop
+    trainer = trainer_class(
         strategy, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
         metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", callbacks=callbacks,
         system=system,
@@ -129,7 +130,7 @@ def train_candidate(
         if system is not None:
             system.stop()
     full = strategy.full_state_dict()  # collectives: every rank takes part
-    peaks = gather_objects(peak_memory(), env)
+    peaks = trainer.peak_memory_per_rank()
     if not env.is_main:
         return None
     model = build_model(spec)
@@ -165,6 +166,7 @@ def train_candidate(
         "epochs": state.epochs,
         "artifact": str(artifact),
         "history": {"train_loss": state.train_loss, "evals": state.evals},
+        **trainer.result_extras(),
     }
     write_json_atomic(out_dir / RESULT, result)
     if mlflow is not None:

@@ -51,6 +51,7 @@ class TrainState:
     evals: list[dict[str, float]] = field(default_factory=list)  # {"step", metrics...}
     epochs: list[dict[str, float]] = field(default_factory=list)  # throughput, data stall
     seconds: float = 0.0  # time in optimizer steps
+    elapsed: float = 0.0  # wall time of training at the last evaluation, pauses excluded
 
 
 class Trainer:
@@ -98,6 +99,7 @@ class Trainer:
             self._restore()
         for cb in self._listeners:
             cb.on_train_start(self)
+        self._start, self._paused, self._elapsed0 = time.perf_counter(), 0.0, self.state.elapsed
         stop = self.state.step >= self.total_steps
         while not stop:
             epoch_start, wait_start, samples = time.perf_counter(), self.loader.wait_seconds, 0
@@ -123,7 +125,9 @@ class Trainer:
                                     self.loader.wait_seconds - wait_start)
                 for cb in self._listeners:
                     cb.on_step_end(self, record)
+                pause = time.perf_counter()
                 stop = self._after_step(epoch_end)
+                self._paused += time.perf_counter() - pause
                 if stop:
                     break
         if self.settings.restore_best and self.best_weights is not None:
@@ -167,8 +171,11 @@ class Trainer:
     def _evaluate(self) -> bool:
         """Evaluate on val (every rank, the same rows), track the best; True to stop early."""
         x, y = self.val_data
+        self.state.elapsed = (self._elapsed0 + time.perf_counter() - self._start
+                              - self._paused)
         metrics, _ = self.strategy.evaluate(self.task, x, y)
-        self.state.evals.append({"step": self.state.step, **metrics})
+        self.state.evals.append({"step": self.state.step, "elapsed_s": self.state.elapsed,
+                                 **metrics})
         value = metrics[self.metric]
         sign = 1.0 if METRIC_HIGHER_IS_BETTER[self.metric] else -1.0
         if self.state.best_value is None or sign * (value - self.state.best_value) > 0:
@@ -234,6 +241,14 @@ class Trainer:
         """The weights under canonical names, so a checkpoint's best weights load under any
         strategy."""
         return {k: v.detach().clone() for k, v in self.strategy.model_state_dict().items()}
+
+    def peak_memory_per_rank(self) -> list[int]:
+        """Every rank's peak memory, in rank order (a collective: every rank calls it)."""
+        return gather_objects(peak_memory(), self.env)
+
+    def result_extras(self) -> dict[str, object]:
+        """Strategy-specific entries of result.json (none here)."""
+        return {}
 
     @property
     def _listeners(self) -> list[Callback]:

@@ -59,6 +59,49 @@ def plot_throughput(results: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_metric_vs_time(results: list[dict[str, Any]], metric: str, path: Path) -> None:
+    """Validation ``metric`` against training wall time (evaluation pauses excluded), per
+    candidate: how soon each strategy gets there, not only how far."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for r in results:
+        evals = [e for e in r["history"]["evals"] if "elapsed_s" in e and metric in e]
+        ax.plot([e["elapsed_s"] for e in evals], [e[metric] for e in evals], marker=".",
+                label=f"{r['name']} ({r['strategy']} x{r['world_size']})")
+    ax.set(title=f"validation {metric} against wall time", xlabel="training seconds",
+           ylabel=metric)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parameter_server_lines(results: list[dict[str, Any]]) -> list[str]:
+    """Per parameter-server candidate: the per-worker straggler view, staleness, dropped
+    gradients and dead workers."""
+    lines = []
+    for r in results:
+        ps = r.get("parameter_server")
+        if not ps:
+            continue
+        st = ps["staleness"]
+        lines += [
+            "", f"### {r['name']}: parameter servers, mode {ps['mode']}", "",
+            f"Servers {ps['servers']}, workers {ps['workers']}; staleness of the applied "
+            f"gradients: mean {st['mean']:.2f}, p99 {st['p99']:.1f}, max {st['max']}"
+            + (f" (ssp bound {ps['staleness_bound']}, largest lead granted "
+               f"{ps['max_lead']})" if ps["staleness_bound"] is not None else "")
+            + f"; dropped late gradients: {ps['dropped_gradients']}; dead workers: "
+            f"{ps['dead_workers'] or 'none'}.", "",
+            "| worker rank | items | batches | compute s | injected sleep s | waiting s | "
+            "s per batch | waiting share |", "|---|---|---|---|---|---|---|---|",
+            *[f"| {rank} | {w['items']:.0f} | {w['batches']:.0f} | {w['compute_s']:.2f} | "
+              f"{w['straggle_s']:.2f} | {w['wait_s']:.2f} | {w['step_s']:.4f} | "
+              f"{100 * w['wait_share']:.0f}% |" for rank, w in ps["per_worker"].items()],
+        ]
+    return ["", "## Parameter servers (per worker)", *lines] if lines else []
+
+
 def latest_scaling_studies(project_dir: Path) -> list[dict[str, Any]]:
     """The newest ``distml scale`` result of each stage and mode under the project folder."""
     newest: dict[tuple[str, str], dict[str, Any]] = {}
@@ -124,6 +167,7 @@ def write_report(
     metric = summary["metric"]
     plot_loss_curves(selection["ranked"], run_dir / "loss_curves.png")
     plot_throughput(selection["ranked"], run_dir / "throughput.png")
+    plot_metric_vs_time(selection["ranked"], metric, run_dir / "val_vs_time.png")
     lines = [
         f"# distml run: {summary['name']}",
         "",
@@ -160,11 +204,14 @@ def write_report(
         "![loss curves](loss_curves.png)",
         "",
         "![throughput and data stall per epoch](throughput.png)",
+        "",
+        f"![validation {metric} against wall time](val_vs_time.png)",
     ]
     if manifest.task == "classification":
         plot_confusion(selection["targets"], selection["predictions"], manifest.classes,
                        run_dir / "confusion_matrix.png")
         lines += ["", "![confusion matrix](confusion_matrix.png)"]
+    lines += parameter_server_lines(selection["ranked"])
     if scaling:
         lines += _scaling_lines(run_dir, scaling)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]

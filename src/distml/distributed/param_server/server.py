@@ -1,0 +1,278 @@
+"""A parameter server: its shard, its optimizer, the mode's rules, and one thread per client.
+
+``ShardServer`` holds the state behind one condition variable; every request from a worker
+is a method call here, from that worker's thread:
+
+- ``async``: a gradient is applied as it arrives. Its staleness, the server's version at
+  apply minus the version the worker pulled, is recorded.
+- ``ssp``: as async, but a pull waits while the worker's clock (its pushes this epoch) is
+  more than ``staleness`` ahead of the slowest working worker's (Ho et al. 2013). The lead
+  it was granted is recorded with its gradient: it never exceeds the bound.
+- ``sync``: a step averages the gradients pulled at the current version, and is applied when
+  ``working workers - backup_workers`` of them have arrived; a gradient pulled at an older
+  version arrives late and is dropped (Chen et al. 2016). A pull waits for the step after
+  the worker's last push.
+
+A worker with no work item says IDLE and stops counting for ssp's slowest and sync's quorum
+until it pushes again; a dead worker stops counting at once. ``ServerHost`` runs the
+threads: it receives each request, calls the server (and, on server 0, the work-queue
+coordinator), sends the reply, and reports a client whose connection failed as lost. A
+worker that stops renewing its lease in the store (hung, not dead) is lost the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from distml.config import ParameterServerConfig
+from distml.distributed.param_server.protocol import STATS, Channel, Kind, Msg
+from distml.distributed.param_server.work import STOP, Coordinator
+
+logger = logging.getLogger(__name__)
+
+LEASE_S = 20.0  # a worker whose heartbeat stops this long is declared dead
+
+
+class ShardServer:
+    def __init__(self, shard: nn.Parameter, optimizer: torch.optim.Optimizer, *,
+                 ps: ParameterServerConfig, workers: list[int],
+                 lr_at: Callable[[int], float] | None = None, limit: int | None = None,
+                 version: int = 0) -> None:
+        self.shard, self.optimizer, self.ps = shard, optimizer, ps
+        self.lr_at, self.limit = lr_at, limit
+        self.cond = threading.Condition()
+        self.version, self.epoch = version, -1
+        self.alive, self.idle = set(workers), set()
+        self.clock = dict.fromkeys(workers, 0)
+        self.lead: dict[int, int] = {}
+        self.acc: torch.Tensor | None = None  # sync: the step's gradients, summed
+        self.contributors: list[tuple[int, float, int]] = []  # sync: (worker, loss, samples)
+        # One row per applied gradient: (worker, its clock, ssp lead, staleness).
+        self.updates: list[tuple[int, int, int, int]] = []
+        self.losses: list[tuple[float, int, float]] = []  # per version: (loss, samples, time)
+        self.dropped = 0
+        self.stopped = limit is not None and version >= limit
+
+    # -- requests (each from its worker's thread) -------------------------------------------
+
+    def pull(self, w: int, epoch: int, wanted: int = 0) -> tuple[Msg, torch.Tensor | None]:
+        with self.cond:
+            self._touch(w, epoch)
+            self.cond.wait_for(lambda: self._gate_open(w, wanted))
+            if w not in self.alive:
+                return Msg(Kind.STOP), None
+            self.lead[w] = self._lead(w)
+            return (Msg(Kind.OK, version=self.version, clock=self.lead[w],
+                        flag=int(self.stopped)), self.shard.detach().clone())
+
+    def push(self, w: int, msg: Msg, grad: torch.Tensor) -> Msg:
+        with self.cond:
+            self._touch(w, msg.epoch)
+            if w not in self.alive or self.stopped:
+                return Msg(Kind.STOP, version=self.version)
+            self.clock[w] += 1
+            if self.ps.mode == "sync":
+                self._contribute(w, msg, grad)
+            else:
+                self._apply(grad, [(w, msg.loss, msg.samples)], staleness=[
+                    (w, self.clock[w], self.lead.get(w, 0), self.version - msg.version)])
+            self.cond.notify_all()
+            return Msg(Kind.OK, version=self.version, flag=int(self.stopped))
+
+    def set_idle(self, w: int, epoch: int) -> None:
+        with self.cond:
+            self._touch(w, epoch)
+            self.idle.add(w)
+            self._maybe_step()
+            self.cond.notify_all()
+
+    def lost(self, w: int) -> bool:
+        """Stop counting worker ``w``; False if it was already lost."""
+        with self.cond:
+            if w not in self.alive:
+                return False
+            self.alive.discard(w)
+            self.idle.discard(w)
+            self._maybe_step()
+            self.cond.notify_all()
+            return True
+
+    def snapshot(self) -> tuple[int, torch.Tensor]:
+        with self.cond:
+            return self.version, self.shard.detach().clone()
+
+    # -- the rules ---------------------------------------------------------------------------
+
+    def _touch(self, w: int, epoch: int) -> None:
+        """A request of a new epoch starts it: every live worker works, clocks at zero.
+        (Epochs are separated by a barrier, so nothing of the old one is still in flight.)"""
+        if epoch > self.epoch:
+            self.epoch, self.idle = epoch, set()
+            self.clock = dict.fromkeys(self.alive, 0)
+        self.idle.discard(w)
+
+    def _working(self) -> set[int]:
+        return self.alive - self.idle
+
+    def _lead(self, w: int) -> int:
+        """How far ``w`` is ahead of the slowest working worker."""
+        return self.clock[w] - min(self.clock[u] for u in self._working() | {w})
+
+    def _gate_open(self, w: int, wanted: int) -> bool:
+        if self.stopped or w not in self.alive:
+            return True
+        if self.ps.mode == "sync":
+            return self.version >= wanted
+        if self.ps.mode == "ssp":
+            return self._lead(w) <= self.ps.staleness
+        return True
+
+    def _contribute(self, w: int, msg: Msg, grad: torch.Tensor) -> None:
+        if msg.version != self.version:  # pulled before the current step: late
+            self.dropped += 1
+            return
+        self.acc = grad.clone() if self.acc is None else self.acc.add_(grad)
+        self.contributors.append((w, msg.loss, msg.samples))
+        self._maybe_step()
+
+    def _maybe_step(self) -> None:
+        """sync: apply the step once the quorum of working workers has pushed."""
+        if self.ps.mode != "sync" or not self.contributors:
+            return
+        quorum = max(1, len(self._working()) - self.ps.backup_workers)
+        if len(self.contributors) < quorum:
+            return
+        n = len(self.contributors)
+        self._apply(self.acc.div_(n), self.contributors,
+                    staleness=[(w, self.clock.get(w, 0), 0, 0) for w, _, _ in self.contributors])
+        self.acc, self.contributors = None, []
+
+    def _apply(self, grad: torch.Tensor, contributors: list[tuple[int, float, int]], *,
+               staleness: list[tuple[int, int, int, int]]) -> None:
+        self.shard.grad = grad
+        if self.lr_at is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(self.version)
+        self.optimizer.step()
+        self.shard.grad = None
+        samples = sum(s for _, _, s in contributors)
+        loss = sum(v * s for _, v, s in contributors) / max(samples, 1)
+        self.losses.append((loss, samples, time.perf_counter()))
+        self.updates.extend(staleness)
+        self.version += 1
+        if self.limit is not None and self.version >= self.limit:
+            self.stopped = True
+
+
+class ServerHost:
+    """The threads of one server: one per client (every worker; on servers other than 0,
+    also server 0, which evaluates and checkpoints), and a lease watch."""
+
+    def __init__(self, server: ShardServer, channel: Channel, *, workers: list[int],
+                 peer_clients: list[int], coordinator: Coordinator | None,
+                 save: Callable[[int], None], store: Any = None, key: str = "") -> None:
+        self.server, self.channel, self.coordinator = server, channel, coordinator
+        self.workers, self.clients = workers, [*workers, *peer_clients]
+        self.save, self.store, self.key = save, store, key
+        self.stats: dict[int, dict[str, float]] = {}  # worker -> its last reported stats
+        self.lost_peer: str | None = None
+        self.threads: dict[int, threading.Thread] = {}
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        for c in self.clients:
+            self.threads[c] = threading.Thread(target=self._serve, args=(c,), daemon=True,
+                                               name=f"ps-client-{c}")
+            self.threads[c].start()
+        if self.store is not None:
+            threading.Thread(target=self._watch_leases, daemon=True, name="ps-leases").start()
+
+    def join(self) -> None:
+        """Wait for every live client to say BYE (dead or hung ones are not waited for)."""
+        for c, t in self.threads.items():
+            while t.is_alive() and (c in self.server.alive or c not in self.workers):
+                t.join(timeout=0.5)
+        self._done.set()
+
+    def lose(self, w: int, why: str) -> None:
+        if self.server.lost(w):
+            logger.warning("worker rank %d lost (%s); training goes on without it", w, why)
+        if self.coordinator is not None:
+            item = self.coordinator.lost(w)
+            if item is not None:
+                logger.warning("work item %d of worker rank %d re-queued", item, w)
+
+    def _serve(self, client: int) -> None:
+        while True:
+            try:
+                msg = self.channel.recv(client)
+                if msg.kind == Kind.BYE:
+                    return
+                self._answer(client, msg)
+            except RuntimeError as e:  # gloo: the peer's connection dropped
+                if client in self.workers:
+                    self.lose(client, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                else:
+                    self.lost_peer = f"server rank {client}: {e}"
+                return
+
+    def _answer(self, c: int, msg: Msg) -> None:
+        s, ch = self.server, self.channel
+        if msg.kind == Kind.PULL:
+            ch.send(c, *s.pull(c, msg.epoch, msg.version))
+        elif msg.kind == Kind.PUSH:
+            grad = ch.recv_into(c, torch.empty_like(s.shard, device="cpu"))
+            reply = s.push(c, msg, grad)
+            if msg.flag and reply.kind == Kind.OK:
+                wanted = msg.version + 1 if s.ps.mode == "sync" else 0
+                ch.send(c, *s.pull(c, msg.epoch, wanted))
+            else:
+                ch.send(c, reply)
+        elif msg.kind == Kind.IDLE:
+            s.set_idle(c, msg.epoch)
+            ch.send(c, Msg(Kind.OK))
+        elif msg.kind == Kind.TAKE:
+            ch.send(c, self._take(c, msg))
+        elif msg.kind == Kind.PEEK:
+            version, shard = s.snapshot()
+            ch.send(c, Msg(Kind.OK, version=version), shard)
+        elif msg.kind == Kind.SAVE:
+            self.save(msg.version)
+            ch.send(c, Msg(Kind.OK))
+        else:
+            raise RuntimeError(f"unexpected message {msg}")
+
+    def _take(self, c: int, msg: Msg) -> Msg:
+        stats = self.channel.recv_into(c, torch.empty(len(STATS), dtype=torch.float64))
+        self.stats[c] = dict(zip(STATS, stats.tolist(), strict=True))
+        assert self.coordinator is not None, "TAKE goes to server 0"
+        if self.server.stopped:  # max_steps reached: no more work for anyone
+            self.coordinator.stop()
+        kind, epoch, item = self.coordinator.take(c, None if msg.item < 0 else msg.item,
+                                                  wait=bool(msg.flag))
+        if kind == STOP:
+            return Msg(Kind.STOP)
+        return Msg(Kind.ITEM, epoch=epoch, item=item) if item >= 0 else Msg(Kind.NONE)
+
+    def _watch_leases(self) -> None:
+        """Workers add to their heartbeat key every second; one whose count has not moved
+        for LEASE_S is declared dead (its item re-queued)."""
+        seen = {w: (-1, time.monotonic()) for w in self.workers}
+        while not self._done.wait(1.0):
+            for w in list(self.server.alive):
+                try:
+                    count = self.store.add(f"{self.key}/hb/{w}", 0)
+                except Exception:  # noqa: BLE001 - the store is gone: the job is ending
+                    return
+                last, since = seen[w]
+                if count != last:
+                    seen[w] = (count, time.monotonic())
+                elif time.monotonic() - since > LEASE_S:
+                    self.lose(w, f"no heartbeat for {LEASE_S:.0f} s")

@@ -1,0 +1,282 @@
+"""The training loop of ``strategy: parameter_server``: servers serve, workers work, and
+server 0 coordinates: it opens each epoch's work queue, follows the updates as they are
+applied (the callbacks' steps), evaluates, and at the end of each epoch (every item done,
+every worker standing by: nothing in flight) evaluates and checkpoints.
+
+It has the Trainer's constructor and ``fit``; a step is one update of server 0's shard (in
+async and ssp one worker's gradient, in sync one averaged step). ``elapsed_s`` in each
+evaluation is the training wall time so far, without the pauses for end-of-epoch
+evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distml.config import METRIC_HIGHER_IS_BETTER, TrainSettings
+from distml.data.loader import PartitionLoader
+from distml.distributed.param_server import checkpoint as ckpt
+from distml.distributed.param_server.protocol import Kind, Msg
+from distml.distributed.param_server.server import ServerHost, ShardServer
+from distml.distributed.param_server.strategy import ParameterServer
+from distml.distributed.param_server.work import Coordinator, ItemReader, WorkQueue
+from distml.distributed.param_server.worker import Worker
+from distml.distributed.runtime import job_store
+from distml.monitoring.system import SystemSampler
+from distml.tasks import loss_fn
+from distml.training.callbacks import Callback
+from distml.training.ps_report import epoch_stats, ps_summary
+from distml.training.trainer import TrainState, lr_lambda, peak_memory
+
+logger = logging.getLogger(__name__)
+
+_FITS = itertools.count()  # the same sequence on every rank: a store namespace per fit
+
+
+class PSTrainer:
+    def __init__(self, strategy: ParameterServer, settings: TrainSettings, *, task: str,
+                 train_loader: PartitionLoader, val_data: tuple[torch.Tensor, torch.Tensor],
+                 metric: str, checkpoint_dir: Path, callbacks: Sequence[Callback] = (),
+                 system: SystemSampler | None = None) -> None:
+        self.strategy, self.settings, self.env = strategy, settings, strategy.env
+        self.ps = settings.parallel.parameter_server
+        self.task, self.val_data, self.metric = task, val_data, metric
+        self.checkpoint_dir, self.callbacks, self.system = checkpoint_dir, callbacks, system
+        workers = len(strategy.workers)
+        self.reader = ItemReader(train_loader.manifest, batch_size=settings.batch_size // workers,
+                                 batches_per_item=self.ps.batches_per_item,
+                                 seed=train_loader.seed, config=train_loader.config)
+        batches = sum(math.ceil((i.stop - i.start) / self.reader.batch_size)
+                      for i in self.reader.items)
+        per_step = max(1, workers - self.ps.backup_workers) if self.ps.mode == "sync" else 1
+        self.total_steps = settings.epochs * math.ceil(batches / per_step)
+        if settings.max_steps is not None:
+            self.total_steps = min(self.total_steps, settings.max_steps)
+        self.state = TrainState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.accounting: list[dict[str, Any]] = []  # the work queue's record, per epoch
+        self.updates: list[list[int]] = []  # (worker, clock, lead, staleness) per gradient
+        self.dropped = 0
+        self.worker_stats: dict[int, dict[str, float]] = {}
+        self.peaks: list[int] = []
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.strategy.full_model if self.strategy.full_model is not None \
+            else self.strategy.model
+
+    # -- fit -------------------------------------------------------------------------------------
+
+    def fit(self, *, resume: bool = False) -> TrainState:
+        key = f"ps-{next(_FITS)}"
+        store = job_store()
+        s = self.strategy
+        if not s.is_server:
+            worker = Worker(
+                rank=self.env.rank, model=s.model, layout=s.layout, channel=s.channel,
+                servers=s.servers, reader=self.reader,
+                loss_fn=lambda out, y: loss_fn(self.task, out, y), mode=self.ps.mode,
+                device=self.env.device, autocast=s.autocast, grad_clip=self.settings.grad_clip,
+                peak_memory=peak_memory, store=store, key=key)
+            worker.run()
+            return self.state
+        if resume:
+            self._restore()
+        factor = lr_lambda(self.settings, self.total_steps)
+        server = ShardServer(s.shard, s.optimizer, ps=self.ps, workers=s.workers,
+                             lr_at=lambda v: self.settings.lr * factor(v),
+                             limit=self.settings.max_steps, version=s.version)
+        is_main = self.env.rank == 0
+        queue = WorkQueue(len(self.reader.items), seed=self.reader.seed,
+                          shuffle=self.reader.config.shuffle)
+        coordinator = Coordinator(queue, s.workers) if is_main else None
+        host = ServerHost(server, s.channel, workers=s.workers,
+                          peer_clients=[] if is_main else [0], coordinator=coordinator,
+                          save=lambda step: self._save_shard(server, step),
+                          store=store, key=key)
+        host.start()
+        if is_main:
+            self._coordinate(server, host, coordinator)
+            self.peaks = [peak_memory(), *[int(store.get(f"{key}/peak/{r}"))
+                                           for r in s.servers[1:]]]
+        else:
+            host.join()
+            if host.lost_peer:
+                raise RuntimeError(f"lost {host.lost_peer}")
+            store.set(f"{key}/peak/{self.env.rank}", str(peak_memory()))
+        s.version = server.version
+        return self.state
+
+    # -- server 0 --------------------------------------------------------------------------------
+
+    def _coordinate(self, server: ShardServer, host: ServerHost, coordinator: Coordinator
+                    ) -> None:
+        self.server, self.host = server, host
+        self._emitted = len(server.losses)
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        start, paused, before = time.perf_counter(), 0.0, self.state.seconds
+        self._clock = lambda: before + time.perf_counter() - start - paused
+        next_eval = self._next_eval(server.version)
+        stop = server.stopped
+        while not stop and self.state.epoch < self.settings.epochs:
+            coordinator.open_epoch(self.state.epoch)
+            epoch_start, first = time.perf_counter(), (len(server.losses), len(server.updates))
+            while not coordinator.wait_epoch_over(0.02):
+                self._emit_steps()
+                if host.lost_peer:
+                    raise RuntimeError(f"lost {host.lost_peer}")
+                if server.version >= next_eval:
+                    stop = self._evaluate()
+                    next_eval = self._next_eval(server.version)
+                if server.stopped or stop:
+                    break
+            self._emit_steps()
+            pause = time.perf_counter()
+            self._end_epoch(server, coordinator, first, pause - epoch_start)
+            stop = stop or server.stopped or self.state.epoch >= self.settings.epochs
+            if self.settings.eval_every_steps is None or stop:
+                stop = self._evaluate() or stop
+            if self.settings.checkpoints:
+                self._save(server)
+            paused += time.perf_counter() - pause
+        self.state.seconds = self._clock()
+        coordinator.stop()
+        host.join()
+        for peer in self.strategy.servers[1:]:
+            self.strategy.channel.send(peer, Msg(Kind.BYE))
+        self.worker_stats = dict(host.stats)
+        if self.settings.restore_best and self.best_weights is not None:
+            self.strategy.load_model_state_dict(self.best_weights)
+        for cb in self.callbacks:
+            cb.on_train_end(self)
+
+    def _next_eval(self, version: int) -> float:
+        every = self.settings.eval_every_steps
+        return math.inf if every is None else (version // every + 1) * every
+
+    def _emit_steps(self) -> None:
+        """The callbacks' step records, for the updates applied since the last call."""
+        losses = self.server.losses
+        for i in range(self._emitted, len(losses)):
+            loss, samples, at = losses[i]
+            seconds = at - losses[i - 1][2] if i else 0.0
+            self.state.step = i + 1
+            self.state.train_loss.append(loss)
+            record = {"step": i + 1, "epoch": self.state.epoch, "loss": loss,
+                      "lr": self.server.lr_at(i), "samples_per_s": samples / max(seconds, 1e-9),
+                      "step_seconds": seconds}
+            for cb in self.callbacks:
+                cb.on_step_end(self, record)
+        self._emitted = len(losses)
+
+    def _end_epoch(self, server: ShardServer, coordinator: Coordinator,
+                   first: tuple[int, int], seconds: float) -> None:
+        """Statistics of the epoch (its updates: from ``first`` on)."""
+        self.accounting.append(coordinator.queue.accounting())
+        samples = sum(s for _, s, _ in server.losses[first[0]:])
+        stats = epoch_stats(self.state.epoch, samples, seconds, self.host.stats,
+                            server.updates[first[1]:], system=self.system)
+        self.state.epochs.append(stats)
+        self.state.epoch += 1
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, stats)
+
+    def _evaluate(self) -> bool:
+        """Evaluate the current parameters (all shards) on val; True to stop early."""
+        flat = self._current_flat()
+        self.strategy.load_full(flat)
+        metrics, _ = self.strategy.evaluate(self.task, *self.val_data)
+        self.state.evals.append({"step": self.server.version, "elapsed_s": self._clock(),
+                                 **metrics})
+        value, sign = metrics[self.metric], 1.0 if METRIC_HIGHER_IS_BETTER[self.metric] else -1.0
+        if self.state.best_value is None or sign * (value - self.state.best_value) > 0:
+            self.state.best_value, self.state.best_step = value, self.server.version
+            self.state.evals_since_best = 0
+            self.best_weights = {k: v.detach().clone()
+                                 for k, v in self.strategy.model_state_dict().items()}
+        else:
+            self.state.evals_since_best += 1
+        for cb in self.callbacks:
+            cb.on_eval_end(self, metrics)
+        patience = self.settings.early_stopping_patience
+        return patience is not None and self.state.evals_since_best >= patience
+
+    def _current_flat(self) -> torch.Tensor:
+        """Server 0's shard and the others', asked for with PEEK (they serve it from their
+        client thread for server 0, while training goes on)."""
+        _, own = self.server.snapshot()
+        parts = [own]
+        ch = self.strategy.channel
+        for peer in self.strategy.servers[1:]:
+            ch.send(peer, Msg(Kind.PEEK))
+            ch.recv(peer)
+            parts.append(ch.recv_into(peer, torch.empty(self.strategy.layout.size(peer))))
+        return torch.cat(parts)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _save(self, server: ShardServer) -> None:
+        step = server.version
+        ckpt.begin(self.checkpoint_dir, step)
+        ch = self.strategy.channel
+        for peer in self.strategy.servers[1:]:
+            ch.send(peer, Msg(Kind.SAVE, version=step))
+            ch.recv(peer)
+        self._save_shard(server, step)
+        self.state.seconds = self._clock()
+        progress = {"progress": asdict(self.state), "accounting": self.accounting,
+                    "updates": self.updates + [list(u) for u in server.updates],
+                    "dropped": self.dropped + server.dropped, "best": self.best_weights or {}}
+        path = ckpt.commit(self.checkpoint_dir, step, progress,
+                           keep=self.settings.keep_checkpoints)
+        logger.info("checkpoint %s", path)
+
+    def _save_shard(self, server: ShardServer, step: int) -> None:
+        with server.cond:
+            self.strategy.version = server.version
+            state = self.strategy.state_dict()
+        ckpt.save_shard(self.checkpoint_dir, step, self.env.rank, state)
+
+    def _restore(self) -> None:
+        paths = ckpt.complete(self.checkpoint_dir)
+        if not paths:
+            logger.info("no checkpoint in %s; starting from scratch", self.checkpoint_dir)
+            return
+        path = paths[-1]
+        s = self.strategy
+        state = ckpt.load_shard(path, self.env.rank, len(s.servers), s.state_dict())
+        s.load_state_dict(state)
+        if self.env.rank == 0:
+            saved = ckpt.read_progress(path)
+            self.state = TrainState(**saved["progress"])
+            self.accounting, self.dropped = saved["accounting"], saved["dropped"]
+            self.updates = saved["updates"]
+            self.best_weights = saved["best"] or None
+        logger.info("resumed from %s (step %d)", path, s.version)
+
+    # -- results ---------------------------------------------------------------------------------
+
+    def peak_memory_per_rank(self) -> list[int]:
+        """Servers' peaks, then each worker's last reported one (server 0 only)."""
+        workers = [int(self.worker_stats.get(w, {}).get("peak_mem_bytes", 0))
+                   for w in self.strategy.workers]
+        return [*self.peaks, *workers]
+
+    def result_extras(self) -> dict[str, Any]:
+        server = getattr(self, "server", None)
+        updates = self.updates + [list(u) for u in (server.updates if server else [])]
+        return {"parameter_server": ps_summary(
+            self.ps, servers=self.strategy.servers, workers=self.strategy.workers,
+            updates=updates, dropped=self.dropped + (server.dropped if server else 0),
+            worker_stats=self.worker_stats, accounting=self.accounting,
+            alive=sorted(server.alive) if server else [])}

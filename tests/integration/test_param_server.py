@@ -1,0 +1,146 @@
+"""The parameter server on real processes (gloo on CPU): a SIGKILLed worker and a SIGKILLed
+server, ssp's bound under a straggler, and verify's certificate for sync."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import write_config
+from tests.e2e.test_cli import distml
+
+ROOT = Path(__file__).parents[2]
+# Workers import tests.helpers; this checkout's sources come first.
+ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+
+
+def _ps_config(tmp_path: Path, raw: dict, *, world: int, epochs: int,
+               more: tuple[dict, ...] = (), **ps) -> Path:
+    """The small mlp (and ``more`` candidates) under parameter servers."""
+    raw["train"].update(epochs=epochs, batch_size=64, lr=0.005, restore_best=True,
+                        parallel={"strategy": "parameter_server", "world_size": world,
+                                  "parameter_server": ps})
+    raw["train"]["candidates"] = [raw["train"]["candidates"][0], *more]
+    raw["monitor"] = {"tensorboard": False}
+    return write_config(tmp_path / "ps.yaml", raw)
+
+
+def _result(tmp_path: Path, run: Path | None = None, candidate: str = "small") -> dict:
+    runs = [run] if run else sorted((tmp_path / "runs" / "tiny").glob("2*"))
+    return json.loads((runs[-1] / "candidates" / candidate / "result.json").read_text())
+
+
+def _child_pid(rank: int, marker: str) -> int | None:
+    """The pid of the worker process (the keeper's child) with RANK=rank, or of the rank's
+    process when it has no keeper (a server), in the tree tagged with ``marker``."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"distml.train" in cmd and f"RANK={rank}".encode() in env and \
+                f"DISTML_TEST_PARENT={marker}".encode() in env:
+            kept = any(e.startswith(b"DISTML_PS_KEEPER_STATUS=") for e in env)
+            found[kept] = int(proc.name)
+    return found.get(True, found.get(False))
+
+
+def _checkpoints(tmp_path: Path, clean: Path | None) -> list[Path]:
+    runs = [p for p in (tmp_path / "runs" / "tiny").glob("2*") if p != clean]
+    return sorted(runs[0].glob("candidates/small/checkpoints/step-*")) if runs else []
+
+
+def test_killed_worker_and_server_under_async(tmp_path, tiny_raw):
+    tiny_raw["data"] = {"source": "sklearn:digits",
+                        "loader": {"map_fn": "tests.helpers.slow:sleepier"}}
+    tiny_raw["train"].update(max_restarts=1, keep_checkpoints=10)
+    # Wide enough to reach its plateau in 5 epochs: the accuracy compared is not noise.
+    tiny_raw["train"]["candidates"][0]["model"]["hidden_sizes"] = [64]
+    cfg = _ps_config(tmp_path, tiny_raw, world=3, epochs=5, mode="async")
+    distml("train", str(cfg), cwd=tmp_path, env=ENV)  # undisturbed
+    (clean,) = (tmp_path / "runs" / "tiny").glob("2*")
+    undisturbed = _result(tmp_path, clean)
+
+    marker = str(os.getpid())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distml", "train", str(cfg)], cwd=tmp_path,
+        env={**os.environ, **ENV, "DISTML_TEST_PARENT": marker},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # The worker rank 2 after the first epoch's checkpoint (mid-epoch 1); server rank 0
+    # after the third (mid-epoch 3): the attempt dies, and the restart resumes from it.
+    plan = [(1, 2), (3, 0)]
+    deadline = time.time() + 240
+    while proc.poll() is None and time.time() < deadline and plan:
+        epochs, rank = plan[0]
+        if len(_checkpoints(tmp_path, clean)) >= epochs and (pid := _child_pid(rank, marker)):
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGKILL)
+            plan.pop(0)
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=240)
+    assert not plan, out
+    assert proc.returncode == 0, out
+    assert "parameter-server worker rank 2 died (signal SIGKILL); the job goes on" in out
+    assert "worker rank 2 lost" in out
+    assert "resumed from" in out
+    result = _result(tmp_path)
+    ps = result["parameter_server"]
+    accounting = ps["accounting"]
+    assert [a["epoch"] for a in accounting] == list(range(5))
+    for epoch in accounting:  # every item of every epoch completed exactly once
+        items = sorted(i for i, _ in epoch["completions"])
+        assert items == list(range(epoch["items"])), epoch
+    killed = accounting[1]
+    assert [w for _, w in killed["requeued"]] == [2]  # its unfinished item went back
+    item = killed["requeued"][0][0]
+    assert killed["attempts"][str(item)] == 2
+    assert [w for i, w in killed["completions"] if i == item] == [1]
+    assert killed["items_by_worker"]["1"] > killed["items_by_worker"].get("2", 0)
+    assert abs(result["val"]["accuracy"] - undisturbed["val"]["accuracy"]) <= 0.01
+
+
+def test_ssp_never_exceeds_its_bound_under_a_straggler(tmp_path, tiny_raw):
+    free = {"name": "free", "model": {"type": "mlp", "hidden_sizes": [16]},
+            "parallel": {"parameter_server": {"mode": "async"}}}
+    cfg = _ps_config(tmp_path, tiny_raw, world=3, epochs=2, more=(free,), mode="ssp",
+                     staleness=1)
+    # Worker rank 2 sleeps 10x its compute time after every batch.
+    distml("train", str(cfg), cwd=tmp_path, env={**ENV, "DISTML_STRAGGLER": "2:10"})
+    ssp = _result(tmp_path)["parameter_server"]
+    leads = ssp["updates"]["lead"]
+    assert len(leads) == _result(tmp_path)["steps"]  # one per applied gradient
+    assert max(leads) == 1  # reached, never exceeded
+    assert ssp["staleness_bound"] == 1
+    free = _result(tmp_path, candidate="free")["parameter_server"]
+    assert max(free["updates"]["lead"]) > 3  # without the bound, the fast worker runs ahead
+    slow, fast = free["per_worker"]["2"], free["per_worker"]["1"]
+    assert slow["straggle_s"] > 0
+    assert fast["batches"] > 2 * slow["batches"]  # the straggler holds nobody back
+
+
+def test_sync_is_certified_by_verify_and_async_is_not_pretended(tmp_path, tiny_raw):
+    cfg = _ps_config(tmp_path, tiny_raw, world=3, epochs=1, mode="async")
+    out = tmp_path / "verify.json"
+    # Two servers (the parameters sharded across them) and one worker.
+    distml("verify", str(cfg), "--strategies", "ps-sync", "--tolerance", "1e-5",
+           "--json", str(out), cwd=tmp_path, env=ENV)
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["passed"]
+    assert r["max_rel_loss_diff"] <= 1e-5
+    assert r["max_rel_param_diff"] <= 1e-5
+    servers, worker = r["state_bytes_per_rank"][:2], r["state_bytes_per_rank"][2]
+    assert worker["optimizer"] == 0  # workers compute gradients only
+    assert sum(s["params"] for s in servers) == worker["params"]
+    refused = distml("verify", str(cfg), "--strategies", "ps-async", cwd=tmp_path,
+                     env=ENV, check=False)
+    assert refused.returncode != 0
+    assert "ps-async: not deterministic" in refused.stdout + refused.stderr
