@@ -231,6 +231,26 @@ def test_overload_gets_503_at_once_and_late_requests_are_dropped_unrun(trained):
     assert _metric(text, "distml_request_seconds_bucket", route=route, le="5.0") == total
 
 
+def test_duplicates_with_one_key_run_once_across_replicas(trained):
+    # The front pins a key to one replica, so duplicates meet there, whichever replica the
+    # least-loaded rule would have picked; the metrics are summed over both replicas.
+    root, x = trained
+    with running_server("--registry", str(root / "registry"), "--replicas", "2",
+                        cwd=root) as (url, _, _):
+        before = _batches(url)
+
+        async def burst():
+            async with httpx.AsyncClient(headers={"Idempotency-Key": "order-7"}) as c:
+                return await asyncio.gather(*[
+                    c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:3]))
+                    for _ in range(8)])
+
+        responses = asyncio.run(burst())
+        assert {r.status_code for r in responses} == {200}
+        assert len({r.text for r in responses}) == 1
+        assert _batches(url) == before + 1  # one forward pass for the eight, not one each
+
+
 def test_killing_a_replica_fails_only_its_requests_with_503(trained):
     root, x = trained
     with running_server("--registry", str(root / "registry"), "--replicas", "2",
