@@ -143,3 +143,13 @@ def test_hostile_refs_on_the_command_line_exit_2(registry_copy, ref, tmp_path):
     out = _cli("models", "promote", ref, "1", "--registry", str(registry_copy))
     assert out.exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["registry"]
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "my-host"])
+def test_serve_refuses_a_network_address_without_a_token(trained_digits, tmp_path, host):
+    out = distml("serve", "tiny", "--registry", str(trained_digits / "registry"), "--host",
+                 host, cwd=tmp_path, check=False, env={"DISTML_SERVE_TOKEN": ""})
+    assert out.returncode == 2
+    assert "reachable from other machines" in out.stderr
+    assert "--insecure" in out.stderr
+    assert "serving" not in out.stdout  # refused before anything listened

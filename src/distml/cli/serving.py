@@ -53,6 +53,9 @@ def serve(
         help="Registry folder; default: the config's, else ./registry.")] = None,
     trust_code: TrustCodeOpt = False,
     trust_module: TrustModuleOpt = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Allow a non-loopback address without a token (when a gateway in front "
+        "authenticates).")] = False,
 ) -> None:
     """Serve a model over the Open Inference Protocol (KServe v2 / Triton: REST, gRPC)."""
     from distml.config import ServeConfig, load_config
@@ -74,6 +77,7 @@ def serve(
                                                    if v is not None}},
                           "invalid serve settings (flags or the config's serve section)")
     registry = registry or (cfg.registry if cfg is not None else Path("registry"))
+    _check_exposure(settings.host, token=token, insecure=insecure)
 
     def ready(url: str, info: dict[str, Any]) -> None:
         grpc = f", gRPC at {info['grpc']}" if "grpc" in info else ""
@@ -82,6 +86,23 @@ def serve(
                       f"{', token required' if token else ''}); Ctrl-C stops", highlight=False)
 
     run_server(ref, settings, registry=registry, token=token or None, on_ready=ready)
+
+
+def _check_exposure(host: str, *, token: str | None, insecure: bool) -> None:
+    """Refuse to open the model to other machines with no token, unless told to."""
+    import ipaddress
+
+    from distml.errors import ConfigError
+
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name
+        loopback = host == "localhost"
+    if not loopback and not token and not insecure:
+        raise ConfigError(
+            f"serve.host={host!r} is reachable from other machines, and without a token "
+            "anyone who reaches it can use the model; set --token (or DISTML_SERVE_TOKEN), "
+            "bind 127.0.0.1, or pass --insecure when a gateway in front authenticates")
 
 
 def _validated(model: Any, data: dict[str, Any], what: str) -> Any:
