@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.distributed as dist
 
-from distml.config import Config, load_config
+from distml.config import Candidate, Config, load_config
 from distml.data.dataset import Manifest
 from distml.distributed.runtime import DistEnv, run_worker, worker_main
 from distml.errors import DistmlError
@@ -49,27 +50,40 @@ def _broadcast(value: object, env: DistEnv) -> object:
     return box[0]
 
 
-def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv) -> None:
+def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv,
+           prepare: Callable[[Candidate, Manifest], None] | None = None) -> None:
+    """Train the candidates: the one the launcher names, or (given a CONFIG) all of them or
+    ``--candidate`` with its teachers, teachers first; ``prepare`` (rank 0) readies each
+    student's teachers before it trains."""
     from distml.training.candidate import SplitTensors, train_candidate
 
     manifest = Manifest.read(run_dir / "data")
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-    names = [args.candidate] if args.candidate else [c.name for c in cfg.train.candidates]
+    if prepare is None and args.candidate:  # launched by the driver, which did the rest
+        candidates = [cfg.train.candidate(args.candidate)]
+    else:
+        candidates = cfg.train.training_order(args.candidate)
     val = SplitTensors.load(manifest, "val")
-    for name in names:
-        cand = cfg.train.candidate(name)
+    for cand in candidates:
+        name = cand.name
         world = cfg.train.settings_for(cand).parallel.world_size
         if world != env.world_size:
             raise DistmlError(
                 f"candidate {name!r} has train.parallel.world_size={world}, but "
                 f"{env.world_size} processes were started; start {world} or set "
                 f"train.parallel.world_size={env.world_size}")
+        if cand.distill is not None and prepare is not None:
+            if env.is_main:
+                prepare(cand, manifest)
+            if env.distributed:
+                dist.barrier()  # the others wait for the teachers' outputs
         train_candidate(cfg, cand, manifest, val=val, env=env,
                         out_dir=run_dir / "candidates" / name,
                         resume=args.resume or restarted)
 
 
 def _main(args: argparse.Namespace, env: DistEnv) -> None:
+    from distml.workflow.distill import prepare_teachers
     from distml.workflow.pipeline import stage_ingest, start_run
 
     if args.run_dir is not None:  # started by distml's launcher: the driver owns the run
@@ -84,7 +98,8 @@ def _main(args: argparse.Namespace, env: DistEnv) -> None:
         if run is not None:
             stage_ingest(run)
         run_dir = Path(_broadcast(str(run.dir) if run else None, env))
-        _train(args, cfg, run_dir, env)
+        _train(args, cfg, run_dir, env, prepare=lambda cand, manifest: prepare_teachers(
+            cfg, cand, run_dir, manifest))
 
 
 def main(argv: list[str] | None = None) -> None:

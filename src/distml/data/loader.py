@@ -35,6 +35,7 @@ import torch
 
 from distml.config import LoaderConfig
 from distml.data.dataset import Manifest, read_partition
+from distml.data.teacher_logits import aligned_logits, pack_targets, read_row_ids
 from distml.imports import load_object
 
 Batch = tuple[np.ndarray, np.ndarray]
@@ -102,8 +103,12 @@ class PartitionLoader:
         world_size: int = 1,
         config: LoaderConfig | None = None,
         drop_last: bool = False,
+        teacher_logits: Path | None = None,
     ) -> None:
         self.manifest = manifest
+        # A store of teacher outputs (distml.data.teacher_logits): each row's targets then
+        # carry its teacher's logits, so shuffling and sharding keep them together.
+        self.teacher_logits = teacher_logits
         self.drop_last = drop_last  # no short last batch (a pipeline needs fixed shapes)
         self.parts = [p["path"] for p in manifest.partitions(split)]
         self.sizes = [p["rows"] for p in manifest.partitions(split)]
@@ -213,15 +218,23 @@ class PartitionLoader:
         if self._disk_cache is not None:
             xf, yf = self._disk_cache / f"{pid}.x.npy", self._disk_cache / f"{pid}.y.npy"
             if not xf.exists():
-                x, y = read_partition(self.manifest, self.parts[pid])
+                x, y = self._read(pid)
                 np.save(yf, y)
                 np.save(xf, x)  # x last: its presence means both are complete
             batch = np.load(xf, mmap_mode="r"), np.load(yf, mmap_mode="r")
         else:
-            batch = read_partition(self.manifest, self.parts[pid])
+            batch = self._read(pid)
         if self.config.cache == "memory":
             self._cache[pid] = batch
         return batch
+
+    def _read(self, pid: int) -> Batch:
+        """One partition's inputs and targets (with its rows' teacher logits, if any)."""
+        x, y = read_partition(self.manifest, self.parts[pid])
+        if self.teacher_logits is None:
+            return x, y
+        ids = read_row_ids(self.manifest, self.parts[pid])
+        return x, pack_targets(y, aligned_logits(self.teacher_logits, self.parts[pid], ids))
 
 
 _DONE = object()
