@@ -1,4 +1,4 @@
-"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve]``; writes
+"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve] [distill]``; writes
 bench/results/*.json and the README's benchmark table."""
 
 from __future__ import annotations
@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import ingest, loader, serve, train
+from bench import distill, ingest, loader, serve, train
 from bench.common import RESULTS, update_readme
 
-BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train, "serve": serve}
+BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train, "serve": serve,
+              "distill": distill}
 
 
 def main(names: list[str]) -> None:
