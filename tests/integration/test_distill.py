@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
@@ -113,6 +114,26 @@ def test_a_language_model_distills_online_and_under_ddp(tmp_path, tiny_raw):
            "--steps", "4", "--json", str(out), cwd=tmp_path)
     (r,) = json.loads(out.read_text())["results"]
     assert r["passed"], r
+
+
+def test_with_a_loader_map_fn_the_teacher_answers_online_as_it_would_have_offline(tiny_raw):
+    # A map function may change the rows (augmentation), so the teacher must see the rows
+    # the student gets: online. With the identity, online and stored outputs agree.
+    tiny_raw["train"].update(epochs=1)
+    tiny_raw["train"]["candidates"] = [
+        {"name": "teacher", "model": {"type": "mlp", "hidden_sizes": [32]}},
+        {"name": "student", "model": SMALL, "distill": {"teacher": "teacher"}},
+    ]
+    offline, _ = train_only(make_config(_quiet(tiny_raw)))
+    tiny_raw["data"]["loader"] = {"map_fn": "tests.helpers.maps:identity"}
+    online, _ = train_only(make_config(tiny_raw))
+    infos = [json.loads((r.dir / "candidates/student/teacher.json").read_text())
+             for r in (offline, online)]
+    assert infos[0]["logits_dir"] is not None
+    assert infos[1]["logits_dir"] is None
+    a, b = _weights(offline.dir, "student"), _weights(online.dir, "student")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 def test_torchrun_entry_trains_teachers_first(tmp_path, tiny_raw):

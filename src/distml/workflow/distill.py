@@ -40,6 +40,7 @@ from distml.fsutil import write_json_atomic
 from distml.models import count_parameters
 from distml.registry import Registry
 from distml.tasks import evaluate, predict
+from distml.training.candidate import SplitTensors
 from distml.training.distill import TEACHER_FILE, load_ensemble
 
 logger = logging.getLogger(__name__)
@@ -120,11 +121,15 @@ def check_registered_teachers(cfg: Config, candidates: list[Candidate], manifest
 def prepare_teachers(cfg: Config, cand: Candidate, run_dir: Path, manifest: Manifest, *,
                      progress: ProgressFactory | None = None) -> dict[str, Any]:
     """Resolve the student's teachers and (classification) compute their outputs; writes
-    ``candidates/<student>/teacher.json`` and returns it."""
+    ``candidates/<student>/teacher.json`` and returns it.
+
+    Stored outputs are the teachers' answers to the stored rows. A loader ``map_fn`` (an
+    augmentation, say) changes the rows the student sees, so then the teachers answer
+    online, on the very inputs the student gets, as they do for language models."""
     assert cand.distill is not None
     teachers = resolve_teachers(cfg, cand, run_dir, manifest)
     logits_dir = None
-    if manifest.task == "classification":
+    if manifest.task == "classification" and cfg.data.loader.map_fn is None:
         logits_dir = str(teacher_logits(manifest, teachers, cfg.execution, progress=progress))
     info = {"teachers": [asdict(t) for t in teachers], "logits_dir": logits_dir,
             "temperature": cand.distill.temperature, "alpha": cand.distill.alpha}
@@ -214,7 +219,7 @@ def latency_ms(model: torch.nn.Module, x: torch.Tensor, *, repeats: int = 30) ->
     return 1000 * statistics.median(times)
 
 
-def _measure(model: torch.nn.Module, test: Any, task: str, metric: str) -> dict[str, Any]:
+def _measure(model: torch.nn.Module, test: SplitTensors, task: str, metric: str) -> dict[str, Any]:
     metrics, _ = evaluate(task, model, test.x, test.y)
     return {"test": metrics[metric], "params": count_parameters(model),
             "latency_ms": latency_ms(model, test.x[:1])}
@@ -231,15 +236,17 @@ def twin_of(cfg: Config, student: Candidate) -> Candidate | None:
     return None
 
 
-def distillation_rows(cfg: Config, run_dir: Path, manifest: Manifest, test: Any
+def distillation_rows(cfg: Config, run_dir: Path, manifest: Manifest
                       ) -> list[dict[str, Any]]:
     """Per distilled student: teacher, twin trained alone, student; test metric, parameters
     and latency of each, and the fraction of the teacher-twin gap the student recovered."""
-    metric, rows = cfg.metric, []
+    metric, rows, test = cfg.metric, [], None
     for cand in cfg.train.candidates:
         path = run_dir / "candidates" / cand.name
         if cand.distill is None or not (path / "artifact" / SPEC).is_file():
             continue
+        if test is None:
+            test = SplitTensors.load(manifest, "test")
         teachers = json.loads((path / TEACHER_FILE).read_text())["teachers"]
         row: dict[str, Any] = {
             "student": cand.name, "teachers": [t["ref"] for t in teachers], "metric": metric,

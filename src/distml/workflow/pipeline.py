@@ -215,8 +215,7 @@ def run_pipeline(
         selection = stage_select(run, manifest, results)
         with run.stage("report"):
             summary = build_summary(run, manifest, selection)
-            summary["distillation"] = distillation_rows(cfg, run.dir, manifest,
-                                                        SplitTensors.load(manifest, "test"))
+            summary["distillation"] = distillation_rows(cfg, run.dir, manifest)
             write_report(run.dir, summary, manifest=manifest, selection=selection,
                          scaling=latest_scaling_studies(run.project_dir))
         summary["stages"] = run.stages  # the report stage's own time included
