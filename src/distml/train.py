@@ -19,17 +19,19 @@ import contextlib
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 # Only what the preflight needs is imported here: a misconfigured node fails in a second,
 # before torch loads (the rest is imported once the checks pass).
-from distml.config import Config, load_config
+from distml.config import Candidate, Config, load_config
 from distml.distributed import preflight
 from distml.distributed.param_server import keeper
 from distml.errors import DistmlError
 
 if TYPE_CHECKING:
+    from distml.data.dataset import Manifest
     from distml.distributed.runtime import DistEnv
     from distml.workflow.pipeline import Run
 
@@ -54,21 +56,32 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv, *,
-           resume: bool) -> None:
+           resume: bool, prepare: Callable[[Candidate, Manifest], None] | None = None) -> None:
+    """Train the candidates: the one the launcher names, or (given a CONFIG) all of them or
+    ``--candidate`` with its teachers, teachers first; ``prepare`` (rank 0) readies each
+    student's teachers before it trains."""
     from distml.data.dataset import Manifest
+    from distml.distributed.runtime import barrier
     from distml.training.candidate import SplitTensors, train_candidate
 
     manifest = Manifest.read(run_dir / "data")
-    names = [args.candidate] if args.candidate else [c.name for c in cfg.train.candidates]
+    if prepare is None and args.candidate:  # launched by the driver, which did the rest
+        candidates = [cfg.train.candidate(args.candidate)]
+    else:
+        candidates = cfg.train.training_order(args.candidate)
     val = SplitTensors.load(manifest, "val")
-    for name in names:
-        cand = cfg.train.candidate(name)
+    for cand in candidates:
+        name = cand.name
         world = cfg.train.settings_for(cand).parallel.world_size
         if world != env.world_size:
             raise DistmlError(
                 f"candidate {name!r} has train.parallel.world_size={world}, but "
                 f"{env.world_size} processes were started; start {world} or set "
                 f"train.parallel.world_size={env.world_size}")
+        if cand.distill is not None and prepare is not None:
+            if env.is_main:
+                prepare(cand, manifest)
+            barrier(env)  # the others wait for the teachers' outputs
         train_candidate(cfg, cand, manifest, val=val, env=env,
                         out_dir=run_dir / "candidates" / name, resume=resume)
 
@@ -97,11 +110,14 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
     if check_shared:
         preflight.check_output_shared(cfg.output_dir, env)
     run = _job_run(cfg, resume=resume) if env.is_main else None
+    from distml.workflow.distill import prepare_teachers
+
     with pipeline_tracking(cfg, run.dir) if run else contextlib.nullcontext():
         if run is not None:
             stage_ingest(run)
         run_dir = Path(broadcast_object(str(run.dir) if run else None, env))
-        _train(args, cfg, run_dir, env, resume=resume)
+        _train(args, cfg, run_dir, env, resume=resume,
+               prepare=lambda cand, manifest: prepare_teachers(cfg, cand, run_dir, manifest))
 
 
 def _job_run(cfg: Config, *, resume: bool) -> Run:

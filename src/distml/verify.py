@@ -40,10 +40,11 @@ from distml.config import (
 )
 from distml.data.dataset import Manifest
 from distml.distributed.runtime import DistEnv, run_worker, worker_main
-from distml.distributed.strategy import Strategy, make_strategy
+from distml.distributed.strategy import LossFn, Strategy, make_strategy
 from distml.errors import DistmlError
 from distml.tasks import loss_fn
-from distml.training.candidate import build_candidate_model, train_loader
+from distml.training.candidate import build_candidate_model, distiller_for, train_loader
+from distml.training.distill import Distiller
 from distml.training.trainer import lr_lambda, peak_memory, step_groups
 
 logger = logging.getLogger(__name__)
@@ -114,14 +115,16 @@ def _model(cfg: Config, cand: Candidate, manifest: Manifest, val_x: torch.Tensor
 
 
 def _groups(manifest: Manifest, cfg: Config, s: TrainSettings, *, rank: int, world: int,
-            steps: int) -> Iterator[Group]:
-    """This rank's micro-batches for ``steps`` optimizer steps, across epochs if need be."""
+            steps: int, distiller: Distiller | None = None) -> Iterator[Group]:
+    """This rank's micro-batches for ``steps`` optimizer steps, across epochs if need be
+    (a distilled student's with its teacher's logits in the targets)."""
     loader = train_loader(cfg, manifest, s, rank=rank, replicas=world,
-                          drop_last=True)  # the same shapes for all
+                          drop_last=True, distiller=distiller)  # the same shapes for all
+    attach = distiller.attach if distiller is not None else (lambda b: b)
     done, epoch = 0, 0
     while True:
         for group in step_groups(loader.batches(epoch), s.grad_accum_steps):
-            yield group
+            yield [attach(b) for b in group]
             done += 1
             if done == steps:
                 return
@@ -135,15 +138,17 @@ def _union(groups_per_rank: list[Iterator[Group]]) -> Iterator[Group]:
                for i in range(len(per_rank[0]))]
 
 
-def run_steps(strategy: Strategy, groups: Iterator[Group], task: str, steps: int
-              ) -> dict[str, Any]:
-    """Train ``steps`` steps with the candidate's LR schedule; losses and timings."""
+def run_steps(strategy: Strategy, groups: Iterator[Group], task: str, steps: int,
+              loss: LossFn | None = None) -> dict[str, Any]:
+    """Train ``steps`` steps with the candidate's LR schedule (and loss: a distilled
+    student's, or the task's); losses and timings."""
     sched = torch.optim.lr_scheduler.LambdaLR(strategy.optimizer,
                                               lr_lambda(strategy.settings, steps))
+    loss = loss or (lambda out, y: loss_fn(task, out, y))
     losses, seconds = [], []
     for group in groups:
         start = time.perf_counter()
-        losses.append(strategy.train_step(group, lambda out, y: loss_fn(task, out, y)))
+        losses.append(strategy.train_step(group, loss))
         sched.step()
         seconds.append(time.perf_counter() - start)
     return {"losses": losses, "step_seconds": sum(seconds[1:]) / max(len(seconds) - 1, 1)}
@@ -196,6 +201,7 @@ def verify(
     base = cfg.train.settings_for(cand)
     tol = tolerance if tolerance is not None else (1e-4 if base.precision == "fp32" else 2e-2)
     val_x = SplitTensors.load(manifest, "val").x[:2]
+    distiller = distiller_for(cand, run_dir / "candidates" / cand.name, torch.device("cpu"))
     references: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
     for name in strategies:  # one reference per data-parallel degree: its batches
         data = settings_for(name, base, world_size).dims.data
@@ -203,9 +209,10 @@ def verify(
             continue
         strategy = Strategy(_model(cfg, cand, manifest, val_x), reference_settings(base),
                             DistEnv())
-        ranks = [_groups(manifest, cfg, base, rank=r, world=data, steps=steps)
-                 for r in range(data)]
-        ref = run_steps(strategy, _union(ranks), manifest.task, steps)
+        ranks = [_groups(manifest, cfg, base, rank=r, world=data, steps=steps,
+                         distiller=distiller) for r in range(data)]
+        ref = run_steps(strategy, _union(ranks), manifest.task, steps,
+                        distiller.loss if distiller else None)
         ref["peak_mem_bytes"] = peak_memory()
         references[data] = ref, _full_state(strategy)
     out = run_dir / "verify"
@@ -249,6 +256,7 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
     cand = cfg.train.candidate(args.candidate)
     base = cfg.train.settings_for(cand)
     val_x = SplitTensors.load(manifest, "val").x[:2]
+    distiller = distiller_for(cand, args.run_dir / "candidates" / cand.name, env.device)
     for name in args.strategies.split(","):
         s = settings_for(name, base, env.world_size,
                          own=cfg.train.parallel_for(cand))
@@ -258,8 +266,9 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
             torch.cuda.reset_peak_memory_stats()
         held = _probe_held_bytes(strategy, manifest.task)
         trace = run_steps(strategy, _groups(manifest, cfg, base, rank=strategy.data_rank,
-                                            world=strategy.data_size, steps=args.steps),
-                          manifest.task, args.steps)
+                                            world=strategy.data_size, steps=args.steps,
+                                            distiller=distiller),
+                          manifest.task, args.steps, distiller.loss if distiller else None)
         per_rank: list[Any] = [None] * env.world_size
         dist.all_gather_object(per_rank, (peak_memory(), strategy.local_bytes(), held))
         full = _full_state(strategy)

@@ -14,6 +14,10 @@ def test_example_configs_load():
     digits = load_config(root / "digits.yaml")
     assert [c.name for c in digits.train.candidates] == ["mlp", "mlp-wide", "cnn"]
     assert digits.metric == "accuracy"
+    kd = load_config(root / "distill.yaml")
+    assert [c.name for c in kd.train.training_order()] == [
+        "wide-a", "wide-b", "small-distilled", "small"]
+    assert kd.train.candidate("small-distilled").distill.teachers == ["wide-a", "wide-b"]
     lm = load_config(root / "transformer.yaml")
     assert lm.data.task == "language_modeling"
     assert lm.metric == "perplexity"

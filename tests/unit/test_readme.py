@@ -19,7 +19,7 @@ SECTIONS: list[type[BaseModel]] = [
     config.CNNSpec, config.TransformerSpec, config.CustomModelSpec, config.LoaderConfig,
     config.StandardizeSpec, config.MinMaxSpec, config.ImputeSpec, config.ClipSpec,
     config.OneHotSpec, config.MonitorConfig, config.MlflowConfig, config.ServeConfig,
-    config.ParallelConfig, config.PipelineConfig, config.FsdpConfig,
+    config.ParallelConfig, config.PipelineConfig, config.FsdpConfig, config.DistillConfig,
     config.ParameterServerConfig,
 ]
 

@@ -134,14 +134,16 @@ def verify_cmd(
     compare losses and final parameters. Exits 1 when a strategy exceeds the tolerance."""
     from distml.fsutil import write_json_atomic
     from distml.verify import verify
-    from distml.workflow.pipeline import stage_ingest, start_run
+    from distml.workflow.pipeline import stage_ingest, start_run, train_teachers
 
     cfg, reporter = load(config, set_, quiet)
     cand = cfg.train.candidate(candidate) if candidate else cfg.train.candidates[0]
     configured = cfg.train.settings_for(cand).parallel.world_size
     run_ = start_run(cfg, reporter=reporter)
+    manifest = stage_ingest(run_)
+    train_teachers(run_, manifest, cand)  # a distilled student's teachers, first
     with reporter.stage("verify"):
-        report = verify(cfg, run_.dir, stage_ingest(run_), candidate=cand.name,
+        report = verify(cfg, run_.dir, manifest, candidate=cand.name,
                         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                         steps=steps, world_size=world_size or max(configured, 2),
                         tolerance=tolerance, separate=separate)

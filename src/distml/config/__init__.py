@@ -31,6 +31,7 @@ from distml.config.data import (
     TransformSpec,
     UserTransformSpec,
 )
+from distml.config.distill import DistillConfig
 from distml.config.loading import (
     Config,
     apply_override,
@@ -67,7 +68,8 @@ from distml.config.train import Candidate, TrainConfig, TrainSettings, deep_merg
 __all__ = [
     "METRIC_HIGHER_IS_BETTER", "MODELS", "SOURCES", "TASK_METRICS", "TRANSFORMS", "VOCAB_SIZE",
     "ZOO", "CNNSpec", "Candidate", "ClipSpec", "Config", "CustomModelSpec", "DataConfig",
-    "DigitsSource", "ExecutionConfig", "FileSource", "FsdpConfig", "ImputeSpec", "LoaderConfig",
+    "DigitsSource", "DistillConfig", "ExecutionConfig", "FileSource", "FsdpConfig",
+    "ImputeSpec", "LoaderConfig",
     "MLPSpec", "MinMaxSpec", "MlflowConfig", "ModelSpec", "MonitorConfig", "OneHotSpec",
     "ParallelConfig", "ParallelDims", "ParameterServerConfig", "PipelineConfig", "SelectConfig",
     "ServeConfig", "Source",

@@ -13,6 +13,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from distml.config.base import NAME_PATTERN, NAME_RULE, TASK_METRICS, Strict, safe_path
 from distml.config.data import SOURCES, TRANSFORMS, DataConfig
+from distml.config.distill import check_teachers
 from distml.config.models import MODELS
 from distml.config.sections import ExecutionConfig, MonitorConfig, SelectConfig, ServeConfig
 from distml.config.train import TrainConfig
@@ -43,6 +44,7 @@ class Config(Strict):
                 f"select.metric={self.select.metric!r} cannot be computed for a "
                 f"{self.data.task} task; use one of: {', '.join(allowed)}"
             )
+        check_teachers(self.train.candidates, task=self.data.task)
         return self
 
     @property

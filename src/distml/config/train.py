@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, create_model, model_validator
 
 from distml.config.base import NAME_PATTERN, Strict
+from distml.config.distill import DistillConfig, training_order
 from distml.config.models import ModelSpec
 from distml.config.parallel import ParallelConfig, ParallelDims, applicable
 from distml.errors import ConfigError
@@ -176,10 +177,13 @@ class Candidate(_CandidateBase):  # type: ignore[misc,valid-type]
 
     name: str = Field(pattern=NAME_PATTERN, description="Unique candidate name.")
     model: ModelSpec = Field(description="The model: a zoo type with options, or a user factory.")
+    distill: DistillConfig | None = Field(
+        None, description="Learn from a teacher's softened outputs as well as the labels "
+        "(knowledge distillation); null: from the labels alone.")
 
     def overrides(self) -> dict[str, Any]:
         """What this candidate sets, nested sections holding only the keys it gives."""
-        return self.model_dump(exclude_unset=True, exclude={"name", "model"})
+        return self.model_dump(exclude_unset=True, exclude={"name", "model", "distill"})
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +215,13 @@ class TrainConfig(TrainSettings):
             except ValueError as e:
                 raise ValueError(f"candidate {c.name!r}: {e}") from None
         return self
+
+    def training_order(self, only: str | None = None) -> list[Candidate]:
+        """Candidates in the order they train: every teacher before its students; with
+        ``only``, that candidate and the candidates it learns from."""
+        if only is not None:
+            self.candidate(only)  # an unknown name fails here
+        return training_order(self.candidates, only)
 
     def settings_for(self, candidate: Candidate) -> TrainSettings:
         """The shared settings with the candidate's overrides deep-merged over them. The

@@ -28,10 +28,14 @@ def inspect(path: str | Path) -> dict[str, Any]:
         path = path / "data"
     if not path.exists():
         raise DataError(f"{path} does not exist")
-    files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
+    manifest = Manifest.read(path) if (path / MANIFEST).is_file() else None
+    if manifest is not None:  # its partitions (not, say, stored teacher outputs beside them)
+        files = [path / p["path"] for split in manifest.splits
+                 for p in manifest.partitions(split)]
+    else:
+        files = sorted(path.rglob("*.parquet")) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path} holds no .parquet file")
-    manifest = Manifest.read(path) if (path / MANIFEST).is_file() else None
     schema = pq.read_schema(files[0])
     numeric = [f.name for f in schema if pa.types.is_integer(f.type) or
                pa.types.is_floating(f.type)]

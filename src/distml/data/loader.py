@@ -35,6 +35,7 @@ import torch
 
 from distml.config import LoaderConfig
 from distml.data.dataset import Manifest, read_partition
+from distml.data.teacher_logits import aligned_logits, pack_targets, read_row_ids
 from distml.errors import DataError
 from distml.imports import load_object
 
@@ -103,8 +104,12 @@ class PartitionLoader:
         world_size: int = 1,
         config: LoaderConfig | None = None,
         drop_last: bool = False,
+        teacher_logits: Path | None = None,
     ) -> None:
         self.manifest = manifest
+        # A store of teacher outputs (distml.data.teacher_logits): each row's targets then
+        # carry its teacher's logits, so shuffling and sharding keep them together.
+        self.teacher_logits = teacher_logits
         self.drop_last = drop_last  # no short last batch (a pipeline needs fixed shapes)
         self.parts = [p["path"] for p in manifest.partitions(split)]
         self.sizes = [p["rows"] for p in manifest.partitions(split)]
@@ -260,12 +265,12 @@ class PartitionLoader:
         if self._disk_cache is not None:
             xf, yf = self._disk_cache / f"{pid}.x.npy", self._disk_cache / f"{pid}.y.npy"
             if not xf.exists():
-                x, y = read_partition(self.manifest, self.parts[pid])
+                x, y = self._read(pid)
                 np.save(yf, y)
                 np.save(xf, x)  # x last: its presence means both are complete
             batch = np.load(xf, mmap_mode="r"), np.load(yf, mmap_mode="r")
         else:
-            batch = read_partition(self.manifest, self.parts[pid])
+            batch = self._read(pid)
         if self.config.cache == "memory":
             batch = self._keep(pid, batch)
             self._cache[pid] = batch
@@ -286,6 +291,14 @@ class PartitionLoader:
         self._rows[0][lo:hi] = x
         self._rows[1][lo:hi] = y
         return self._rows[0][lo:hi], self._rows[1][lo:hi]
+
+    def _read(self, pid: int) -> Batch:
+        """One partition's inputs and targets (with its rows' teacher logits, if any)."""
+        x, y = read_partition(self.manifest, self.parts[pid])
+        if self.teacher_logits is None:
+            return x, y
+        ids = read_row_ids(self.manifest, self.parts[pid])
+        return x, pack_targets(y, aligned_logits(self.teacher_logits, self.parts[pid], ids))
 
 
 _DONE = object()

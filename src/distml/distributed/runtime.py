@@ -108,6 +108,12 @@ def broadcast_object(value: object, env: DistEnv) -> object:
     return box[0]
 
 
+def barrier(env: DistEnv) -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if env.distributed:
+        dist.barrier()
+
+
 def gather_objects(value: object, env: DistEnv) -> list:
     """``value`` from every rank, in rank order (on every rank)."""
     if not env.distributed:

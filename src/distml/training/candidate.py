@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from distml.data.dataset import Manifest, load_split
 from distml.data.loader import PartitionLoader
 from distml.distributed.runtime import DistEnv, init_distributed
 from distml.distributed.strategy import make_strategy
+from distml.errors import DistmlError
 from distml.fsutil import write_json_atomic
 from distml.imports import load_object
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
@@ -24,6 +26,7 @@ from distml.monitoring.mlflow_tracking import MlflowCallback, flatten
 from distml.monitoring.system import SystemSampler
 from distml.monitoring.tracking import TensorBoardCallback
 from distml.tasks import evaluate, output_shape
+from distml.training.distill import TEACHER_FILE, Distiller
 
 logger = logging.getLogger(__name__)
 
@@ -72,14 +75,25 @@ def build_candidate_model(
 
 
 def train_loader(cfg: Config, manifest: Manifest, settings: TrainSettings, *, rank: int,
-                 replicas: int, drop_last: bool) -> PartitionLoader:
+                 replicas: int, drop_last: bool, distiller: Distiller | None = None
+                 ) -> PartitionLoader:
     """The training batches of data-parallel replica ``rank`` of ``replicas`` (every rank of
     one replica reads the same ones): each optimizer step's global batch is split among the
-    replicas, then among the accumulated micro-batches."""
+    replicas, then among the accumulated micro-batches. A distilled student's targets carry
+    its teacher's stored logits."""
     return PartitionLoader(
         manifest, "train", seed=cfg.seed, rank=rank, world_size=replicas,
         batch_size=settings.batch_size // (replicas * settings.grad_accum_steps),
-        config=cfg.data.loader, drop_last=drop_last)
+        config=cfg.data.loader, drop_last=drop_last,
+        teacher_logits=distiller.logits_dir if distiller is not None else None)
+
+
+def distiller_for(candidate: Candidate, out_dir: Path, device: torch.device
+                  ) -> Distiller | None:
+    """The candidate's distillation (its teachers prepared in ``out_dir``), if it has one."""
+    if candidate.distill is None:
+        return None
+    return Distiller.for_candidate(candidate.distill, out_dir, device=device)
 
 
 def train_candidate(
@@ -103,8 +117,10 @@ def train_candidate(
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
     strategy = make_strategy(settings.parallel.strategy, model, settings, env,
                              sample=val.x[:16])
+    distiller = distiller_for(candidate, out_dir, env.device)
     loader = train_loader(cfg, manifest, settings, rank=strategy.data_rank,
-                          replicas=strategy.data_size, drop_last=strategy.needs_full_batches)
+                          replicas=strategy.data_size, drop_last=strategy.needs_full_batches,
+                          distiller=distiller)
     if cfg.monitor.tensorboard:  # <run>/tensorboard/<candidate>: tensorboard --logdir runs/
         callbacks = [*callbacks, TensorBoardCallback(
             out_dir.parent.parent / "tensorboard" / candidate.name,
@@ -118,10 +134,17 @@ def train_candidate(
     interval = cfg.monitor.system_metrics_interval_s
     system = SystemSampler(interval).start() if interval else None
     trainer_class = load_object(strategy.trainer, what="trainer")  # the strategy's loop
+    # A student's loss (and online teacher) go to the loop; only the synchronous one takes them.
+    student = {} if distiller is None else {
+        "loss": distiller.loss, "prepare_batch": distiller.attach if distiller.teacher else None}
+    if student and settings.parallel.strategy == "parameter_server":
+        raise DistmlError(f"candidate {candidate.name!r}: distillation runs under the "
+                          "data-parallel and model-parallel strategies, not parameter_server; "
+                          "use ddp or fsdp for the student")
     trainer = trainer_class(
         strategy, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
         metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", callbacks=callbacks,
-        system=system,
+        system=system, **student,
     )
     start = time.perf_counter()
     try:
@@ -147,6 +170,7 @@ def train_candidate(
         "preprocessing": manifest.preprocessing, "metrics": {"val": val_metrics},
         "data_dir": str(manifest.root.resolve()),  # its validation split checks int8 serving
         "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
+        **({} if candidate.distill is None else {"distilled_from": _teachers(out_dir)}),
     }, out_dir / "artifact")
     step_times = state.seconds / max(state.step, 1)
     result = {
@@ -165,6 +189,7 @@ def train_candidate(
         "peak_mem_bytes_per_rank": peaks,
         "epochs": state.epochs,
         "artifact": str(artifact),
+        "distill": None if candidate.distill is None else candidate.distill.model_dump(),
         "history": {"train_loss": state.train_loss, "evals": state.evals},
         **trainer.result_extras(),
     }
@@ -172,6 +197,13 @@ def train_candidate(
     if mlflow is not None:
         mlflow.finish(artifact, val_metrics)
     return result
+
+
+def _teachers(out_dir: Path) -> dict[str, Any]:
+    """What a distilled student's spec records of its teachers."""
+    info = json.loads((out_dir / TEACHER_FILE).read_text())
+    return {"teachers": [{k: t[k] for k in ("ref", "name", "version")} for t in info["teachers"]],
+            "temperature": info["temperature"], "alpha": info["alpha"]}
 
 
 def _mean(values: list[float]) -> float:

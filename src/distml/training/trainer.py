@@ -12,7 +12,7 @@ import logging
 import math
 import resource
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -29,7 +29,7 @@ from distml.distributed.checkpoint import (
     save_checkpoint,
 )
 from distml.distributed.runtime import gather_objects
-from distml.distributed.strategy import Strategy
+from distml.distributed.strategy import Batch, LossFn, Strategy
 from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
 from distml.training.callbacks import Callback
@@ -67,8 +67,14 @@ class Trainer:
         checkpoint_dir: Path,
         callbacks: Sequence[Callback] = (),
         system: SystemSampler | None = None,
+        loss: LossFn | None = None,
+        prepare_batch: Callable[[Batch], Batch] | None = None,
     ) -> None:
+        """``loss``: of (outputs, targets), default the task's; ``prepare_batch``: run on
+        each micro-batch inside the step (an online teacher's forward, say)."""
         self.strategy = strategy
+        self.loss = loss or (lambda out, y: loss_fn(task, out, y))
+        self.prepare_batch = prepare_batch
         self.system = system
         self.env = strategy.env
         self.settings = settings
@@ -105,7 +111,9 @@ class Trainer:
             epoch_start, wait_start, samples = time.perf_counter(), self.loader.wait_seconds, 0
             for group in self._step_groups():
                 start = time.perf_counter()
-                loss = self.strategy.train_step(group, lambda out, y: loss_fn(self.task, out, y))
+                if self.prepare_batch is not None:
+                    group = [self.prepare_batch(b) for b in group]
+                loss = self.strategy.train_step(group, self.loss)
                 self.scheduler.step()
                 seconds = time.perf_counter() - start
                 n = sum(len(b[0]) for b in group) * self.strategy.data_size

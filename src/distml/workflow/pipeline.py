@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import yaml
 
 from distml.artifact import load_artifact, read_spec, save_artifact
-from distml.config import Config
+from distml.config import Candidate, Config
 from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
 from distml.distributed.launch import launch_training
@@ -37,6 +37,11 @@ from distml.tasks import evaluate
 from distml.training.callbacks import Callback
 from distml.training.candidate import RESULT, SplitTensors, train_candidate
 from distml.trust import TrustPolicy
+from distml.workflow.distill import (
+    check_registered_teachers,
+    distillation_rows,
+    prepare_teachers,
+)
 from distml.workflow.report import latest_scaling_studies, write_report
 
 logger = logging.getLogger(__name__)
@@ -129,9 +134,14 @@ def stage_ingest(run: Run) -> Manifest:
 
 
 def stage_train(
-    run: Run, manifest: Manifest, *, only: str | None = None, resume: bool = False
+    run: Run, manifest: Manifest, *, only: str | None = None, resume: bool = False,
+    candidates: list[Candidate] | None = None,
 ) -> list[dict[str, Any]]:
-    candidates = [run.cfg.train.candidate(only)] if only else run.cfg.train.candidates
+    """Train the candidates (default: all; with ``only``, that one and its teachers), every
+    teacher before its students, whose teachers' outputs are prepared just before them."""
+    if candidates is None:
+        candidates = run.cfg.train.training_order(only)
+    check_registered_teachers(run.cfg, candidates, manifest)  # fail before any training
     with run.stage("train"):
         val = SplitTensors.load(manifest, "val")
         results = []
@@ -141,6 +151,9 @@ def stage_train(
                 logger.info("candidate %s already trained; reusing its result", cand.name)
                 results.append(json.loads((out / RESULT).read_text()))
                 continue
+            if cand.distill is not None:
+                prepare_teachers(run.cfg, cand, run.dir, manifest,
+                                 progress=run.reporter.progress)
             settings = run.cfg.train.settings_for(cand)
             if settings.parallel.strategy == "single":
                 results.append(train_candidate(
@@ -152,6 +165,15 @@ def stage_train(
                             max_restarts=settings.max_restarts, resume=resume)
             results.append(json.loads((out / RESULT).read_text()))
     return results
+
+
+def train_teachers(run: Run, manifest: Manifest, candidate: Candidate) -> None:
+    """Ready a student to train on its own (``distml verify``): train the candidates it
+    learns from and compute its teachers' outputs."""
+    if candidate.distill is None:
+        return
+    stage_train(run, manifest, candidates=run.cfg.train.training_order(candidate.name)[:-1])
+    prepare_teachers(run.cfg, candidate, run.dir, manifest, progress=run.reporter.progress)
 
 
 def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -229,6 +251,7 @@ def stage_report(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dic
     """The report (with plots) and summary.json; returns the summary."""
     with run.stage("report"):
         summary = build_summary(run, manifest, selection)
+        summary["distillation"] = distillation_rows(run.cfg, run.dir, manifest)
         write_report(run.dir, summary, manifest=manifest, selection=selection,
                      scaling=latest_scaling_studies(run.project_dir))
     summary["stages"] = run.stages  # the report stage's own time included

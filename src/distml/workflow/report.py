@@ -154,6 +154,32 @@ def plot_confusion(targets: np.ndarray, preds: np.ndarray, labels: list[str], pa
     plt.close(fig)
 
 
+def _distill_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Per distilled student: teacher, the student trained alone (its twin), the distilled
+    student, and the share of the teacher-twin gap that distillation recovered."""
+    lines = ["", "## Distillation", ""]
+    for r in rows:
+        gap = r["gap_recovered"]
+        lines += [
+            f"**{r['student']}** learned from {' + '.join(r['teachers'])} (T = "
+            f"{r['temperature']:g}, alpha = {r['alpha']:g}); test {r['metric']}, parameters "
+            "and the median latency of a one-row forward pass in this process:", "",
+            f"| model | test {r['metric']} | parameters | latency ms |", "|---|---|---|---|"]
+        for label, key in (("teacher" + (" ensemble" if len(r["teachers"]) > 1 else ""),
+                            "teacher"), (f"student alone ({r['twin']})", "alone"),
+                           ("distilled student", "distilled")):
+            m = r[key]
+            if m is not None:
+                lines.append(f"| {label} | {m['test']:.4f} | {m['params']:,} | "
+                             f"{m['latency_ms']:.3f} |")
+        lines += ["", "Gap recovered: " + (
+            f"**{gap:.2f}** (distilled - alone) / (teacher - alone)." if gap is not None else
+            "n/a (" + ("no twin: add a candidate with the same model and settings and no "
+                       "distill)." if r["alone"] is None else "the twin equals the teacher).")),
+            ""]
+    return lines
+
+
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
@@ -198,7 +224,7 @@ def write_report(
         "## Test metrics of the selected model",
         "",
         *[f"- {k}: {_fmt(v)}" for k, v in summary["test"].items()],
-        "",
+        *(_distill_lines(summary["distillation"]) if summary.get("distillation") else [""]),
         "## Plots",
         "",
         "![loss curves](loss_curves.png)",

@@ -61,7 +61,7 @@ def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> fl
     import json
 
     from distml.distributed.launch import launch_training
-    from distml.workflow.pipeline import stage_ingest, start_run
+    from distml.workflow.pipeline import stage_ingest, start_run, train_teachers
 
     cand = cfg.train.candidate(candidate)
     s = cfg.train.settings_for(cand)
@@ -71,10 +71,13 @@ def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> fl
     scaled = deep_merge(cand.model_dump(mode="json", exclude_unset=True), {
         "parallel": {"strategy": strategy, "world_size": n}, "batch_size": batch,
         "checkpoints": False, "max_restarts": 0})
-    cfg_n = _with(cfg, train={"candidates": [scaled]})
+    # A distilled student keeps the candidates it learns from; they train first, untimed.
+    teachers = [c.model_dump(mode="json", exclude_unset=True)
+                for c in cfg.train.training_order(candidate)[:-1]]
+    cfg_n = _with(cfg, train={"candidates": [*teachers, scaled]})
     cfg_n = cfg_n.model_copy(update={"output_dir": out / f"train-{n}"})
     run = start_run(cfg_n)
-    stage_ingest(run)
+    train_teachers(run, stage_ingest(run), cfg_n.train.candidate(cand.name))
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # one core per worker process
     try:

@@ -1,0 +1,271 @@
+"""Distillation in the pipeline: find each student's teachers, check that they fit this run's
+data, compute the teachers' outputs for classification once (in parallel over the training
+partitions, on the executors), and measure teacher, student and twin for the report.
+
+A student's teachers are written to ``candidates/<student>/teacher.json``, which the
+training processes read (``distml.training.distill.Distiller``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distml.artifact import SPEC, WEIGHTS, load_artifact, read_spec
+from distml.config import Candidate, Config, ExecutionConfig
+from distml.config.distill import is_registered
+from distml.data.dataset import Manifest, read_partition
+from distml.data.teacher_logits import (
+    is_complete,
+    read_row_ids,
+    store_root,
+    write_logits,
+    write_store_manifest,
+)
+from distml.errors import ArtifactError, ConfigError, DistmlError
+from distml.execution import make_executor
+from distml.execution.base import ProgressFactory
+from distml.fsutil import write_json_atomic
+from distml.models import count_parameters
+from distml.registry import Registry
+from distml.tasks import evaluate, predict
+from distml.training.candidate import SplitTensors
+from distml.training.distill import TEACHER_FILE, load_ensemble
+from distml.training.distill import TEACHERS_TRUSTED as OWN  # this run's own artifacts
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Teacher:
+    ref: str  # as the config names it
+    name: str  # the candidate or registered model
+    version: int | None  # registered models only
+    artifact: str
+
+
+def _where(cfg: Config, cand: Candidate) -> str:
+    return f"train.candidates[{cfg.train.candidates.index(cand)}].distill.teacher"
+
+
+def resolve_teachers(cfg: Config, cand: Candidate, run_dir: Path, manifest: Manifest
+                     ) -> list[Teacher]:
+    """The student's teachers as artifacts, each checked against this run's data."""
+    assert cand.distill is not None
+    where, teachers = _where(cfg, cand), []
+    for ref in cand.distill.teachers:
+        if is_registered(ref):
+            try:
+                v = Registry(cfg.registry).resolve(ref)
+            except ArtifactError as e:
+                raise ConfigError(f"{where}={ref!r}: {e}") from None
+            teacher = Teacher(ref, v.name, v.version, str(v.path.resolve()))
+        else:
+            path = run_dir / "candidates" / ref / "artifact"
+            if not (path / SPEC).is_file():
+                raise DistmlError(f"{where}={ref!r}: the teacher candidate has no artifact at "
+                                  f"{path}; it trains before its student (train it first)")
+            teacher = Teacher(ref, ref, None, str(path.resolve()))
+        check_fits(read_spec(Path(teacher.artifact)), manifest, f"{where}={ref!r}")
+        teachers.append(teacher)
+    return teachers
+
+
+def check_fits(spec: dict[str, Any], manifest: Manifest, where: str) -> None:
+    """A teacher must answer this run's question about this run's inputs."""
+    if spec["task"] != manifest.task:
+        raise ConfigError(f"{where} is a {spec['task']} model, but this run's data is a "
+                          f"{manifest.task} task; distill from a {manifest.task} model")
+    if manifest.task == "language_modeling":
+        context = spec["model"]["kwargs"].get("context_length")
+        if context is not None and context < manifest.sequence_length:
+            raise ConfigError(f"{where} reads at most {context} tokens, but the data's "
+                              f"sequences have {manifest.sequence_length}; use a teacher with "
+                              "a longer context_length or shorten data.source.sequence_length")
+        return
+    if spec.get("labels") != manifest.classes:
+        raise ConfigError(f"{where} predicts the classes {spec.get('labels')}, but this run's "
+                          f"data has {manifest.classes}; use a teacher trained on these classes")
+    if (spec.get("feature_names") != manifest.feature_names
+            or spec.get("preprocessing") != manifest.preprocessing):
+        raise ConfigError(f"{where} was trained on differently prepared inputs (its features "
+                          "or fitted preprocessing differ from this run's); use a teacher "
+                          "trained with the same data config and seed")
+
+
+def check_registered_teachers(cfg: Config, candidates: list[Candidate], manifest: Manifest
+                              ) -> None:
+    """Before anything trains: every registered teacher exists and fits the data."""
+    for cand in candidates:
+        if cand.distill is None:
+            continue
+        for ref in cand.distill.registered_teachers():
+            where = f"{_where(cfg, cand)}={ref!r}"
+            try:
+                version = Registry(cfg.registry).resolve(ref)
+            except ArtifactError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            check_fits(read_spec(version.path), manifest, where)
+
+
+def prepare_teachers(cfg: Config, cand: Candidate, run_dir: Path, manifest: Manifest, *,
+                     progress: ProgressFactory | None = None) -> dict[str, Any]:
+    """Resolve the student's teachers and (classification) compute their outputs; writes
+    ``candidates/<student>/teacher.json`` and returns it.
+
+    Stored outputs are the teachers' answers to the stored rows. A loader ``map_fn`` (an
+    augmentation, say) changes the rows the student sees, so then the teachers answer
+    online, on the very inputs the student gets, as they do for language models."""
+    assert cand.distill is not None
+    teachers = resolve_teachers(cfg, cand, run_dir, manifest)
+    logits_dir = None
+    if manifest.task == "classification" and cfg.data.loader.map_fn is None:
+        logits_dir = str(teacher_logits(manifest, teachers, cfg.execution, progress=progress))
+    info = {"teachers": [asdict(t) for t in teachers], "logits_dir": logits_dir,
+            "temperature": cand.distill.temperature, "alpha": cand.distill.alpha}
+    folder = run_dir / "candidates" / cand.name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / TEACHER_FILE, info)
+    return info
+
+
+# -- the teachers' outputs, over the training partitions ------------------------------------
+
+
+@dataclass(frozen=True)
+class LogitsJob:
+    artifacts: tuple[str, ...]
+    data_root: str
+    out_root: str
+
+
+def _store_key(teachers: list[Teacher]) -> str:
+    """Hash of the teachers' weights and specs, in order (the mean is taken in that order)."""
+    digest = hashlib.sha256()
+    for t in teachers:
+        for name in (WEIGHTS, SPEC):
+            with open(Path(t.artifact) / name, "rb") as f:
+                digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def teacher_logits(manifest: Manifest, teachers: list[Teacher], execution: ExecutionConfig,
+                   *, progress: ProgressFactory | None = None) -> Path:
+    """The store of the teachers' (mean) logits for every training row; computed once per
+    set of teachers, one work item per partition."""
+    root = store_root(manifest, _store_key(teachers))
+    if is_complete(root):
+        logger.info("teacher outputs already computed at %s", root)
+        return root
+    parts = [p["path"] for p in manifest.partitions("train")]
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    job = LogitsJob(tuple(t.artifact for t in teachers), str(manifest.root), str(tmp))
+    workers = min(execution.num_workers or os.cpu_count() or 1, len(parts))
+    try:
+        with make_executor(execution.executor, num_workers=workers, retries=execution.retries,
+                           progress=progress) as ex:
+            rows = sum(ex.map(functools.partial(logits_part, job), parts,
+                              desc="teacher logits"))
+        write_store_manifest(tmp, {"teachers": [t.ref for t in teachers], "rows": rows,
+                                   "artifacts": list(job.artifacts)})
+        try:
+            os.replace(tmp, root)
+        except OSError:  # another run finished the same store first
+            if not is_complete(root):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+_ENSEMBLES: dict[tuple[str, ...], torch.nn.Module] = {}  # per worker: loaded once
+
+
+def logits_part(job: LogitsJob, rel_path: str) -> int:
+    """One work item: the teachers' mean logits for one partition, keyed by row id."""
+    if job.artifacts not in _ENSEMBLES:
+        _ENSEMBLES[job.artifacts] = load_ensemble(list(job.artifacts))
+    manifest = Manifest.read(Path(job.data_root))
+    x, _ = read_partition(manifest, rel_path)
+    logits = predict(_ENSEMBLES[job.artifacts], torch.from_numpy(x))
+    write_logits(Path(job.out_root), rel_path, read_row_ids(manifest, rel_path), logits.numpy())
+    return len(x)
+
+
+# -- the report's table ----------------------------------------------------------------------
+
+
+def latency_ms(model: torch.nn.Module, x: torch.Tensor, *, repeats: int = 30) -> float:
+    """Median milliseconds of one forward pass on ``x`` (one row: a served request)."""
+    model.eval()
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 5):
+            start = time.perf_counter()
+            model(x)
+            if i >= 5:  # the first calls warm caches and allocators
+                times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def _measure(model: torch.nn.Module, test: SplitTensors, task: str, metric: str) -> dict[str, Any]:
+    metrics, _ = evaluate(task, model, test.x, test.y)
+    return {"test": metrics[metric], "params": count_parameters(model),
+            "latency_ms": latency_ms(model, test.x[:1])}
+
+
+def twin_of(cfg: Config, student: Candidate) -> Candidate | None:
+    """A candidate that is the student trained alone: the same model and settings, no
+    teacher (the seed is the run's, so the same initial weights and batches)."""
+    settings = cfg.train.settings_for(student)
+    for c in cfg.train.candidates:
+        if (c.distill is None and c.model == student.model
+                and cfg.train.settings_for(c) == settings):
+            return c
+    return None
+
+
+def distillation_rows(cfg: Config, run_dir: Path, manifest: Manifest
+                      ) -> list[dict[str, Any]]:
+    """Per distilled student: teacher, twin trained alone, student; test metric, parameters
+    and latency of each, and the fraction of the teacher-twin gap the student recovered."""
+    metric, rows, test = cfg.metric, [], None
+    for cand in cfg.train.candidates:
+        path = run_dir / "candidates" / cand.name
+        if cand.distill is None or not (path / "artifact" / SPEC).is_file():
+            continue
+        if test is None:
+            test = SplitTensors.load(manifest, "test")
+        teachers = json.loads((path / TEACHER_FILE).read_text())["teachers"]
+        row: dict[str, Any] = {
+            "student": cand.name, "teachers": [t["ref"] for t in teachers], "metric": metric,
+            "temperature": cand.distill.temperature, "alpha": cand.distill.alpha,
+            "teacher": _measure(load_ensemble([t["artifact"] for t in teachers]), test,
+                                manifest.task, metric),
+            "distilled": _measure(load_artifact(path / "artifact", trust=OWN).model, test,
+                                  manifest.task, metric),
+            "alone": None, "twin": None, "gap_recovered": None,
+        }
+        twin = twin_of(cfg, cand)
+        twin_dir = run_dir / "candidates" / twin.name / "artifact" if twin else None
+        if twin_dir is not None and (twin_dir / SPEC).is_file():
+            row["twin"] = twin.name
+            row["alone"] = _measure(load_artifact(twin_dir, trust=OWN).model, test,
+                                    manifest.task, metric)
+            gap = row["teacher"]["test"] - row["alone"]["test"]
+            if gap != 0:
+                row["gap_recovered"] = (row["distilled"]["test"] - row["alone"]["test"]) / gap
+        rows.append(row)
+    return rows
