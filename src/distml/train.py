@@ -141,23 +141,32 @@ def _job_run(cfg: Config, *, resume: bool) -> Run:
     return start_run(cfg, resume=True)
 
 
-def main(argv: list[str] | None = None) -> NoReturn:
+def main(argv: list[str] | None = None) -> None:
+    """One training process, from start to shutdown (callable in-process: it returns)."""
     _logging()
     args = _parse(argv)
-    # A parameter-server worker rank runs as a keeper of its real process, so that the
-    # worker's death does not take the job down (distml.distributed.param_server.keeper).
-    code = keeper.keep_if_worker(args.config, args.run_dir, args.candidate, args.overrides)
-    if code is not None:
-        sys.exit(code)
     try:
         # On several machines: the preflight checks, and gloo's interface, before the
         # process group exists (and before torch loads).
         across_nodes = preflight.prepare_rank() is not None
     except DistmlError as e:
         _fail(e)
-    from distml.distributed.runtime import run_worker, worker_main
+    from distml.distributed.runtime import worker_main
 
-    run_worker(lambda: worker_main(lambda env: _main(args, env, across_nodes=across_nodes)))
+    worker_main(lambda env: _main(args, env, across_nodes=across_nodes))
+
+
+def _entry() -> NoReturn:
+    """``python -m distml.train``: main, then exit without the interpreter's finalizers. A
+    parameter-server worker rank runs as a keeper of its real process instead, so that the
+    worker's death does not take the job down (distml.distributed.param_server.keeper)."""
+    args = _parse(None)
+    code = keeper.keep_if_worker(args.config, args.run_dir, args.candidate, args.overrides)
+    if code is not None:
+        sys.exit(code)
+    from distml.distributed.runtime import run_worker
+
+    run_worker(main)
 
 
 def _logging() -> None:
@@ -177,4 +186,4 @@ def _fail(e: DistmlError) -> NoReturn:
 
 
 if __name__ == "__main__":
-    main()
+    _entry()
