@@ -157,6 +157,7 @@ def test_unknown_engine_and_missing_extra(monkeypatch):
     with pytest.raises(Exception, match=r"is not an executor; use local, dask://local"):
         make_executor("spark://x")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
+    monkeypatch.delitem(sys.modules, "distml.execution.ray", raising=False)  # (re)imported
     with pytest.raises(Exception, match=r"needs Ray, which is not installed .*distml\[ray\]"):
         make_executor("ray://local")
 
