@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray  # noqa: F401 - required: make test installs it
 
-from tests.e2e.test_cli import distml
+from tests.e2e.test_cli import distml, distml_on_ray
 
 
 @pytest.mark.parametrize("engine", ["dask://local", "ray://local"])
@@ -19,7 +19,8 @@ def test_predict_on_an_engine_equals_local(trained_digits: Path, tmp_path, engin
     outputs = {}
     for executor in ("local", engine):
         out = tmp_path / f"{executor.split(':')[0]}.parquet"
-        distml("predict", "tiny", "--input", str(trained_digits / "digits.parquet"),
+        run = distml_on_ray if executor.startswith("ray") else distml
+        run("predict", "tiny", "--input", str(trained_digits / "digits.parquet"),
                "--output", str(out), "--registry", str(trained_digits / "registry"),
                "--id-column", "key", "--executor", executor, "--workers", "2",
                cwd=tmp_path)

@@ -166,12 +166,12 @@ def test_ray_gives_the_same_output_as_local(tmp_path, tiny_raw):
     # Through the CLI, as a user runs it: Ray's driver owns its process (its shutdown would
     # take a pytest process down with it).
     from tests.conftest import write_config
-    from tests.e2e.test_cli import distml
+    from tests.e2e.test_cli import distml_on_ray
 
     tiny_raw["data"] = dict(SYNTHETIC)
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
     for executor in ("local", "ray://local"):
-        distml("ingest", str(cfg), "--set", f"execution.executor={executor}",
+        distml_on_ray("ingest", str(cfg), "--set", f"execution.executor={executor}",
                "--set", f"output_dir={tmp_path / executor.replace(':', '').replace('/', '')}",
                cwd=tmp_path)
     (local,) = (tmp_path / "local" / "tiny").glob("data-*")
