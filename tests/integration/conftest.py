@@ -2,34 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_digits
 
-from tests.conftest import TINY, write_config
 from tests.e2e.test_cli import distml
 
 
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """A digits model in a registry (tiny:1, alias production), and the raw digits rows, also
-    as Parquet (digits.parquet, with a key column)."""
-    root = tmp_path_factory.mktemp("serving")
-    raw = {**TINY, "output_dir": str(root / "runs"), "registry": str(root / "registry")}
-    raw["train"] = {**TINY["train"], "candidates": TINY["train"]["candidates"][:1]}
-    distml("run", str(write_config(root / "c.yaml", raw)), "-q", cwd=root)
-    columns = json.loads((root / "registry" / "tiny" / "v1" / "spec.json").read_text())[
-        "input_columns"]
-    digits = load_digits()
-    table = pa.table({**{c: digits.data[:, j].astype(np.float32)
-                         for j, c in enumerate(columns)},
-                      "key": np.arange(len(digits.data)) * 10, "label": digits.target})
-    pq.write_table(table, root / "digits.parquet", row_group_size=400)
-    return root, digits.data.astype(np.float32)
+def trained(trained_digits):
+    """The session's digits model (tests/conftest.py's trained_digits: tiny:1, alias
+    production, and digits.parquet with a key column), and the raw digits rows."""
+    return trained_digits, load_digits().data.astype(np.float32)
 
 
 @pytest.fixture(scope="session")
