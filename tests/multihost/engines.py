@@ -123,7 +123,8 @@ def _ray_start(node: Node, logs: Path, *args: str) -> Daemon:
     daemon = start(node, [
         str(BIN / "ray"), "start", "--block", "--node-ip-address", node.addr,
         "--num-cpus", "1", "--object-store-memory", str(80 * 2**20), "--disable-usage-stats",
-        "--temp-dir", str(temp), *args], logs / f"ray-{node.hostname}.log")
+        "--include-log-monitor", "false", "--temp-dir", str(temp), *args],
+        logs / f"ray-{node.hostname}.log")
     daemon.wait_for("Ray runtime started", timeout=90)
     return daemon
 

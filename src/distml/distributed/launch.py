@@ -117,19 +117,20 @@ def node_shape(cfg: Config, candidates: list[str] | None, *, num_nodes: int | No
     """(nodes, processes per node, max restarts) of a multi-node job training
     ``candidates`` (None: all); nodes default to the config's."""
     # The one place that reads the parallel settings for a multi-node launch.
+    # TODO(lead): `s.parallel` alone once the nested layout (train.parallel.*) is merged.
     chosen = [cfg.train.candidate(n) for n in candidates] if candidates else cfg.train.candidates
     settings = [cfg.train.settings_for(c) for c in chosen]
-    worlds = {s.world_size for s in settings}
+    parallel = [getattr(s, "parallel", s) for s in settings]
+    worlds = {p.world_size for p in parallel}
     if len(worlds) > 1:
-        raise DistmlError(f"the candidates have different train.world_size values "
+        raise DistmlError(f"the candidates have different train.parallel.world_size values "
                           f"{sorted(worlds)}; one job trains them all on one set of processes: "
                           "give --candidate to train them one at a time")
     (world,) = worlds
-    nodes = num_nodes or getattr(settings[0], "num_nodes", 1)
-    if nodes < 1 or world % nodes:
-        raise DistmlError(f"train.world_size={world} does not divide over {nodes} nodes; use "
-                          f"a number of nodes that divides {world} (e.g. --nnodes "
-                          f"{max(1, min(world, 2))})")
+    nodes = num_nodes or getattr(parallel[0], "num_nodes", 1)
+    if world % nodes:
+        raise DistmlError(f"train.parallel.world_size={world} does not divide over --nnodes "
+                          f"{nodes}; use a number of nodes that divides {world}")
     return nodes, world // nodes, max(s.max_restarts for s in settings)
 
 
