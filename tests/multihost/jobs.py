@@ -26,9 +26,10 @@ ENV = {"OMP_NUM_THREADS": "1", "LOGLEVEL": "INFO"}  # (and the agents say what t
 def layout(raw: dict) -> dict:
     """The config in the layout this checkout reads: train.parallel.* (the nested layout);
     the flat keys (train.strategy, train.world_size) where it is not there yet.
-    TODO(lead): at the merge of the nested layout, remove this and its two calls."""
+    TODO(lead): at the merge of the nested layout, remove this and its calls."""
     if "parallel" not in TrainSettings.model_fields:
-        raw["train"].update(raw["train"].pop("parallel"))
+        for part in (raw["train"], *raw["train"]["candidates"]):
+            part.update(part.pop("parallel", {}))
     return raw
 
 
