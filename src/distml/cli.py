@@ -142,11 +142,11 @@ def train(
     if rdzv_endpoint is not None:
         from distml.distributed import preflight
 
-        route, port = preflight.prepare_node(rdzv_endpoint)  # in a second: before torch loads
+        node = preflight.prepare_node(rdzv_endpoint)  # in a second: before torch loads
         from distml.distributed.launch import launch_training_nodes
 
         launch_training_nodes(cfg, config, set_ or [], candidate=candidate, resume=resume,
-                              num_nodes=nnodes, route=route, port=port, job_id=rdzv_id)
+                              num_nodes=nnodes, node=node, job_id=rdzv_id)
         return
     from distml.monitoring.mlflow_tracking import PipelineTracking
     from distml.workflow.pipeline import stage_ingest, stage_train, start_run

@@ -109,20 +109,23 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         # On several machines: the preflight checks, and gloo's interface, before the
         # process group exists.
-        across_nodes = preflight.prepare_rank() is not None
+        prepared = preflight.prepare_rank()
     except DistmlError as e:
         _fail(e)
     from torch.distributed.elastic.multiprocessing.errors import record
 
     from distml.distributed.runtime import run_worker
 
-    run_worker(lambda: record(_train)(args, across_nodes=across_nodes))
+    run_worker(lambda: record(_train)(args, prepared=prepared))
 
 
-def _train(args: argparse.Namespace, *, across_nodes: bool) -> None:
+def _train(args: argparse.Namespace, *, prepared: preflight.Prepared | None) -> None:
     from distml.distributed.runtime import init_distributed, shutdown
 
+    across_nodes = prepared is not None
     try:
+        if prepared is not None:
+            prepared.release()  # rank 0's store takes its port over now
         env = init_distributed()
         from distml.training.candidate import SplitTensors, train_candidate
 

@@ -77,7 +77,9 @@ def test_a_killed_node_rejoins_and_the_job_resumes_bit_for_bit(nodes: Cluster, w
     out = work / "killed"
     argv = [sys.executable, "-m", "distml", "train", "mh.yaml", "--set", f"output_dir={out}",
             "--rdzv-endpoint", f"{a.addr}:29401", "--nnodes", "2", "--rdzv-id", "killed"]
-    agents = [start_agent(n, argv, work, f"killed-{n.hostname}.log") for n in (a, b)]
+    agents = [start_agent(a, argv, work, "killed-node-a.log")]
+    a.wait_listening(29401)  # (node-b would wait 5 s for it; node-a may load slower)
+    agents.append(start_agent(b, argv, work, "killed-node-b.log"))
     deadline = time.monotonic() + 180
     while not list(out.glob("mh/2*/candidates/small/checkpoints/step-*")):
         if time.monotonic() > deadline or any(p.poll() is not None for p in agents):

@@ -62,6 +62,16 @@ def test_an_open_port_passes_and_a_used_one_is_refused_to_its_server():
             preflight.check_port(LOOPBACK, port, serves=True, what="the master")
 
 
+def test_the_serving_node_holds_its_port_open_until_released():
+    port = _closed_port()
+    node = preflight.Prepared(LOOPBACK, port, preflight.check_port(
+        LOOPBACK, port, serves=True, what="the master"))
+    preflight.wait_for_port(LOOPBACK, port, what="the master", seconds=0.3)  # the others
+    node.release()
+    with pytest.raises(preflight.PreflightError, match="nothing listens"):
+        preflight.wait_for_port(LOOPBACK, port, what="the master", seconds=0.1)
+
+
 def test_the_interface_is_set_unless_the_user_chose_one(monkeypatch):
     monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     monkeypatch.setenv("NCCL_SOCKET_IFNAME", "ib0")
