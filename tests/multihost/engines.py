@@ -120,13 +120,14 @@ def _ray_start(node: Node, logs: Path, *args: str) -> Daemon:
     # short path, since a Unix socket's path is limited to 107 bytes).
     temp = Path(f"/tmp/dmray-{node.ns}")
     shutil.rmtree(temp, ignore_errors=True)
-    daemon = start(node, [
+    return start(node, [
         str(BIN / "ray"), "start", "--block", "--node-ip-address", node.addr,
         "--num-cpus", "1", "--object-store-memory", str(80 * 2**20), "--disable-usage-stats",
         "--include-log-monitor", "false", "--temp-dir", str(temp), *args],
-        logs / f"ray-{node.hostname}.log")
-    daemon.wait_for("Ray runtime started", timeout=90)
-    return daemon
+        logs / f"ray-{node.hostname}.log",
+        # A dead node is declared dead after 2 missed health checks 1 s apart (Ray's
+        # default: 5 checks 3 s apart), so that the test of a node dying is quick.
+        RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="2")
 
 
 @contextlib.contextmanager
@@ -140,9 +141,11 @@ def ray_cluster(head: Node, workers: list[Node], logs: Path) -> Iterator[RayClus
                                   "--ray-client-server-port", "10001",
                                   "--include-dashboard", "false"))
         cluster = RayCluster(daemons[0])
-        for node in workers:
+        for node in workers:  # started together: a worker retries the head until it is up
             daemons.append(_ray_start(node, logs, "--address", f"{head.addr}:6379"))
             cluster.workers[node.hostname] = daemons[-1]
+        for daemon in daemons:
+            daemon.wait_for("Ray runtime started", timeout=90)
         yield cluster
     finally:
         # Ray's daemons (raylet, GCS, workers) leave the group of `ray start`: everything

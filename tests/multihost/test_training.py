@@ -76,7 +76,9 @@ def test_a_killed_node_rejoins_and_the_job_resumes_bit_for_bit(nodes: Cluster, w
     a, b = nodes["node-a"], nodes["node-b"]
     out = work / "killed"
     argv = [sys.executable, "-m", "distml", "train", "mh.yaml", "--set", f"output_dir={out}",
-            "--rdzv-endpoint", f"{a.addr}:29401", "--nnodes", "2", "--rdzv-id", "killed"]
+            "--rdzv-endpoint", f"{a.addr}:29401", "--nnodes", "2", "--rdzv-id", "killed",
+            # node-b's death is noticed after 3 heartbeats 1 s apart missed (default: 15 s)
+            "--rdzv-conf", "keep_alive_interval=1,keep_alive_max_attempt=3"]
     agents = [start_agent(a, argv, work, "killed-node-a.log")]
     a.wait_listening(29401)  # (node-b would wait 5 s for it; node-a may load slower)
     agents.append(start_agent(b, argv, work, "killed-node-b.log"))

@@ -10,7 +10,7 @@ import pytest
 
 from distml.config import parse_config
 from distml.distributed import network, preflight
-from distml.distributed.launch import node_shape
+from distml.distributed.launch import node_shape, parse_rdzv_conf
 from distml.errors import DistmlError
 from tests.conftest import TINY
 from tests.multihost.jobs import layout
@@ -114,3 +114,11 @@ def test_node_shape_refuses_candidates_of_different_world_sizes():
     with pytest.raises(DistmlError, match=r"different train.parallel.world_size values \[2, 4\]"):
         node_shape(cfg, None, num_nodes=2)
     assert node_shape(cfg, ["cnn"], num_nodes=2) == (2, 1, 0)
+
+
+def test_rdzv_conf_parses_as_torchrun_takes_it():
+    assert parse_rdzv_conf("") == {}
+    assert parse_rdzv_conf("keep_alive_interval=1, join_timeout=60") == {
+        "keep_alive_interval": "1", "join_timeout": "60"}
+    with pytest.raises(DistmlError, match=r"'join_timeout' is not KEY=VALUE"):
+        parse_rdzv_conf("join_timeout")
