@@ -73,7 +73,7 @@ def _prepare(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool):
         preflight.check_output_shared(cfg.output_dir, env)
     run_dir = tracking = None
     if env.is_main:
-        run = _job_run(cfg, resume=resume)
+        run = _job_run(cfg, resume=args.resume, restarted=restarted)
         tracking = PipelineTracking.start(cfg, run.dir)
         stage_ingest(run)
         run_dir = run.dir
@@ -81,25 +81,26 @@ def _prepare(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool):
     return cfg, run_dir, Manifest.read(run_dir / "data"), tracking, resume
 
 
-def _job_run(cfg: Config, *, resume: bool):
-    """A new run folder, tagged with torchrun's job id (``--rdzv-id``); on a resume, the
-    newest folder of this job (else the newest of all), so that restarted ranks continue
-    the run their job started instead of beginning another one."""
+def _job_run(cfg: Config, *, resume: bool, restarted: bool):
+    """The run folder: after a restart, the one this job started (tagged with torchrun's
+    ``--rdzv-id``), so that restarted ranks continue it rather than begin another; with
+    --resume, the newest; else a new one, tagged."""
     from distml.fsutil import write_text_atomic
     from distml.workflow.pipeline import Run, start_run
 
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id is "none"
-    if not resume:
-        run = start_run(cfg)
-        if job != "none":
-            write_text_atomic(run.dir / JOB_FILE, job)
-        return run
     project = cfg.output_dir / cfg.name
-    for folder in sorted(project.glob("2*"), reverse=True):
-        tag = folder / JOB_FILE
-        if job != "none" and tag.is_file() and tag.read_text() == job:
-            return Run(cfg, folder)
-    return start_run(cfg, resume=True)
+    if restarted and job != "none":
+        for folder in sorted(project.glob("2*"), reverse=True):
+            tag = folder / JOB_FILE
+            if tag.is_file() and tag.read_text() == job:
+                return Run(cfg, folder)
+    if resume or (restarted and job == "none"):
+        return start_run(cfg, resume=True)
+    run = start_run(cfg)
+    if job != "none":
+        write_text_atomic(run.dir / JOB_FILE, job)
+    return run
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
