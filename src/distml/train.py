@@ -109,7 +109,7 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
     cfg = load_config(args.config, args.overrides)
     if check_shared:
         preflight.check_output_shared(cfg.output_dir, env)
-    run = _job_run(cfg, resume=resume) if env.is_main else None
+    run = _job_run(cfg, resume=args.resume, restarted=restarted) if env.is_main else None
     from distml.workflow.distill import prepare_teachers
 
     with pipeline_tracking(cfg, run.dir) if run else contextlib.nullcontext():
@@ -120,25 +120,26 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
                prepare=lambda cand, manifest: prepare_teachers(cfg, cand, run_dir, manifest))
 
 
-def _job_run(cfg: Config, *, resume: bool) -> Run:
-    """A new run folder, tagged with torchrun's job id (``--rdzv-id``); on a resume, the
-    newest folder of this job (else the newest of all), so that restarted ranks continue
-    the run their job started instead of beginning another one."""
+def _job_run(cfg: Config, *, resume: bool, restarted: bool) -> Run:
+    """The run folder: after a restart, the one this job started (tagged with torchrun's
+    ``--rdzv-id``), so that restarted ranks continue it rather than begin another; with
+    --resume, the newest; else a new one, tagged."""
     from distml.fsutil import write_text_atomic
     from distml.workflow.pipeline import Run, start_run
 
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id is "none"
-    if not resume:
-        run = start_run(cfg)
-        if job != "none":
-            write_text_atomic(run.dir / JOB_FILE, job)
-        return run
     project = cfg.output_dir / cfg.name
-    for folder in sorted(project.glob("2*"), reverse=True):
-        tag = folder / JOB_FILE
-        if job != "none" and tag.is_file() and tag.read_text() == job:
-            return Run(cfg, folder)
-    return start_run(cfg, resume=True)
+    if restarted and job != "none":
+        for folder in sorted(project.glob("2*"), reverse=True):
+            tag = folder / JOB_FILE
+            if tag.is_file() and tag.read_text() == job:
+                return Run(cfg, folder)
+    if resume or (restarted and job == "none"):
+        return start_run(cfg, resume=True)
+    run = start_run(cfg)
+    if job != "none":
+        write_text_atomic(run.dir / JOB_FILE, job)
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,12 +149,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # On several machines: the preflight checks, and gloo's interface, before the
         # process group exists (and before torch loads).
-        across_nodes = preflight.prepare_rank() is not None
+        prepared = preflight.prepare_rank()
     except DistmlError as e:
         _fail(e)
     from distml.distributed.runtime import worker_main
 
-    worker_main(lambda env: _main(args, env, across_nodes=across_nodes))
+    if prepared is not None:
+        prepared.release()  # rank 0's store takes its port over now
+    worker_main(lambda env: _main(args, env, across_nodes=prepared is not None))
 
 
 def _entry() -> NoReturn:

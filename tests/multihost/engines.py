@@ -17,16 +17,24 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distml.distributed.network import SOCKET_IFNAME_VARS
 from tests.multihost.netns import Node, kill_group
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).parents[2]
 
 
+INHERITED_NOT = {*SOCKET_IFNAME_VARS, "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
+                 "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE"}
+
+
 def node_env(**extra: str) -> dict[str, str]:
     """The environment of processes in the nodes: this one, with the project importable
-    (workers load tests.helpers) and nothing that would send traffic through a proxy."""
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    (workers load tests.helpers), nothing that would send traffic through a proxy, and no
+    collective or rendezvous settings this test process may have been given (an interface
+    named for loopback here would keep gloo off the nodes' network)."""
+    env = {k: v for k, v in os.environ.items()
+           if "proxy" not in k.lower() and k not in INHERITED_NOT}
     path = [str(ROOT), *filter(None, [env.get("PYTHONPATH")])]
     # Ray turns token authentication on when it finds a token in ~/.ray (which other runs
     # on this machine may leave); these clusters live on a private test network: off.
@@ -120,12 +128,14 @@ def _ray_start(node: Node, logs: Path, *args: str) -> Daemon:
     # short path, since a Unix socket's path is limited to 107 bytes).
     temp = Path(f"/tmp/dmray-{node.ns}")
     shutil.rmtree(temp, ignore_errors=True)
-    daemon = start(node, [
+    return start(node, [
         str(BIN / "ray"), "start", "--block", "--node-ip-address", node.addr,
         "--num-cpus", "1", "--object-store-memory", str(80 * 2**20), "--disable-usage-stats",
-        "--temp-dir", str(temp), *args], logs / f"ray-{node.hostname}.log")
-    daemon.wait_for("Ray runtime started", timeout=90)
-    return daemon
+        "--include-log-monitor", "false", "--temp-dir", str(temp), *args],
+        logs / f"ray-{node.hostname}.log",
+        # A dead node is declared dead after 2 missed health checks 1 s apart (Ray's
+        # default: 5 checks 3 s apart), so that the test of a node dying is quick.
+        RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="2")
 
 
 @contextlib.contextmanager
@@ -139,9 +149,11 @@ def ray_cluster(head: Node, workers: list[Node], logs: Path) -> Iterator[RayClus
                                   "--ray-client-server-port", "10001",
                                   "--include-dashboard", "false"))
         cluster = RayCluster(daemons[0])
-        for node in workers:
+        for node in workers:  # started together: a worker retries the head until it is up
             daemons.append(_ray_start(node, logs, "--address", f"{head.addr}:6379"))
             cluster.workers[node.hostname] = daemons[-1]
+        for daemon in daemons:
+            daemon.wait_for("Ray runtime started", timeout=90)
         yield cluster
     finally:
         # Ray's daemons (raylet, GCS, workers) leave the group of `ray start`: everything

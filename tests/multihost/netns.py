@@ -38,8 +38,11 @@ def unavailable_reason() -> str | None:
     """Why namespaces cannot be made here, or None when they can."""
     if os.geteuid() != 0:
         return "network namespaces need root (run the tests as root, as CI does)"
-    if shutil.which("ip") is None or shutil.which("unshare") is None:
-        return "`ip` (iproute2) and `unshare` (util-linux) are needed: apt-get install iproute2"
+    missing = [tool for tool in ("ip", "ss", "unshare", "mount", "hostname")
+               if shutil.which(tool) is None]
+    if missing:
+        return (f"{', '.join(missing)} not found (ip and ss: apt-get install iproute2; "
+                "unshare and mount: util-linux, mount; hostname: hostname)")
     probe = f"{PREFIX}{os.getpid()}-probe"
     made = _ip("netns", "add", probe, check=False)
     if made.returncode != 0:

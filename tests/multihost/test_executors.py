@@ -120,7 +120,7 @@ def ingested(output_dir: Path) -> Path:
 def check_predict(work: Path, driver: Node, executor: str) -> None:
     """Batch inference on the cluster, both nodes taking items, writes the local file."""
     name = executor.split(":")[0]
-    folder = marking(work, f"predict-{name}", delay=0.3)
+    folder = marking(work, f"predict-{name}", delay=0.2)
     out = work / f"predict-{name}.parquet"
     finish(distml_on(driver, ["predict", "artifact", "--input", "input.parquet", "--output",
                               str(out), "--executor", executor, "--quiet", "--trust-module",
@@ -133,7 +133,7 @@ def check_ingest_with_a_kill(work: Path, driver: Node, executor: str,
                              kill: Callable[[], None]) -> None:
     """Ingest while node-b's worker is killed holding an item; the output must not change."""
     name = executor.split(":")[0]
-    folder = marking(work, f"ingest-{name}", delay=0.3)
+    folder = marking(work, f"ingest-{name}", delay=0.2)
     proc = distml_on(driver, [
         "ingest", "mh.yaml", "--quiet", "--set", f"output_dir={work / name}",
         "--set", f"execution.executor={executor}", "--set", "execution.retries=2"], cwd=work)

@@ -84,6 +84,10 @@ def train(
     rdzv_id: Annotated[str, typer.Option(
         help="The job's id, the same on every node; a node restarted with it rejoins "
         "the job.")] = "distml",
+    rdzv_conf: Annotated[str, typer.Option(
+        help="Rendezvous settings as torchrun takes them, e.g. keep_alive_interval=2,"
+        "keep_alive_max_attempt=3 (a dead node is noticed after 6 s instead of 15 s).")
+    ] = "",
 ) -> None:
     """Ingest (cached) and train candidates, without selection; with --rdzv-endpoint, this
     machine's part of a job on several (run on each, with the same options)."""
@@ -93,11 +97,12 @@ def train(
 
         if candidate is not None:
             cfg.train.candidate(candidate)  # an unknown name fails before any work
-        route, port = preflight.prepare_node(rdzv_endpoint)  # in a second: before torch loads
+        node = preflight.prepare_node(rdzv_endpoint)  # in a second: before torch loads
         from distml.distributed.launch import launch_training_nodes
 
         launch_training_nodes(cfg, config, set_ or [], candidate=candidate, resume=resume,
-                              num_nodes=nnodes, route=route, port=port, job_id=rdzv_id)
+                              num_nodes=nnodes, node=node, job_id=rdzv_id,
+                              rdzv_conf=rdzv_conf)
         return
     from distml.workflow.pipeline import train_only
 

@@ -38,7 +38,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from distml.config import Config
-from distml.distributed import network, preflight
+from distml.distributed import preflight
 from distml.errors import DistmlError
 
 
@@ -60,12 +60,13 @@ def launch_local(
 
 
 def launch_node(
-    module: str, args: list[str], *, route: network.Route, port: int, num_nodes: int,
-    nproc_per_node: int, job_id: str, max_restarts: int, what: str,
+    module: str, args: list[str], *, node: preflight.Prepared, num_nodes: int,
+    nproc_per_node: int, job_id: str, max_restarts: int, what: str, rdzv_conf: str = "",
 ) -> None:
     """This node's part of a job on ``num_nodes`` machines, each running this with the
-    same node 0 (``route.master``, which serves the rendezvous on ``port``) and ``job_id``.
-    ``route`` comes from ``preflight.prepare_node``, which checked this node first."""
+    same node 0 (``node.route.master``, which serves the rendezvous on ``node.port``) and
+    ``job_id``. ``node`` comes from ``preflight.prepare_node``, which checked this node."""
+    route, port = node.route, node.port
     # torch's agents share the rendezvous store with the ranks by default; then a new agent
     # (a node restarted after its agent died) waits forever for the store address, which
     # the surviving rank-0 agent publishes only once (torch 2.13). Unshared, every round
@@ -76,12 +77,26 @@ def launch_node(
         run_id=job_id, rdzv_backend="c10d", rdzv_endpoint=f"{route.master}:{port}",
         # Whether this node serves the rendezvous, from its addresses rather than torch's
         # guess from the hostname; and the address it shows the others.
-        rdzv_configs={"is_host": route.master_is_here}, local_addr=route.own_addr,
+        rdzv_configs={**parse_rdzv_conf(rdzv_conf), "is_host": route.master_is_here},
+        local_addr=route.own_addr,
         max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn",
         logs_specs=DefaultLogsSpecs(tee=Std.ALL),
         log_line_prefix_template=f"[{socket.gethostname()} rank ${{rank}}] ",
     )
+    node.release()  # the agent serves the rendezvous on it from now on
     _launch(config, module, args, what=what)
+
+
+def parse_rdzv_conf(text: str) -> dict[str, str]:
+    """torchrun's --rdzv-conf: KEY=VALUE pairs separated by commas."""
+    conf = {}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DistmlError(f"--rdzv-conf={text!r}: {item!r} is not KEY=VALUE; give e.g. "
+                              "keep_alive_interval=2,keep_alive_max_attempt=3")
+        conf[key.strip()] = value.strip()
+    return conf
 
 
 def _launch(config: LaunchConfig, module: str, args: list[str], *, what: str) -> None:
@@ -136,7 +151,7 @@ def node_shape(cfg: Config, candidates: list[str] | None, *, num_nodes: int | No
 
 def launch_training_nodes(
     cfg: Config, config: Path, overrides: list[str], *, candidate: str | None, resume: bool,
-    num_nodes: int | None, route: network.Route, port: int, job_id: str,
+    num_nodes: int | None, node: preflight.Prepared, job_id: str, rdzv_conf: str = "",
 ) -> None:
     """``distml train --rdzv-endpoint``: this node's agent of a job training the config's
     candidates on several machines (``python -m distml.train CONFIG`` in every rank)."""
@@ -144,6 +159,6 @@ def launch_training_nodes(
                                            num_nodes=num_nodes)
     args = [str(config.absolute()), *(a for o in overrides for a in ("--set", o)),
             *(["--candidate", candidate] if candidate else []), *(["--resume"] * resume)]
-    launch_node("distml.train", args, route=route, port=port, num_nodes=nodes,
-                nproc_per_node=per_node, job_id=job_id, max_restarts=restarts,
-                what=f"training job {job_id!r}")
+    launch_node("distml.train", args, node=node, num_nodes=nodes, nproc_per_node=per_node,
+                job_id=job_id, max_restarts=restarts, what=f"training job {job_id!r}",
+                rdzv_conf=rdzv_conf)

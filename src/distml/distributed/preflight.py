@@ -26,6 +26,7 @@ import os
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,15 +75,31 @@ def check_loopback() -> None:
                              ) from None
 
 
-def check_node(master: str, port: int, *, what: str) -> Route:
+@dataclass
+class Prepared:
+    """A node that passed preflight: its route to the master and, on the node that serves
+    the master's port, that port held open until torch takes it over, so that the other
+    nodes' checks find it open while this one still loads torch."""
+
+    route: Route
+    port: int
+    held: socket.socket | None = None
+
+    def release(self) -> None:
+        if self.held is not None:
+            self.held.close()
+            self.held = None
+
+
+def check_node(master: str, port: int, *, what: str) -> Prepared:
     """The checks one node can make alone, before starting ranks: the route to ``master``,
     the hostname, and the port (free here if ``master`` is this node, else open there)."""
     route = check_route(master, port, what=what)
     hostname_error = hostname_problem(route)
     if hostname_error is not None:
         raise hostname_error
-    check_port(route, port, serves=route.master_is_here, what=what)
-    return route
+    return Prepared(route, port, check_port(route, port, serves=route.master_is_here,
+                                            what=what))
 
 
 def check_route(master: str, port: int, *, what: str) -> Route:
@@ -106,20 +123,21 @@ def hostname_problem(route: Route) -> PreflightError | None:
         f"'{addrs[0]} {name}' with '{route.own_addr} {name}' (or fix DNS) ({SKIP})")
 
 
-def check_port(route: Route, port: int, *, serves: bool, what: str) -> None:
+def check_port(route: Route, port: int, *, serves: bool, what: str) -> socket.socket | None:
     """The node that serves the port must be free to listen on it (when the address is
-    its own: behind a Kubernetes service it is not); the others wait for it to open."""
+    its own: behind a Kubernetes service it is not), and gets it, listening; the others
+    wait for it to open."""
     if not serves:
         wait_for_port(route, port, what=what, seconds=wait_seconds())
     elif route.master_ip in local_addresses():
-        _check_port_free(route, port, what=what)
+        return _listen(route, port, what=what)
+    return None
 
 
-def _check_port_free(route: Route, port: int, *, what: str) -> None:
+def _listen(route: Route, port: int, *, what: str) -> socket.socket:
     family = socket.AF_INET6 if ":" in route.master_ip else socket.AF_INET
-    try:
-        with socket.create_server((route.master_ip, port), family=family):
-            pass
+    try:  # (with SO_REUSEADDR: torch binds the port again the moment this one closes)
+        return socket.create_server((route.master_ip, port), family=family)
     except OSError as e:
         if e.errno != errno.EADDRINUSE:
             raise
@@ -159,15 +177,16 @@ def wait_for_port(route: Route, port: int, *, what: str, seconds: float) -> None
                                  f"{e.strerror} ({SKIP})") from None
 
 
-def prepare_node(endpoint: str) -> tuple[Route, int]:
+def prepare_node(endpoint: str) -> Prepared:
     """In distml's launcher, before torch's agent starts: the checks for this node of a
     multi-node job at ``endpoint`` (HOST:PORT of node 0), then gloo's and nccl's interface,
-    which the ranks inherit. Returns the route to node 0 and the port."""
+    which the ranks inherit. The caller releases the port before the agent starts."""
     host, port = parse_endpoint(endpoint)
     what = "the rendezvous endpoint (--rdzv-endpoint)"
-    route = check_node(host, port, what=what) if enabled() else route_to(host, port)
-    set_collective_interface(route)
-    return route, port
+    prepared = (check_node(host, port, what=what) if enabled()
+                else Prepared(route_to(host, port), port))
+    set_collective_interface(prepared.route)
+    return prepared
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -192,17 +211,17 @@ def launched_across_nodes() -> bool:
     return not is_loopback(resolve(env["MASTER_ADDR"]))
 
 
-def prepare_rank() -> Route | None:
+def prepare_rank() -> Prepared | None:
     """In a rank of a multi-node job, before its process group: the checks, then gloo's and
-    nccl's interface (the one on the route to the master). None on one machine."""
+    nccl's interface (the one on the route to the master). None on one machine; else the
+    caller releases the port before creating the process group."""
     if not launched_across_nodes():
         return None
     master, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    if not enabled():
-        route = route_to(master, port)
-    else:
-        route = check_route(master, port, what=MASTER)
-        problem = hostname_problem(route)
+    prepared = Prepared(route_to(master, port), port)
+    if enabled():
+        prepared.route = check_route(master, port, what=MASTER)
+        problem = hostname_problem(prepared.route)
         if problem is not None:
             # The ranks are past the agents' rendezvous, and the interface set below keeps
             # gloo off loopback: worth fixing, not worth failing a job that will run.
@@ -210,9 +229,10 @@ def prepare_rank() -> Route | None:
         if "TORCHELASTIC_RUN_ID" not in os.environ:
             # Started without torch's agent (by hand, by a PyTorchJob): rank 0 serves the
             # store, the others wait for it. (Under an agent, the agents have met already.)
-            check_port(route, port, serves=os.environ.get("RANK", "0") == "0", what=MASTER)
-    set_collective_interface(route)
-    return route
+            prepared.held = check_port(prepared.route, port, what=MASTER,
+                                       serves=os.environ.get("RANK", "0") == "0")
+    set_collective_interface(prepared.route)
+    return prepared
 
 
 def check_output_shared(folder: Path, env: DistEnv) -> None:
