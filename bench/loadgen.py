@@ -69,11 +69,14 @@ async def _level(port: int, path: str, requests: list[tuple[bytes, str]], concur
             "errors": errors}
 
 
-def measure(port: int, path: str, requests: list[tuple[bytes, str]], concurrency: int, *,
-            seconds: float = 5.0, repeats: int = 3, warmup_s: float = 1.0) -> dict:
-    """Median over ``repeats`` runs of ``seconds`` each, and the spread of the throughput."""
-    runs = [asyncio.run(_level(port, path, requests, concurrency, seconds, warmup_s))
-            for _ in range(repeats)]
+def run_level(port: int, path: str, requests: list[tuple[bytes, str]], concurrency: int, *,
+              seconds: float = 5.0, warmup_s: float = 1.0) -> dict:
+    """One measurement of ``seconds`` after ``warmup_s`` of the same load."""
+    return asyncio.run(_level(port, path, requests, concurrency, seconds, warmup_s))
+
+
+def summarize(runs: list[dict]) -> dict:
+    """The median of repeated runs of one level, and the spread of the throughput."""
     rps = [r["throughput_rps"] for r in runs]
     errors: dict[str, int] = {}
     for r in runs:
@@ -83,4 +86,5 @@ def measure(port: int, path: str, requests: list[tuple[bytes, str]], concurrency
             "throughput_min_max": [round(min(rps), 1), round(max(rps), 1)],
             "p50_ms": round(statistics.median(r["p50_ms"] for r in runs), 3),
             "p99_ms": round(statistics.median(r["p99_ms"] for r in runs), 3),
-            "requests": sum(r["requests"] for r in runs), "errors": errors}
+            "repeats": len(runs), "requests": sum(r["requests"] for r in runs),
+            "errors": errors}

@@ -11,7 +11,11 @@ documented API, in one run:
 The model is the digits main job's mlp-wide candidate (standardize + MLP 64-256-256-10),
 trained here for a few epochs. Each server runs alone in its own process on loopback. One
 closed-loop load generator (bench/loadgen.py) keeps C requests in flight at C = 1, 8, 32, 64,
-for SECONDS per level after a warm-up, REPEATS times (median and min-max reported). Payloads:
+for SECONDS per level after a warm-up, REPEATS times (median and min-max reported). All the
+servers are started first and stay up; each repeat measures every server's levels in turn,
+the servers' order rotating from one repeat to the next, so that a slow minute of the machine
+falls on every contender alike rather than on whichever ran then (an idle server costs the
+others next to nothing). Payloads:
 the protocol's JSON with 1 and 64 rows per request for every server; for distml also the
 binary tensor data extension. The load generator shares the machine's cores with the server,
 alike for every peer; once, wrk (if installed) measures the same level to cross-check it.
@@ -35,11 +39,11 @@ import numpy as np
 import yaml
 
 from bench.common import save
-from bench.loadgen import measure
+from bench.loadgen import run_level, summarize
 from bench.peers import PEERS, python
 
 LEVELS = (1, 8, 32, 64)
-SECONDS, REPEATS = 5.0, 3
+SECONDS, REPEATS = 5.0, 5
 ROOT = Path(__file__).parents[1]
 PATH = "/v2/models/digits/infer"
 JSON_HEADERS = "Content-Type: application/json\r\n"
@@ -124,15 +128,19 @@ def _mlserver_folder(artifact: Path, folder: Path, port: int) -> Path:
     return folder
 
 
-def _start(cmd: list[str], port: int, body: bytes) -> subprocess.Popen:
+def _start(cmd: list[str], port: int, body: bytes, folder: Path) -> subprocess.Popen:
     import httpx
 
     # This checkout's sources first, so that distml serve is the code under test.
     path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
     # A session of its own: stopping it stops the worker processes some servers start.
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env={**os.environ, "PYTHONPATH": path},
-                            start_new_session=True)
+    # Its log goes to a file: a pipe that nobody reads while the others are measured
+    # would block a server that logs each request.
+    log = folder / f"server-{port}.log"
+    with log.open("w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": path},
+                                start_new_session=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -143,7 +151,7 @@ def _start(cmd: list[str], port: int, body: bytes) -> subprocess.Popen:
         except httpx.TransportError:
             pass
         if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{cmd} exited: {log.read_text()[-2000:]}")
         time.sleep(0.5)
     _stop(proc)
     raise RuntimeError(f"{cmd} did not answer within 180 s")
@@ -159,19 +167,20 @@ def _plan(name: str) -> list[tuple[str, int]]:
     return plan
 
 
-def _run_server(name: str, cmd: list[str], port: int, payloads: dict) -> dict:
-    proc = _start(cmd, port, payloads["json1"][0][0])
-    try:
-        out = {}
-        for payload, c in _plan(name):
-            out[f"{payload}_c{c}"] = measure(port, PATH, payloads[payload], c,
-                                             seconds=SECONDS, repeats=REPEATS)
-            print(name, payload, c, json.dumps(out[f"{payload}_c{c}"]), flush=True)
-        if name == "distml_batched":
-            out["wrk_check"] = _wrk_check(port, payloads["json1"][0][0])
-        return out
-    finally:
-        _stop(proc)
+def _measure_all(servers: dict[str, int], payloads: dict) -> dict[str, dict]:
+    """Every server's plan, REPEATS times, interleaved (see the module's docstring)."""
+    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in servers}
+    names = list(servers)
+    for repeat in range(REPEATS):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            for payload, c in _plan(name):
+                run = run_level(servers[name], PATH, payloads[payload], c, seconds=SECONDS)
+                runs[name].setdefault(f"{payload}_c{c}", []).append(run)
+                print(f"[{repeat + 1}/{REPEATS}]", name, payload, c,
+                      round(run["throughput_rps"], 1), flush=True)
+    return {name: {key: summarize(r) for key, r in levels.items()}
+            for name, levels in runs.items()}
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -200,7 +209,7 @@ def _wrk_check(port: int, body: bytes) -> dict | None:
     finally:
         os.unlink(f.name)
     rps = float(out.split("Requests/sec:")[1].split()[0])
-    ours = measure(port, PATH, [(body, JSON_HEADERS)], 32, seconds=SECONDS, repeats=1)
+    ours = run_level(port, PATH, [(body, JSON_HEADERS)], 32, seconds=SECONDS)
     non_2xx = out.split("Non-2xx or 3xx responses:")[1].split()[0] if "Non-2xx" in out else "0"
     return {"wrk_rps": rps, "ours_rps": ours["throughput_rps"], "wrk_non_2xx": int(non_2xx),
             "ours_over_wrk": round(ours["throughput_rps"] / rps, 3)}
@@ -226,12 +235,19 @@ def main() -> dict:
         payloads = _payloads(rows)
         raw_ms = _raw_forward_ms(artifact, rows)
         results: dict[str, dict] = {}
-        for name, (cmd, port) in _commands(artifact, Path(tmp)).items():
-            try:
-                results[name] = _run_server(name, cmd, port, payloads)
-            except Exception as e:  # noqa: BLE001 - reported; the other servers still run
-                results[name] = {"failed": f"{type(e).__name__}: {str(e)[-500:]}"}
-                print(name, "failed:", e, flush=True)
+        servers: dict[str, int] = {}
+        with contextlib.ExitStack() as stack:
+            for name, (cmd, port) in _commands(artifact, Path(tmp)).items():
+                try:
+                    stack.callback(_stop, _start(cmd, port, payloads["json1"][0][0], Path(tmp)))
+                    servers[name] = port
+                except Exception as e:  # noqa: BLE001 - reported; the other servers still run
+                    results[name] = {"failed": f"{type(e).__name__}: {str(e)[-500:]}"}
+                    print(name, "failed:", e, flush=True)
+            results.update(_measure_all(servers, payloads))
+            if "distml_batched" in servers:
+                results["distml_batched"]["wrk_check"] = _wrk_check(
+                    servers["distml_batched"], payloads["json1"][0][0])
     return _summarize(results, raw_ms)
 
 
