@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import small_lm_config, write_config
 from tests.e2e.test_cli import distml
+from tests.helpers.procs import training_ranks
 
 ROOT = Path(__file__).parents[2]
 ENV = {"PYTHONPATH": str(ROOT)}  # workers import tests.helpers
@@ -77,18 +78,7 @@ def test_a_wrong_strategy_fails_verify(tmp_path, tiny_raw):
 
 def _rank_pid(rank: int, parent: int) -> int | None:
     """The pid of a distml.train worker of ``parent``'s tree with RANK=rank."""
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"distml.train" in cmd and f"RANK={rank}".encode() in env and \
-                f"DISTML_TEST_PARENT={parent}".encode() in env:
-            return int(proc.name)
-    return None
+    return next(iter(training_ranks(rank, parent)), None)
 
 
 def test_a_killed_rank_restarts_from_the_checkpoint_bit_for_bit(tmp_path, tiny_raw):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.conftest import write_config
 from tests.e2e.test_cli import distml
+from tests.helpers.procs import training_ranks
 
 ROOT = Path(__file__).parents[2]
 # Workers import tests.helpers; this checkout's sources come first.
@@ -38,19 +39,8 @@ def _result(tmp_path: Path, run: Path | None = None, candidate: str = "small") -
 def _child_pid(rank: int, marker: str) -> int | None:
     """The pid of the worker process (the keeper's child) with RANK=rank, or of the rank's
     process when it has no keeper (a server), in the tree tagged with ``marker``."""
-    found = {}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmd = (proc / "cmdline").read_bytes()
-            env = (proc / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"distml.train" in cmd and f"RANK={rank}".encode() in env and \
-                f"DISTML_TEST_PARENT={marker}".encode() in env:
-            kept = any(e.startswith(b"DISTML_PS_KEEPER_STATUS=") for e in env)
-            found[kept] = int(proc.name)
+    found = {any(e.startswith(b"DISTML_PS_KEEPER_STATUS=") for e in env): pid
+             for pid, env in training_ranks(rank, marker).items()}
     return found.get(True, found.get(False))
 
 

@@ -13,6 +13,7 @@ it by the number of classes too. Nothing here imports torch.
 
 from __future__ import annotations
 
+import graphlib
 import re
 from typing import TYPE_CHECKING, Any
 
@@ -115,25 +116,11 @@ def _edges(candidates: list[Candidate]) -> dict[str, list[str]]:
 
 
 def _cycle(candidates: list[Candidate]) -> list[str] | None:
-    edges = _edges(candidates)
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for dep in edges.get(node, []):
-            if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
-            if dep not in state and (found := visit(dep)):
-                return found
-        path.pop()
-        state[node] = 2
-        return None
-
-    for c in candidates:
-        if c.name not in state and (found := visit(c.name)):
-            return found
+    """A cycle of teachers, as student -> teacher -> ... -> student; None if none."""
+    try:
+        graphlib.TopologicalSorter(_edges(candidates)).prepare()
+    except graphlib.CycleError as e:
+        return e.args[1][::-1]  # graphlib lists it teacher-first
     return None
 
 
