@@ -3,12 +3,16 @@ client to a running cluster (workers there need distml installed)."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
 
 from distml.execution.base import Executor, ProgressFactory, ProgressHandle
+
+logger = logging.getLogger(__name__)
 
 
 class RayExecutor(Executor):
@@ -50,6 +54,24 @@ def _call(fn: Callable, item: Any) -> Any:
     return fn(item)
 
 
+def _connect(address: str, attempts: int = 3) -> None:
+    """Connect to a cluster's Ray Client server. The server starts one process per client;
+    when that process dies as it starts (seen with Ray 2.60 on a loaded machine:
+    "Initialization failure from server ... ZombieProcess"), a new connection gets a new
+    one, so the connection is tried again a few times before the error is raised."""
+    for attempt in range(1, attempts + 1):
+        try:
+            ray.init(address=f"ray://{address}", log_to_driver=False)
+            return
+        except ConnectionAbortedError as e:
+            if attempt == attempts or "Initialization failure from server" not in str(e):
+                raise
+            logger.warning("Ray client connection to %s failed as it started (%s); trying "
+                           "again (%d/%d)", address, str(e).strip().splitlines()[-1],
+                           attempt + 1, attempts)
+            time.sleep(1.0)
+
+
 def make(
     address: str, *, num_workers: int, retries: int, progress: ProgressFactory | None
 ) -> RayExecutor:
@@ -58,6 +80,6 @@ def make(
         ray.init(num_cpus=num_workers, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     elif owns:
-        ray.init(address=f"ray://{address}", log_to_driver=False)
+        _connect(address)
     return RayExecutor(owns_runtime=owns, num_workers=num_workers, retries=retries,
                        progress=progress)
