@@ -25,8 +25,12 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 
+# Two workers: most tests wait on processes they start (ranks, servers, clusters), so two
+# at a time keep both cores busy; tests that share a machine-wide resource are grouped onto
+# one worker (tests/conftest.py).
+TEST_WORKERS ?= 2
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install
 	$(BIN)/python -m bench

@@ -81,3 +81,14 @@ def trained_digits(tmp_path_factory) -> Path:
                       "key": np.arange(len(digits.data)) * 10, "label": digits.target})
     pq.write_table(table, root / "digits.parquet", row_group_size=400)
     return root
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs two workers), tests that share something
+    machine-wide run on one worker, one after another: the multi-host tests (one pair of
+    network namespaces) and the tests that start a Ray cluster (one at a time)."""
+    for item in items:
+        if item.get_closest_marker("multihost"):
+            item.add_marker(pytest.mark.xdist_group("multihost"))
+        elif "ray" in item.nodeid.lower():
+            item.add_marker(pytest.mark.xdist_group("ray"))

@@ -64,7 +64,9 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except DistmlError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            # soft_wrap: one line the terminal folds, not lines broken inside a path
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
