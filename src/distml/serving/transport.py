@@ -81,6 +81,10 @@ def load_tls(settings: Any) -> Tls | None:
                data["ssl_certfile"], data["ssl_keyfile"])
 
 
+class _RefusedError(Exception):
+    pass
+
+
 def guarded_protocol(read_timeout_s: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
     """uvicorn's ``http`` protocol class with these limits."""
     return type("GuardedProtocol", (GuardedProtocol,), {
@@ -98,6 +102,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self._deadline: asyncio.TimerHandle | None = None
         self._head_bytes = 0
         self._head_done = False
+        self._refusal: tuple[int, str] | None = None
         super().connection_made(transport)
         self._arm()  # a connection that sends nothing is closed too
 
@@ -112,8 +117,7 @@ class GuardedProtocol(HttpToolsProtocol):
         if not self._head_done and not self.transport.is_closing():
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
-                self._answer(431, f"the request line and headers are over the limit of "
-                                  f"{self.max_header_bytes} bytes")
+                self._answer(431, self._too_large())
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -122,15 +126,24 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_done = True
+        size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+        if size > self.max_header_bytes:  # arrived in one piece: never reaches the app
+            self._refusal = (431, self._too_large())
+            raise _RefusedError  # stops the parser; uvicorn answers through send_400_response
         super().on_headers_complete()
+
+    def _too_large(self) -> str:
+        return f"the request line and headers are over the limit of {self.max_header_bytes} bytes"
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._disarm()
 
     def send_400_response(self, msg: str) -> None:
-        # uvicorn's answer to bytes that are not HTTP: the protocol's JSON error instead
-        self._answer(400, msg)
+        # uvicorn's answer to a parser error (bytes that are not HTTP, or a refusal above):
+        # the protocol's JSON error instead of its plain text
+        status, msg = self._refusal or (400, msg)
+        self._answer(status, msg)
 
     def _arm(self) -> None:
         if self._deadline is None:
