@@ -153,3 +153,56 @@ def test_serve_refuses_a_network_address_without_a_token(trained_digits, tmp_pat
     assert "reachable from other machines" in out.stderr
     assert "--insecure" in out.stderr
     assert "serving" not in out.stdout  # refused before anything listened
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    from tests.helpers.tls import make_certificates
+
+    return make_certificates(tmp_path_factory.mktemp("tls"))
+
+
+def _serve(trained_digits: Path, *args: str):
+    return CliRunner().invoke(app, ["serve", "tiny", "--registry",
+                                    str(trained_digits / "registry"), "--port", "0", *args],
+                              env={"DISTML_SERVE_TOKEN": ""})
+
+
+def test_serve_refuses_half_or_unreadable_tls_files_naming_the_flag(trained_digits, tls_files,
+                                                                   tmp_path):
+    cert, key = str(tls_files.cert), str(tls_files.key)
+    out = _serve(trained_digits, "--ssl-certfile", cert)
+    assert out.exit_code == 2
+    assert _flat(f"--ssl-certfile (serve.ssl_certfile) is '{cert}' but --ssl-keyfile") in \
+        _flat(out.output)
+    out = _serve(trained_digits, "--ssl-keyfile", key)
+    assert out.exit_code == 2
+    assert _flat(f"--ssl-keyfile (serve.ssl_keyfile) is '{key}' but --ssl-certfile") in \
+        _flat(out.output)
+    missing = str(tmp_path / "nope.pem")
+    out = _serve(trained_digits, "--ssl-certfile", cert, "--ssl-keyfile", missing)
+    assert out.exit_code == 2
+    assert _flat(f"--ssl-keyfile (serve.ssl_keyfile) '{missing}': cannot read it") in \
+        _flat(out.output)
+    other = make_other_key(tmp_path)  # a key that is not the certificate's
+    out = _serve(trained_digits, "--ssl-certfile", cert, "--ssl-keyfile", str(other))
+    assert out.exit_code == 2
+    assert "matching" in out.output
+    assert "serving" not in out.output
+
+
+def make_other_key(folder: Path) -> Path:
+    from tests.helpers.tls import make_certificates
+
+    (folder / "other").mkdir()
+    return make_certificates(folder / "other").key
+
+
+def test_tls_does_not_replace_the_token_on_a_network_address(trained_digits, tls_files):
+    out = _serve(trained_digits, "--host", "0.0.0.0", "--ssl-certfile", str(tls_files.cert),
+                 "--ssl-keyfile", str(tls_files.key))
+    assert out.exit_code == 2
+    assert "reachable from other machines" in out.output
+    assert _flat("TLS encrypts the traffic but does not authenticate clients") in \
+        _flat(out.output)
+    assert "--insecure" in out.output

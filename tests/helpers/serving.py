@@ -11,14 +11,17 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 
 @contextlib.contextmanager
 def running_server(*args: str, cwd: Path, env: dict[str, str] | None = None,
-                   timeout: float = 90) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
-    """Yields (base url, process, output lines so far); the port is picked by the server."""
+                   timeout: float = 90, verify: Any = True
+                   ) -> Iterator[tuple[str, subprocess.Popen, list[str]]]:
+    """Yields (base url, process, output lines so far); the port is picked by the server.
+    ``verify``: httpx's, for the readiness check of a server with TLS (a CA file)."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "distml", "serve", "--port", "0", *args], cwd=cwd,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -30,7 +33,7 @@ def running_server(*args: str, cwd: Path, env: dict[str, str] | None = None,
     def read() -> None:
         for line in proc.stdout:
             lines.append(line)
-            m = re.search(r"serving \S+ at (http://[\d.]+:\d+)", line)
+            m = re.search(r"serving \S+ at (https?://[\d.]+:\d+)", line)
             if m and not url:
                 url.append(m.group(1))
                 found.set()
@@ -41,7 +44,7 @@ def running_server(*args: str, cwd: Path, env: dict[str, str] | None = None,
         while not found.wait(0.1):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError("the server did not start:\n" + "".join(lines))
-        assert httpx.get(f"{url[0]}/v2/health/ready").status_code == 200
+        assert httpx.get(f"{url[0]}/v2/health/ready", verify=verify).status_code == 200
         yield url[0], proc, lines
     finally:
         proc.terminate()

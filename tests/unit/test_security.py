@@ -266,3 +266,26 @@ def test_an_artifact_folder_giving_itself_a_hostile_name_is_refused(tmp_path):
     write_spec(art, {**read_spec(art), "name": "../../etc"})  # served as, reported as
     with pytest.raises(ArtifactError, match=r"model name in .*spec\.json '\.\./\.\./etc' is not"):
         Registry(tmp_path / "reg").resolve(str(art))
+
+
+def test_tls_files_in_a_config_are_relative_to_it_and_checked_as_a_pair(tiny_raw, tmp_path):
+    from distml.config import load_config
+    from distml.serving.transport import load_tls
+    from tests.conftest import write_config
+    from tests.helpers.tls import make_certificates
+
+    (tmp_path / "conf" / "tls").mkdir(parents=True)
+    files = make_certificates(tmp_path / "conf" / "tls")
+    tiny_raw["serve"] = {"ssl_certfile": "tls/server.pem", "ssl_keyfile": "tls/server-key.pem"}
+    cfg = load_config(write_config(tmp_path / "conf" / "c.yaml", tiny_raw))
+    assert cfg.serve.ssl_certfile == files.cert
+    tls = load_tls(cfg.serve)
+    assert tls.cert == files.cert.read_bytes()
+    assert tls.key == files.key.read_bytes()
+    assert load_tls(ServeConfig()) is None
+    with pytest.raises(ConfigError, match=r"--ssl-certfile \(serve.ssl_certfile\) .*ca.pem.* "
+                                          "and --ssl-keyfile .* not a PEM certificate"):
+        load_tls(ServeConfig(ssl_certfile=files.ca, ssl_keyfile=files.key))  # not its key
+    with pytest.raises(ConfigError, match=r"--ssl-keyfile \(serve.ssl_keyfile\) '.*tls': "
+                                          "cannot read it"):
+        load_tls(ServeConfig(ssl_certfile=files.cert, ssl_keyfile=files.key.parent))

@@ -45,6 +45,13 @@ def serve(
     quantize: Annotated[str | None, _opt("none or int8 (dynamic int8 Linear layers).")] = None,
     grpc_port: Annotated[int | None, _opt("Also serve the protocol's gRPC service on this "
                                           "port (0: a free one).")] = None,
+    ssl_certfile: Annotated[Path | None, _opt("TLS certificate (PEM, with its chain) for "
+                                              "REST and gRPC; with --ssl-keyfile.")] = None,
+    ssl_keyfile: Annotated[Path | None, _opt("TLS private key (PEM, unencrypted).")] = None,
+    max_body_bytes: Annotated[int | None, _opt("Largest request body (then 413).")] = None,
+    read_timeout_s: Annotated[float | None, _opt("Longest a client may take to send a "
+                                                 "request (then 408, connection closed).")
+                              ] = None,
     token: Annotated[str | None, typer.Option(
         envvar="DISTML_SERVE_TOKEN", show_default=False,
         help="Require 'Authorization: Bearer TOKEN' on model routes (health stays open).")
@@ -67,7 +74,8 @@ def serve(
     flags = {"host": host, "port": port, "replicas": replicas, "dynamic_batching": batching,
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
              "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize,
-             "grpc_port": grpc_port}
+             "grpc_port": grpc_port, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
+             "max_body_bytes": max_body_bytes, "read_timeout_s": read_timeout_s}
     base = cfg.serve.model_dump() if cfg is not None else {}
     if trust_code:  # the flags add trust to the config's, never take it away
         flags["trust_code"] = True
@@ -77,7 +85,8 @@ def serve(
                                                    if v is not None}},
                           "invalid serve settings (flags or the config's serve section)")
     registry = registry or (cfg.registry if cfg is not None else Path("registry"))
-    _check_exposure(settings.host, token=token, insecure=insecure)
+    _check_exposure(settings.host, token=token, insecure=insecure,
+                    tls=settings.ssl_certfile is not None)
 
     def ready(url: str, info: dict[str, Any]) -> None:
         grpc = f", gRPC at {info['grpc']}" if "grpc" in info else ""
@@ -88,8 +97,10 @@ def serve(
     run_server(ref, settings, registry=registry, token=token or None, on_ready=ready)
 
 
-def _check_exposure(host: str, *, token: str | None, insecure: bool) -> None:
-    """Refuse to open the model to other machines with no token, unless told to."""
+def _check_exposure(host: str, *, token: str | None, insecure: bool, tls: bool = False
+                    ) -> None:
+    """Refuse to open the model to other machines with no token, unless told to. TLS does
+    not change that: it hides the traffic, it does not say who may send it."""
     import ipaddress
 
     from distml.errors import ConfigError
@@ -101,8 +112,10 @@ def _check_exposure(host: str, *, token: str | None, insecure: bool) -> None:
     if not loopback and not token and not insecure:
         raise ConfigError(
             f"serve.host={host!r} is reachable from other machines, and without a token "
-            "anyone who reaches it can use the model; set --token (or DISTML_SERVE_TOKEN), "
-            "bind 127.0.0.1, or pass --insecure when a gateway in front authenticates")
+            "anyone who reaches it can use the model"
+            f"{' (TLS encrypts the traffic but does not authenticate clients)' if tls else ''}"
+            "; set --token (or DISTML_SERVE_TOKEN), bind 127.0.0.1, or pass --insecure when a "
+            "gateway in front authenticates")
 
 
 def _validated(model: Any, data: dict[str, Any], what: str) -> Any:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -70,6 +71,18 @@ class ServeConfig(Strict):
                                         "computed once.")
     max_body_bytes: int = Field(4 * 2**20, ge=1024, description="Largest request body; "
                                 "larger gets 413.")
+    max_header_bytes: int = Field(64 * 2**10, ge=1024, description="Largest request line "
+                                  "and headers together; larger gets 431 and the connection "
+                                  "is closed.")
+    read_timeout_s: float = Field(30.0, gt=0, description="Longest a client may take to send "
+                                  "a whole request (headers and body), from its first byte "
+                                  "or the connection's opening; past it, 408 and the "
+                                  "connection is closed.")
+    ssl_certfile: Path | None = Field(None, description="TLS: the server's certificate (PEM, "
+                                      "with its chain), for REST and gRPC; with ssl_keyfile. "
+                                      "Relative to the config.")
+    ssl_keyfile: Path | None = Field(None, description="TLS: the certificate's private key "
+                                     "(PEM, unencrypted); with ssl_certfile.")
     quantize: Literal["none", "int8"] = Field("none", description="int8: dynamic int8 "
                                               "quantization of Linear layers (CPU).")
     grpc_port: int | None = Field(None, ge=0, le=65535, description="Also serve the "
@@ -85,6 +98,11 @@ class ServeConfig(Strict):
         default_factory=list, description="Modules (a package trusts its submodules) or .py "
         "files (relative to the config) whose functions an artifact may name without "
         "trust_code (--trust-module adds one). Built-in transforms and zoo models need none.")
+
+    @field_validator("ssl_certfile", "ssl_keyfile", mode="before")
+    @classmethod
+    def _relative(cls, value: Any, info: ValidationInfo) -> Any:
+        return value if value is None else resolve_path(value, info)
 
     @field_validator("trusted_modules", mode="before")
     @classmethod

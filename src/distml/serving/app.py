@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.requests import ClientDisconnect
 
 import distml
 from distml.config import ServeConfig
@@ -29,6 +30,7 @@ from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel
 from distml.serving.protocol import ProtocolError
 from distml.serving.rest import HEADER_LENGTH, parse_body, response_body
+from distml.serving.transport import Tls
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 TIMEOUT_HEADER = "x-request-timeout-ms"
@@ -74,15 +76,21 @@ class MetricsMiddleware:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) as soon as it is known to be over ``limit``: from its
+    Content-Length, else while it streams in (chunked), never holding more than the limit."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ProtocolError(413, f"the request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ProtocolError(413, f"the request body is over the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ProtocolError(413, f"the request body is over the limit of {limit} "
+                                         "bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:  # gone, or cut off by the read deadline: the answer goes nowhere
+        raise ProtocolError(408, "the client went away before its body arrived") from None
     return b"".join(chunks)
 
 
@@ -98,6 +106,7 @@ async def infer_route(inference: Inference, request: Request, name: str,
                                         "X-Request-Timeout-Ms")
         slot = inference.slot_for(name, version)  # the version served now, after the read
         req = parse_body(body, request.headers.get(HEADER_LENGTH), slot.model)
+        del body  # not held while the request waits for its batch
     finally:
         inference.arriving -= 1
     try:
@@ -140,10 +149,10 @@ class BearerAuth:
 
 def create_app(model: ServedModel, settings: ServeConfig, *, token: str | None = None,
                ref: str | None = None, registry: Path | None = None,
-               grpc_address: str | None = None) -> FastAPI:
+               grpc_address: str | None = None, grpc_tls: Tls | None = None) -> FastAPI:
     """The app of one replica (metrics in a registry of its own). ``grpc_address``: also
-    serve gRPC there (``host:port`` or ``unix:path``); the bound port is then in
-    ``app.state.grpc_port``."""
+    serve gRPC there (``host:port`` or ``unix:path``; with ``grpc_tls``, over TLS); the bound
+    port is then in ``app.state.grpc_port``."""
     metrics_registry = CollectorRegistry()
     metrics = Metrics(metrics_registry)
     inference = Inference(model, settings, metrics, ref=ref, registry=registry)
@@ -158,7 +167,7 @@ def create_app(model: ServedModel, settings: ServeConfig, *, token: str | None =
             from distml.serving.grpc_service import start_grpc
 
             grpc_server, app.state.grpc_port = await start_grpc(inference, grpc_address,
-                                                                token=token)
+                                                                token=token, tls=grpc_tls)
         yield
         if grpc_server is not None:
             await grpc_server.stop(grace=2)

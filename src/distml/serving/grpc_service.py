@@ -43,6 +43,7 @@ from distml.serving.protocol import (
     model_input,
     requested_outputs,
 )
+from distml.serving.transport import Tls
 
 SERVICE = "inference.GRPCInferenceService"
 _OPEN = ("ServerLive", "ServerReady")  # no token needed, as REST's health routes
@@ -237,19 +238,25 @@ def _handler(name: str, rpc: Callable[[bytes, Any], Awaitable[Any]], inference: 
     return grpc.unary_unary_rpc_method_handler(handle)
 
 
-async def start_grpc(inference: Inference, address: str, *, token: str | None
-                     ) -> tuple[grpc.aio.Server, int]:
-    """Start the service at ``address`` (host:port, port 0 for a free one, or unix:path);
-    returns the server and the bound port."""
+async def start_grpc(inference: Inference, address: str, *, token: str | None,
+                     tls: Tls | None = None) -> tuple[grpc.aio.Server, int]:
+    """Start the service at ``address`` (host:port, port 0 for a free one, or unix:path;
+    with ``tls``, over TLS); returns the server and the bound port."""
     service = Service(inference)
     names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
              "ModelInfer")
     handlers = {n: _handler(n, getattr(service, n), inference, token) for n in names}
     server = grpc.aio.server(options=_options(inference.settings.max_body_bytes))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = server.add_insecure_port(address)
+    port = _add_port(server, address, tls)
     await server.start()
     return server, port
+
+
+def _add_port(server: grpc.aio.Server, address: str, tls: Tls | None) -> int:
+    if tls is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, grpc.ssl_server_credentials([(tls.key, tls.cert)]))
 
 
 def _options(max_bytes: int) -> list[tuple[str, Any]]:
@@ -294,10 +301,10 @@ class _Proxy(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(forward)
 
 
-async def start_grpc_proxy(replicas: Any, address: str, settings: Any
+async def start_grpc_proxy(replicas: Any, address: str, settings: Any, tls: Tls | None = None
                            ) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server(options=_options(settings.max_body_bytes))
     server.add_generic_rpc_handlers((_Proxy(replicas),))
-    port = server.add_insecure_port(address)
+    port = _add_port(server, address, tls)
     await server.start()
     return server, port

@@ -28,6 +28,7 @@ from typing import Any
 import uvicorn
 
 from distml.config import ServeConfig
+from distml.serving.transport import Tls, guarded_protocol, load_tls
 from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _uvicorn(app: Any, **where: Any) -> uvicorn.Server:
+def _uvicorn(app: Any, settings: ServeConfig, tls: Tls | None = None,
+             **where: Any) -> uvicorn.Server:
+    """uvicorn with distml's connection limits (see serving.transport) and, given, TLS."""
+    if tls is not None:
+        where.update(ssl_certfile=str(tls.certfile), ssl_keyfile=str(tls.keyfile))
+    http = guarded_protocol(settings.read_timeout_s, settings.max_header_bytes)
     return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                         timeout_graceful_shutdown=5, **where))
+                                         timeout_graceful_shutdown=5, http=http, **where))
 
 
 def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str | None,
@@ -61,9 +67,10 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
     """Serve until interrupted. ``on_ready(url, info)`` is called once requests are taken."""
     from distml.serving.model import load_served_model
 
+    tls = load_tls(settings)  # before anything loads: a wrong file fails at once
     sock = bind(settings.host, settings.port)
     host, port = sock.getsockname()[:2]
-    url = f"http://{host}:{port}"
+    url = f"{'https' if tls else 'http'}://{host}:{port}"
     if settings.replicas == 1:
         from distml.serving.app import create_app
 
@@ -72,8 +79,8 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
         grpc_address = (None if settings.grpc_port is None
                         else _grpc_host(settings.host, settings.grpc_port))
         app = create_app(model, settings, token=token, ref=ref, registry=registry,
-                         grpc_address=grpc_address)
-        server = _uvicorn(app)
+                         grpc_address=grpc_address, grpc_tls=tls)
+        server = _uvicorn(app, settings, tls)
         _announce(server, on_ready, url, {"model": model.name, "version": model.version,
                                           "replicas": 1}, app)
         server.run(sockets=[sock])
@@ -85,8 +92,8 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
         replicas.start()
         try:
             info = {**replicas.model, "replicas": settings.replicas}
-            app = front_app(replicas, settings)
-            server = _uvicorn(app)
+            app = front_app(replicas, settings, tls)
+            server = _uvicorn(app, settings, tls)
             _announce(server, on_ready, url, info, app)
             server.run(sockets=[sock])
         finally:
@@ -132,7 +139,7 @@ def _replica_main(ref: str | None, settings: dict, registry: str, token: str | N
     grpc_address = None if cfg.grpc_port is None else f"unix:{uds}.grpc"
     app = create_app(model, cfg, token=token, ref=ref, registry=Path(registry),
                      grpc_address=grpc_address)
-    _uvicorn(app, uds=uds).run()
+    _uvicorn(app, cfg, uds=uds).run()  # the front terminates TLS; replicas are local
 
 
 @dataclass
@@ -257,7 +264,7 @@ class ReplicaSet:
         return min(live, key=lambda r: r.inflight)
 
 
-def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
+def front_app(replicas: ReplicaSet, settings: ServeConfig, tls: Tls | None = None) -> Any:
     """The one port: health, aggregated metrics, and every other route forwarded (a model
     repository load or unload to every replica); gRPC, when asked, proxied the same way."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -306,7 +313,7 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig) -> Any:
             from distml.serving.grpc_service import start_grpc_proxy
 
             grpc_server, app.state.grpc_port = await start_grpc_proxy(
-                replicas, _grpc_host(settings.host, settings.grpc_port), settings)
+                replicas, _grpc_host(settings.host, settings.grpc_port), settings, tls)
         yield
         if grpc_server is not None:
             await grpc_server.stop(grace=2)
