@@ -21,7 +21,6 @@ from distml.errors import ConfigError, DataError
 from distml.monitoring.drift import feature_drift
 from distml.monitoring.drift_report import run_monitor
 from distml.monitoring.reference import build_reference, read_reference
-from tests.conftest import TINY, write_config
 from tests.e2e.test_cli import distml
 
 SHIFTED = ["pixel_2_3", "pixel_4_4", "pixel_5_5"]
@@ -34,13 +33,12 @@ def _write(path: Path, columns: list[str], x: np.ndarray, y: np.ndarray) -> Path
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    """A registered digits model and files of its test split's raw rows: as they are,
-    with SHIFTED columns moved up by 6 grey levels, and with every label moved to the next."""
+def digits(trained_digits, tmp_path_factory):
+    """The session's registered digits model (a link to its registry) and files of its test
+    split's raw rows: as they are, with SHIFTED columns moved up by 6 grey levels, and with
+    every label moved to the next."""
     root = tmp_path_factory.mktemp("drift")
-    raw = {**TINY, "output_dir": str(root / "runs"), "registry": str(root / "registry")}
-    raw["train"] = {**TINY["train"], "candidates": TINY["train"]["candidates"][:1]}
-    distml("run", str(write_config(root / "c.yaml", raw)), "-q", cwd=root)
+    (root / "registry").symlink_to(trained_digits / "registry")
     version = root / "registry" / "tiny" / "v1"
     spec = json.loads((version / "spec.json").read_text())
     data = Path(spec["data_dir"])
