@@ -52,11 +52,6 @@ def serve(
     read_timeout_s: Annotated[float | None, _opt("Longest a client may take to send a "
                                                  "request (then 408, connection closed).")
                               ] = None,
-    monitor: Annotated[bool | None, _opt("Drift monitoring (GET .../drift, POST .../feedback, "
-                                         "distml_drift_* metrics).", show_default=False)
-                       ] = None,
-    monitor_interval_s: Annotated[float | None, _opt("How often the drift gauges are "
-                                                     "computed.")] = None,
     token: Annotated[str | None, typer.Option(
         envvar="DISTML_SERVE_TOKEN", show_default=False,
         help="Require 'Authorization: Bearer TOKEN' on model routes (health stays open).")
@@ -80,8 +75,7 @@ def serve(
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
              "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize,
              "grpc_port": grpc_port, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
-             "max_body_bytes": max_body_bytes, "read_timeout_s": read_timeout_s,
-             "monitor": monitor, "monitor_interval_s": monitor_interval_s}
+             "max_body_bytes": max_body_bytes, "read_timeout_s": read_timeout_s}
     base = cfg.serve.model_dump() if cfg is not None else {}
     if trust_code:  # the flags add trust to the config's, never take it away
         flags["trust_code"] = True

@@ -91,11 +91,6 @@ class ServeConfig(Strict):
     reload_interval_s: float | None = Field(1.0, gt=0, description="Serving name or "
                                             "name@alias: check the registry this often and "
                                             "switch to the version it names; null: never.")
-    monitor: bool = Field(True, description="Drift monitoring of the served model, off the "
-                          "request path: /v2/models/{name}/drift, the feedback route and the "
-                          "distml_drift_* metrics (on when the artifact has a reference.json).")
-    monitor_interval_s: float = Field(10.0, gt=0, description="How often the drift report "
-                                      "is computed for the Prometheus gauges.")
     trust_code: bool = Field(False, description="Load artifacts that name code to run (a user "
                              "transform or model factory, 'module:function') from any module; "
                              "default: refuse them (--trust-code sets it).")

@@ -9,7 +9,6 @@ the client can fix, 503 (with Retry-After) when overloaded, 504 past the deadlin
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import hmac
 import json
@@ -26,7 +25,6 @@ from starlette.requests import ClientDisconnect
 import distml
 from distml.config import ServeConfig
 from distml.serving.batching import DeadlineExceededError, OverloadedError
-from distml.serving.drift import ServingMonitor, parse_feedback
 from distml.serving.inference import Inference
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel
@@ -187,7 +185,6 @@ def create_app(model: ServedModel, settings: ServeConfig, *, token: str | None =
 
     _routes(app, inference)
     _repository_routes(app, inference)
-    _drift_routes(app, inference, settings.max_body_bytes)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -253,34 +250,6 @@ def _repository_routes(app: FastAPI, inference: Inference) -> None:
         _known(inference, name)
         await inference.unload()
         return {"name": name, "state": "UNAVAILABLE"}
-
-
-def _drift_routes(app: FastAPI, inference: Inference, max_body_bytes: int) -> None:
-    """The served version's drift report, and true labels for its predictions
-    (distml.serving.drift)."""
-
-    def monitor_of(name: str) -> ServingMonitor:
-        slot = inference.slot_for(name, None)
-        if slot.monitor is None:
-            raise ProtocolError(404, f"model {name!r} version {slot.model.version} is not "
-                                     "monitored (serve.monitor is off, or the artifact has "
-                                     "no reference.json or no class probabilities)")
-        return slot.monitor
-
-    @app.get("/v2/models/{name}/drift")
-    async def drift(name: str) -> dict[str, Any]:
-        return await asyncio.to_thread(monitor_of(name).report)
-
-    @app.post("/v2/models/{name}/feedback")
-    async def feedback(request: Request, name: str) -> JSONResponse:
-        monitor = monitor_of(name)
-        labels, ids = parse_feedback(await read_body(request, max_body_bytes))
-        if monitor.model.artifact.task != "classification":
-            raise ProtocolError(400, f"model {name!r} is a {monitor.model.artifact.task} "
-                                     "model; feedback takes class labels")
-        if not monitor.feedback(labels, ids):
-            return _overloaded()
-        return JSONResponse({"accepted": len(labels)}, status_code=202)
 
 
 def _known(inference: Inference, name: str) -> None:

@@ -25,7 +25,6 @@ import numpy as np
 from distml.config import ServeConfig
 from distml.errors import DistmlError
 from distml.serving.batching import Batcher
-from distml.serving.drift import ServingMonitor
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel, load_served_model, resolve
 from distml.serving.protocol import InferRequest, ProtocolError
@@ -47,18 +46,7 @@ class Slot:
 
     model: ServedModel
     batcher: Batcher
-    monitor: ServingMonitor | None = None  # drift monitoring (serve.monitor)
     inflight: int = 0  # requests that hold this slot; the old slot drains to 0 on a switch
-
-    def start(self) -> None:
-        self.batcher.start()
-        if self.monitor is not None:
-            self.monitor.start()
-
-    async def stop(self) -> None:
-        await self.batcher.stop()
-        if self.monitor is not None:
-            await asyncio.to_thread(self.monitor.close)
 
 
 @dataclass
@@ -129,15 +117,13 @@ class Inference:
             max_delay_s=s.max_delay_ms / 1000, max_queue_rows=s.max_queue_rows,
             on_batch=self.metrics.batch.observe, on_queue=self.metrics.queue.set,
             on_drop=lambda n: self.metrics.dropped.inc(n), arriving=lambda: self.arriving)
-        monitor = (ServingMonitor.for_model(model, self.metrics, interval_s=s.monitor_interval_s)
-                   if s.monitor else None)
-        return Slot(model, batcher, monitor)
+        return Slot(model, batcher)
 
     # -- lifetime ------------------------------------------------------------------------------
 
     def start(self) -> None:
         assert self.current is not None
-        self.current.start()
+        self.current.batcher.start()
         self.metrics.served(self.name, self.current.model.version,
                             self.current.model.quantized, now=True)
         if self.follows:
@@ -148,7 +134,7 @@ class Inference:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.current is not None:
-            await self.current.stop()
+            await self.current.batcher.stop()
 
     def _spawn(self, coro: Awaitable) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -193,8 +179,6 @@ class Inference:
         try:
             async def compute() -> Result:
                 outputs = await slot.batcher.submit(req.x, timeout_s)
-                if slot.monitor is not None:
-                    slot.monitor.observe(req.x, outputs, req.id)
                 return Result(outputs, slot.model.name, slot.model.version)
 
             if key:
@@ -245,7 +229,7 @@ class Inference:
             raise ProtocolError(400, f"{ref!r} is model {model.name!r}; this server serves "
                                      f"{self.name!r}")
         new = self._slot(model)
-        new.start()
+        new.batcher.start()
         old, self.current = self.current, new  # one step: no request sees neither
         self.metrics.served(model.name, model.version, model.quantized, now=True)
         self.metrics.loads.labels(model.name, model.version).inc()
@@ -259,7 +243,7 @@ class Inference:
     async def _drain(self, old: Slot) -> None:
         while old.inflight:
             await asyncio.sleep(0.01)
-        await old.stop()
+        await old.batcher.stop()
 
     async def _follow(self) -> None:
         """Poll the registry; switch when the reference names another version."""

@@ -27,24 +27,5 @@ class Metrics:
         self.loads = Counter("distml_model_loads", "Model versions loaded and switched to",
                              ["model", "version"], **reg)
 
-        # drift monitoring (distml.serving.drift): per process, like the queue
-        self.drift_rows = Counter("distml_drift_rows", "Rows the drift monitor has taken in",
-                                  ["model"], **reg)
-        self.drift_dropped = Counter("distml_drift_dropped", "Batches or labels dropped "
-                                     "because the monitor's queue was full", ["model"], **reg)
-        self.drift_alarm = Gauge("distml_drift_alarm", "1 while a drift is detected: data "
-                                 "(a drifted feature), concept (margin density or labels), "
-                                 "supervised (labels)", ["model", "kind"], **reg,
-                                 multiprocess_mode="max")
-        self.drift_drifted_features = Gauge("distml_drift_drifted_features", "Features whose "
-                                            "window differs from the reference", ["model"],
-                                            **reg, multiprocess_mode="max")
-        self.drift_max_psi = Gauge("distml_drift_max_psi", "Largest population stability "
-                                   "index over the features", ["model"], **reg,
-                                   multiprocess_mode="max")
-        self.drift_margin_density = Gauge("distml_drift_margin_density", "Share of recent "
-                                          "predictions inside the decision margin (MD3)",
-                                          ["model"], **reg, multiprocess_mode="max")
-
     def served(self, name: str, version: str, quantized: bool, *, now: bool) -> None:
         self.info.labels(name, version, str(quantized).lower()).set(1 if now else 0)
