@@ -78,6 +78,16 @@ class ServeConfig(Strict):
     reload_interval_s: float | None = Field(1.0, gt=0, description="Serving name or "
                                             "name@alias: check the registry this often and "
                                             "switch to the version it names; null: never.")
+    monitor: bool = Field(True, description="Monitor the served traffic for drift, off the "
+                          "request path, when the artifact has a reference.json (written by "
+                          "the select stage): GET /v2/models/{name}/drift, feedback labels, "
+                          "distml_drift_* metrics; false: off.")
+    monitor_queue_rows: int = Field(10_000, ge=1, description="Rows waiting for the drift "
+                                    "monitor; past it a request's rows are left unmonitored "
+                                    "(counted in distml_drift_dropped_rows), never the "
+                                    "request refused.")
+    monitor_interval_s: float = Field(1.0, gt=0, description="Refresh the distml_drift_* "
+                                      "metrics this often while traffic arrives.")
     trust_code: bool = Field(False, description="Load artifacts that name code to run (a user "
                              "transform or model factory, 'module:function') from any module; "
                              "default: refuse them (--trust-code sets it).")
