@@ -45,6 +45,11 @@ def serve(
     quantize: Annotated[str | None, _opt("none or int8 (dynamic int8 Linear layers).")] = None,
     grpc_port: Annotated[int | None, _opt("Also serve the protocol's gRPC service on this "
                                           "port (0: a free one).")] = None,
+    reload_interval: Annotated[float | None, _opt(
+        "Check the registry this often (seconds) and switch to the version REF names.")
+    ] = None,
+    monitor: Annotated[bool | None, _opt("Drift monitoring of the traffic (when the artifact "
+                                         "has a reference).", show_default=False)] = None,
     token: Annotated[str | None, typer.Option(
         envvar="DISTML_SERVE_TOKEN", show_default=False,
         help="Require 'Authorization: Bearer TOKEN' on model routes (health stays open).")
@@ -67,7 +72,7 @@ def serve(
     flags = {"host": host, "port": port, "replicas": replicas, "dynamic_batching": batching,
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
              "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize,
-             "grpc_port": grpc_port}
+             "grpc_port": grpc_port, "reload_interval_s": reload_interval, "monitor": monitor}
     base = cfg.serve.model_dump() if cfg is not None else {}
     if trust_code:  # the flags add trust to the config's, never take it away
         flags["trust_code"] = True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
@@ -137,6 +138,30 @@ class MlflowConfig(Strict):
         return value
 
 
+class WatchConfig(Strict):
+    """The continuous-training loop (``distml watch``): files landing in a folder are checked
+    for drift against production; on drift the candidates are retrained and the new model
+    promoted if it beats production on the newest data."""
+
+    landing: Path | None = Field(
+        None, description="Folder where new CSV/Parquet files land (relative to the config; "
+        "--landing overrides). Write a file under a name starting with '.' and rename it in.")
+    window_files: int = Field(
+        2, ge=0, description="Older files ingested with the new ones in a retraining cycle: "
+        "the most recent of the data source's files and the files landed before.")
+    retrain: Literal["drift", "always"] = Field(
+        "drift", description="drift: retrain when the new files drift from production's "
+        "reference (a drifted column or concept drift, from the labels); always: on every "
+        "new file (--retrain-always).")
+    poll_interval_s: float = Field(
+        5.0, gt=0, description="How often the landing folder is checked (without --once).")
+
+    @field_validator("landing", mode="before")
+    @classmethod
+    def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        return resolve_path(value, info) if isinstance(value, str | Path) else value
+
+
 class MonitorConfig(Strict):
     """Tracking and monitoring."""
 
@@ -150,6 +175,9 @@ class MonitorConfig(Strict):
     mlflow: MlflowConfig | None = Field(
         None, description="MLflow tracking (needs distml[mlflow]): true for a local store, "
         "or {tracking_uri, experiment, register_model}; null or false: off.")
+
+    watch: WatchConfig = Field(default_factory=WatchConfig, description="The continuous-"
+                               "training loop (distml watch).")
 
     @field_validator("mlflow", mode="before")
     @classmethod
