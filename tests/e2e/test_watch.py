@@ -39,11 +39,11 @@ def land(path: Path, concept: str, seed: int, n: int = 2000) -> Path:
     return path
 
 
-def config(root: Path, source: Path, *, window_files: int = 0, epochs: int = 12) -> Path:
+def config(root: Path, source: Path, *, window_files: int = 0, epochs: int = 6) -> Path:
     raw = {
         "name": "stream", "seed": 0, "output_dir": str(root / "runs"),
         "registry": str(root / "registry"), "data": {"source": str(source)},
-        "train": {"epochs": epochs, "batch_size": 64, "lr": 0.01, "candidates": [
+        "train": {"epochs": epochs, "batch_size": 64, "lr": 0.02, "candidates": [
             {"name": "narrow", "model": {"type": "mlp", "hidden_sizes": [16]}},
             {"name": "wide", "model": {"type": "mlp", "hidden_sizes": [32]}}]},
         "monitor": {"tensorboard": False, "system_metrics_interval_s": None,
@@ -75,6 +75,7 @@ def clients(url: str, x: np.ndarray, stop: threading.Event, results: list) -> li
                 except httpx.HTTPError as e:
                     results.append((type(e).__name__, str(e)))
                 k += 7
+                time.sleep(0.02)  # steady traffic that leaves the 2 cores to the training
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
     for t in threads:
@@ -161,6 +162,9 @@ def test_a_cycle_that_crashed_while_training_resumes_in_its_run(tmp_path):
     landing = tmp_path / "landing"
     landing.mkdir()
     land(landing / "b1.parquet", "B", seed=1, n=600)
+    missing = distml("watch", str(cfg), "--once", cwd=tmp_path, check=False)
+    assert missing.returncode == 2
+    assert "give the landing folder: --landing DIR or monitor.watch.landing" in missing.stderr
     crashed = watch(cfg, landing, env={"DISTML_WATCH_CRASH_AFTER": "training"}, check=False)
     assert crashed.returncode == 75, crashed.stdout + crashed.stderr
     cycle = _state(tmp_path)["cycle"]
