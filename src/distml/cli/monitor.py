@@ -1,5 +1,5 @@
 """Commands that watch a served model's world: monitor (drift of new data against the
-model's training reference)."""
+model's training reference) and watch (the continuous-training loop)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,15 @@ from typing import Annotated
 import typer
 
 from distml.cli.app import (
+    ConfigArg,
+    QuietOpt,
     RegistryOpt,
+    SetOpt,
     TrustCodeOpt,
     TrustModuleOpt,
     app,
     console,
+    load,
     trust_policy,
     user_errors,
 )
@@ -45,3 +49,40 @@ def monitor_cmd(
     print_summary(console, run_monitor(ref, input_, out, registry=registry, labels=labels,
                                        json_out=json_out, alpha=alpha, detector=detector,
                                        trust=trust_policy(trust_code, trust_module)))
+
+
+@app.command("watch")
+@user_errors
+def watch_cmd(
+    config: ConfigArg,
+    landing: Annotated[Path | None, typer.Option(
+        help="Folder where new CSV/Parquet files land; default: monitor.watch.landing.")
+    ] = None,
+    once: Annotated[bool, typer.Option(help="Process the files there now, then exit.")
+                    ] = False,
+    retrain_always: Annotated[bool, typer.Option(
+        help="Retrain on every new file, drift or not.")] = False,
+    set_: SetOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """The loop: new files landing are checked for drift against production; on drift the
+    candidates are retrained on them (and a window of older files), and the new model is
+    promoted if it beats production on the new files' test rows."""
+    from distml.errors import ConfigError
+    from distml.workflow.watch import Watcher
+
+    cfg, reporter = load(config, set_, quiet)
+    landing = landing or cfg.monitor.watch.landing
+    if landing is None:
+        raise ConfigError("give the landing folder: --landing DIR or monitor.watch.landing "
+                          "in the config")
+    watcher = Watcher(cfg, landing, reporter=reporter, retrain_always=retrain_always)
+    if not quiet:
+        console.print(f"watching {watcher.landing} (state: {watcher.dir / 'state.json'})"
+                      + ("" if once else "; Ctrl-C stops"), highlight=False)
+    def show(cycle: dict) -> None:
+        console.print(f"cycle {cycle['number']} ({len(cycle['new'])} new file(s)): "
+                      f"{cycle['drift']['why']}; {cycle['outcome']}", highlight=False)
+
+    if not watcher.run(once=once, on_cycle=show) and not quiet:
+        console.print("nothing new to process", highlight=False)

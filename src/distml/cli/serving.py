@@ -52,6 +52,11 @@ def serve(
     read_timeout_s: Annotated[float | None, _opt("Longest a client may take to send a "
                                                  "request (then 408, connection closed).")
                               ] = None,
+    reload_interval: Annotated[float | None, _opt(
+        "Check the registry this often (seconds) and switch to the version REF names.")
+    ] = None,
+    monitor: Annotated[bool | None, _opt("Drift monitoring of the traffic (when the artifact "
+                                         "has a reference).", show_default=False)] = None,
     token: Annotated[str | None, typer.Option(
         envvar="DISTML_SERVE_TOKEN", show_default=False,
         help="Require 'Authorization: Bearer TOKEN' on model routes (health stays open).")
@@ -75,7 +80,8 @@ def serve(
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
              "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize,
              "grpc_port": grpc_port, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,
-             "max_body_bytes": max_body_bytes, "read_timeout_s": read_timeout_s}
+             "max_body_bytes": max_body_bytes, "read_timeout_s": read_timeout_s,
+             "reload_interval_s": reload_interval, "monitor": monitor}
     base = cfg.serve.model_dump() if cfg is not None else {}
     if trust_code:  # the flags add trust to the config's, never take it away
         flags["trust_code"] = True

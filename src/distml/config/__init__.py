@@ -62,6 +62,7 @@ from distml.config.sections import (
     MonitorConfig,
     SelectConfig,
     ServeConfig,
+    WatchConfig,
 )
 from distml.config.train import Candidate, TrainConfig, TrainSettings, deep_merge
 
@@ -75,6 +76,7 @@ __all__ = [
     "ServeConfig", "Source",
     "SplitConfig", "StandardizeSpec", "Strict", "SyntheticClassificationSource",
     "SyntheticRegressionSource", "Task", "TextSource", "TrainConfig", "TrainSettings",
-    "TransformSpec", "TransformerSpec", "UserTransformSpec", "apply_override", "deep_merge",
+    "TransformSpec", "TransformerSpec", "UserTransformSpec", "WatchConfig", "apply_override",
+    "deep_merge",
     "format_validation_error", "load_config", "parse_config",
 ]

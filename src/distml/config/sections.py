@@ -91,6 +91,16 @@ class ServeConfig(Strict):
     reload_interval_s: float | None = Field(1.0, gt=0, description="Serving name or "
                                             "name@alias: check the registry this often and "
                                             "switch to the version it names; null: never.")
+    monitor: bool = Field(True, description="Monitor the served traffic for drift, off the "
+                          "request path, when the artifact has a reference.json (written by "
+                          "the select stage): GET /v2/models/{name}/drift, feedback labels, "
+                          "distml_drift_* metrics; false: off.")
+    monitor_queue_rows: int = Field(10_000, ge=1, description="Rows waiting for the drift "
+                                    "monitor; past it a request's rows are left unmonitored "
+                                    "(counted in distml_drift_dropped_rows), never the "
+                                    "request refused.")
+    monitor_interval_s: float = Field(1.0, gt=0, description="Refresh the distml_drift_* "
+                                      "metrics this often while traffic arrives.")
     trust_code: bool = Field(False, description="Load artifacts that name code to run (a user "
                              "transform or model factory, 'module:function') from any module; "
                              "default: refuse them (--trust-code sets it).")
@@ -145,6 +155,30 @@ class MlflowConfig(Strict):
         return value
 
 
+class WatchConfig(Strict):
+    """The continuous-training loop (``distml watch``): files landing in a folder are checked
+    for drift against production; on drift the candidates are retrained and the new model
+    promoted if it beats production on the newest data."""
+
+    landing: Path | None = Field(
+        None, description="Folder where new CSV/Parquet files land (relative to the config; "
+        "--landing overrides). Write a file under a name starting with '.' and rename it in.")
+    window_files: int = Field(
+        2, ge=0, description="Older files ingested with the new ones in a retraining cycle: "
+        "the most recent of the data source's files and the files landed before.")
+    retrain: Literal["drift", "always"] = Field(
+        "drift", description="drift: retrain when the new files drift from production's "
+        "reference (a drifted column or concept drift, from the labels); always: on every "
+        "new file (--retrain-always).")
+    poll_interval_s: float = Field(
+        5.0, gt=0, description="How often the landing folder is checked (without --once).")
+
+    @field_validator("landing", mode="before")
+    @classmethod
+    def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        return resolve_path(value, info) if isinstance(value, str | Path) else value
+
+
 class MonitorConfig(Strict):
     """Tracking and monitoring."""
 
@@ -158,6 +192,9 @@ class MonitorConfig(Strict):
     mlflow: MlflowConfig | None = Field(
         None, description="MLflow tracking (needs distml[mlflow]): true for a local store, "
         "or {tracking_uri, experiment, register_model}; null or false: off.")
+
+    watch: WatchConfig = Field(default_factory=WatchConfig, description="The continuous-"
+                               "training loop (distml watch).")
 
     @field_validator("mlflow", mode="before")
     @classmethod

@@ -110,7 +110,8 @@ class DriftMonitor:
     def update(self, x: np.ndarray, outputs: np.ndarray,
                ids: Sequence[Hashable] | None = None) -> None:
         """One batch: model inputs (N, F) and outputs, class probabilities (N, C) or
-        predicted values (N,). ``ids`` (default: the rows' positions) key later labels."""
+        predicted values (N,). ``ids`` (default: the rows' positions) key later labels;
+        a row whose id is None is not kept for one."""
         x = np.asarray(x, dtype=np.float32)
         outputs = np.asarray(outputs, dtype=np.float32)
         if x.ndim != 2 or x.shape[1] != len(self.feature_names) or len(outputs) != len(x):
@@ -124,7 +125,10 @@ class DriftMonitor:
             if self.margin is not None:
                 self.label_free_alarms += self.margin.update(outputs)
             keys = range(self.rows, self.rows + n) if ids is None else ids
-            self._pending.update(zip(keys, predicted.tolist(), strict=True))
+            # An id of None: a prediction no label will come for (an anonymous request),
+            # not kept waiting, so it cannot push out those that will get one.
+            self._pending.update((k, p) for k, p in zip(keys, predicted.tolist(), strict=True)
+                                 if k is not None)
             while len(self._pending) > self.settings.pending_labels:
                 self._pending.popitem(last=False)
         else:

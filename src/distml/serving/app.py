@@ -9,9 +9,11 @@ the client can fix, 503 (with Retry-After) when overloaded, 504 past the deadlin
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import hmac
 import json
+import math
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +27,8 @@ from starlette.requests import ClientDisconnect
 import distml
 from distml.config import ServeConfig
 from distml.serving.batching import DeadlineExceededError, OverloadedError
-from distml.serving.inference import Inference
+from distml.serving.drift_feed import DriftFeed, label_rows, parse_feedback
+from distml.serving.inference import Inference, Slot
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel
 from distml.serving.protocol import ProtocolError
@@ -185,6 +188,7 @@ def create_app(model: ServedModel, settings: ServeConfig, *, token: str | None =
 
     _routes(app, inference)
     _repository_routes(app, inference)
+    _drift_routes(app, inference)
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -271,3 +275,61 @@ def _ready_only(body: bytes) -> bool:
     if not isinstance(ready, bool):
         raise ProtocolError(400, "ready: must be true or false")
     return ready
+
+
+def _drift_routes(app: FastAPI, inference: Inference) -> None:
+    """The served model's drift report, and labels for its earlier predictions."""
+
+    @app.get("/v2/models/{name}/drift")
+    async def drift(name: str) -> Response:
+        slot, feed = _monitored(inference, name)
+        report = await _ask(inference, feed, lambda monitor: monitor.report())
+        return _json({"model_name": name, "model_version": slot.model.version,
+                      "queue": {"rows": feed.queued_rows, "max_rows": feed.max_rows,
+                                "dropped_rows": feed.dropped_rows}, **report})
+
+    @app.post("/v2/models/{name}/feedback")
+    async def feedback(request: Request, name: str) -> Response:
+        slot, feed = _monitored(inference, name)
+        if slot.model.artifact.task != "classification":
+            raise ProtocolError(400, f"{name}:{slot.model.version} is a "
+                                     f"{slot.model.artifact.task} model; feedback labels are "
+                                     "for classifiers (their error stream is monitored)")
+        labels, keys = parse_feedback(await read_body(request,
+                                                      inference.settings.max_body_bytes))
+        out = await _ask(inference, feed, lambda monitor: label_rows(monitor, labels, keys))
+        return _json({"model_name": name, "model_version": slot.model.version, **out})
+
+
+def _monitored(inference: Inference, name: str) -> tuple[Slot, DriftFeed]:
+    slot = inference.slot_for(name, None)
+    if slot.drift is None:
+        why = ("serve.monitor is false" if not inference.settings.monitor else
+               "its artifact has no reference.json (distml run's select stage writes it)")
+        raise ProtocolError(404, f"{name}:{slot.model.version} is not drift-monitored: {why}")
+    return slot, slot.drift
+
+
+async def _ask(inference: Inference, feed: DriftFeed, fn) -> dict[str, Any]:
+    """``fn(monitor)`` on the monitor's thread, within the request deadline."""
+    timeout_s = inference.settings.timeout_ms / 1000
+    try:
+        return await asyncio.wait_for(asyncio.wrap_future(feed.ask(fn)), timeout_s)
+    except TimeoutError:
+        raise ProtocolError(504, f"the drift monitor did not answer within {timeout_s:g} s"
+                            ) from None
+
+
+def _json(obj: Any) -> Response:
+    """JSON with NaN and infinities as null (JSON has neither)."""
+    def finite(v: Any) -> Any:
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [finite(x) for x in v]
+        return v
+
+    return Response(json.dumps(finite(obj), separators=(",", ":")),
+                    media_type="application/json")

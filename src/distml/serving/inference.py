@@ -25,6 +25,7 @@ import numpy as np
 from distml.config import ServeConfig
 from distml.errors import DistmlError
 from distml.serving.batching import Batcher
+from distml.serving.drift_feed import DriftFeed
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel, load_served_model, resolve
 from distml.serving.protocol import InferRequest, ProtocolError
@@ -46,7 +47,13 @@ class Slot:
 
     model: ServedModel
     batcher: Batcher
+    drift: DriftFeed | None = None  # its drift monitor, when the artifact has a reference
     inflight: int = 0  # requests that hold this slot; the old slot drains to 0 on a switch
+
+    def start(self) -> None:
+        self.batcher.start()
+        if self.drift is not None:
+            self.drift.start()
 
 
 @dataclass
@@ -117,13 +124,14 @@ class Inference:
             max_delay_s=s.max_delay_ms / 1000, max_queue_rows=s.max_queue_rows,
             on_batch=self.metrics.batch.observe, on_queue=self.metrics.queue.set,
             on_drop=lambda n: self.metrics.dropped.inc(n), arriving=lambda: self.arriving)
-        return Slot(model, batcher)
+        drift = DriftFeed(model, s, self.metrics) if DriftFeed.wanted(model, s) else None
+        return Slot(model, batcher, drift)
 
     # -- lifetime ------------------------------------------------------------------------------
 
     def start(self) -> None:
         assert self.current is not None
-        self.current.batcher.start()
+        self.current.start()
         self.metrics.served(self.name, self.current.model.version,
                             self.current.model.quantized, now=True)
         if self.follows:
@@ -134,6 +142,8 @@ class Inference:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.current is not None:
+            if self.current.drift is not None:
+                self.current.drift.close()
             await self.current.batcher.stop()
 
     def _spawn(self, coro: Awaitable) -> None:
@@ -179,6 +189,8 @@ class Inference:
         try:
             async def compute() -> Result:
                 outputs = await slot.batcher.submit(req.x, timeout_s)
+                if slot.drift is not None:  # queued for the monitor's thread, never waited on
+                    slot.drift.offer(req.x, outputs, req.id)
                 return Result(outputs, slot.model.name, slot.model.version)
 
             if key:
@@ -214,6 +226,8 @@ class Inference:
         async with self._lock:
             old, self.current = self.current, None
             if old is not None:
+                if old.drift is not None:
+                    old.drift.close()
                 self.metrics.served(old.model.name, old.model.version, old.model.quantized,
                                     now=False)
                 logger.info("unloaded %s:%s", old.model.name, old.model.version)
@@ -229,7 +243,9 @@ class Inference:
             raise ProtocolError(400, f"{ref!r} is model {model.name!r}; this server serves "
                                      f"{self.name!r}")
         new = self._slot(model)
-        new.batcher.start()
+        if self.current is not None and self.current.drift is not None:
+            self.current.drift.close()  # before the new one publishes: it owns the gauges now
+        new.start()  # the new version's own reference: its monitor starts empty
         old, self.current = self.current, new  # one step: no request sees neither
         self.metrics.served(model.name, model.version, model.quantized, now=True)
         self.metrics.loads.labels(model.name, model.version).inc()

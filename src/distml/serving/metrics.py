@@ -27,5 +27,40 @@ class Metrics:
         self.loads = Counter("distml_model_loads", "Model versions loaded and switched to",
                              ["model", "version"], **reg)
 
+        self._drift(reg)
+
+    def _drift(self, reg: dict) -> None:
+        """Drift monitoring of the served model (serving/drift_feed.py); under replicas each
+        monitors its share of the traffic: scores are the worst replica's, rows summed."""
+        def gauge(name: str, doc: str, mode: str, labels: tuple[str, ...] = ("model",)
+                  ) -> Gauge:
+            return Gauge(name, doc, list(labels), **reg, multiprocess_mode=mode)
+
+        self.drift_pvalue = gauge("distml_drift_feature_pvalue_min", "Smallest adjusted "
+                                  "p-value (Benjamini-Hochberg) of the input columns' drift "
+                                  "tests over the window of recent rows", "livemin")
+        self.drift_features = gauge("distml_drift_drifted_features", "Input columns drifted "
+                                    "in the window of recent rows", "livemax")
+        self.drift_psi = gauge("distml_drift_psi_max", "Largest population stability index "
+                               "of an input column over the window", "livemax")
+        self.drift_alarm = gauge(
+            "distml_drift_alarm", "1: drift seen. data: an input column drifted in the "
+            "window; concept: margin density left its band (no labels needed); supervised: "
+            "the error stream of the feedback labels changed. concept and supervised stay "
+            "1 until another version is served", "livemax", ("model", "kind"))
+        self.drift_window = gauge("distml_drift_window_rows", "Rows in the window the column "
+                                  "tests run on", "livesum")
+        self.drift_rows = gauge("distml_drift_rows", "Rows monitored since this version was "
+                                "loaded", "livesum")
+        self.drift_margin = gauge("distml_drift_margin_density", "Share of the last window's "
+                                  "rows inside the decision margin (MD3)", "livemax")
+        self.drift_error = gauge("distml_drift_error_rate", "Error rate of the predictions "
+                                 "labelled through the feedback route", "livemax")
+        self.drift_queue = gauge("distml_drift_queue_rows", "Rows waiting for the drift "
+                                 "monitor", "livesum")
+        self.drift_dropped = Counter("distml_drift_dropped_rows", "Rows left unmonitored "
+                                     "because the drift monitor's queue was full", ["model"],
+                                     **reg)
+
     def served(self, name: str, version: str, quantized: bool, *, now: bool) -> None:
         self.info.labels(name, version, str(quantized).lower()).set(1 if now else 0)

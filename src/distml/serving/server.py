@@ -37,7 +37,9 @@ _FORWARDED = ("content-type", "authorization", "idempotency-key", "x-request-tim
               "inference-header-content-length")
 _RETURNED = ("content-type", "retry-after", "www-authenticate",
              "inference-header-content-length")
-_BROADCAST = re.compile(r"^/v2/repository/models/[^/]+/(load|unload)$")  # to every replica
+# To every replica: a repository load or unload; feedback labels (each replica monitors the
+# requests it served, so each matches the labels of its own predictions).
+_BROADCAST = re.compile(r"^/v2/(repository/models/[^/]+/(load|unload)|models/[^/]+/feedback)$")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -362,4 +364,18 @@ async def _broadcast(replicas: ReplicaSet, request: Any, body: bytes,
                                                 for r in live]) if a is not None]
     if not answers:
         return error_response(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
-    return next((a for a in answers if a.status_code >= 400), answers[0])
+    failed = next((a for a in answers if a.status_code >= 400), None)
+    if failed is None and request.url.path.endswith("/feedback"):
+        return _matched(answers)
+    return failed or answers[0]
+
+
+def _matched(answers: list[Any]) -> Any:
+    """The feedback answers of the replicas as one: labels matched by any of them."""
+    import json
+
+    from starlette.responses import Response
+
+    out = json.loads(answers[0].body)
+    out["matched"] = sum(json.loads(a.body)["matched"] for a in answers)
+    return Response(json.dumps(out), media_type="application/json")
