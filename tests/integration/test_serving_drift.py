@@ -57,7 +57,7 @@ def _alarm(kind: str) -> tuple:
     return "distml_drift_alarm", (("kind", kind), ("model", "tiny"))
 
 
-def _wait(c: httpx.Client, key: tuple, value: float, timeout: float = 10) -> dict:
+def _wait(c: httpx.Client, key: tuple, value: float, timeout: float = 30) -> dict:
     deadline = time.monotonic() + timeout
     while (g := _gauges(c)).get(key) != value and time.monotonic() < deadline:
         time.sleep(0.1)

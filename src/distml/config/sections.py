@@ -99,7 +99,7 @@ class ServeConfig(Strict):
                                     "monitor; past it a request's rows are left unmonitored "
                                     "(counted in distml_drift_dropped_rows), never the "
                                     "request refused.")
-    monitor_interval_s: float = Field(1.0, gt=0, description="Refresh the distml_drift_* "
+    monitor_interval_s: float = Field(10.0, gt=0, description="Refresh the distml_drift_* "
                                       "metrics this often while traffic arrives.")
     trust_code: bool = Field(False, description="Load artifacts that name code to run (a user "
                              "transform or model factory, 'module:function') from any module; "
