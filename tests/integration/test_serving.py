@@ -328,3 +328,19 @@ def test_predict_refuses_input_without_the_model_columns_and_writes_nothing(trai
     assert "lacks 64 of the model's 64 input columns" in " ".join(out.stderr.split())
     assert "Traceback" not in out.stderr
     assert list(tmp_path.iterdir()) == [tmp_path / "bad.parquet"]  # no output, no leftovers
+
+
+@pytest.mark.parametrize("stop", ["terminate", "kill"])
+def test_stopping_the_front_stops_its_replicas(trained, stop):
+    # SIGTERM (what Kubernetes and systemd send) shuts down through the front's cleanup;
+    # SIGKILL runs none, and the replicas end by their parent-death signal instead.
+    root, _ = trained
+    with running_server("--registry", str(root / "registry"), "--replicas", "2",
+                        cwd=root) as (_, proc, _):
+        replicas = [p for p in psutil.Process(proc.pid).children()
+                    if "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(replicas) == 2
+        getattr(proc, stop)()
+        proc.wait(30)
+        _, alive = psutil.wait_procs(replicas, timeout=15)
+        assert not alive, [p.pid for p in alive]

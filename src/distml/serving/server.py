@@ -12,10 +12,13 @@ their Prometheus metrics are aggregated through prometheus-client's multiprocess
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import re
+import signal
 import socket
+import sys
 import tempfile
 import time
 import zlib
@@ -91,6 +94,10 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(tmp) / "metrics")
         (Path(tmp) / "metrics").mkdir()
         replicas = ReplicaSet(ref, settings, registry=registry, token=token, folder=Path(tmp))
+        # uvicorn ends a SIGTERM'd server by raising the signal again under the handler it
+        # found: the default one would end this process before the replicas are stopped
+        # below (they were left running); this one unwinds through the finally instead.
+        signal.signal(signal.SIGTERM, _exit_on_signal)
         replicas.start()
         try:
             info = {**replicas.model, "replicas": settings.replicas}
@@ -122,9 +129,23 @@ def _announce(server: uvicorn.Server, on_ready: Callable, url: str, info: dict,
 
 # -- replicas ------------------------------------------------------------------------------
 
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _die_with(front: int) -> None:
+    """End this replica when the front process ends, even killed (SIGKILL runs no cleanup):
+    Linux's parent-death signal (elsewhere only the front's shutdown stops replicas)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != front:  # the front was gone before the line above took effect
+        os._exit(0)
+
+
 def _replica_main(ref: str | None, settings: dict, registry: str, token: str | None,
-                  uds: str, threads: int, ready: Any) -> None:
+                  uds: str, threads: int, ready: Any, front: int) -> None:
     """One replica process: its own model and batcher, on a Unix socket."""
+    _die_with(front)
     import torch
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s replica "
@@ -176,7 +197,7 @@ class ReplicaSet:
         r.process = self.ctx.Process(
             target=_replica_main, name=f"distml-replica-{r.index}", daemon=True,
             args=(self.ref, self.settings.model_dump(), str(self.registry), self.token,
-                  str(r.uds), self.threads, r.loaded))
+                  str(r.uds), self.threads, r.loaded, os.getpid()))
         r.process.start()
         r.started = time.monotonic()
 
