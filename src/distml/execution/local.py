@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import multiprocessing as mp
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -23,8 +24,18 @@ from distml.execution.base import Executor, ProgressFactory, ProgressHandle
 _PRELOAD = ["numpy", "pyarrow", "pyarrow.parquet", "distml.data.preprocess"]
 
 
+def _threads() -> int:
+    """This process's threads, native ones included: torch's, Ray's or gRPC's threads are
+    invisible to ``threading`` but can hold a lock at the fork all the same (a forked
+    worker then waits on it for ever)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux
+        return threading.active_count()
+
+
 def _context() -> mp.context.BaseContext:
-    if threading.active_count() == 1:
+    if _threads() == 1:
         return mp.get_context("fork")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(_PRELOAD)
