@@ -159,10 +159,22 @@ def test_duplicate_requests_with_one_idempotency_key_run_the_model_once(server, 
     assert reused.status_code == 409
 
 
+def _batch_histogram(url: str) -> tuple[float, float, dict[float, float]]:
+    """distml_batch_rows: (forward passes, rows, passes with at most `le` rows per bucket)."""
+    text = httpx.get(f"{url}/metrics").text
+    family = next(f for f in text_string_to_metric_families(text)
+                  if f.name == "distml_batch_rows")
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    buckets = {float(le): v for (name, le), v in samples.items()
+               if name.endswith("_bucket") and le != "+Inf"}
+    return samples[("distml_batch_rows_count", None)], \
+        samples[("distml_batch_rows_sum", None)], buckets
+
+
 def test_concurrent_requests_are_batched_and_metrics_say_so(server, trained):
     url, _ = server
     x = trained[1]
-    before = _batches(url)
+    passes0, rows0, buckets0 = _batch_histogram(url)
 
     async def load():
         async with httpx.AsyncClient(headers=AUTH) as c:
@@ -172,7 +184,22 @@ def test_concurrent_requests_are_batched_and_metrics_say_so(server, trained):
 
     responses = asyncio.run(load())
     assert all(r.status_code == 200 for r in responses)
-    assert _batches(url) - before < 48  # fewer forward passes than requests
+    passes, rows, buckets = _batch_histogram(url)
+    # Every one of the 48 rows went through the model once, in fewer passes than requests,
+    # and at least one pass held several requests' rows.
+    assert rows - rows0 == 48
+    assert passes - passes0 < 48
+    assert (passes - passes0) - (buckets[1.0] - buckets0[1.0]) >= 1  # a pass of >= 2 rows
+    # Batched, each request still got its own row's answer: the one it gets alone (up to
+    # float rounding, which depends on the batch's size).
+    for i in (0, 17, 47):
+        batched = {o["name"]: o["data"] for o in responses[i].json()["outputs"]}
+        alone = {o["name"]: o["data"] for o in httpx.post(
+            f"{url}/v2/models/tiny/infer", json=_request(x[i:i + 1]),
+            headers=AUTH).json()["outputs"]}
+        assert batched["label"] == alone["label"]
+        np.testing.assert_allclose(batched["probabilities"], alone["probabilities"],
+                                   rtol=1e-5, atol=1e-6)
     text = httpx.get(f"{url}/metrics").text
     for family in ("distml_requests_total", "distml_request_seconds_bucket",
                    "distml_batch_rows_bucket", "distml_queue_rows", "distml_inflight_requests",

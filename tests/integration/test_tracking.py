@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distml.data.ingest import ingest
@@ -96,7 +97,9 @@ def test_scale_ingestion_and_ddp_training(tmp_path, tiny_raw):
            "--repeats", "1", "--json", str(tmp_path / "train.json"), cwd=tmp_path)
     report = json.loads((tmp_path / "train.json").read_text())
     assert report["mode"] == "weak"
-    assert report["gustafson_serial_fraction"] is not None
+    two = report["points"][1]  # Gustafson: serial fraction (N - scaled speedup) / (N - 1)
+    assert report["gustafson_serial_fraction"] == pytest.approx(2 - two["speedup"])
+    assert two["speedup"] == pytest.approx(2 * report["points"][0]["seconds"] / two["seconds"])
     assert report["points"][1]["seconds"] > 0
 
     # The next run's report shows both studies, plots included, and its throughput.

@@ -3,7 +3,8 @@
 They are network namespaces made once per test session and removed at its end, on failure
 too; namespaces left by an earlier session that was killed are removed first. Each test
 gets them clean: whatever it started in them is killed afterwards and the hosts files are
-rewritten.
+rewritten. The tests skip only where the environment says they cannot run (not root, a tool
+missing); as root with the tools, as in CI, a namespace that cannot be made fails them.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.multihost.netns import Cluster, remove_stale, unavailable_reason
+from tests.multihost.netns import Cluster, probe, remove_stale, unavailable_reason
 
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     reason = unavailable_reason()
-    if reason is not None:
+    if reason is not None:  # the environment says it cannot: skip, saying why
         pytest.skip(f"multi-host tests need network namespaces: {reason}")
+    broken = probe()
+    if broken is not None:  # root with the tools, yet no namespace: a broken set-up, seen
+        pytest.fail(f"multi-host tests could not make a network namespace as root: {broken}")
     remove_stale()
     # A run stopped by SIGTERM (a timeout, a cancelled CI job) unwinds like Ctrl-C, so the
     # namespaces are still removed; SIGKILL cannot be caught: the next run's remove_stale().

@@ -35,7 +35,9 @@ _COUNT = itertools.count()
 
 
 def unavailable_reason() -> str | None:
-    """Why namespaces cannot be made here, or None when they can."""
+    """Why this environment says namespaces cannot be made here (not root, a tool missing),
+    or None when it should be able to: then a failure to make one is a broken set-up, which
+    ``probe()`` reports, not a reason to skip."""
     if os.geteuid() != 0:
         return "network namespaces need root (run the tests as root, as CI does)"
     missing = [tool for tool in ("ip", "ss", "unshare", "mount", "hostname")
@@ -43,11 +45,16 @@ def unavailable_reason() -> str | None:
     if missing:
         return (f"{', '.join(missing)} not found (ip and ss: apt-get install iproute2; "
                 "unshare and mount: util-linux, mount; hostname: hostname)")
-    probe = f"{PREFIX}{os.getpid()}-probe"
-    made = _ip("netns", "add", probe, check=False)
+    return None
+
+
+def probe() -> str | None:
+    """Make and delete one namespace; the error if that fails, else None."""
+    name = f"{PREFIX}{os.getpid()}-probe"
+    made = _ip("netns", "add", name, check=False)
     if made.returncode != 0:
         return f"`ip netns add` failed: {made.stderr.strip()}"
-    _ip("netns", "delete", probe, check=False)
+    _ip("netns", "delete", name, check=False)
     return None
 
 

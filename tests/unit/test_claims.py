@@ -5,6 +5,7 @@ survive a process killed while writing."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy
 
 from distml.config import TrainSettings
 from distml.distributed.checkpoint import checkpoint_paths, load_sharded, read_rank_state
@@ -63,8 +65,21 @@ def test_fsdp_offload_on_a_cpu_says_there_is_nothing_to_offload(tmp_path, caplog
                             DistEnv(), mesh=mesh)
         assert "offload: training runs on the CPU" in caplog.text
         assert "nothing to offload" in caplog.text
-        loss = strategy.train_step([(torch.randn(4, 4), torch.randn(4, 1))], _mse)
-        assert loss == loss  # the step ran (not NaN) with the policy left out
+        # The policy was left out: FSDP keeps no CPU offload policy, and a step trains.
+        groups = [g for m in strategy.model.modules() if hasattr(m, "_get_fsdp_state")
+                  if (g := m._get_fsdp_state()._fsdp_param_group) is not None]
+        assert groups
+        assert not any(isinstance(g.offload_policy, CPUOffloadPolicy) for g in groups)
+        before = [p.full_tensor().clone() for p in strategy.model.parameters()]
+        torch.manual_seed(0)
+        x, y = torch.randn(16, 4), torch.randn(16, 1)
+        first = strategy.train_step([(x, y)], _mse)
+        for _ in range(20):
+            last = strategy.train_step([(x, y)], _mse)
+        assert math.isfinite(first)
+        assert last < first
+        assert all(not torch.equal(a, p.full_tensor()) for a, p in
+                   zip(before, strategy.model.parameters(), strict=True))
     finally:
         dist.destroy_process_group()
 

@@ -45,10 +45,19 @@ def embedded(wf: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "{{workflow.name}}", WORKFLOW_NAME)) for t in wf["spec"]["templates"] if "resource" in t}
 
 
+# CEL rules of the vendored CRDs that call a function cel-python lacks, so they are not run
+# on the manifests here. None today; a new CRD or manifest that needs one fails below until
+# it is listed here (and the README says which rules go unchecked).
+KNOWN_UNSUPPORTED_CEL: frozenset[str] = frozenset()
+
+
 def problems(obj: dict[str, Any], stats: CelStats | None = None) -> list[str]:
     kind = obj.get("kind", "")
-    found = (crd(kind).errors(obj, stats or CelStats()) if kind in CRD_FILES
-             else meta_errors(obj))
+    stats = stats if stats is not None else CelStats()
+    found = crd(kind).errors(obj, stats) if kind in CRD_FILES else meta_errors(obj)
+    skipped = stats.unsupported_rules - KNOWN_UNSUPPORTED_CEL
+    assert not skipped, f"{len(skipped)} CEL rule(s) not run (a function cel-python lacks): " \
+        + "; ".join(sorted(skipped))
     return found + k8s_rules.errors(obj)
 
 
@@ -79,7 +88,8 @@ def test_every_manifest_validates_against_its_crd_and_webhook_rules(exported):
     kinds = [k.rsplit(":", 1)[1] for k in checked]
     assert kinds.count("TrainJob") == 6
     assert kinds.count("InferenceService") == 2
-    print(f"CEL rules: {stats.as_dict()}")  # reported with pytest -s
+    print(f"CEL rules: {stats.as_dict()}; not run: {sorted(stats.unsupported_rules)}")
+    assert stats.unsupported == len(KNOWN_UNSUPPORTED_CEL & stats.unsupported_rules) == 0
     assert stats.evaluated >= 30
     assert stats.transition > 0
 
