@@ -10,7 +10,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 
+from distml.artifact import load_artifact, save_artifact
 from distml.registry import Registry
 from tests.helpers.serving import running_server
 
@@ -18,12 +20,23 @@ from tests.helpers.serving import running_server
 @pytest.fixture
 def registry(trained, tmp_path):
     """A copy of the session's registry (tiny:1 in production) with tiny:2 registered, not
-    promoted."""
+    promoted: v1's model with other weights, so a reload that kept v1's shows."""
     root, _ = trained
     shutil.copytree(root / "registry", tmp_path / "registry")
     reg = Registry(tmp_path / "registry")
-    assert reg.register(reg.get("tiny", 1).path, "tiny").version == 2
+    v1 = load_artifact(reg.get("tiny", 1).path)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in v1.model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * p.std())
+    v2 = save_artifact(v1.model, v1.spec, tmp_path / "v2")
+    assert reg.register(v2, "tiny").version == 2
     return reg
+
+
+def _expected(registry: Registry, version: int, x: np.ndarray) -> np.ndarray:
+    """Version ``version``'s class probabilities for rows ``x``, computed here."""
+    return load_artifact(registry.get("tiny", version).path).predict(x)
 
 
 def _body(x: np.ndarray) -> dict:
@@ -40,10 +53,13 @@ def _clients(url: str, x: np.ndarray, stop: threading.Event, results: list) -> l
                 sent = time.monotonic()
                 try:
                     r = c.post(f"{url}/v2/models/tiny/infer", json=_body(x[i:i + 2]))
-                    version = r.json().get("model_version") if r.status_code == 200 else r.text
-                    results.append((sent, time.monotonic(), r.status_code, version))
+                    ok = r.status_code == 200
+                    version = r.json().get("model_version") if ok else r.text
+                    probs = np.asarray(r.json()["outputs"][0]["data"]).reshape(2, -1) \
+                        if ok else None
+                    results.append((sent, time.monotonic(), r.status_code, version, i, probs))
                 except httpx.HTTPError as e:
-                    results.append((sent, time.monotonic(), type(e).__name__, str(e)))
+                    results.append((sent, time.monotonic(), type(e).__name__, str(e), i, None))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     for t in threads:
@@ -76,7 +92,13 @@ def test_promoting_a_version_switches_within_5_s_and_fails_no_request(trained, r
     failed = [r for r in results if r[2] != 200]
     assert not failed, failed[:3]
     assert {r[3] for r in results} == {"1", "2"}
-    switched = min(received for _, received, _, v in results if v == "2")
+    # Each answer is its version's model's: the new weights answer after the switch.
+    expected = {v: _expected(registry, v, x[:4]) for v in (1, 2)}
+    assert np.abs(expected[1] - expected[2]).max() > 0.1  # the versions really differ
+    for *_, version, i, probs in results:
+        np.testing.assert_allclose(probs, expected[int(version)][i:i + 2], rtol=1e-4,
+                                   atol=1e-5)
+    switched = min(r[1] for r in results if r[3] == "2")
     assert switched - moved < 5, f"the new version answered {switched - moved:.1f} s after the move"
     # Once a client saw the new version, no request sent after that got the old one.
     assert not [r for r in results if r[0] > switched and r[3] == "1"]
