@@ -78,7 +78,7 @@ def test_alpha_zero_trains_bit_for_bit_like_the_student_alone(tmp_path, tiny_raw
     assert spec["distilled_from"]["temperature"] == 2
 
 
-def test_a_ddp_student_matches_its_one_process_twin(tmp_path, tiny_raw):
+def test_a_student_matches_its_one_process_twin_under_each_strategy(tmp_path, tiny_raw):
     tiny_raw["train"]["epochs"] = 1
     tiny_raw["train"]["candidates"] = [
         {"name": "teacher", "model": {"type": "mlp", "hidden_sizes": [32]}},
@@ -86,10 +86,11 @@ def test_a_ddp_student_matches_its_one_process_twin(tmp_path, tiny_raw):
     ]
     cfg = write_config(tmp_path / "c.yaml", _quiet(tiny_raw))
     out = tmp_path / "verify.json"
-    distml("verify", str(cfg), "--candidate", "student", "--strategies", "ddp,fsdp",
+    strategies = ["ddp", "fsdp", "zero1", "tensor", "pipeline"]
+    distml("verify", str(cfg), "--candidate", "student", "--strategies", ",".join(strategies),
            "--steps", "6", "--json", str(out), cwd=tmp_path)
     report = json.loads(out.read_text())
-    assert [r["strategy"] for r in report["results"]] == ["ddp", "fsdp"]
+    assert [r["strategy"] for r in report["results"]] == strategies
     for r in report["results"]:
         assert r["passed"], r
         assert r["max_rel_param_diff"] < 1e-4
