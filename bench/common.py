@@ -6,6 +6,8 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -15,6 +17,75 @@ from typing import Any
 RESULTS = Path(__file__).parent / "results"
 README = Path(__file__).parents[1] / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+class LoadSampler:
+    """The machine's 1-minute load average, sampled every few seconds from the first
+    benchmark import on, so each result file says how busy the machine was while it ran."""
+
+    def __init__(self, interval_s: float = 5.0) -> None:
+        self.samples: list[float] = []
+        self._mark = 0
+        thread = threading.Thread(target=self._run, args=(interval_s,), daemon=True)
+        thread.start()
+
+    def _run(self, interval_s: float) -> None:
+        while True:
+            self.samples.append(os.getloadavg()[0])
+            time.sleep(interval_s)
+
+    def window(self) -> dict[str, Any]:
+        """Load averages since the last call (one benchmark's run), and the 15-minute one."""
+        got, self._mark = self.samples[self._mark:], len(self.samples)
+        got = got or [os.getloadavg()[0]]
+        return {"load_1min_median": statistics.median(got), "load_1min_max": max(got),
+                "load_15min_at_end": os.getloadavg()[2], "cores": os.cpu_count()}
+
+
+LOAD = LoadSampler()
+
+
+def git_revision() -> dict[str, Any]:
+    """The commit measured, and whether the working tree differed from it."""
+    root = Path(__file__).parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--", "src", "bench"))}
+
+
+def pin_ranks(proc: subprocess.Popen, cores: list[int]) -> threading.Thread:
+    """Pin each training rank under ``proc`` (a process with LOCAL_RANK in its environment)
+    to its own core, ``cores[LOCAL_RANK]``, from outside, as soon as it appears: the same
+    for distml's launcher and for torchrun."""
+    import psutil
+
+    def run() -> None:
+        pinned: set[int] = set()
+        parent = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                children = parent.children(recursive=True)
+            except psutil.NoSuchProcess:
+                return
+            for child in children:
+                if child.pid in pinned:
+                    continue
+                try:
+                    rank = child.environ().get("LOCAL_RANK")
+                    if rank is not None:
+                        child.cpu_affinity([cores[int(rank) % len(cores)]])
+                        pinned.add(child.pid)
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 def machine() -> dict[str, Any]:
@@ -85,7 +156,8 @@ def show(s: dict[str, Any] | list[float], fmt: str = "{:.2f}", scale: float = 1.
 def save(name: str, result: dict[str, Any]) -> Path:
     RESULTS.mkdir(exist_ok=True)
     result = {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": machine(), **result}
+              "machine": machine(), "revision": git_revision(), "load": LOAD.window(),
+              **result}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

@@ -21,6 +21,7 @@ bench/model_parallel.py).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -33,11 +34,11 @@ import torch
 import yaml
 
 from bench import model_parallel
-from bench.common import interleaved, ratios, save, show, stats
+from bench.common import interleaved, median, pin_ranks, ratios, save, show, stats
 
 HIDDEN, FEATURES, CLASSES, BATCH = [1024, 1024], 32, 4, 256
 STEPS, REPEATS = 150, 5
-DDP_LAUNCHES, DDP_EPOCHS, DDP_ROWS = 3, 3, 30_000
+DDP_LAUNCHES, DDP_EPOCHS, DDP_ROWS = 5, 4, 30_000
 # verify's strategies and the ZeRO stage each realises
 ZERO_STAGE = {"ddp": "ddp", "zero1": "zero1", "fsdp-zero2": "zero2", "fsdp": "zero3"}
 
@@ -107,29 +108,57 @@ def raw_vs_distml(root: Path) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def _train(root: Path, name: str, **train) -> dict:
-    cfg_path = root / f"{name}.yaml"
-    cfg = _config(root, DDP_ROWS, **train)
+def _pinned(cmd: list[str], world: int) -> None:
+    """Run a training command, each of its ranks pinned to its own core, one thread each."""
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL)
+    pin_ranks(proc, list(range(world)))
+    if proc.wait() != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}")
+
+
+def _distml_ddp(root: Path, name: str, world: int, batch: int) -> list[float]:
+    """samples/s of distml's ddp per epoch after the first (warm-up), through its launcher."""
+    cfg = _config(root, DDP_ROWS, batch_size=batch, epochs=DDP_EPOCHS,
+                  parallel={"strategy": "ddp", "world_size": world})
     cfg["name"] = name
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    subprocess.run([sys.executable, "-m", "distml", "train", str(cfg_path), "--quiet"],
-                   check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    (root / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    _pinned([sys.executable, "-m", "distml", "train", str(root / f"{name}.yaml"), "--quiet"],
+            world)
     (result,) = (root / "runs" / name).glob("*/candidates/mlp/result.json")
-    return json.loads(result.read_text())
+    return [e["samples_per_s"] for e in json.loads(result.read_text())["epochs"][1:]]
+
+
+def _raw_ddp(root: Path, name: str, world: int, batch: int) -> list[float]:
+    """The same for the DDP tutorial's hand-written loop (bench/raw_ddp.py) under torchrun,
+    on as many training rows as distml's split holds."""
+    out = root / f"{name}.json"
+    _pinned([sys.executable, "-m", "torch.distributed.run", "--standalone",
+             "--nproc-per-node", str(world), str(Path(__file__).with_name("raw_ddp.py")),
+             "--rows", str(int(DDP_ROWS * 0.9)), "--epochs", str(DDP_EPOCHS), "--batch",
+             str(batch), "--features", str(FEATURES), "--classes", str(CLASSES),
+             "--hidden", *map(str, HIDDEN), "--out", str(out)], world)
+    return json.loads(out.read_text())["samples_per_s"][1:]
 
 
 def ddp_scaling(root: Path) -> dict:
+    """distml's ddp on 1 and 2 ranks and the hand-written DDP loop on 2, each rank pinned to
+    its own core, in interleaved rounds; ratios within a round (medians of its epochs)."""
     batch = 1024  # a bigger global batch: compute-bound, as data parallelism is meant for
-    rates: dict[int, list[float]] = {1: [], 2: []}
-    for i in range(DDP_LAUNCHES):
-        for world in (1, 2) if i % 2 == 0 else (2, 1):
-            result = _train(root, f"ddp{world}-{i}", batch_size=batch, epochs=DDP_EPOCHS,
-                            parallel={"strategy": "ddp", "world_size": world})
-            rates[world] += [e["samples_per_s"] for e in result["epochs"][1:]]  # 1st: warm-up
-    speedup = ratios(rates[2], rates[1])
-    return {"samples_per_s_1": stats(rates[1]), "samples_per_s_2": stats(rates[2]),
+    launches = {"distml_1": lambda i: _distml_ddp(root, f"ddp1-{i}", 1, batch),
+                "distml_2": lambda i: _distml_ddp(root, f"ddp2-{i}", 2, batch),
+                "raw_2": lambda i: _raw_ddp(root, f"raw2-{i}", 2, batch)}
+    rounds = itertools.count()  # a fresh name per launch
+    rates = interleaved({k: (lambda f=f: median(f(next(rounds)))) for k, f in launches.items()},
+                        repeats=DDP_LAUNCHES)
+    speedup = ratios(rates["distml_2"], rates["distml_1"])
+    return {"samples_per_s_1": stats(rates["distml_1"]),
+            "samples_per_s_2": stats(rates["distml_2"]),
+            "raw_ddp_samples_per_s_2": stats(rates["raw_2"]),
             "ddp_batch_size": batch, "ddp_speedup_2": stats(speedup),
-            "ddp_efficiency_2": stats([x / 2 for x in speedup])}
+            "ddp_efficiency_2": stats([x / 2 for x in speedup]),
+            "ddp_ratio_vs_raw_ddp": stats(ratios(rates["distml_2"], rates["raw_2"])),
+            "pinned": "each rank to its own core, one thread"}
 
 
 def memory(root: Path) -> dict:
@@ -206,6 +235,11 @@ def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
         ("train, mlp 32-1024-1024-4", "ddp_efficiency_2",
          f"{show(r['ddp_efficiency_2'])} (speedup {show(r['ddp_speedup_2'])}, 1 thread/rank, "
          f"batch {r['ddp_batch_size']})", "reported"),
+        *([("train, mlp 32-1024-1024-4, ddp x2", "ddp_ratio_vs_raw_ddp",
+            f"{show(r['ddp_ratio_vs_raw_ddp'], '{:.3f}')} (distml "
+            f"{show(r['samples_per_s_2'], '{:.0f}')} vs the DDP tutorial's loop "
+            f"{show(r['raw_ddp_samples_per_s_2'], '{:.0f}')} samples/s; ranks pinned)",
+            ">= 0.98")] if "ddp_ratio_vs_raw_ddp" in r else []),
         ("train, world size 2", "MiB held per rank at the step's fullest moment, rank 0 / "
          "rank 1 (params+grads+optimizer)", f"{mem}", "reported"),
         ("train, world size 2", "peak RSS MiB per strategy (own processes)", rss, "reported"),
