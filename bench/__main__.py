@@ -1,5 +1,5 @@
-"""Run benchmarks: ``python -m bench [ingest] [loader] [train] [serve] [drift]
-[serve_monitor] [param_server] [distill]``; writes
+"""Run benchmarks: ``python -m bench [ingest] [loader] [loader_parts] [train] [serve]
+[drift] [serve_monitor] [param_server] [distill]``; writes
 bench/results/*.json and the README's benchmark table."""
 
 from __future__ import annotations
@@ -7,10 +7,21 @@ from __future__ import annotations
 import json
 import sys
 
-from bench import distill, drift, ingest, loader, param_server, serve, serve_monitor, train
+from bench import (
+    distill,
+    drift,
+    ingest,
+    loader,
+    loader_parts,
+    param_server,
+    serve,
+    serve_monitor,
+    train,
+)
 from bench.common import RESULTS, update_readme
 
-BENCHMARKS = {"ingest": ingest, "loader": loader, "train": train, "serve": serve,
+BENCHMARKS = {"ingest": ingest, "loader": loader, "loader_parts": loader_parts,
+              "train": train, "serve": serve,
               "serve_monitor": serve_monitor,
               "drift": drift, "param_server": param_server, "distill": distill}
 
