@@ -1,4 +1,4 @@
-"""Run benchmarks: ``python -m bench [ingest] [loader] [loader_parts] [train] [serve]
+"""Run benchmarks: ``python -m bench [ingest] [loader] [loader_parts] [train] [scaling] [serve]
 [drift] [serve_monitor] [param_server] [distill]``; writes
 bench/results/*.json and the README's benchmark table."""
 
@@ -14,6 +14,7 @@ from bench import (
     loader,
     loader_parts,
     param_server,
+    scaling,
     serve,
     serve_monitor,
     train,
@@ -21,7 +22,7 @@ from bench import (
 from bench.common import RESULTS, update_readme
 
 BENCHMARKS = {"ingest": ingest, "loader": loader, "loader_parts": loader_parts,
-              "train": train, "serve": serve,
+              "train": train, "scaling": scaling, "serve": serve,
               "serve_monitor": serve_monitor,
               "drift": drift, "param_server": param_server, "distill": distill}
 
