@@ -1,8 +1,8 @@
 """A scaling study kept with the results: ``distml scale`` (strong scaling, 1 and 2
 workers, REPEATS rounds after a warm-up) on ingestion of a 2,000,000 x 32 synthetic table
-(executor workers) and on ddp training of an MLP 32-512-512-4, batch 1,024, 30 steps (processes, one CPU
-thread each). The analysis (speedup, efficiency, Karp-Flatt, the Amdahl fit where the
-timings allow one) and its plots go to bench/results/.
+(executor workers) and on ddp training of an MLP 32-512-512-4, batch 1,024, 30 steps
+(processes, one CPU thread each). The analysis (speedup, efficiency, Karp-Flatt, the Amdahl
+fit where the timings allow one) and its plots go to bench/results/.
 """
 
 from __future__ import annotations
