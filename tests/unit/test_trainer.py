@@ -8,8 +8,10 @@ from safetensors.torch import load_file
 
 from distml.data.ingest import ingest
 from distml.distributed.checkpoint import checkpoint_paths
+from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
 from distml.training.candidate import SplitTensors, train_candidate
+from distml.training.trainer import TrainState
 from tests.conftest import make_config
 
 
@@ -113,3 +115,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_raw, ca
     assert "step-00000030 (step 30)" in caplog.text
     _assert_identical(w_full, w_resumed)  # steps 31-40 replayed exactly
     assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+
+
+@pytest.mark.parametrize(("metric", "values", "best_step", "stops_at"), [
+    ("accuracy", [0.5, 0.7, 0.7, 0.6], 2, 4),  # a tie is no improvement
+    ("loss", [1.0, 0.8, 0.9, 0.8], 2, 4),
+    ("loss", [1.0, 0.8, 0.7, 0.9], 3, None),
+])
+def test_best_so_far_keeps_the_weights_selection_would_pick(metric, values, best_step, stops_at):
+    best, state, stopped = BestSoFar(metric, patience=2), TrainState(), None
+    for step, value in enumerate(values, start=1):
+        if best.observe(state, value, step=step, weights=lambda s=step: {"w": torch.tensor(s)}):
+            stopped = step
+            break
+    assert (state.best_step, int(best.weights["w"]), stopped) == (best_step, best_step, stops_at)
+    assert state.best_value == values[best_step - 1]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from distml.config import METRIC_HIGHER_IS_BETTER, TrainSettings
+from distml.config import TrainSettings
 from distml.data.loader import PartitionLoader
 from distml.distributed.param_server import checkpoint as ckpt
 from distml.distributed.param_server.protocol import Kind, Msg
@@ -33,6 +33,7 @@ from distml.distributed.param_server.worker import Worker
 from distml.distributed.runtime import job_store
 from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
+from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
 from distml.training.ps_report import epoch_stats, ps_summary
 from distml.training.trainer import TrainState, lr_lambda, peak_memory
@@ -62,7 +63,7 @@ class PSTrainer:
         if settings.max_steps is not None:
             self.total_steps = min(self.total_steps, settings.max_steps)
         self.state = TrainState()
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best = BestSoFar(metric, patience=settings.early_stopping_patience)
         self.accounting: list[dict[str, Any]] = []  # the work queue's record, per epoch
         self.updates: list[list[int]] = []  # (worker, clock, lead, staleness) per gradient
         self.dropped = 0
@@ -155,8 +156,8 @@ class PSTrainer:
         for peer in self.strategy.servers[1:]:
             self.strategy.channel.send(peer, Msg(Kind.BYE))
         self.worker_stats = dict(host.stats)
-        if self.settings.restore_best and self.best_weights is not None:
-            self.strategy.load_model_state_dict(self.best_weights)
+        if self.settings.restore_best:
+            self.best.restore(self.strategy)
         for cb in self.callbacks:
             cb.on_train_end(self)
 
@@ -198,18 +199,13 @@ class PSTrainer:
         metrics, _ = self.strategy.evaluate(self.task, *self.val_data)
         self.state.evals.append({"step": self.server.version, "elapsed_s": self._clock(),
                                  **metrics})
-        value, sign = metrics[self.metric], 1.0 if METRIC_HIGHER_IS_BETTER[self.metric] else -1.0
-        if self.state.best_value is None or sign * (value - self.state.best_value) > 0:
-            self.state.best_value, self.state.best_step = value, self.server.version
-            self.state.evals_since_best = 0
-            self.best_weights = {k: v.detach().clone()
-                                 for k, v in self.strategy.model_state_dict().items()}
-        else:
-            self.state.evals_since_best += 1
+        stop = self.best.observe(
+            self.state, metrics[self.metric], step=self.server.version,
+            weights=lambda: {k: v.detach().clone()
+                             for k, v in self.strategy.model_state_dict().items()})
         for cb in self.callbacks:
             cb.on_eval_end(self, metrics)
-        patience = self.settings.early_stopping_patience
-        return patience is not None and self.state.evals_since_best >= patience
+        return stop
 
     def _current_flat(self) -> torch.Tensor:
         """Server 0's shard and the others', asked for with PEEK (they serve it from their
@@ -236,7 +232,7 @@ class PSTrainer:
         self.state.seconds = self._clock()
         progress = {"progress": asdict(self.state), "accounting": self.accounting,
                     "updates": self.updates + [list(u) for u in server.updates],
-                    "dropped": self.dropped + server.dropped, "best": self.best_weights or {}}
+                    "dropped": self.dropped + server.dropped, "best": self.best.weights or {}}
         path = ckpt.commit(self.checkpoint_dir, step, progress,
                            keep=self.settings.keep_checkpoints)
         logger.info("checkpoint %s", path)
@@ -261,7 +257,7 @@ class PSTrainer:
             self.state = TrainState(**saved["progress"])
             self.accounting, self.dropped = saved["accounting"], saved["dropped"]
             self.updates = saved["updates"]
-            self.best_weights = saved["best"] or None
+            self.best.weights = saved["best"] or None
         logger.info("resumed from %s (step %d)", path, s.version)
 
     # -- results ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
-from distml.config import METRIC_HIGHER_IS_BETTER, TrainSettings
+from distml.config import TrainSettings
 from distml.data.loader import PartitionLoader
 from distml.distributed.checkpoint import (
     agree,
@@ -32,6 +32,7 @@ from distml.distributed.runtime import gather_objects
 from distml.distributed.strategy import Batch, LossFn, Strategy
 from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
+from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ class Trainer:
             strategy.optimizer, lr_lambda(settings, self.total_steps)
         )
         self.state = TrainState()
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best = BestSoFar(metric, patience=settings.early_stopping_patience)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -138,8 +139,8 @@ class Trainer:
                 self._paused += time.perf_counter() - pause
                 if stop:
                     break
-        if self.settings.restore_best and self.best_weights is not None:
-            self.strategy.load_model_state_dict(self.best_weights)
+        if self.settings.restore_best:
+            self.best.restore(self.strategy)
         for cb in self._listeners:
             cb.on_train_end(self)
         return self.state
@@ -184,29 +185,18 @@ class Trainer:
         metrics, _ = self.strategy.evaluate(self.task, x, y)
         self.state.evals.append({"step": self.state.step, "elapsed_s": self.state.elapsed,
                                  **metrics})
-        value = metrics[self.metric]
-        sign = 1.0 if METRIC_HIGHER_IS_BETTER[self.metric] else -1.0
-        if self.state.best_value is None or sign * (value - self.state.best_value) > 0:
-            self.state.best_value, self.state.best_step = value, self.state.step
-            self.state.evals_since_best = 0
-            self.best_weights = self._model_copy()
-        else:
-            self.state.evals_since_best += 1
+        stop = self.best.observe(self.state, metrics[self.metric], step=self.state.step,
+                                 weights=self._model_copy)
         for cb in self._listeners:
             cb.on_eval_end(self, metrics)
-        patience = self.settings.early_stopping_patience
-        if patience is not None and self.state.evals_since_best >= patience:
-            logger.info("early stopping at step %d: no improvement in %d evaluations",
-                        self.state.step, patience)
-            return True
-        return False
+        return stop
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> Path:
         sharded = self.strategy.state_dict()
-        if self.best_weights is not None:
-            sharded["best"] = self.best_weights
+        if self.best.weights is not None:
+            sharded["best"] = self.best.weights
         rank_state = {
             "rng": torch.get_rng_state(),
             "scheduler": self.scheduler.state_dict(),
@@ -239,7 +229,7 @@ class Trainer:
         self.strategy.load_state_dict(loaded)
         if loaded["extra"] is not None:
             self.strategy.load_extra_state(loaded["extra"])
-        self.best_weights = loaded.get("best")
+        self.best.weights = loaded.get("best")
         self.scheduler.load_state_dict(rank_state["scheduler"])
         torch.set_rng_state(rank_state["rng"])
         self.state = TrainState(**rank_state["progress"])
