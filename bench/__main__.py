@@ -19,7 +19,7 @@ from bench import (
     serve_monitor,
     train,
 )
-from bench.common import RESULTS, update_readme
+from bench.common import load_results, update_readme
 
 BENCHMARKS = {"ingest": ingest, "loader": loader, "loader_parts": loader_parts,
               "train": train, "scaling": scaling, "serve": serve,
@@ -33,13 +33,13 @@ def main(names: list[str]) -> None:
             raise SystemExit(f"unknown benchmark {name!r}; choose from {list(BENCHMARKS)}")
         print(f"== {name}", flush=True)
         print(json.dumps(BENCHMARKS[name].main(), indent=2), flush=True)
-    rows = []  # the table shows every saved result, not only this run's
-    for name, module in BENCHMARKS.items():
-        path = RESULTS / f"{name}.json"
-        if path.exists():
-            rows += module.table_rows(json.loads(path.read_text()))
-    update_readme(rows)
+    update_readme(table_rows(load_results()))
 
+
+def table_rows(results: dict[str, dict]) -> list[tuple[str, str, str, str]]:
+    """The README table: every saved result, not only this run's."""
+    return [row for name, module in BENCHMARKS.items() if name in results
+            for row in module.table_rows(results[name])]
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import threading
@@ -163,13 +164,43 @@ def save(name: str, result: dict[str, Any]) -> Path:
     return path
 
 
+# A figure quoted in README's prose: <!--fig:BENCH/KEY/...|SPEC-->text<!--/fig-->, where the
+# path walks bench/results/BENCH.json (list indexes as numbers) and SPEC is a format spec
+# with an optional scale ("*1000"): ".2f" by default. `make bench` rewrites the text; a test
+# checks that every quoted figure is the one in the JSON.
+FIGURE = re.compile(r"<!--fig:(?P<path>[^|>]+)(?:\|(?P<spec>[^>]*))?-->(?P<text>.*?)<!--/fig-->")
+
+
+def figure(results: dict[str, Any], path: str, spec: str | None) -> str:
+    """The text of one quoted figure (KeyError/IndexError: the path is not in the results)."""
+    value: Any = results
+    for part in path.split("/"):
+        value = value[int(part)] if isinstance(value, list) else value[part]
+    spec, _, scale = (spec or ".2f").partition("*")
+    return format(value * float(scale) if scale else value, spec)
+
+
+def render_readme(text: str, rows: list[tuple[str, str, str, str]],
+                  results: dict[str, Any]) -> str:
+    """README with its benchmark table made of ``rows`` and every quoted figure refilled
+    from ``results`` (benchmark name -> its JSON)."""
+    if START in text and END in text:
+        lines = ["| benchmark | measure | result | target |", "|---|---|---|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = head + START + "\n" + "\n".join(lines) + "\n" + END + tail
+
+    def fill(m: re.Match[str]) -> str:
+        spec = "" if m["spec"] is None else f"|{m['spec']}"
+        return f"<!--fig:{m['path']}{spec}-->{figure(results, m['path'], m['spec'])}<!--/fig-->"
+
+    return FIGURE.sub(fill, text)
+
+
+def load_results() -> dict[str, Any]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("*.json"))}
+
+
 def update_readme(rows: list[tuple[str, str, str, str]]) -> None:
-    """Replace the README's benchmark table (between the markers) with ``rows``."""
-    text = README.read_text()
-    if START not in text or END not in text:
-        return
-    lines = ["| benchmark | measure | result | target |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    README.write_text(head + START + "\n" + "\n".join(lines) + "\n" + END + tail)
+    README.write_text(render_readme(README.read_text(), rows, load_results()))

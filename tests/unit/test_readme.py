@@ -1,10 +1,14 @@
-"""README stays true: every config key and every CLI command is documented there."""
+"""README stays true: every config key and every CLI command is documented there, and its
+benchmark table and the figures its notes quote are the saved results."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+from bench.__main__ import table_rows
+from bench.common import FIGURE, load_results, render_readme
+from bench.drift import detail_table
 from pydantic import BaseModel
 
 from distml import config
@@ -38,3 +42,14 @@ def test_every_command_is_in_the_readme():
     assert {"distml models show", "distml data inspect", "distml runs list"} <= set(commands)
     missing = [c for c in commands if c not in README]
     assert not missing, f"README's CLI section lacks {missing}"
+
+
+def test_the_benchmark_table_and_every_quoted_figure_are_the_saved_results():
+    results = load_results()
+    quoted = {m["path"].split("/")[0] for m in FIGURE.finditer(README)}
+    assert {"serve", "param_server", "distill"} <= quoted
+    # Any figure that differs from bench/results/*.json (or a path that is not there) fails.
+    assert render_readme(README, table_rows(results), results) == README, (
+        "README's benchmark table or a quoted figure differs from bench/results: "
+        "run `python -m bench` (it rewrites both) or correct the note")
+    assert detail_table(results["drift"]) in README
