@@ -22,12 +22,25 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """ids of the import nodes under ``if TYPE_CHECKING:`` (type hints: never executed)."""
+    hints: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            hints |= {id(n) for child in node.body for n in ast.walk(child)}
+    return hints
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
-    """distml modules imported at module level (imports inside functions are lazy: they
-    cannot make a cycle at import time). ``from pkg import name`` counts as importing
-    pkg.name when that is a module."""
+    """distml modules imported anywhere in a module, inside functions too (a lazy import
+    runs as surely as one at the top; only imports under ``if TYPE_CHECKING:`` do not
+    count). ``from pkg import name`` counts as importing pkg.name when that is a module."""
     found: set[str] = set()
-    for node in ast.parse(path.read_text()).body:
+    tree = ast.parse(path.read_text())
+    hints = _type_checking_only(tree)
+    for node in ast.walk(tree):
+        if id(node) in hints:
+            continue
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
@@ -69,19 +82,62 @@ def test_base_modules_import_none_of_their_kinds():
     assert not {m for m in graph["distml.execution.base"] if m.startswith("distml.execution.")}
 
 
-def test_lower_layers_do_not_import_upper_ones():
-    upper = ("distml.cli", "distml.workflow", "distml.ui")
-    lower = ("distml.config", "distml.data", "distml.distributed", "distml.models",
-             "distml.execution", "distml.training", "distml.serving")
-    for module, deps in _graph().items():
-        if module.startswith(lower):
-            assert not [d for d in deps if d.startswith(upper)], module
+# The layers, bottom up: a module may import its own layer and those below, never one above.
+LAYERS: list[tuple[str, ...]] = [
+    ("errors", "imports", "fsutil", "device"),
+    ("config",),
+    ("tasks", "selection"),
+    ("execution",),
+    ("data",),
+    ("models",),
+    ("trust", "artifact", "registry", "rundir"),
+    ("distributed",),
+    ("training",),
+    ("drift",),
+    ("serving",),
+    ("export",),
+    ("workflow",),
+    ("cli", "ui", "train", "verify", "__main__"),
+]
+
+
+def _layer(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    return -1 if module == "distml" else len(LAYERS)  # the package itself: its version only
+
+
+def test_every_module_has_a_layer():
+    assert not [m for m in _graph() if _layer(m) == len(LAYERS)]
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = sorted(f"{m} -> {d}" for m, deps in _graph().items() for d in deps
+                    if _layer(d) > _layer(m))
+    assert not upward, "imports of an upper layer:\n" + "\n".join(upward)
+
+
+def test_function_level_imports_and_type_hints_are_told_apart(tmp_path):
+    code = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import a\n"
+            "def f():\n    import b\n")
+    (tmp_path / "m.py").write_text(code)
+    assert _imports(tmp_path / "m.py", {"a", "b"}) == {"b"}
 
 
 def test_no_source_file_is_over_500_lines():
     long = {str(p.relative_to(PACKAGE)): n for p in PACKAGE.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 500}
     assert not long, f"files over 500 lines: {long}"
+
+
+def test_no_function_is_over_60_lines():
+    long = {f"{p.relative_to(PACKAGE)}:{n.name}": n.end_lineno - n.lineno + 1
+            for p in PACKAGE.rglob("*.py") for n in ast.walk(ast.parse(p.read_text()))
+            if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)
+            and n.end_lineno - n.lineno + 1 > 60}
+    assert not long, f"functions over 60 lines: {long}"
 
 
 def test_the_config_loads_without_torch():
