@@ -21,7 +21,7 @@ from distml.config import DataConfig
 from distml.data import transforms
 from distml.data.dataset import MANIFEST, Manifest
 from distml.data.preprocess import SPLITS, FitJob, WriteJob, fit_chunk, write_chunk
-from distml.data.sources import Chunk
+from distml.data.sources import Chunk, open_source
 from distml.errors import DataError
 from distml.execution import Executor, make_executor
 
@@ -44,7 +44,8 @@ def ingest(
         with make_executor("local", num_workers=1) as serial:
             return ingest(data, root, seed=seed, executor=serial)
 
-    chunks = data.source.plan_chunks(data.rows_per_partition)
+    source = open_source(data.source)
+    chunks = source.plan_chunks(data.rows_per_partition)
     run = functools.partial(executor.map, items=chunks, describe=_describe)
     specs = data.feature_transforms
     first_fit = next((i for i, s in enumerate(specs) if transforms.needs_fit(s)), None)
@@ -92,7 +93,7 @@ def ingest(
                 entry["rows"] += part["rows"]
         manifest = Manifest(
             task=data.task, feature_names=names, classes=classes, preprocessing=params,
-            splits=splits, source=data.source.fingerprint(), input_columns=scans[0]["columns"],
+            splits=splits, source=source.fingerprint(), input_columns=scans[0]["columns"],
             dropped_invalid_rows=dropped,
         )
         manifest.write(tmp)

@@ -22,7 +22,7 @@ import numpy as np
 from distml.config import DataConfig
 from distml.data import transforms
 from distml.data.dataset import partition_table, write_partition
-from distml.data.sources import Chunk, RawChunk
+from distml.data.sources import Chunk, RawChunk, open_source
 from distml.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -103,7 +103,7 @@ def _group_ids(groups: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def prepare(data: DataConfig, seed: int, chunk: Chunk) -> Prepared:
-    raw = data.source.load_chunk(chunk)
+    raw = open_source(data.source).load_chunk(chunk)
     invalid = _invalid_mask(raw, data) if raw.tokens is None else np.zeros(len(raw), bool)
     invalid_rows = np.flatnonzero(invalid)
     columns, labels, tokens = raw.columns, raw.labels, raw.tokens
