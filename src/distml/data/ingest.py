@@ -113,7 +113,7 @@ def _check_scans(data: DataConfig, chunks: list[Chunk], scans: list[dict[str, An
         if scan["columns"] != scans[0]["columns"]:
             raise DataError(f"{_describe(chunk)} has columns {scan['columns']}, but "
                             f"{_describe(chunks[0])} has {scans[0]['columns']}")
-    encoded = {c for s in data.feature_transforms if s.type == "onehot" for c in s.columns}
+    encoded = {c for s in data.feature_transforms for c in transforms.encodes(s)}
     categorical = [c for c, kind in scans[0]["columns"].items() if kind == "categorical"]
     if set(categorical) - encoded:
         raise DataError(

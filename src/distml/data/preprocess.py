@@ -45,10 +45,10 @@ def _nan_allowed(data: DataConfig) -> set[str] | None:
     """Columns where NaN is imputed later (None: every column)."""
     allowed: set[str] = set()
     for spec in data.feature_transforms:
-        if spec.type == "impute":
-            if spec.columns is None:
-                return None
-            allowed.update(spec.columns)
+        filled = transforms.fills_nan(spec)
+        if filled is None:
+            return None
+        allowed.update(filled)
     return allowed
 
 
