@@ -25,6 +25,7 @@ from distml.config import Candidate, Config
 from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
 from distml.data.sources import open_source
+from distml.data.tensors import SplitTensors
 from distml.distributed.launch import launch_training
 from distml.errors import DistmlError
 from distml.execution import make_executor
@@ -36,7 +37,7 @@ from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better, rank
 from distml.tasks import evaluate
 from distml.training.callbacks import Callback
-from distml.training.candidate import RESULT, SplitTensors, train_candidate
+from distml.training.candidate import RESULT, train_candidate
 from distml.trust import TrustPolicy
 from distml.workflow.distill import (
     check_registered_teachers,
