@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_digits
 
-from distml.config import DataConfig
+from distml.config import SOURCES, TRANSFORMS, DataConfig
 from distml.data.dataset import MANIFEST, Manifest, load_split, read_partition
 from distml.data.ingest import ingest
 from distml.data.inspect import inspect
+from distml.data.sources import SOURCES as SOURCE_IMPLEMENTATIONS
 from distml.data.sources import Chunk, open_source
+from distml.data.transforms import TRANSFORMS as TRANSFORM_IMPLEMENTATIONS
 from distml.errors import DataError
 
 
@@ -57,6 +61,23 @@ def test_stdlib_text_source_reads_python_sources():
     src = open_source(_data(source={"type": "text", "paths": ["stdlib:json/*.py"],
                                     "sequence_length": 32}).source)
     assert len(src.load_chunk(Chunk(0, "text"))) > 100
+
+
+def test_every_configurable_source_and_transform_has_an_implementation():
+    assert set(SOURCE_IMPLEMENTATIONS) == set(SOURCES.names)
+    assert set(TRANSFORM_IMPLEMENTATIONS) == set(TRANSFORMS.tags)
+
+
+def test_a_module_class_source_takes_the_table_path(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "from distml.data.sources import RawChunk, Source\n"
+        "class Mine(Source):\n"
+        "    def load_chunk(self, chunk):\n"
+        "        return RawChunk({}, None)\n")
+    spec = SimpleNamespace(type=f"{tmp_path / 'mine.py'}:Mine")
+    source = open_source(spec)
+    assert [c.label for c in source.plan_chunks(10)] == [spec.type]
+    assert len(source.load_chunk(Chunk(0, spec.type))) == 0
 
 
 def test_ingest_writes_stratified_partitions_and_manifest(tmp_path):
