@@ -80,17 +80,7 @@ def ingest(
         job = WriteJob(data, seed, params, classes, str(tmp),
                        {c.index: int(o) for c, o in zip(chunks, offsets, strict=True)})
         written = list(run(functools.partial(write_chunk, job), desc="transform + write"))
-        names = written[0]["feature_names"]
-        for chunk, w in zip(chunks, written, strict=True):
-            if w["feature_names"] != names:
-                raise DataError(f"{_describe(chunk)} yields features {w['feature_names']}, "
-                                f"but {_describe(chunks[0])} yields {names}")
-        splits = {s: {"rows": 0, "partitions": []} for s in SPLITS}
-        for w in written:
-            for part in w["parts"]:
-                entry = splits[part.pop("split")]
-                entry["partitions"].append(part)
-                entry["rows"] += part["rows"]
+        names, splits = _collect(chunks, written)
         manifest = Manifest(
             task=data.task, feature_names=names, classes=classes, preprocessing=params,
             splits=splits, source=source.fingerprint(), input_columns=scans[0]["columns"],
@@ -102,6 +92,23 @@ def ingest(
         shutil.rmtree(tmp, ignore_errors=True)
     manifest.root = root
     return manifest
+
+
+def _collect(chunks: list[Chunk], written: list[dict[str, Any]]
+             ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The feature names (every chunk must yield the same) and the partitions per split."""
+    names = written[0]["feature_names"]
+    for chunk, w in zip(chunks, written, strict=True):
+        if w["feature_names"] != names:
+            raise DataError(f"{_describe(chunk)} yields features {w['feature_names']}, "
+                            f"but {_describe(chunks[0])} yields {names}")
+    splits: dict[str, dict[str, Any]] = {s: {"rows": 0, "partitions": []} for s in SPLITS}
+    for w in written:
+        for part in w["parts"]:
+            entry = splits[part.pop("split")]
+            entry["partitions"].append(part)
+            entry["rows"] += part["rows"]
+    return names, splits
 
 
 def _check_scans(data: DataConfig, chunks: list[Chunk], scans: list[dict[str, Any]]) -> int:
