@@ -114,7 +114,8 @@ def _harness(args: argparse.Namespace, env) -> None:
 
     from distml.config import parse_config
     from distml.data.dataset import Manifest
-    from distml.training.candidate import SplitTensors, train_candidate
+    from distml.data.tensors import SplitTensors
+    from distml.training.candidate import train_candidate
 
     # ddp runs as StragglerDDP: a strategy table entry, as a user's module:Class would be.
     STRATEGIES["ddp"] = "bench.param_server:StragglerDDP"

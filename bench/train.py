@@ -61,9 +61,10 @@ def raw_vs_distml(root: Path) -> dict:
     from distml.config import parse_config
     from distml.data.ingest import ingest
     from distml.data.loader import PartitionLoader
+    from distml.data.tensors import SplitTensors
     from distml.distributed.runtime import DistEnv
     from distml.distributed.strategy import Strategy
-    from distml.training.candidate import SplitTensors, build_candidate_model
+    from distml.training.candidate import build_candidate_model
     from distml.training.trainer import Trainer, lr_lambda
 
     cfg = parse_config(_config(root, max_steps=STEPS, epochs=50))

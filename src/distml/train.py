@@ -61,8 +61,9 @@ def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv, *
     ``--candidate`` with its teachers, teachers first; ``prepare`` (rank 0) readies each
     student's teachers before it trains."""
     from distml.data.dataset import Manifest
+    from distml.data.tensors import SplitTensors
     from distml.distributed.runtime import barrier
-    from distml.training.candidate import SplitTensors, train_candidate
+    from distml.training.candidate import train_candidate
 
     manifest = Manifest.read(run_dir / "data")
     if prepare is None and args.candidate:  # launched by the driver, which did the rest

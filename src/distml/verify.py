@@ -182,8 +182,8 @@ def verify(
 ) -> dict[str, Any]:
     """Run the reference here and the strategies on ``world_size`` processes; compare.
     ``separate``: one launch per strategy (peak memory per strategy; slower to start)."""
+    from distml.data.tensors import SplitTensors
     from distml.distributed.launch import launch_local
-    from distml.training.candidate import SplitTensors
 
     for name in strategies:
         if name in NONDETERMINISTIC:
@@ -249,7 +249,7 @@ def _slug(name: str) -> str:
 
 
 def _worker(args: argparse.Namespace, env: DistEnv) -> None:
-    from distml.training.candidate import SplitTensors
+    from distml.data.tensors import SplitTensors
 
     cfg = load_config(args.run_dir / "config.yaml")
     manifest = Manifest.read(args.run_dir / "data")

@@ -15,6 +15,7 @@ from distml.data import transforms
 from distml.data.dataset import MANIFEST, load_split
 from distml.data.ingest import ingest
 from distml.data.preprocess import prepare
+from distml.data.sources import open_source
 from distml.errors import DataError
 from distml.execution import WorkItemError, make_executor
 
@@ -58,7 +59,7 @@ def test_merged_statistics_equal_whole_table_statistics(tmp_path):
     m = ingest(data, tmp_path / "d", seed=0)
     # The training rows before any transform, recomputed from the source.
     train = {}
-    for chunk in data.source.plan_chunks(data.rows_per_partition):
+    for chunk in open_source(data.source).plan_chunks(data.rows_per_partition):
         p = prepare(data, 0, chunk)
         for k, v in p.columns.items():
             train.setdefault(k, []).append(v[p.split == 0])

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_digits
 
-from distml.config import DataConfig
+from distml.config import SOURCES, TRANSFORMS, DataConfig
 from distml.data.dataset import MANIFEST, Manifest, load_split, read_partition
 from distml.data.ingest import ingest
 from distml.data.inspect import inspect
-from distml.data.sources import Chunk
+from distml.data.sources import SOURCES as SOURCE_IMPLEMENTATIONS
+from distml.data.sources import Chunk, open_source
+from distml.data.transforms import TRANSFORMS as TRANSFORM_IMPLEMENTATIONS
 from distml.errors import DataError
 
 
@@ -32,8 +36,8 @@ def _csv(path, n=200, nan_rows=(), label=lambda i: i % 3, seed=0):
 
 
 def test_synthetic_classification_is_seeded_and_chunked():
-    src = _data(source={"type": "synthetic:classification", "n_samples": 3000,
-                        "n_features": 5, "n_classes": 4, "seed": 7}).source
+    src = open_source(_data(source={"type": "synthetic:classification", "n_samples": 3000,
+                                    "n_features": 5, "n_classes": 4, "seed": 7}).source)
     chunks = src.plan_chunks(1000)
     assert [(c.start, c.stop) for c in chunks] == [(0, 1000), (1000, 2000), (2000, 3000)]
     a, b = src.load_chunk(chunks[1]), src.load_chunk(chunks[1])
@@ -46,17 +50,34 @@ def test_synthetic_classification_is_seeded_and_chunked():
 
 def test_text_windows_are_next_token_pairs(tmp_path):
     (tmp_path / "a.txt").write_bytes(bytes(range(100)) * 3)
-    src = _data(source={"type": "text", "paths": [str(tmp_path / "*.txt")],
-                        "sequence_length": 10}).source
+    src = open_source(_data(source={"type": "text", "paths": [str(tmp_path / "*.txt")],
+                                    "sequence_length": 10}).source)
     raw = src.load_chunk(Chunk(0, "text"))
     assert raw.tokens.shape == (30, 11)  # 301 bytes -> 30 windows
     np.testing.assert_array_equal(raw.tokens[1, :], np.arange(10, 21))  # stride T, width T+1
 
 
 def test_stdlib_text_source_reads_python_sources():
-    src = _data(source={"type": "text", "paths": ["stdlib:json/*.py"],
-                        "sequence_length": 32}).source
+    src = open_source(_data(source={"type": "text", "paths": ["stdlib:json/*.py"],
+                                    "sequence_length": 32}).source)
     assert len(src.load_chunk(Chunk(0, "text"))) > 100
+
+
+def test_every_configurable_source_and_transform_has_an_implementation():
+    assert set(SOURCE_IMPLEMENTATIONS) == set(SOURCES.names)
+    assert set(TRANSFORM_IMPLEMENTATIONS) == set(TRANSFORMS.tags)
+
+
+def test_a_module_class_source_takes_the_table_path(tmp_path):
+    (tmp_path / "mine.py").write_text(
+        "from distml.data.sources import RawChunk, Source\n"
+        "class Mine(Source):\n"
+        "    def load_chunk(self, chunk):\n"
+        "        return RawChunk({}, None)\n")
+    spec = SimpleNamespace(type=f"{tmp_path / 'mine.py'}:Mine")
+    source = open_source(spec)
+    assert [c.label for c in source.plan_chunks(10)] == [spec.type]
+    assert len(source.load_chunk(Chunk(0, spec.type))) == 0
 
 
 def test_ingest_writes_stratified_partitions_and_manifest(tmp_path):

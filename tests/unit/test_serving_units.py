@@ -20,6 +20,7 @@ from sklearn.datasets import load_digits
 from distml.artifact import save_artifact
 from distml.config import ServeConfig
 from distml.data.ingest import ingest
+from distml.data.tensors import SplitTensors
 from distml.serving.app import create_app
 from distml.serving.batching import Batcher, DeadlineExceededError, OverloadedError
 from distml.serving.model import load_served_model
@@ -33,7 +34,7 @@ from distml.serving.protocol import (
     encode_raw,
     json_values,
 )
-from distml.training.candidate import SplitTensors, train_candidate
+from distml.training.candidate import train_candidate
 from tests.conftest import TINY, make_config
 
 

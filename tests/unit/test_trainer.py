@@ -7,10 +7,11 @@ import torch
 from safetensors.torch import load_file
 
 from distml.data.ingest import ingest
+from distml.data.tensors import SplitTensors
 from distml.distributed.checkpoint import checkpoint_paths
 from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
-from distml.training.candidate import SplitTensors, train_candidate
+from distml.training.candidate import train_candidate
 from distml.training.trainer import TrainState
 from tests.conftest import make_config
 

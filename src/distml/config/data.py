@@ -1,16 +1,16 @@
 """The ``data`` section: sources, splits, feature transforms and the input pipeline.
 
-A source's behaviour lives on its spec class (what task it is, how it is cut into chunks,
-how a chunk loads, which files identify it); the loading itself is in ``distml.data.sources``,
-imported when first used so the config stays light. Adding a source is adding its class to
-``SOURCES``.
+Validated data only: a source's spec says what it is (its options and its task); how it is
+cut into chunks and loaded is its implementation in the data layer, found there by the spec's
+``type``. Adding a source is adding its spec class to ``SOURCES`` here and its implementation
+to the data layer's table.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -24,34 +24,13 @@ from distml.config.base import (
     resolve_path,
 )
 
-if TYPE_CHECKING:
-    from distml.data.sources import Chunk, RawChunk
-
 # ---------------------------------------------------------------------------------------------
 # sources
 
 
 class SourceSpec(Strict):
-    """What every source answers; the defaults suit a source that loads in one piece.
-    Each source also has a ``task`` (a class constant, or a field where the user says)."""
-
-    def plan_chunks(self, rows_per_partition: int) -> list[Chunk]:
-        """The independent work items of ingestion (cheap: runs in the driver)."""
-        from distml.data.sources import Chunk
-
-        return [Chunk(0, self.type)]
-
-    def load_chunk(self, chunk: Chunk) -> RawChunk:
-        """One chunk's raw rows (runs in a worker)."""
-        raise NotImplementedError
-
-    def files(self) -> list[Path]:
-        """The files the data comes from (their size and time are part of the cache key)."""
-        return []
-
-    def fingerprint(self) -> dict[str, Any]:
-        """What identifies the source's content, for the manifest."""
-        return self.model_dump(mode="json")
+    """What every source's spec holds: its ``type`` and options, and a ``task`` (a class
+    constant, or a field where the user says)."""
 
     def grown(self, factor: int) -> SourceSpec | None:
         """The same source with ``factor`` times the rows (weak scaling); None: cannot."""
@@ -64,11 +43,6 @@ class DigitsSource(SourceSpec):
     type: Literal["sklearn:digits"]
     task: ClassVar[Task] = "classification"
 
-    def load_chunk(self, chunk: Chunk) -> RawChunk:
-        from distml.data.sources import load_digits
-
-        return load_digits()
-
 
 class _SyntheticSource(SourceSpec):
     """Generated in chunks of rows from (seed, chunk index): the data does not depend on how
@@ -77,11 +51,6 @@ class _SyntheticSource(SourceSpec):
     n_samples: int = Field(10_000, ge=1, description="Number of rows.")
     n_features: int = Field(20, ge=1, description="Number of features.")
     seed: int = Field(0, description="Seed of the generator.")
-
-    def plan_chunks(self, rows_per_partition: int) -> list[Chunk]:
-        from distml.data.sources import row_chunks
-
-        return row_chunks(self.n_samples, rows_per_partition)
 
     def grown(self, factor: int) -> SourceSpec | None:
         return self.model_copy(update={"n_samples": self.n_samples * factor})
@@ -96,11 +65,6 @@ class SyntheticClassificationSource(_SyntheticSource):
     class_sep: float = Field(1.0, gt=0, description="Distance scale between class centres.")
     noise: float = Field(1.0, gt=0, description="Standard deviation of the within-class noise.")
 
-    def load_chunk(self, chunk: Chunk) -> RawChunk:
-        from distml.data.sources import synthetic_classification
-
-        return synthetic_classification(self, chunk)
-
 
 class SyntheticRegressionSource(_SyntheticSource):
     """A random linear function of the features plus Gaussian noise."""
@@ -108,11 +72,6 @@ class SyntheticRegressionSource(_SyntheticSource):
     type: Literal["synthetic:regression"]
     noise: float = Field(0.1, ge=0, description="Standard deviation of the target noise.")
     task: ClassVar[Task] = "regression"
-
-    def load_chunk(self, chunk: Chunk) -> RawChunk:
-        from distml.data.sources import synthetic_regression
-
-        return synthetic_regression(self, chunk)
 
 
 class TextSource(SourceSpec):
@@ -142,21 +101,6 @@ class TextSource(SourceSpec):
             for v in value
         ]
 
-    def load_chunk(self, chunk: Chunk) -> RawChunk:
-        from distml.data.sources import load_text
-
-        return load_text(self)
-
-    def files(self) -> list[Path]:
-        from distml.data.sources import expand_text_paths
-
-        return expand_text_paths(self.paths)
-
-    def fingerprint(self) -> dict[str, Any]:
-        files = self.files()
-        return {"source": "text", "files": len(files),
-                "bytes": sum(f.stat().st_size for f in files)}
-
 
 class FileSource(SourceSpec):
     """A CSV or Parquet file, or a folder of them, with one label column."""
@@ -175,26 +119,6 @@ class FileSource(SourceSpec):
     @classmethod
     def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
         return resolve_path(value, info) if isinstance(value, str | Path) else value
-
-    def plan_chunks(self, rows_per_partition: int) -> list[Chunk]:
-        from distml.data.sources import Chunk, list_files
-
-        return [Chunk(i, str(f), str(f)) for i, f in enumerate(list_files(self.path))]
-
-    def load_chunk(self, chunk: Chunk) -> RawChunk:
-        from distml.data.sources import load_file
-
-        return load_file(self, Path(chunk.path))
-
-    def files(self) -> list[Path]:
-        from distml.data.sources import list_files
-
-        return list_files(self.path)
-
-    def fingerprint(self) -> dict[str, Any]:
-        return {"source": str(self.path), "files": [
-            {"path": str(f), "bytes": f.stat().st_size, "mtime_ns": f.stat().st_mtime_ns}
-            for f in self.files()]}
 
 
 SOURCES = TaggedUnion(
@@ -223,7 +147,7 @@ class SplitConfig(Strict):
 
 
 # ---------------------------------------------------------------------------------------------
-# feature transforms: the fitting and applying is in distml.data.transforms, keyed by `type`
+# feature transforms: fitted and applied by the data layer's transform table, keyed by `type`
 
 
 class _ColumnsTransform(Strict):

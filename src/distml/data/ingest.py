@@ -21,7 +21,7 @@ from distml.config import DataConfig
 from distml.data import transforms
 from distml.data.dataset import MANIFEST, Manifest
 from distml.data.preprocess import SPLITS, FitJob, WriteJob, fit_chunk, write_chunk
-from distml.data.sources import Chunk
+from distml.data.sources import Chunk, open_source
 from distml.errors import DataError
 from distml.execution import Executor, make_executor
 
@@ -44,7 +44,8 @@ def ingest(
         with make_executor("local", num_workers=1) as serial:
             return ingest(data, root, seed=seed, executor=serial)
 
-    chunks = data.source.plan_chunks(data.rows_per_partition)
+    source = open_source(data.source)
+    chunks = source.plan_chunks(data.rows_per_partition)
     run = functools.partial(executor.map, items=chunks, describe=_describe)
     specs = data.feature_transforms
     first_fit = next((i for i, s in enumerate(specs) if transforms.needs_fit(s)), None)
@@ -79,20 +80,10 @@ def ingest(
         job = WriteJob(data, seed, params, classes, str(tmp),
                        {c.index: int(o) for c, o in zip(chunks, offsets, strict=True)})
         written = list(run(functools.partial(write_chunk, job), desc="transform + write"))
-        names = written[0]["feature_names"]
-        for chunk, w in zip(chunks, written, strict=True):
-            if w["feature_names"] != names:
-                raise DataError(f"{_describe(chunk)} yields features {w['feature_names']}, "
-                                f"but {_describe(chunks[0])} yields {names}")
-        splits = {s: {"rows": 0, "partitions": []} for s in SPLITS}
-        for w in written:
-            for part in w["parts"]:
-                entry = splits[part.pop("split")]
-                entry["partitions"].append(part)
-                entry["rows"] += part["rows"]
+        names, splits = _collect(chunks, written)
         manifest = Manifest(
             task=data.task, feature_names=names, classes=classes, preprocessing=params,
-            splits=splits, source=data.source.fingerprint(), input_columns=scans[0]["columns"],
+            splits=splits, source=source.fingerprint(), input_columns=scans[0]["columns"],
             dropped_invalid_rows=dropped,
         )
         manifest.write(tmp)
@@ -101,6 +92,23 @@ def ingest(
         shutil.rmtree(tmp, ignore_errors=True)
     manifest.root = root
     return manifest
+
+
+def _collect(chunks: list[Chunk], written: list[dict[str, Any]]
+             ) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """The feature names (every chunk must yield the same) and the partitions per split."""
+    names = written[0]["feature_names"]
+    for chunk, w in zip(chunks, written, strict=True):
+        if w["feature_names"] != names:
+            raise DataError(f"{_describe(chunk)} yields features {w['feature_names']}, "
+                            f"but {_describe(chunks[0])} yields {names}")
+    splits: dict[str, dict[str, Any]] = {s: {"rows": 0, "partitions": []} for s in SPLITS}
+    for w in written:
+        for part in w["parts"]:
+            entry = splits[part.pop("split")]
+            entry["partitions"].append(part)
+            entry["rows"] += part["rows"]
+    return names, splits
 
 
 def _check_scans(data: DataConfig, chunks: list[Chunk], scans: list[dict[str, Any]]) -> int:
@@ -112,7 +120,7 @@ def _check_scans(data: DataConfig, chunks: list[Chunk], scans: list[dict[str, An
         if scan["columns"] != scans[0]["columns"]:
             raise DataError(f"{_describe(chunk)} has columns {scan['columns']}, but "
                             f"{_describe(chunks[0])} has {scans[0]['columns']}")
-    encoded = {c for s in data.feature_transforms if s.type == "onehot" for c in s.columns}
+    encoded = {c for s in data.feature_transforms for c in transforms.encodes(s)}
     categorical = [c for c, kind in scans[0]["columns"].items() if kind == "categorical"]
     if set(categorical) - encoded:
         raise DataError(

@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 from distml.config import MinMaxSpec, StandardizeSpec
 from distml.data import transforms
 from distml.data.dataset import MANIFEST, Manifest
+from distml.data.transforms.scaling import merge_moments
 from distml.errors import DataError
 
 _STANDARDIZE, _MINMAX = StandardizeSpec(type="standardize"), MinMaxSpec(type="minmax")
@@ -56,7 +57,7 @@ def inspect(path: str | Path) -> dict[str, Any]:
             parts["mm"].append(transforms.partial_stats(_MINMAX, cols))
     stats = {}
     if parts["std"]:
-        _, mean, std = transforms.merge_moments(parts["std"])
+        _, mean, std = merge_moments(parts["std"])
         lo = np.min([p["min"] for p in parts["mm"]], axis=0)
         hi = np.max([p["max"] for p in parts["mm"]], axis=0)
         for j, name in enumerate(numeric):

@@ -22,7 +22,7 @@ import numpy as np
 from distml.config import DataConfig
 from distml.data import transforms
 from distml.data.dataset import partition_table, write_partition
-from distml.data.sources import Chunk, RawChunk
+from distml.data.sources import Chunk, RawChunk, open_source
 from distml.errors import DataError
 
 SPLITS = ("train", "val", "test")
@@ -45,10 +45,10 @@ def _nan_allowed(data: DataConfig) -> set[str] | None:
     """Columns where NaN is imputed later (None: every column)."""
     allowed: set[str] = set()
     for spec in data.feature_transforms:
-        if spec.type == "impute":
-            if spec.columns is None:
-                return None
-            allowed.update(spec.columns)
+        filled = transforms.fills_nan(spec)
+        if filled is None:
+            return None
+        allowed.update(filled)
     return allowed
 
 
@@ -103,7 +103,7 @@ def _group_ids(groups: np.ndarray | None, n: int) -> np.ndarray:
 
 
 def prepare(data: DataConfig, seed: int, chunk: Chunk) -> Prepared:
-    raw = data.source.load_chunk(chunk)
+    raw = open_source(data.source).load_chunk(chunk)
     invalid = _invalid_mask(raw, data) if raw.tokens is None else np.zeros(len(raw), bool)
     invalid_rows = np.flatnonzero(invalid)
     columns, labels, tokens = raw.columns, raw.labels, raw.tokens

@@ -21,7 +21,7 @@ import torch
 
 from distml.artifact import Artifact, load_artifact
 from distml.data.dataset import Manifest, load_split
-from distml.data.sources import raw_columns, read_table
+from distml.data.tables import raw_columns, read_table
 from distml.errors import ArtifactError, DataError
 from distml.fsutil import write_json_atomic, write_text_atomic
 from distml.monitoring.drift import column_values

@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distml.data.sources import raw_columns, read_table
+from distml.data.tables import raw_columns, read_table
 from distml.errors import DataError
 from distml.execution import make_executor
 from distml.execution.base import ProgressFactory

@@ -6,7 +6,6 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +13,9 @@ import torch
 
 from distml.artifact import git_revision, io_schema, save_artifact
 from distml.config import Candidate, Config, TrainSettings
-from distml.data.dataset import Manifest, load_split
+from distml.data.dataset import Manifest
 from distml.data.loader import PartitionLoader
+from distml.data.tensors import SplitTensors
 from distml.distributed.runtime import DistEnv, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.errors import DistmlError
@@ -31,19 +31,6 @@ from distml.training.distill import TEACHER_FILE, Distiller
 logger = logging.getLogger(__name__)
 
 RESULT = "result.json"
-
-
-@dataclass
-class SplitTensors:
-    """A split loaded once and shared by every candidate."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    @classmethod
-    def load(cls, manifest: Manifest, split: str) -> SplitTensors:
-        x, y = load_split(manifest, split)
-        return cls(torch.from_numpy(x), torch.from_numpy(y))
 
 
 def num_outputs(manifest: Manifest) -> int:

@@ -33,6 +33,7 @@ from distml.data.teacher_logits import (
     write_logits,
     write_store_manifest,
 )
+from distml.data.tensors import SplitTensors
 from distml.errors import ArtifactError, ConfigError, DistmlError
 from distml.execution import make_executor
 from distml.execution.base import ProgressFactory
@@ -40,7 +41,6 @@ from distml.fsutil import write_json_atomic
 from distml.models import count_parameters
 from distml.registry import Registry
 from distml.tasks import evaluate, predict
-from distml.training.candidate import SplitTensors
 from distml.training.distill import TEACHER_FILE, load_ensemble
 from distml.training.distill import TEACHERS_TRUSTED as OWN  # this run's own artifacts
 

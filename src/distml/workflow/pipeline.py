@@ -24,6 +24,8 @@ from distml.artifact import load_artifact, read_spec, save_artifact
 from distml.config import Candidate, Config
 from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
+from distml.data.sources import open_source
+from distml.data.tensors import SplitTensors
 from distml.distributed.launch import launch_training
 from distml.errors import DistmlError
 from distml.execution import make_executor
@@ -35,7 +37,7 @@ from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better, rank
 from distml.tasks import evaluate
 from distml.training.callbacks import Callback
-from distml.training.candidate import RESULT, SplitTensors, train_candidate
+from distml.training.candidate import RESULT, train_candidate
 from distml.trust import TrustPolicy
 from distml.workflow.distill import (
     check_registered_teachers,
@@ -114,7 +116,7 @@ def start_run(cfg: Config, *, resume: bool = False, reporter: Reporter | None = 
 def _data_key(cfg: Config) -> str:
     """Hash of everything ingestion depends on, including the source files' size and mtime."""
     stamps = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-              for f in cfg.data.source.files() if f.is_file()]
+              for f in open_source(cfg.data.source).files() if f.is_file()]
     data = cfg.data.model_dump(mode="json", exclude={"loader"})  # the loader reads, not writes
     blob = json.dumps([data, cfg.seed, stamps], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]

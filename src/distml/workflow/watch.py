@@ -43,7 +43,7 @@ import torch
 from distml.artifact import load_artifact
 from distml.config import Config, FileSource, parse_config
 from distml.data.dataset import Manifest, read_partition
-from distml.data.sources import list_files, raw_columns, read_table
+from distml.data.tables import list_files, raw_columns, read_table
 from distml.errors import ArtifactError, ConfigError, DistmlError
 from distml.fsutil import write_json_atomic
 from distml.monitoring.drift_report import monitor
