@@ -81,6 +81,10 @@ class ParameterServerConfig(Strict):
     batches_per_item: int = Field(
         4, ge=1, description="Size of a work item: this many of a worker's batches (of "
         "batch_size / workers rows), cut from one partition of the training split.")
+    worker: str | None = Field(
+        None, description="A subclass of distml's parameter-server Worker, as module:Class, "
+        "to run the workers as (the tests and the benchmark slow one down with it); null: "
+        "distml's own.")
 
     @model_validator(mode="after")
     def _mode_reads_it(self) -> ParameterServerConfig:
