@@ -12,8 +12,10 @@ median time is reported. The same grid runs without a straggler.
 Each family runs in one launch (ddp on 4 processes, the parameter servers on 5): the runs
 follow one another in the same processes, so a run costs its training, not a start-up.
 Both stragglers sleep twice the median of their last compute times (forward and backward)
-after each step: a parameter-server worker before it pushes, ddp's (``StragglerDDP``) after
-its step, so the others wait in the next all-reduce.
+after each step, supplied through distml's seams: a parameter-server worker
+(``StragglerWorker``, named by ``parameter_server.worker``) before it pushes, ddp's
+(``StragglerDDP``, put in the strategy table's ddp entry) after its step, so the others wait
+in the next all-reduce.
 The machine (2 cores) is shared: the numbers are noisy, hence medians over seeds.
 """
 
@@ -22,18 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.straggler import Straggler, median_compute
+
 from bench.common import RESULTS, save
+from distml.config.strategies import STRATEGIES
 from distml.distributed.data_parallel import DDP
-from distml.distributed.param_server.worker import straggler_compute, straggler_factor
-from distml.distributed.strategy import STRATEGIES
 
 TARGET = 0.95
 WORKERS, BATCH, EPOCHS, EVAL_SAMPLES = 4, 64, 4, 128
@@ -57,7 +60,12 @@ def _samples_per_step(mode: str) -> int:
     return BATCH // WORKERS  # async, ssp: each update is one worker's batch
 
 
-def _config(root: Path, mode: str, lr: float, seed: int) -> dict[str, Any]:
+def _config(root: Path, mode: str, lr: float, seed: int, *,
+            straggler: bool = False) -> dict[str, Any]:
+    parallel = MODES[mode]
+    if straggler and "parameter_server" in parallel:
+        parallel = {**parallel, "parameter_server": {
+            **parallel["parameter_server"], "worker": "bench.param_server:StragglerWorker"}}
     return {
         "name": "bench-ps", "seed": seed, "output_dir": str(root / "runs"),
         "registry": str(root / "reg"),
@@ -66,7 +74,7 @@ def _config(root: Path, mode: str, lr: float, seed: int) -> dict[str, Any]:
         "train": {"epochs": EPOCHS, "batch_size": BATCH, "lr": lr, "checkpoints": False,
                   "restore_best": False, "warmup_steps": 0, "lr_schedule": "cosine",
                   "eval_every_steps": math.ceil(EVAL_SAMPLES / _samples_per_step(mode)),
-                  "parallel": MODES[mode],
+                  "parallel": parallel,
                   "candidates": [{"name": "mlp", "model": {"type": "mlp",
                                                            "hidden_sizes": HIDDEN}}]},
     }
@@ -75,10 +83,9 @@ def _config(root: Path, mode: str, lr: float, seed: int) -> dict[str, Any]:
 def _runs(root: Path, family: str) -> list[dict[str, Any]]:
     """Every run of one launch; the straggler is the last rank (a worker)."""
     modes = ["ddp"] if family == "ddp" else [m for m in MODES if m != "ddp"]
-    world = WORKERS if family == "ddp" else WORKERS + 1
     return [{"id": f"{scenario}-{mode}-{lr}-{seed}", "scenario": scenario, "mode": mode,
-             "lr": lr, "seed": seed, "config": _config(root, mode, lr, seed),
-             "straggler": f"{world - 1}:2" if scenario == "straggler" else ""}
+             "lr": lr, "seed": seed,
+             "config": _config(root, mode, lr, seed, straggler=scenario == "straggler")}
             for scenario in ("straggler", "none") for mode in modes for lr in LRS
             for seed in SEEDS]
 
@@ -86,11 +93,19 @@ def _runs(root: Path, family: str) -> list[dict[str, Any]]:
 # -- the launched processes ------------------------------------------------------------------
 
 
+class StragglerWorker(Straggler):
+    """The last rank of the parameter-server launch (a worker) sleeps twice its compute."""
+
+    slow_rank, factor = WORKERS, 2.0
+
+
 class StragglerDDP(DDP):
-    """ddp whose straggler rank (DISTML_STRAGGLER) sleeps FACTOR times its compute time (the
-    median of its last steps) after each step, as a parameter-server worker does. Compute is
-    measured live, from the start of forward to the last gradient computed in backward (hooks
-    on the model), so the all-reduce and the optimizer are not counted."""
+    """ddp whose last rank sleeps twice its compute time (the median of its last steps)
+    after each step, as a parameter-server worker does. Compute is measured live, from the
+    start of forward to the last gradient computed in backward (hooks on the model), so the
+    all-reduce and the optimizer are not counted."""
+
+    slow_rank, factor = WORKERS - 1, 2.0
 
     def wrap(self, model):
         self.recent: list[float] = []
@@ -103,9 +118,9 @@ class StragglerDDP(DDP):
 
     def train_step(self, micro_batches, loss_fn):
         loss = super().train_step(micro_batches, loss_fn)
-        factor = straggler_factor(self.env.rank)
-        if factor:
-            time.sleep(factor * straggler_compute(self.recent, self.marks[1] - self.marks[0]))
+        if self.env.rank == self.slow_rank:
+            time.sleep(self.factor * median_compute(self.recent,
+                                                    self.marks[1] - self.marks[0]))
         return loss
 
 
@@ -117,13 +132,15 @@ def _harness(args: argparse.Namespace, env) -> None:
     from distml.data.tensors import SplitTensors
     from distml.training.candidate import train_candidate
 
-    # ddp runs as StragglerDDP: a strategy table entry, as a user's module:Class would be.
-    STRATEGIES["ddp"] = "bench.param_server:StragglerDDP"
+    # Under a straggler, ddp runs as StragglerDDP: the strategy table's ddp entry points to
+    # it, as a user's module:Class would. (The parameter-server runs name their worker.)
+    ddp = STRATEGIES["ddp"]
+    slow_ddp = replace(ddp, implementation="bench.param_server:StragglerDDP")
     manifest = Manifest.read(args.data)
     val = SplitTensors.load(manifest, "val")
     runs = json.loads(args.runs.read_text())
     for run in runs:
-        os.environ["DISTML_STRAGGLER"] = run["straggler"]
+        STRATEGIES["ddp"] = slow_ddp if run["scenario"] == "straggler" else ddp
         cfg = parse_config(run["config"])
         start = time.perf_counter()
         result = train_candidate(cfg, cfg.train.candidates[0], manifest, val=val, env=env,

@@ -38,6 +38,7 @@ from distml.config import (
     deep_merge,
     load_config,
 )
+from distml.config.strategies import NONDETERMINISTIC, STRATEGIES, VARIANTS, variant_names
 from distml.data.dataset import Manifest
 from distml.distributed.runtime import DistEnv, run_worker, worker_main
 from distml.distributed.strategy import LossFn, Strategy, make_strategy
@@ -52,48 +53,19 @@ logger = logging.getLogger(__name__)
 Group = list[tuple[torch.Tensor, torch.Tensor]]
 
 
-# Strategies by name: the parallel settings each changes. A 'module:Class' user strategy
-# runs as ddp.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "single": {"strategy": "single"}, "ddp": {"strategy": "ddp"},
-    "zero1": {"strategy": "zero1"}, "fsdp": {"strategy": "fsdp"},
-    "fsdp-zero2": {"strategy": "fsdp", "fsdp": {"reshard_after_forward": False}},
-    "tensor": {"strategy": "tensor"},
-    "pipeline": {"strategy": "pipeline"},
-    "pipeline-gpipe": {"strategy": "pipeline", "pipeline": {"schedule": "gpipe"}},
-    "pipeline-1f1b": {"strategy": "pipeline", "pipeline": {"schedule": "1f1b"}},
-    "pipeline-interleaved": {"strategy": "pipeline",
-                             "pipeline": {"schedule": "interleaved-1f1b"}},
-    "data-x-tensor": {"strategy": "tensor", "data_degree": 2},
-    "data-x-pipeline": {"strategy": "pipeline", "data_degree": 2},
-    # One worker, the other ranks servers (the parameters sharded across them).
-    "ps-sync": {"strategy": "parameter_server", "parameter_server": {"mode": "sync"}},
-}
-
-# Parameter-server modes that apply gradients in the order they arrive: no run is the
-# same as another, so there is nothing to certify against one process.
-NONDETERMINISTIC = {
-    "ps-async": "gradients are applied in the order they arrive, with a staleness that "
-                "depends on timing",
-    "ps-ssp": "within the staleness bound, gradients are applied in the order they arrive",
-    "ps-sync-backup": "which gradients a step drops depends on which arrive last",
-}
-
-
 def settings_for(name: str, base: TrainSettings, world_size: int, *,
                  own: ParallelConfig | None = None) -> TrainSettings:
-    """Training settings of a strategy to verify (see VARIANTS); the candidate's other
-    settings (precision, activation checkpointing, the pipeline's schedule and micro-batches,
-    fsdp offload: from ``own``, the candidate's parallel settings with every section) are
-    kept where the strategy reads them, and its degrees are not."""
+    """Training settings of a strategy to verify (see the strategy table's variants; a
+    'module:Class' user strategy runs as ddp); the candidate's other settings (precision,
+    activation checkpointing, and from ``own``, the candidate's parallel settings with every
+    section, those its record's ``verify_keeps`` names) are kept, and its degrees are not.
+    Parameter servers run one worker, the other ranks servers: each step is one process's."""
     variant = VARIANTS.get(name, {"strategy": "ddp"})
-    own = own or base.parallel
-    parallel: dict[str, Any] = {"strategy": variant["strategy"], "world_size": world_size}
-    if variant["strategy"] == "pipeline":
-        parallel["pipeline"] = own.pipeline.model_dump(exclude={"degree"})
-    if variant["strategy"] == "fsdp":
-        parallel["fsdp"] = {"offload": own.fsdp.offload}
-    if variant["strategy"] == "parameter_server":
+    record, own = STRATEGIES[variant["strategy"]], own or base.parallel
+    parallel: dict[str, Any] = {"strategy": record.name, "world_size": world_size}
+    for section, keys in record.verify_keeps.items():
+        parallel[section] = getattr(own, section).model_dump(include=set(keys))
+    if record.servers:
         parallel["parameter_server"] = {"num_servers": world_size - 1}
     update = {"max_steps": None, "max_restarts": 0,
               "parallel": deep_merge(parallel, variant)}
@@ -196,7 +168,7 @@ def verify(
     unknown = [n for n in strategies if n not in VARIANTS and ":" not in n]
     if unknown:
         raise DistmlError(f"--strategies: unknown {', '.join(map(repr, unknown))}; use "
-                          f"{', '.join(VARIANTS)} or module:Class")
+                          f"{variant_names()}")
     cand = cfg.train.candidate(candidate)
     base = cfg.train.settings_for(cand)
     tol = tolerance if tolerance is not None else (1e-4 if base.precision == "fp32" else 2e-2)

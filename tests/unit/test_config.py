@@ -236,3 +236,14 @@ def test_candidates_deep_merge_the_parallel_settings(tiny_raw):
     assert cfg.to_dict()["train"]["candidates"][0]["parallel"] == {
         "pipeline": {"num_microbatches": 4}}
     assert make_config(cfg.to_dict()).hash() == cfg.hash()
+
+
+def test_a_parameter_server_student_is_refused_at_load(tiny_raw):
+    """Before any teacher trains: the parameter-server loop takes no student's loss."""
+    tiny_raw["train"]["candidates"][1].update(
+        distill={"teacher": "small"},
+        parallel={"strategy": "parameter_server", "world_size": 2})
+    with pytest.raises(ConfigError, match=r"candidate 'cnn': distill with strategy "
+                                          r"'parameter_server'.*use strategy single, ddp, "
+                                          r"zero1, fsdp, tensor or pipeline for the student"):
+        make_config(tiny_raw)

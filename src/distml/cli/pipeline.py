@@ -19,6 +19,7 @@ from distml.cli.app import (
     print_candidates,
     user_errors,
 )
+from distml.config.strategies import variant_names
 
 
 @app.command()
@@ -118,9 +119,8 @@ def verify_cmd(
     config: ConfigArg,
     candidate: Annotated[str | None, typer.Option(help="Candidate; default: the first.")] = None,
     strategies: Annotated[str, typer.Option(
-        help="Comma-separated: ddp, zero1, fsdp, fsdp-zero2, tensor, pipeline, "
-        "pipeline-gpipe, pipeline-1f1b, pipeline-interleaved, data-x-tensor, data-x-pipeline, "
-        "ps-sync (one worker, world_size - 1 parameter servers), or module:Class.")
+        help=f"Comma-separated: {variant_names()}. ps-sync runs one worker and "
+        "world_size - 1 parameter servers.")
     ] = "ddp,zero1,fsdp,fsdp-zero2",
     steps: Annotated[int, typer.Option(min=1, help="Optimizer steps to compare.")] = 20,
     world_size: Annotated[int | None, typer.Option(

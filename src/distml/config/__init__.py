@@ -1,7 +1,8 @@
 """The YAML spec: pydantic models at the user boundary, loading, and ``--set`` overrides.
 
 One module per section: ``base`` (shared helpers, tasks and metrics), ``data``, ``models``,
-``parallel`` and ``train``, ``sections`` (select, execution, serve, monitor) and ``loading``
+``parallel`` and ``train``, ``strategies`` (the strategy table they validate against),
+``sections`` (select, execution, serve, monitor) and ``loading``
 (the whole config, files and errors). Every field carries a description (``distml`` prints
 them in errors and the README documents them). Relative data and model-file paths are
 resolved against the config file's folder; ``output_dir`` and ``registry`` against the

@@ -2,8 +2,8 @@
 ``ParallelDims``, which checks the degrees once and builds the one device mesh.
 
 Each nested section belongs to the strategies that read it (``pipeline`` to pipeline,
-``fsdp`` to fsdp); setting it for another strategy is an error, so the structure says what
-applies where instead of a list of special cases.
+``fsdp`` to fsdp, as the strategy table says); setting it for another strategy is an error,
+so the structure says what applies where instead of a list of special cases.
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, model_validator
 
 from distml.config.base import Strict
+from distml.config.strategies import OWNERS, STRATEGIES, StrategyRecord, described
 
 if TYPE_CHECKING:
     from torch.distributed.device_mesh import DeviceMesh
 
-StrategyName = Literal["single", "ddp", "zero1", "fsdp", "tensor", "pipeline",
-                       "parameter_server"]
+StrategyName = Literal[tuple(STRATEGIES)]  # type: ignore[valid-type]
+
+
+def _only(setting: str) -> str:
+    return f"strategy {' or '.join(OWNERS[setting])} only."
 
 
 class PipelineConfig(Strict):
@@ -77,6 +81,10 @@ class ParameterServerConfig(Strict):
     batches_per_item: int = Field(
         4, ge=1, description="Size of a work item: this many of a worker's batches (of "
         "batch_size / workers rows), cut from one partition of the training split.")
+    worker: str | None = Field(
+        None, description="A subclass of distml's parameter-server Worker, as module:Class, "
+        "to run the workers as (the tests and the benchmark slow one down with it); null: "
+        "distml's own.")
 
     @model_validator(mode="after")
     def _mode_reads_it(self) -> ParameterServerConfig:
@@ -94,16 +102,7 @@ class ParameterServerConfig(Strict):
 class ParallelConfig(Strict):
     """The parallelism strategy and its degrees; a candidate overrides any part of it."""
 
-    strategy: StrategyName = Field(
-        "single",
-        description="single (one process); ddp (replicas, gradients all-reduced); zero1 (ddp "
-        "with the optimizer state sharded); fsdp (parameters, gradients and optimizer state "
-        "sharded: torch's fully_shard); tensor (matrix multiplications split across ranks, "
-        "fsdp over data_degree replicas); pipeline (layers split into stages fed with "
-        "micro-batches, gradients averaged over data_degree replicas); parameter_server "
-        "(servers hold the parameters and apply the optimizer, workers push gradients, "
-        "asynchronously or not: see parameter_server).",
-    )
+    strategy: StrategyName = Field("single", description=described())
     world_size: int = Field(1, ge=1, description="Number of training processes.")
     num_nodes: int = Field(
         1, ge=1, description="Machines the world_size processes are spread over (torchrun "
@@ -115,16 +114,16 @@ class ParallelConfig(Strict):
         None, description="tensor: ranks that split each layer; -1: the rest. Default: the "
         "rest of world_size.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
-                                     description="strategy pipeline only.")
-    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description="strategy fsdp only.")
+                                     description=_only("pipeline"))
+    fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description=_only("fsdp"))
     parameter_server: ParameterServerConfig = Field(
-        default_factory=ParameterServerConfig, description="strategy parameter_server only.")
+        default_factory=ParameterServerConfig, description=_only("parameter_server"))
 
     def check_applies(self, strategy: str | None = None) -> None:
         """A setting given for a strategy that does not read it is a mistake: say so.
         ``strategy``: the one in force, when this is a candidate's partial override."""
         strategy = strategy or self.strategy
-        for key, owners in _OWNERS.items():
+        for key, owners in OWNERS.items():
             default = type(self).model_fields[key].get_default(call_default_factory=True)
             if getattr(self, key) != default and strategy not in owners:
                 raise ValueError(
@@ -132,21 +131,20 @@ class ParallelConfig(Strict):
                     f"{strategy!r}; remove it or change the strategy")
 
     @property
+    def record(self) -> StrategyRecord:
+        """The strategy's record in the strategy table."""
+        return STRATEGIES[self.strategy]
+
+    @property
     def procs_per_node(self) -> int:
         return self.world_size // self.num_nodes
-
-
-# Settings that belong to some strategies only; a non-default value elsewhere is refused.
-_OWNERS = {"tensor_degree": ("tensor",), "data_degree": ("tensor", "pipeline"),
-           "pipeline": ("pipeline",), "fsdp": ("fsdp",),
-           "parameter_server": ("parameter_server",)}
 
 
 def applicable(parallel: dict[str, Any], strategy: str) -> dict[str, Any]:
     """Parallel settings (as data) without the sections that ``strategy`` does not read:
     a candidate inherits the shared pipeline settings only if it is a pipeline itself, and a
     parameter-server candidate its mode's settings only."""
-    out = {k: v for k, v in parallel.items() if strategy in _OWNERS.get(k, (strategy,))}
+    out = {k: v for k, v in parallel.items() if strategy in OWNERS.get(k, (strategy,))}
     ps = out.get("parameter_server")
     if isinstance(ps, dict) and "mode" in ps:
         out["parameter_server"] = {k: v for k, v in ps.items()
@@ -172,7 +170,8 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, p: ParallelConfig) -> ParallelDims:
-        if p.strategy == "parameter_server":
+        record = p.record
+        if record.servers:
             servers = p.parameter_server.num_servers
             if servers >= p.world_size:
                 raise ValueError(
@@ -180,10 +179,10 @@ class ParallelDims:
                     f"world_size={p.world_size}; use at most {p.world_size - 1} servers or a "
                     "larger world_size")
             return cls(p.strategy, p.world_size, p.world_size - servers, servers=servers)
-        axis = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}.get(p.strategy)
-        if axis is None:  # data parallel only (or one process)
+        if record.model_axis is None:  # data parallel only (or one process)
             return cls(p.strategy, p.world_size, p.world_size)
-        model_given = p.tensor_degree if p.strategy == "tensor" else p.pipeline.degree
+        axis = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}[record.model_axis]
+        model_given = p.tensor_degree if record.model_axis == "tensor" else p.pipeline.degree
         data, model = p.data_degree, model_given
         if data is None:
             data = 1 if model is None else -1
@@ -199,15 +198,13 @@ class ParallelDims:
                 f"data_degree x {axis} = {_shown(p.data_degree)} x {_shown(model_given)} does "
                 f"not multiply to world_size={p.world_size}; choose degrees whose product is "
                 f"{p.world_size} (one may be -1)")
-        if p.strategy == "tensor":
-            return cls(p.strategy, p.world_size, data, tensor=model)
-        return cls(p.strategy, p.world_size, data, pipeline=model)
+        return cls(p.strategy, p.world_size, data, **{record.model_axis: model})
 
     @property
     def model_axis(self) -> str | None:
         """The mesh axis the model is split over, innermost (its ranks are neighbours)."""
-        return "tensor" if self.tensor > 1 or self.strategy == "tensor" else \
-            "pipeline" if self.pipeline > 1 or self.strategy == "pipeline" else None
+        return "tensor" if self.tensor > 1 else "pipeline" if self.pipeline > 1 else \
+            STRATEGIES[self.strategy].model_axis
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
         """The one device mesh: ("data",) or ("data", model axis); None for parameter

@@ -11,6 +11,7 @@ from distml.config.base import NAME_PATTERN, Strict
 from distml.config.distill import DistillConfig, training_order
 from distml.config.models import ModelSpec
 from distml.config.parallel import ParallelConfig, ParallelDims, applicable
+from distml.config.strategies import listed
 from distml.errors import ConfigError
 
 
@@ -64,7 +65,7 @@ class TrainSettings(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainSettings:
-        p = self.parallel
+        p, record = self.parallel, self.parallel.record
         dims = self.dims
         if p.world_size % p.num_nodes:
             raise ValueError(f"parallel.world_size={p.world_size} does not divide over "
@@ -74,25 +75,25 @@ class TrainSettings(Strict):
                 f"parallel.world_size={p.world_size} is larger than the global batch_size="
                 f"{self.batch_size}: every rank needs samples in every step; use a batch size "
                 f"of at least {p.world_size}")
-        if p.strategy == "single" and p.world_size > 1:
+        if not record.distributed and p.world_size > 1:
             raise ValueError(
                 f"parallel.world_size={p.world_size} needs a distributed strategy; strategy "
-                "'single' runs one process (use ddp, zero1 or fsdp, or world_size: 1)")
+                f"{p.strategy!r} runs one process (use ddp, zero1 or fsdp, or world_size: 1)")
         per_step = dims.data * self.grad_accum_steps
         if self.batch_size % per_step:
             raise ValueError(
                 f"batch_size={self.batch_size} is not divisible by data-parallel ranks x "
                 f"grad_accum_steps={dims.data} x {self.grad_accum_steps}={per_step}; "
                 "use a batch size that is a multiple of it")
-        if p.strategy == "pipeline":
+        if "pipeline" in record.reads:
             self._check_pipeline(dims)
-        if p.strategy == "parameter_server":
+        if "parameter_server" in record.reads:
             self._check_parameter_server(dims)
-        if self.precision == "fp16" and p.strategy not in ("single", "ddp", "zero1"):
+        if self.precision == "fp16" and not record.fp16:
             raise ValueError(
                 f"precision fp16 with strategy {p.strategy!r}: its loss scaler would skip "
                 "steps on some ranks and not others when gradients are sharded; use bf16 "
-                "(no loss scaling needed) or strategy single, ddp or zero1")
+                f"(no loss scaling needed) or strategy {listed(lambda r: r.fp16)}")
         if self.max_restarts and not self.checkpoints:
             raise ValueError(
                 f"max_restarts={self.max_restarts} needs checkpoints to restart from; set "
@@ -135,9 +136,9 @@ class TrainSettings(Strict):
     def check_model(self, model: Any) -> None:
         """Refuse a model split that cannot work, before any process starts."""
         p, dims = self.parallel, self.dims
-        if p.strategy == "tensor":
+        if p.record.model_axis == "tensor":
             model.check_tensor_degree(dims.tensor)
-        if p.strategy != "pipeline":
+        if p.record.model_axis != "pipeline":
             return
         stages = dims.pipeline * p.pipeline.stages_per_rank  # the stages to cut the model into
         layers = model.pipeline_layer_count()
@@ -214,6 +215,11 @@ class TrainConfig(TrainSettings):
                 settings.check_model(c.model)
             except ValueError as e:
                 raise ValueError(f"candidate {c.name!r}: {e}") from None
+            if c.distill is not None and not settings.parallel.record.student:
+                raise ValueError(
+                    f"candidate {c.name!r}: distill with strategy "
+                    f"{settings.parallel.strategy!r}: its training loop takes no student's "
+                    f"loss; use strategy {listed(lambda r: r.student)} for the student")
         return self
 
     def training_order(self, only: str | None = None) -> list[Candidate]:

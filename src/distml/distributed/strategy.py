@@ -29,24 +29,12 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 
 from distml.config import TrainSettings
+from distml.config.strategies import STRATEGIES
 from distml.distributed.runtime import DistEnv, all_reduce_mean
 from distml.imports import load_object
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-# Strategies by name -> import path; a user's 'module:Class' resolves the same way, so this
-# module imports none of its subclasses.
-STRATEGIES: dict[str, str] = {
-    "single": "distml.distributed.strategy:Strategy",
-    "ddp": "distml.distributed.data_parallel:DDP",
-    "zero1": "distml.distributed.data_parallel:ZeRO1",
-    "fsdp": "distml.distributed.data_parallel:FSDP",
-    "tensor": "distml.distributed.model_parallel:TensorParallel",
-    "pipeline": "distml.distributed.model_parallel:PipelineParallel",
-    "parameter_server": "distml.distributed.param_server.strategy:ParameterServer",
-}
-
 
 def optimizer_spec(s: TrainSettings) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
     """The optimizer class and its keyword arguments: the one place they are chosen."""
@@ -70,7 +58,6 @@ class Strategy:
 
     name = "single"
     needs_full_batches = False  # True: the loader drops a short last batch
-    trainer = "distml.training.trainer:Trainer"  # the loop that drives it (import path)
 
     def __init__(self, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
                  mesh: DeviceMesh | None = None, sample: torch.Tensor | None = None) -> None:
@@ -282,8 +269,10 @@ def _optimizer_states(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
 
 def make_strategy(name: str, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
                   sample: torch.Tensor | None = None) -> Strategy:
-    """A strategy by name, or a user's Strategy subclass by 'module:Class', on the device
-    mesh that the settings' degrees describe."""
-    cls = load_object(STRATEGIES.get(name, name), what="strategy")
+    """A strategy by name (its record's implementation, resolved as a user's is, so this
+    module imports none of its subclasses), or a user's Strategy subclass by
+    'module:Class', on the device mesh that the settings' degrees describe."""
+    record = STRATEGIES.get(name)
+    cls = load_object(record.implementation if record else name, what="strategy")
     mesh = settings.dims.build_mesh(env.device.type) if env.distributed else None
     return cls(model, settings, env, mesh=mesh, sample=sample)

@@ -18,7 +18,6 @@ from distml.data.loader import PartitionLoader
 from distml.data.tensors import SplitTensors
 from distml.distributed.runtime import DistEnv, init_distributed
 from distml.distributed.strategy import make_strategy
-from distml.errors import DistmlError
 from distml.fsutil import write_json_atomic
 from distml.imports import load_object
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
@@ -120,14 +119,11 @@ def train_candidate(
         callbacks = [*callbacks, mlflow]
     interval = cfg.monitor.system_metrics_interval_s
     system = SystemSampler(interval).start() if interval else None
-    trainer_class = load_object(strategy.trainer, what="trainer")  # the strategy's loop
-    # A student's loss (and online teacher) go to the loop; only the synchronous one takes them.
+    trainer_class = load_object(settings.parallel.record.trainer, what="trainer")
+    # A student's loss (and online teacher) go to the loop; the config refuses a student
+    # whose strategy's loop takes none.
     student = {} if distiller is None else {
         "loss": distiller.loss, "prepare_batch": distiller.attach if distiller.teacher else None}
-    if student and settings.parallel.strategy == "parameter_server":
-        raise DistmlError(f"candidate {candidate.name!r}: distillation runs under the "
-                          "data-parallel and model-parallel strategies, not parameter_server; "
-                          "use ddp or fsdp for the student")
     trainer = trainer_class(
         strategy, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
         metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", callbacks=callbacks,

@@ -31,6 +31,7 @@ from distml.distributed.param_server.strategy import ParameterServer
 from distml.distributed.param_server.work import Coordinator, ItemReader, WorkQueue
 from distml.distributed.param_server.worker import Worker
 from distml.distributed.runtime import job_store
+from distml.imports import load_object
 from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
 from distml.training.best import BestSoFar
@@ -82,7 +83,9 @@ class PSTrainer:
         store = job_store()
         s = self.strategy
         if not s.is_server:
-            worker = Worker(
+            worker_class = load_object(self.ps.worker, what="parameter-server worker") \
+                if self.ps.worker else Worker
+            worker = worker_class(
                 rank=self.env.rank, model=s.model, layout=s.layout, channel=s.channel,
                 servers=s.servers, reader=self.reader,
                 loss_fn=lambda out, y: loss_fn(self.task, out, y), mode=self.ps.mode,

@@ -157,7 +157,7 @@ def stage_train(
                 prepare_teachers(run.cfg, cand, run.dir, manifest,
                                  progress=run.reporter.progress)
             settings = run.cfg.train.settings_for(cand)
-            if settings.parallel.strategy == "single":
+            if not settings.parallel.record.distributed:
                 results.append(train_candidate(
                     run.cfg, cand, manifest, val=val, out_dir=out, resume=resume,
                     callbacks=run.reporter.training_callbacks(cand.name),

@@ -65,7 +65,7 @@ def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> fl
 
     cand = cfg.train.candidate(candidate)
     s = cfg.train.settings_for(cand)
-    strategy = "ddp" if s.parallel.strategy == "single" else s.parallel.strategy
+    strategy = s.parallel.strategy if s.parallel.record.distributed else "ddp"
     batch = s.batch_size * (n if mode == "weak" else 1)
     # The candidate keeps its own overrides; the scaling settings go on top of them.
     scaled = deep_merge(cand.model_dump(mode="json", exclude_unset=True), {

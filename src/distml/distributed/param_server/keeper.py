@@ -55,7 +55,7 @@ def keep_if_worker(config: str | None, run_dir: Path | None, candidate: str | No
     except Exception:  # noqa: BLE001 - the process itself reports a bad config
         return None
     rank = int(os.environ["RANK"])
-    if not any(s.parallel.strategy == "parameter_server"
+    if not any(s.parallel.record.servers
                and rank >= s.parallel.parameter_server.num_servers for s in settings):
         return None
     return keep(rank, sys.argv[1:])

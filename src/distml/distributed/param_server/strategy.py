@@ -11,9 +11,10 @@ Where the Strategy contract fits: ``train_step`` is one synchronous step done in
 pulls the result): what ``distml verify`` runs, and with one worker exactly what one
 process computes. Where it does not: asynchronous training is not a sequence of steps that
 every rank takes together, so the training loop of this strategy is its own
-(``distml.training.ps_trainer``), named by ``trainer``; it serves, works and coordinates with
-the threads of ``server`` and ``worker``. ``state_dict`` is a server's own shard (and
-optimizer and version), saved by each server with torch.distributed.checkpoint.
+(``distml.training.ps_trainer``), named by its record's ``trainer`` in the strategy
+table; it serves, works and coordinates with the threads of ``server`` and ``worker``.
+``state_dict`` is a server's own shard (and optimizer and version), saved by each server
+with torch.distributed.checkpoint.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ class Shard(nn.Module):
 
 class ParameterServer(Strategy):
     name = "parameter_server"
-    trainer = "distml.training.ps_trainer:PSTrainer"
 
     def __init__(self, model: nn.Module, settings: TrainSettings, env: DistEnv, *,
                  mesh: DeviceMesh | None = None, sample: torch.Tensor | None = None) -> None:

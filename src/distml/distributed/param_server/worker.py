@@ -6,15 +6,13 @@ The pull of the next batch rides on the push of this one (one round trip per bat
 server); the last push of an item asks for no parameters, and the next item starts with
 its own pull. A heartbeat thread renews the worker's lease in the job's store.
 
-Test and benchmark hook: ``DISTML_STRAGGLER=RANK:FACTOR`` makes the worker of that global
-rank sleep FACTOR times its compute time (the median of its last steps) after each batch: a
-persistent straggler; sleeping uses no CPU, so it slows this worker only.
+``after_gradient`` is the seam for a subclass named by ``parallel.parameter_server.worker``:
+the tests and the benchmark slow one worker down with it (a persistent straggler).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -31,23 +29,6 @@ from distml.distributed.param_server.work import ItemReader
 logger = logging.getLogger(__name__)
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def straggler_factor(rank: int) -> float:
-    """The sleep factor DISTML_STRAGGLER gives this rank (0: none)."""
-    spec = os.environ.get("DISTML_STRAGGLER", "")
-    if not spec:
-        return 0.0
-    who, _, factor = spec.partition(":")
-    return float(factor or 2.0) if int(who) == rank else 0.0
-
-
-def straggler_compute(recent: list[float], seconds: float, *, window: int = 9) -> float:
-    """The compute time a straggler's sleep is a multiple of: the median of its last
-    ``window`` steps (``recent`` is updated), so one cold first step does not set it."""
-    recent.append(seconds)
-    del recent[:-window]
-    return sorted(recent)[len(recent) // 2]
 
 
 class ServerLostError(RuntimeError):
@@ -67,8 +48,6 @@ class Worker:
         self.flat = torch.empty(layout.numel, dtype=layout.dtype)
         self.pulled = [0] * len(servers)  # the version of each shard this worker holds
         self.wanted = [0] * len(servers)  # sync: the version the next pull must wait for
-        self.straggle = straggler_factor(rank)
-        self._recent: list[float] = []  # the straggler's recent compute times
         self.stats = dict.fromkeys(STATS, 0.0)
         self.epoch = 0
 
@@ -126,14 +105,17 @@ class Worker:
             grad, loss = self._gradient(x, y)
             compute = time.perf_counter() - start
             self.stats["compute_s"] += compute
-            if self.straggle:
-                sleep = self.straggle * straggler_compute(self._recent, compute)
-                time.sleep(sleep)
-                self.stats["straggle_s"] += sleep
+            self.stats["straggle_s"] += self.after_gradient(compute)
             if not self._push(epoch, grad, loss, len(x), pull=i < len(batches) - 1):
                 return False
             self.stats["batches"] += 1
         return True
+
+    def after_gradient(self, compute: float) -> float:
+        """Called after each batch's gradient (``compute``: the seconds it took), before
+        the push; returns the seconds it held the worker up, reported as ``straggle_s``
+        (what a slowed worker subclass injects). This worker adds none."""
+        return 0.0
 
     def _gradient(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
         self.model.train()
