@@ -104,7 +104,7 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
         return
     # Given a config, this job is the pipeline: rank 0 makes the run and holds its MLflow
     # parent run, which ends FAILED if this rank fails.
-    from distml.monitoring.mlflow_tracking import pipeline_tracking
+    from distml.training.telemetry.mlflow_tracking import pipeline_tracking
 
     cfg = load_config(args.config, args.overrides)
     if check_shared:

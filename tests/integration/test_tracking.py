@@ -14,8 +14,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from distml.data.ingest import ingest
-from distml.monitoring.tracking import TensorBoardCallback
 from distml.training.candidate import SplitTensors, train_candidate
+from distml.training.telemetry.tensorboard import TensorBoardCallback
 from tests.conftest import make_config, write_config
 from tests.e2e.test_cli import distml
 

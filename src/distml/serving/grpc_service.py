@@ -42,6 +42,7 @@ from distml.serving.protocol import (
     encode_raw,
     model_input,
     requested_outputs,
+    server_metadata,
 )
 from distml.serving.transport import Tls
 
@@ -162,8 +163,6 @@ class Service:
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, msg: bytes, context: Any) -> Any:  # noqa: N802
-        from distml.serving.app import server_metadata
-
         _parse(pb.ServerMetadataRequest, msg)
         return pb.ServerMetadataResponse(**server_metadata())
 

@@ -31,10 +31,10 @@ from distml.distributed.param_server.strategy import ParameterServer
 from distml.distributed.param_server.work import Coordinator, ItemReader, WorkQueue
 from distml.distributed.param_server.worker import Worker
 from distml.distributed.runtime import job_store
-from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
 from distml.training.callbacks import Callback
 from distml.training.ps_report import epoch_stats, ps_summary
+from distml.training.telemetry.system import SystemSampler
 from distml.training.trainer import TrainState, lr_lambda, peak_memory
 
 logger = logging.getLogger(__name__)
