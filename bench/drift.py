@@ -84,13 +84,13 @@ def detectors(val_probs: np.ndarray, val_y: np.ndarray
     """Each detector, fresh, as a function (probs, labels) -> alarm positions."""
     from river import drift
 
-    from distml.monitoring.detectors import (
+    from distml.drift.detectors import (
         ErrorDetector,
         MarginDensityDetector,
         MarginReference,
         margins,
     )
-    from distml.monitoring.monitor import DriftSettings
+    from distml.drift.monitor import DriftSettings
 
     s = DriftSettings()
     ref_errors = int((val_probs.argmax(1) != val_y).sum())

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 # Only what the preflight needs is imported here: a misconfigured node fails in a second,
 # before torch loads (the rest is imported once the checks pass).
+from distml import processes
 from distml.config import Candidate, Config, load_config
 from distml.distributed import preflight
 from distml.distributed.param_server import keeper
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
     from distml.data.dataset import Manifest
     from distml.distributed.runtime import DistEnv
     from distml.workflow.pipeline import Run
-
-logger = logging.getLogger("distml")
 
 JOB_FILE = "job-id"  # in a run folder started by torchrun: its --rdzv-id
 
@@ -105,7 +103,7 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
         return
     # Given a config, this job is the pipeline: rank 0 makes the run and holds its MLflow
     # parent run, which ends FAILED if this rank fails.
-    from distml.monitoring.mlflow_tracking import pipeline_tracking
+    from distml.training.telemetry.mlflow_tracking import pipeline_tracking
 
     cfg = load_config(args.config, args.overrides)
     if check_shared:
@@ -145,14 +143,14 @@ def _job_run(cfg: Config, *, resume: bool, restarted: bool) -> Run:
 
 def main(argv: list[str] | None = None) -> None:
     """One training process, from start to shutdown (callable in-process: it returns)."""
-    _logging()
+    processes.setup_logging()
     args = _parse(argv)
     try:
         # On several machines: the preflight checks, and gloo's interface, before the
         # process group exists (and before torch loads).
         prepared = preflight.prepare_rank()
     except DistmlError as e:
-        _fail(e)
+        processes.exit_on_user_error(e)
     from distml.distributed.runtime import worker_main
 
     if prepared is not None:
@@ -171,22 +169,6 @@ def _entry() -> NoReturn:
     from distml.distributed.runtime import run_worker
 
     run_worker(main)
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _fail(e: DistmlError) -> NoReturn:
-    """A user error before torch is loaded: logged, recorded for an agent, exit code 2."""
-    logger.error("%s", e)
-    if os.environ.get("TORCHELASTIC_ERROR_FILE"):  # under an agent: it reports the message
-        from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
-
-        ErrorHandler().record_exception(e)
-    sys.stdout.flush()
-    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

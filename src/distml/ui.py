@@ -13,6 +13,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from distml.execution.base import ProgressHandle
+from distml.processes import LOG_FORMAT
 from distml.training.callbacks import Callback
 
 logger = logging.getLogger("distml")
@@ -26,7 +27,7 @@ def setup_logging(console: Console, *, quiet: bool) -> None:
         handler: logging.Handler = RichHandler(console=console, show_path=False, show_time=False)
     else:
         handler = logging.StreamHandler(console.file)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(logging.Formatter(LOG_FORMAT.format(who="%(name)s")))
     root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from distml.artifact import WEIGHTS, file_sha256, read_spec, write_spec
 from distml.cli import app
 from distml.errors import ArtifactError
-from distml.monitoring.drift_report import run_monitor
 from distml.registry import Registry
+from distml.workflow.drift_report import run_monitor
 from tests.e2e.test_cli import distml
 
 MARKER_MODULE = '''

@@ -17,10 +17,10 @@ from distml.config import DataConfig
 from distml.data import transforms
 from distml.data.dataset import load_split
 from distml.data.ingest import ingest
+from distml.drift.columns import feature_drift
+from distml.drift.reference import build_reference, read_reference
 from distml.errors import ConfigError, DataError
-from distml.monitoring.drift import feature_drift
-from distml.monitoring.drift_report import run_monitor
-from distml.monitoring.reference import build_reference, read_reference
+from distml.workflow.drift_report import run_monitor
 from tests.e2e.test_cli import distml
 
 SHIFTED = ["pixel_2_3", "pixel_4_4", "pixel_5_5"]

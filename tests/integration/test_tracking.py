@@ -15,8 +15,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distml.data.ingest import ingest
 from distml.data.tensors import SplitTensors
-from distml.monitoring.tracking import TensorBoardCallback
 from distml.training.candidate import train_candidate
+from distml.training.telemetry.tensorboard import TensorBoardCallback
 from tests.conftest import make_config, write_config
 from tests.e2e.test_cli import distml
 

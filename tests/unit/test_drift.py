@@ -9,8 +9,15 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from distml.errors import ConfigError
-from distml.monitoring.detectors import (
+from distml.drift.columns import (
+    NumericReference,
+    chi2_categorical,
+    feature_drift,
+    ks_numeric,
+    psi,
+    psi_numeric,
+)
+from distml.drift.detectors import (
     ErrorDetector,
     MarginDensityDetector,
     MarginReference,
@@ -19,16 +26,9 @@ from distml.monitoring.detectors import (
     margins,
     window_bounds,
 )
-from distml.monitoring.drift import (
-    NumericReference,
-    chi2_categorical,
-    feature_drift,
-    ks_numeric,
-    psi,
-    psi_numeric,
-)
-from distml.monitoring.monitor import DriftMonitor, DriftSettings, _Ring
-from distml.monitoring.reference import categorical_sketch, numeric_sketch, sketch_columns
+from distml.drift.monitor import DriftMonitor, DriftSettings, _Ring
+from distml.drift.reference import categorical_sketch, numeric_sketch, sketch_columns
+from distml.errors import ConfigError
 
 RNG = np.random.default_rng(0)
 

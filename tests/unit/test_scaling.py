@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from distml.monitoring.scaling import amdahl_max_speedup, analyze, fit_amdahl, plot
 from distml.workflow.scale import measure
+from distml.workflow.scaling import amdahl_max_speedup, analyze, fit_amdahl, plot
 
 
 def _repeated(times: dict[int, float], spread: float = 0.02) -> dict[int, list[float]]:

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from distml.errors import DistmlError
+from distml.processes import USER_ERROR
 
 app = typer.Typer(
     help="distml: end-to-end distributed machine learning for PyTorch, from one YAML file.",
@@ -67,7 +68,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             # soft_wrap: one line the terminal folds, not lines broken inside a path
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False,
                               soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(USER_ERROR) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
             raise typer.Exit(130) from None

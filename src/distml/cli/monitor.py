@@ -44,7 +44,7 @@ def monitor_cmd(
     trust_module: TrustModuleOpt = None,
 ) -> None:
     """Data and concept drift of new rows against the model's training reference."""
-    from distml.monitoring.drift_report import print_summary, run_monitor
+    from distml.workflow.drift_report import print_summary, run_monitor
 
     print_summary(console, run_monitor(ref, input_, out, registry=registry, labels=labels,
                                        json_out=json_out, alpha=alpha, detector=detector,

@@ -7,7 +7,6 @@ collective backend come from ``distml.device``: nccl on CUDA, gloo on CPU.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import traceback
@@ -19,10 +18,9 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from distml import processes
 from distml.device import collective_backend, default_device
 from distml.errors import DistmlError
-
-logger = logging.getLogger("distml")
 
 _job_store: dist.Store | None = None  # the rendezvous store this process joined with
 
@@ -136,19 +134,16 @@ def worker_main(body: Callable[[DistEnv], None]) -> None:
     """The life of one launched process: logging, joining the process group, ``body``, and
     leaving it. A user error (DistmlError) is logged and recorded for the launcher, which
     names the rank in its report, and exits with code 2."""
-    from torch.distributed.elastic.multiprocessing.errors import ErrorHandler, record
+    from torch.distributed.elastic.multiprocessing.errors import record
 
     @record
     def run() -> None:
-        logging.basicConfig(level=logging.INFO, stream=sys.stdout,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        processes.setup_logging()
         env = init_distributed()
         try:
             body(env)
         except DistmlError as e:
-            logger.error("%s", e)
-            ErrorHandler().record_exception(e)
-            raise SystemExit(2) from None
+            processes.exit_on_user_error(e)
         finally:
             shutdown()
 

@@ -31,13 +31,12 @@ from distml.serving.drift_feed import DriftFeed, label_rows, parse_feedback
 from distml.serving.inference import Inference, Slot
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel
-from distml.serving.protocol import ProtocolError
+from distml.serving.protocol import ProtocolError, server_metadata
 from distml.serving.rest import HEADER_LENGTH, parse_body, response_body
 from distml.serving.transport import Tls
 
 IDEMPOTENCY_HEADER = "idempotency-key"
 TIMEOUT_HEADER = "x-request-timeout-ms"
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
 _OPEN = ("/v2/health/live", "/v2/health/ready", "/metrics")  # no token needed
 
 
@@ -45,10 +44,6 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
                    ) -> JSONResponse:
     """The protocol's error body, ``{"error": message}``."""
     return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-def server_metadata() -> dict[str, Any]:
-    return {"name": "distml", "version": distml.__version__, "extensions": EXTENSIONS}
 
 
 class MetricsMiddleware:

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from distml.config import ServeConfig
-from distml.monitoring.monitor import DriftMonitor
-from distml.monitoring.reference import REFERENCE, read_reference
+from distml.drift.monitor import DriftMonitor
+from distml.drift.reference import REFERENCE, read_reference
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel
 from distml.serving.protocol import ProtocolError, bad

@@ -42,6 +42,7 @@ from distml.serving.protocol import (
     encode_raw,
     model_input,
     requested_outputs,
+    server_metadata,
 )
 from distml.serving.transport import Tls
 
@@ -162,8 +163,6 @@ class Service:
         return pb.ModelReadyResponse(ready=True)
 
     async def ServerMetadata(self, msg: bytes, context: Any) -> Any:  # noqa: N802
-        from distml.serving.app import server_metadata
-
         _parse(pb.ServerMetadataRequest, msg)
         return pb.ServerMetadataResponse(**server_metadata())
 
@@ -246,65 +245,23 @@ async def start_grpc(inference: Inference, address: str, *, token: str | None,
     names = ("ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata",
              "ModelInfer")
     handlers = {n: _handler(n, getattr(service, n), inference, token) for n in names}
-    server = grpc.aio.server(options=_options(inference.settings.max_body_bytes))
+    server = grpc.aio.server(options=server_options(inference.settings.max_body_bytes))
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
-    port = _add_port(server, address, tls)
+    port = add_port(server, address, tls)
     await server.start()
     return server, port
 
 
-def _add_port(server: grpc.aio.Server, address: str, tls: Tls | None) -> int:
+def add_port(server: grpc.aio.Server, address: str, tls: Tls | None) -> int:
+    """Bind ``address`` (over TLS, given); the bound port."""
     if tls is None:
         return server.add_insecure_port(address)
     return server.add_secure_port(address, grpc.ssl_server_credentials([(tls.key, tls.cert)]))
 
 
-def _options(max_bytes: int) -> list[tuple[str, Any]]:
+def server_options(max_bytes: int) -> list[tuple[str, Any]]:
+    """A gRPC server's options, the replica's service and the front's proxy alike."""
     # so_reuseport off: a port that is taken fails to bind instead of being shared unnoticed.
     return [("grpc.max_receive_message_length", max_bytes),
             ("grpc.max_send_message_length", 256 * 2**20), ("grpc.so_reuseport", 0)]
 
-
-# -- the front of several replicas -------------------------------------------------------------
-
-_PASSED = ("authorization", "idempotency-key")  # metadata the replicas need
-
-
-class _Proxy(grpc.GenericRpcHandler):
-    """Every method of the service, its bytes passed to a replica unread: to the one with the
-    fewest calls in flight, or for an idempotency key always the same live one. The replica
-    checks the token and the message, and counts the call in the shared metrics."""
-
-    def __init__(self, replicas: Any) -> None:
-        self.replicas = replicas
-
-    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
-        method = details.method
-        if not method.startswith(f"/{SERVICE}/"):
-            return None
-
-        async def forward(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
-            meta = [(k, v) for k, v in context.invocation_metadata() if k in _PASSED]
-            replica = self.replicas.pick(dict(meta).get("idempotency-key"))
-            if replica is None:
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "no replica is ready; retry "
-                                    "shortly")
-            replica.inflight += 1
-            try:
-                return await replica.channel.unary_unary(method)(
-                    request, metadata=meta, timeout=context.time_remaining())
-            except grpc.aio.AioRpcError as e:
-                await context.abort(e.code(), e.details() or "")
-            finally:
-                replica.inflight -= 1
-
-        return grpc.unary_unary_rpc_method_handler(forward)
-
-
-async def start_grpc_proxy(replicas: Any, address: str, settings: Any, tls: Tls | None = None
-                           ) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server(options=_options(settings.max_body_bytes))
-    server.add_generic_rpc_handlers((_Proxy(replicas),))
-    port = _add_port(server, address, tls)
-    await server.start()
-    return server, port

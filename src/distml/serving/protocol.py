@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+import distml
+
 # The protocol's datatypes as numpy types: little-endian, as the binary layout requires.
 NUMERIC: dict[str, np.dtype] = {
     name: np.dtype(t).newbyteorder("<") for name, t in {
@@ -27,6 +29,7 @@ NUMERIC: dict[str, np.dtype] = {
     }.items()
 }
 DATATYPES = (*NUMERIC, "BYTES")
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 # The JSON value types each datatype's elements may have (bool is not a number here).
 _JSON_TYPES = {"BOOL": {bool}, "BYTES": {str}, "FP16": {int, float}, "FP32": {int, float},
                "FP64": {int, float}}
@@ -37,6 +40,11 @@ class ProtocolError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def server_metadata() -> dict[str, Any]:
+    """The server's metadata, the same over REST and gRPC (both answer with it)."""
+    return {"name": "distml", "version": distml.__version__, "extensions": EXTENSIONS}
 
 
 def bad(message: str) -> ProtocolError:

@@ -29,6 +29,7 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from distml.errors import ConfigError
@@ -79,6 +80,22 @@ def load_tls(settings: Any) -> Tls | None:
         ) from None
     return Tls(Path(paths["ssl_certfile"]), Path(paths["ssl_keyfile"]),
                data["ssl_certfile"], data["ssl_keyfile"])
+
+
+def uvicorn_server(app: Any, settings: Any, tls: Tls | None = None,
+                   **where: Any) -> uvicorn.Server:
+    """uvicorn with distml's connection limits and, given, TLS; ``where``: uvicorn's
+    ``uds`` (a replica's socket) or nothing (the caller passes the bound socket to run)."""
+    if tls is not None:
+        where.update(ssl_certfile=str(tls.certfile), ssl_keyfile=str(tls.keyfile))
+    http = guarded_protocol(settings.read_timeout_s, settings.max_header_bytes)
+    return uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                         timeout_graceful_shutdown=5, http=http, **where))
+
+
+def grpc_address(host: str, port: int) -> str:
+    """gRPC's host:port (an IPv6 host in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class _RefusedError(Exception):

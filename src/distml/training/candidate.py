@@ -21,11 +21,11 @@ from distml.distributed.strategy import make_strategy
 from distml.fsutil import write_json_atomic
 from distml.imports import load_object
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
-from distml.monitoring.mlflow_tracking import MlflowCallback, flatten
-from distml.monitoring.system import SystemSampler
-from distml.monitoring.tracking import TensorBoardCallback
 from distml.tasks import evaluate, output_shape
 from distml.training.distill import TEACHER_FILE, Distiller
+from distml.training.telemetry.mlflow_tracking import MlflowCallback, flatten
+from distml.training.telemetry.system import SystemSampler
+from distml.training.telemetry.tensorboard import TensorBoardCallback
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from distml.config import ParameterServerConfig
-from distml.monitoring.system import SystemSampler
+from distml.training.telemetry.system import SystemSampler
 
 
 def worker_view(stats: dict[int, dict[str, float]]) -> dict[str, dict[str, float]]:

@@ -32,11 +32,11 @@ from distml.distributed.param_server.work import Coordinator, ItemReader, WorkQu
 from distml.distributed.param_server.worker import Worker
 from distml.distributed.runtime import job_store
 from distml.imports import load_object
-from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
 from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
 from distml.training.ps_report import epoch_stats, ps_summary
+from distml.training.telemetry.system import SystemSampler
 from distml.training.trainer import TrainState, lr_lambda, peak_memory
 
 logger = logging.getLogger(__name__)

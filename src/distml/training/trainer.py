@@ -30,10 +30,10 @@ from distml.distributed.checkpoint import (
 )
 from distml.distributed.runtime import gather_objects
 from distml.distributed.strategy import Batch, LossFn, Strategy
-from distml.monitoring.system import SystemSampler
 from distml.tasks import loss_fn
 from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
+from distml.training.telemetry.system import SystemSampler
 
 logger = logging.getLogger(__name__)
 

@@ -27,17 +27,17 @@ from distml.data.ingest import ingest
 from distml.data.sources import open_source
 from distml.data.tensors import SplitTensors
 from distml.distributed.launch import launch_training
+from distml.drift.reference import build_reference, write_reference
 from distml.errors import DistmlError
 from distml.execution import make_executor
 from distml.execution.base import ProgressHandle, no_progress
 from distml.fsutil import write_json_atomic, write_text_atomic
-from distml.monitoring.mlflow_tracking import pipeline_tracking
-from distml.monitoring.reference import build_reference, write_reference
 from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better, rank
 from distml.tasks import evaluate
 from distml.training.callbacks import Callback
 from distml.training.candidate import RESULT, train_candidate
+from distml.training.telemetry.mlflow_tracking import pipeline_tracking
 from distml.trust import TrustPolicy
 from distml.workflow.distill import (
     check_registered_teachers,

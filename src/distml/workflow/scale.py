@@ -22,7 +22,7 @@ from typing import Any
 from distml.config import Config, deep_merge
 from distml.errors import ConfigError
 from distml.fsutil import write_json_atomic
-from distml.monitoring.scaling import analyze, plot
+from distml.workflow.scaling import analyze, plot
 
 logger = logging.getLogger(__name__)
 

@@ -46,12 +46,12 @@ from distml.data.dataset import Manifest, read_partition
 from distml.data.tables import list_files, raw_columns, read_table
 from distml.errors import ArtifactError, ConfigError, DistmlError
 from distml.fsutil import write_json_atomic
-from distml.monitoring.drift_report import monitor
-from distml.monitoring.mlflow_tracking import pipeline_tracking
 from distml.registry import PRODUCTION, Registry
 from distml.selection import is_better
 from distml.tasks import evaluate
+from distml.training.telemetry.mlflow_tracking import pipeline_tracking
 from distml.trust import TrustPolicy
+from distml.workflow.drift_report import monitor
 from distml.workflow.pipeline import (
     NullReporter,
     Reporter,

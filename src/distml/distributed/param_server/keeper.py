@@ -22,10 +22,11 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from distml import processes
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +65,9 @@ def keep_if_worker(config: str | None, run_dir: Path | None, candidate: str | No
 def keep(rank: int, args: list[str]) -> int:
     fd, status = tempfile.mkstemp(prefix=f"distml-keeper-{rank}-")
     os.close(fd)
-    child = subprocess.Popen([sys.executable, "-m", "distml.train", *args],
-                             env={**os.environ, STATUS_ENV: status},
-                             preexec_fn=_die_with_parent)  # the keeper has one thread
+    child = processes.start_child([sys.executable, "-m", "distml.train", *args],
+                                  env={**os.environ, STATUS_ENV: status},
+                                  signum=signal.SIGKILL)  # the keeper has one thread
     signal.signal(signal.SIGTERM, lambda sig, _: child.send_signal(sig))
     signal.signal(signal.SIGINT, lambda sig, _: child.send_signal(sig))
     code = child.wait()
@@ -80,11 +81,3 @@ def keep(rank: int, args: list[str]) -> int:
           "without it", file=sys.stderr, flush=True)
     return 0
 
-
-def _die_with_parent() -> None:
-    """Linux: the child gets SIGKILL when the keeper dies."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PDEATHSIG

@@ -22,12 +22,12 @@ import torch
 from distml.artifact import Artifact, load_artifact
 from distml.data.dataset import Manifest, load_split
 from distml.data.tables import raw_columns, read_table
+from distml.drift.columns import column_values
+from distml.drift.monitor import DriftMonitor, DriftSettings
+from distml.drift.plots import plot_categorical, plot_numeric, plot_stream, safe_name
+from distml.drift.reference import build_reference, read_reference
 from distml.errors import ArtifactError, DataError
 from distml.fsutil import write_json_atomic, write_text_atomic
-from distml.monitoring.drift import column_values
-from distml.monitoring.drift_plots import plot_categorical, plot_numeric, plot_stream, safe_name
-from distml.monitoring.monitor import DriftMonitor, DriftSettings
-from distml.monitoring.reference import build_reference, read_reference
 from distml.serving.model import resolve
 from distml.serving.predict import plan_parts
 from distml.tasks import predict
@@ -207,7 +207,7 @@ def run_monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
                 labels: str | None, json_out: Path | None, alpha: float, detector: str,
                 trust: TrustPolicy | None = None) -> dict[str, Any]:
     """The CLI's entry: the report, and drift.json copied to ``json_out`` when asked."""
-    from distml.monitoring.detectors import make_river_detector
+    from distml.drift.detectors import make_river_detector
 
     make_river_detector(detector)  # an unknown name fails before any work
     report = monitor(ref, input_path, out_dir, registry=registry, label_column=labels,

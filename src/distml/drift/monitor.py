@@ -18,14 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from distml.monitoring.detectors import (
+from distml.drift.columns import feature_drift, prediction_drift
+from distml.drift.detectors import (
     HORIZON,
     ErrorDetector,
     MarginDensityDetector,
     MarginReference,
     WindowTest,
 )
-from distml.monitoring.drift import feature_drift, prediction_drift
 
 logger = logging.getLogger(__name__)
 

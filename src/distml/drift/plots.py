@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from distml.monitoring.drift import NumericReference, category_table  # noqa: E402
+from distml.drift.columns import NumericReference, category_table  # noqa: E402
 
 
 def safe_name(name: str) -> str:

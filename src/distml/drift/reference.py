@@ -28,10 +28,10 @@ import torch
 
 from distml.data import transforms
 from distml.data.dataset import Manifest, read_partition
+from distml.drift.columns import onehot_categories
+from distml.drift.detectors import MarginReference, margins
 from distml.errors import ArtifactError
 from distml.fsutil import write_text_atomic
-from distml.monitoring.detectors import MarginReference, margins
-from distml.monitoring.drift import onehot_categories
 from distml.tasks import predict
 
 logger = logging.getLogger(__name__)

@@ -1,1 +1,0 @@
-"""Monitoring: tracking backends, scalability analysis, and data and concept drift."""

@@ -1,0 +1,141 @@
+"""The front of several replicas: the one port, forwarding each request to a replica over
+its Unix socket (distml.serving.replicas picks which), with the gRPC proxy beside it
+(distml.serving.grpc_proxy). Health and metrics are answered here: ready while any replica
+is, and every replica's Prometheus metrics aggregated (prometheus-client's multiprocess
+mode). A request in flight on a replica that dies gets 503 (retry); the others are
+untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from contextlib import asynccontextmanager
+from typing import Any
+
+from distml.config import ServeConfig
+from distml.serving.replicas import Replica, ReplicaSet
+from distml.serving.transport import Tls, grpc_address
+
+_FORWARDED = ("content-type", "authorization", "idempotency-key", "x-request-timeout-ms",
+              "inference-header-content-length")
+_RETURNED = ("content-type", "retry-after", "www-authenticate",
+             "inference-header-content-length")
+# To every replica: a repository load or unload; feedback labels (each replica monitors the
+# requests it served, so each matches the labels of its own predictions).
+_BROADCAST = re.compile(r"^/v2/(repository/models/[^/]+/(load|unload)|models/[^/]+/feedback)$")
+
+
+def front_app(replicas: ReplicaSet, settings: ServeConfig, tls: Tls | None = None) -> Any:
+    """The one port: health, aggregated metrics, and every other route forwarded (a model
+    repository load or unload to every replica); gRPC, when asked, proxied the same way."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from distml.serving.app import error_response, read_body
+    from distml.serving.protocol import ProtocolError
+
+    metrics_registry = CollectorRegistry()
+    MultiProcessCollector(metrics_registry)
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> Response:
+        up = sum(r.ready for r in replicas.replicas)
+        return JSONResponse({"ready": up > 0, "replicas_ready": up},
+                            status_code=200 if up else 503)
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def forward(request: Request) -> Response:
+        try:
+            body = await read_body(request, settings.max_body_bytes)
+        except ProtocolError as e:
+            return error_response(e.status, e.message)
+        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED}
+        if request.method == "POST" and _BROADCAST.match(request.url.path):
+            return await _broadcast(replicas, request, body, headers)
+        while (replica := replicas.pick(request.headers.get("idempotency-key"))) is not None:
+            response = await _send(replica, request, body, headers)
+            if response is not None:
+                return response
+        return error_response(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
+
+    @asynccontextmanager
+    async def lifespan(app: Any):
+        await replicas.open()
+        grpc_server = None
+        if settings.grpc_port is not None:
+            from distml.serving.grpc_proxy import start_grpc_proxy
+
+            grpc_server, app.state.grpc_port = await start_grpc_proxy(
+                replicas, grpc_address(settings.host, settings.grpc_port), settings, tls)
+        yield
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
+        await replicas.close()
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
+    return Starlette(routes=[
+        Route("/v2/health/live", live), Route("/v2/health/ready", ready),
+        Route("/metrics", metrics), Route("/{path:path}", forward, methods=methods),
+    ], lifespan=lifespan)
+
+
+async def _send(replica: Replica, request: Any, body: bytes, headers: dict[str, str]) -> Any:
+    """The replica's response; None when it could not be reached (send to another)."""
+    import httpx
+    from starlette.responses import Response
+
+    from distml.serving.app import error_response
+
+    replica.inflight += 1
+    try:
+        r = await replica.client.request(request.method, request.url.path,
+                                         params=request.query_params, content=body,
+                                         headers=headers)
+    except httpx.ConnectError:  # never reached it: safe to send to another
+        replica.ready = False
+        return None
+    except httpx.TransportError as e:  # it died with the request: that one fails
+        replica.ready = False
+        return error_response(503, f"replica {replica.index} stopped while handling this "
+                                   f"request ({type(e).__name__}); retry", {"Retry-After": "1"})
+    finally:
+        replica.inflight -= 1
+    return Response(r.content, status_code=r.status_code,
+                    headers={k: v for k, v in r.headers.items() if k in _RETURNED})
+
+
+async def _broadcast(replicas: ReplicaSet, request: Any, body: bytes,
+                     headers: dict[str, str]) -> Any:
+    """A repository load or unload on every ready replica: the first failure, else the
+    first answer."""
+    from distml.serving.app import error_response
+
+    live = [r for r in replicas.replicas if r.ready]
+    answers = [a for a in await asyncio.gather(*[_send(r, request, body, headers)
+                                                for r in live]) if a is not None]
+    if not answers:
+        return error_response(503, "no replica is ready; retry shortly", {"Retry-After": "1"})
+    failed = next((a for a in answers if a.status_code >= 400), None)
+    if failed is None and request.url.path.endswith("/feedback"):
+        return _matched(answers)
+    return failed or answers[0]
+
+
+def _matched(answers: list[Any]) -> Any:
+    """The feedback answers of the replicas as one: labels matched by any of them."""
+    import json
+
+    from starlette.responses import Response
+
+    out = json.loads(answers[0].body)
+    out["matched"] = sum(json.loads(a.body)["matched"] for a in answers)
+    return Response(json.dumps(out), media_type="application/json")

@@ -1,0 +1,1 @@
+"""What a training run reports while it runs: MLflow tracking, TensorBoard, system metrics."""
