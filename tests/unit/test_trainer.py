@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from distml.data.ingest import ingest
 from distml.distributed.checkpoint import checkpoint_paths
+from distml.rundir import RunDir
 from distml.training.callbacks import Callback
 from distml.training.candidate import SplitTensors, train_candidate
 from tests.conftest import make_config
@@ -30,9 +31,10 @@ def _train(tmp_path, raw, out, *, overrides=(), callbacks=(), resume=False):
     result = train_candidate(
         cfg, cfg.train.candidates[0], manifest,
         val=SplitTensors.load(manifest, "val"),
-        out_dir=tmp_path / out, resume=resume, callbacks=callbacks,
+        run=RunDir(tmp_path / out), resume=resume, callbacks=callbacks,
     )
-    return result, load_file(tmp_path / out / "artifact" / "model.safetensors")
+    folder = RunDir(tmp_path / out).candidate(cfg.train.candidates[0].name)
+    return result, load_file(folder.artifact / "model.safetensors")
 
 
 def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
