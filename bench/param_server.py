@@ -130,6 +130,7 @@ def _harness(args: argparse.Namespace, env) -> None:
     from distml.config import parse_config
     from distml.data.dataset import Manifest
     from distml.data.tensors import SplitTensors
+    from distml.rundir import RunDir
     from distml.training.candidate import train_candidate
 
     # Under a straggler, ddp runs as StragglerDDP: the strategy table's ddp entry points to
@@ -144,7 +145,7 @@ def _harness(args: argparse.Namespace, env) -> None:
         cfg = parse_config(run["config"])
         start = time.perf_counter()
         result = train_candidate(cfg, cfg.train.candidates[0], manifest, val=val, env=env,
-                                 out_dir=args.out / run["id"])
+                                 run=RunDir(args.out / run["id"]))
         if env.is_main:
             record = {k: run[k] for k in ("id", "scenario", "mode", "lr", "seed")}
             record.update(evals=result["history"]["evals"], final=result["val"]["accuracy"],

@@ -169,7 +169,7 @@ def memory(root: Path) -> dict:
 
     cfg = parse_config(_config(root))
     run = start_run(cfg)
-    report = verify(cfg, run.dir, stage_ingest(run), candidate="mlp",
+    report = verify(cfg, run.folder, stage_ingest(run), candidate="mlp",
                     strategies=list(ZERO_STAGE), steps=3, world_size=2, separate=True)
     params = sum(a * b + b for a, b in zip([FEATURES, *HIDDEN], [*HIDDEN, CLASSES],
                                            strict=True))

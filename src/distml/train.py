@@ -15,12 +15,11 @@ See ``distml.distributed.launch`` for the multi-node commands.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Only what the preflight needs is imported here: a misconfigured node fails in a second,
 # before torch loads (the rest is imported once the checks pass).
@@ -29,13 +28,13 @@ from distml.config import Candidate, Config, load_config
 from distml.distributed import preflight
 from distml.distributed.param_server import keeper
 from distml.errors import DistmlError
+from distml.rundir import Project, RunDir
 
 if TYPE_CHECKING:
     from distml.data.dataset import Manifest
     from distml.distributed.runtime import DistEnv
     from distml.workflow.pipeline import Run
 
-JOB_FILE = "job-id"  # in a run folder started by torchrun: its --rdzv-id
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -53,8 +52,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv, *,
-           resume: bool, prepare: Callable[[Candidate, Manifest], None] | None = None) -> None:
+def _train(args: argparse.Namespace, cfg: Config, run: RunDir, env: DistEnv, *,
+           resume: bool, prepare: Callable[[Candidate, Manifest], None] | None = None
+           ) -> list[dict[str, Any] | None]:
     """Train the candidates: the one the launcher names, or (given a CONFIG) all of them or
     ``--candidate`` with its teachers, teachers first; ``prepare`` (rank 0) readies each
     student's teachers before it trains."""
@@ -62,32 +62,35 @@ def _train(args: argparse.Namespace, cfg: Config, run_dir: Path, env: DistEnv, *
     from distml.data.tensors import SplitTensors
     from distml.distributed.runtime import barrier
     from distml.training.candidate import train_candidate
+    from distml.workflow.pipeline import train_in_order
 
-    manifest = Manifest.read(run_dir / "data")
+    manifest = Manifest.read(run.data)
     if prepare is None and args.candidate:  # launched by the driver, which did the rest
         candidates = [cfg.train.candidate(args.candidate)]
     else:
         candidates = cfg.train.training_order(args.candidate)
     val = SplitTensors.load(manifest, "val")
-    for cand in candidates:
-        name = cand.name
-        world = cfg.train.settings_for(cand).parallel.world_size
-        if world != env.world_size:
-            raise DistmlError(
-                f"candidate {name!r} has train.parallel.world_size={world}, but "
-                f"{env.world_size} processes were started; start {world} or set "
-                f"train.parallel.world_size={env.world_size}")
-        if cand.distill is not None and prepare is not None:
+
+    def ready(cand: Candidate) -> None:
+        if prepare is not None:
             if env.is_main:
                 prepare(cand, manifest)
             barrier(env)  # the others wait for the teachers' outputs
-        train_candidate(cfg, cand, manifest, val=val, env=env,
-                        out_dir=run_dir / "candidates" / name, resume=resume)
+
+    def train(cand: Candidate) -> dict[str, Any] | None:
+        world = cfg.train.settings_for(cand).parallel.world_size
+        if world != env.world_size:
+            raise DistmlError(
+                f"candidate {cand.name!r} has train.parallel.world_size={world}, but "
+                f"{env.world_size} processes were started; start {world} or set "
+                f"train.parallel.world_size={env.world_size}")
+        return train_candidate(cfg, cand, manifest, val=val, env=env, run=run, resume=resume)
+
+    return train_in_order(candidates, prepare=ready, train=train)
 
 
 def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None:
     from distml.distributed.runtime import broadcast_object, gather_objects
-    from distml.workflow.pipeline import stage_ingest
 
     # A restarted agent (torchrun's --max-restarts) resumes; on several nodes, an agent
     # started afresh beside restarted ones (a node's pod replaced) must resume as well.
@@ -98,46 +101,46 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
     if args.run_dir is not None:  # started by distml's launcher: the driver owns the run
         if check_shared:
             preflight.check_output_shared(args.run_dir, env)
-        cfg = load_config(args.run_dir / "config.yaml")
-        _train(args, cfg, args.run_dir, env, resume=resume)
+        folder = RunDir(args.run_dir)
+        _train(args, folder.load_config(), folder, env, resume=resume)
         return
-    # Given a config, this job is the pipeline: rank 0 makes the run and holds its MLflow
-    # parent run, which ends FAILED if this rank fails.
-    from distml.training.telemetry.mlflow_tracking import pipeline_tracking
+    # Given a config, this job is the pipeline: rank 0 makes the run, ingests and holds its
+    # MLflow parent run (which ends FAILED if this rank fails); every rank trains.
+    from distml.workflow.distill import prepare_teachers
+    from distml.workflow.pipeline import Chain, run_chain
 
     cfg = load_config(args.config, args.overrides)
     if check_shared:
         preflight.check_output_shared(cfg.output_dir, env)
-    run = _job_run(cfg, resume=args.resume, restarted=restarted) if env.is_main else None
-    from distml.workflow.distill import prepare_teachers
 
-    with pipeline_tracking(cfg, run.dir) if run else contextlib.nullcontext():
-        if run is not None:
-            stage_ingest(run)
-        run_dir = Path(broadcast_object(str(run.dir) if run else None, env))
-        _train(args, cfg, run_dir, env, resume=resume,
-               prepare=lambda cand, manifest: prepare_teachers(cfg, cand, run_dir, manifest))
+    def train(run: Run | None, manifest: Manifest | None = None) -> list[dict[str, Any] | None]:
+        folder = RunDir(Path(broadcast_object(str(run.folder.path) if run else None, env)))
+        return _train(args, cfg, folder, env, resume=resume,
+                      prepare=lambda cand, m: prepare_teachers(cfg, cand, folder, m))
+
+    if env.is_main:
+        run_chain(_job_run(cfg, resume=args.resume, restarted=restarted),
+                  Chain(until="train", train=train))
+    else:
+        train(None)
 
 
 def _job_run(cfg: Config, *, resume: bool, restarted: bool) -> Run:
     """The run folder: after a restart, the one this job started (tagged with torchrun's
     ``--rdzv-id``), so that restarted ranks continue it rather than begin another; with
     --resume, the newest; else a new one, tagged."""
-    from distml.fsutil import write_text_atomic
     from distml.workflow.pipeline import Run, start_run
 
     job = os.environ.get("TORCHELASTIC_RUN_ID", "none")  # torchrun's default id is "none"
-    project = cfg.output_dir / cfg.name
     if restarted and job != "none":
-        for folder in sorted(project.glob("2*"), reverse=True):
-            tag = folder / JOB_FILE
-            if tag.is_file() and tag.read_text() == job:
-                return Run(cfg, folder)
+        folder = Project.of(cfg).job_run(job)
+        if folder is not None:
+            return Run(cfg, folder)
     if resume or (restarted and job == "none"):
         return start_run(cfg, resume=True)
     run = start_run(cfg)
     if job != "none":
-        write_text_atomic(run.dir / JOB_FILE, job)
+        run.folder.tag_job(job)
     return run
 
 

@@ -36,13 +36,13 @@ from distml.config import (
     ParallelConfig,
     TrainSettings,
     deep_merge,
-    load_config,
 )
 from distml.config.strategies import NONDETERMINISTIC, STRATEGIES, VARIANTS, variant_names
 from distml.data.dataset import Manifest
 from distml.distributed.runtime import DistEnv, run_worker, worker_main
 from distml.distributed.strategy import LossFn, Strategy, make_strategy
 from distml.errors import DistmlError
+from distml.rundir import RunDir
 from distml.tasks import loss_fn
 from distml.training.candidate import build_candidate_model, distiller_for, train_loader
 from distml.training.distill import Distiller
@@ -149,7 +149,7 @@ def relative_diffs(ref: dict[str, Any], ref_state: dict[str, torch.Tensor],
 
 
 def verify(
-    cfg: Config, run_dir: Path, manifest: Manifest, *, candidate: str, strategies: list[str],
+    cfg: Config, run: RunDir, manifest: Manifest, *, candidate: str, strategies: list[str],
     steps: int, world_size: int, tolerance: float | None = None, separate: bool = False,
 ) -> dict[str, Any]:
     """Run the reference here and the strategies on ``world_size`` processes; compare.
@@ -173,7 +173,7 @@ def verify(
     base = cfg.train.settings_for(cand)
     tol = tolerance if tolerance is not None else (1e-4 if base.precision == "fp32" else 2e-2)
     val_x = SplitTensors.load(manifest, "val").x[:2]
-    distiller = distiller_for(cand, run_dir / "candidates" / cand.name, torch.device("cpu"))
+    distiller = distiller_for(cand, run.candidate(cand.name), torch.device("cpu"))
     references: dict[int, tuple[dict[str, Any], dict[str, torch.Tensor]]] = {}
     for name in strategies:  # one reference per data-parallel degree: its batches
         data = settings_for(name, base, world_size).dims.data
@@ -187,10 +187,10 @@ def verify(
                         distiller.loss if distiller else None)
         ref["peak_mem_bytes"] = peak_memory()
         references[data] = ref, _full_state(strategy)
-    out = run_dir / "verify"
+    out = run.verify
     out.mkdir(parents=True, exist_ok=True)
     for names in ([[n] for n in strategies] if separate else [strategies]):
-        launch_local("distml.verify", ["--run-dir", str(run_dir), "--candidate", candidate,
+        launch_local("distml.verify", ["--run-dir", str(run.path), "--candidate", candidate,
                                        "--strategies", ",".join(names), "--steps", str(steps),
                                        "--out", str(out)],
                      world_size=world_size, max_restarts=0, log_dir=out / "logs",
@@ -223,12 +223,13 @@ def _slug(name: str) -> str:
 def _worker(args: argparse.Namespace, env: DistEnv) -> None:
     from distml.data.tensors import SplitTensors
 
-    cfg = load_config(args.run_dir / "config.yaml")
-    manifest = Manifest.read(args.run_dir / "data")
+    run = RunDir(args.run_dir)
+    cfg = run.load_config()
+    manifest = Manifest.read(run.data)
     cand = cfg.train.candidate(args.candidate)
     base = cfg.train.settings_for(cand)
     val_x = SplitTensors.load(manifest, "val").x[:2]
-    distiller = distiller_for(cand, args.run_dir / "candidates" / cand.name, env.device)
+    distiller = distiller_for(cand, run.candidate(cand.name), env.device)
     for name in args.strategies.split(","):
         s = settings_for(name, base, env.world_size,
                          own=cfg.train.parallel_for(cand))

@@ -58,7 +58,7 @@ def test_alpha_zero_trains_bit_for_bit_like_the_student_alone(tmp_path, tiny_raw
     results = {c["name"]: c for c in summary["candidates"]}
     assert len(results) == 7  # ranked together
     assert results["user-kd"]["val"]["accuracy"] > 0.5  # a student of a student, too
-    alone, kd0, kd = (_weights(run.dir, n) for n in ("alone", "kd0", "kd"))
+    alone, kd0, kd = (_weights(run.folder.path, n) for n in ("alone", "kd0", "kd"))
     assert all((alone[k] == kd0[k]).all() for k in alone)  # exactly: the same loss and batches
     assert not all((alone[k] == kd[k]).all() for k in alone)
     rows = {r["student"]: r for r in summary["distillation"]}
@@ -70,10 +70,10 @@ def test_alpha_zero_trains_bit_for_bit_like_the_student_alone(tmp_path, tiny_raw
     gap = rows["kd"]["teacher"]["test"] - rows["kd"]["alone"]["test"]
     want = (rows["kd"]["distilled"]["test"] - rows["kd"]["alone"]["test"]) / gap
     assert rows["kd"]["gap_recovered"] == pytest.approx(want)
-    report = (run.dir / "report.md").read_text()
+    report = (run.folder.path / "report.md").read_text()
     assert "## Distillation" in report
     assert "| distilled student |" in report
-    spec = json.loads((run.dir / "candidates/kd/artifact/spec.json").read_text())
+    spec = json.loads((run.folder.path / "candidates/kd/artifact/spec.json").read_text())
     assert [t["ref"] for t in spec["distilled_from"]["teachers"]] == ["teacher", "user"]
     assert spec["distilled_from"]["temperature"] == 2
 
@@ -128,11 +128,11 @@ def test_with_a_loader_map_fn_the_teacher_answers_online_as_it_would_have_offlin
     offline, _ = train_only(make_config(_quiet(tiny_raw)))
     tiny_raw["data"]["loader"] = {"map_fn": "tests.helpers.maps:identity"}
     online, _ = train_only(make_config(tiny_raw))
-    infos = [json.loads((r.dir / "candidates/student/teacher.json").read_text())
+    infos = [json.loads((r.folder.path / "candidates/student/teacher.json").read_text())
              for r in (offline, online)]
     assert infos[0]["logits_dir"] is not None
     assert infos[1]["logits_dir"] is None
-    a, b = _weights(offline.dir, "student"), _weights(online.dir, "student")
+    a, b = _weights(offline.folder.path, "student"), _weights(online.folder.path, "student")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 

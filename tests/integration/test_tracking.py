@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from distml.data.ingest import ingest
 from distml.data.tensors import SplitTensors
+from distml.rundir import RunDir
 from distml.training.candidate import train_candidate
 from distml.training.telemetry.tensorboard import TensorBoardCallback
 from tests.conftest import make_config, write_config
@@ -65,7 +66,7 @@ def test_an_unwritable_log_folder_warns_once_and_training_goes_on(tmp_path, tiny
     with caplog.at_level(logging.WARNING):
         result = train_candidate(
             cfg, cfg.train.candidates[0], manifest, val=SplitTensors.load(manifest, "val"),
-            out_dir=tmp_path / "out",
+            run=RunDir(tmp_path / "out"),
             callbacks=[TensorBoardCallback(tmp_path / "not-a-folder" / "tb")])
     assert result["steps"] == 40
     warnings = [r for r in caplog.records if "TensorBoard" in r.getMessage()]

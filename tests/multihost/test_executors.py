@@ -68,7 +68,7 @@ def work(tmp_path_factory) -> Path:
     (root / "mh.yaml").write_text(yaml.safe_dump(raw))
     run = start_run(load_config(root / "mh.yaml"))
     stage_train(run, stage_ingest(run))
-    (root / "artifact").symlink_to(run.dir / "candidates" / "small" / "artifact")
+    (root / "artifact").symlink_to(run.folder.candidate("small").artifact)
     # Input for batch inference: the model's raw columns in four row groups (work items).
     rng = np.random.default_rng(0)
     columns = read_spec(root / "artifact")["input_columns"]

@@ -21,6 +21,7 @@ from distml.artifact import save_artifact
 from distml.config import ServeConfig
 from distml.data.ingest import ingest
 from distml.data.tensors import SplitTensors
+from distml.rundir import RunDir
 from distml.serving.app import create_app
 from distml.serving.batching import Batcher, DeadlineExceededError, OverloadedError
 from distml.serving.model import load_served_model
@@ -64,7 +65,7 @@ def served(tmp_path_factory):
     cfg = make_config(raw)
     manifest = ingest(cfg.data, tmp / "data", seed=0)
     result = train_candidate(cfg, cfg.train.candidates[0], manifest,
-                             val=SplitTensors.load(manifest, "val"), out_dir=tmp / "out")
+                             val=SplitTensors.load(manifest, "val"), run=RunDir(tmp / "out"))
     return load_served_model(result["artifact"], registry=tmp)
 
 
@@ -150,7 +151,7 @@ def test_int8_serving_logs_the_accuracy_change_and_agrees(tmp_path, tiny_raw, ca
     manifest = ingest(cfg.data, tmp_path / "data", seed=0)
     val = SplitTensors.load(manifest, "val")
     result = train_candidate(cfg, cfg.train.candidates[0], manifest, val=val,
-                             out_dir=tmp_path / "out")
+                             run=RunDir(tmp_path / "out"))
     with caplog.at_level(logging.INFO, logger="distml"):
         q = load_served_model(result["artifact"], registry=tmp_path, quantize="int8")
     f = load_served_model(result["artifact"], registry=tmp_path)
@@ -168,7 +169,7 @@ def test_an_artifact_without_its_data_still_serves_int8(tmp_path, tiny_raw, capl
     cfg = make_config(tiny_raw)
     manifest = ingest(cfg.data, tmp_path / "data", seed=0)
     result = train_candidate(cfg, cfg.train.candidates[0], manifest,
-                             val=SplitTensors.load(manifest, "val"), out_dir=tmp_path / "out")
+                             val=SplitTensors.load(manifest, "val"), run=RunDir(tmp_path / "out"))
     served = load_served_model(result["artifact"], registry=tmp_path)
     spec = {**served.spec, "data_dir": str(tmp_path / "gone")}
     save_artifact(served.artifact.model, spec, tmp_path / "moved")

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from distml.data.ingest import ingest
 from distml.data.tensors import SplitTensors
 from distml.distributed.checkpoint import checkpoint_paths
+from distml.rundir import RunDir
 from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
 from distml.training.candidate import train_candidate
@@ -33,9 +34,15 @@ def _train(tmp_path, raw, out, *, overrides=(), callbacks=(), resume=False):
     result = train_candidate(
         cfg, cfg.train.candidates[0], manifest,
         val=SplitTensors.load(manifest, "val"),
-        out_dir=tmp_path / out, resume=resume, callbacks=callbacks,
+        run=RunDir(tmp_path / out), resume=resume, callbacks=callbacks,
     )
-    return result, load_file(tmp_path / out / "artifact" / "model.safetensors")
+    folder = RunDir(tmp_path / out).candidate(cfg.train.candidates[0].name)
+    return result, load_file(folder.artifact / "model.safetensors")
+
+
+def _checkpoints(tmp_path, raw, out):
+    name = make_config(raw).train.candidates[0].name
+    return checkpoint_paths(RunDir(tmp_path / out).candidate(name).checkpoints)
 
 
 def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -67,7 +74,7 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, dropout_raw):
     with pytest.raises(RuntimeError, match="simulated crash"):
         _train(tmp_path, dropout_raw, "crashed", overrides=overrides, callbacks=[Crash(13)])
     # The crash came mid-epoch (20 steps per epoch), after the step-10 checkpoint.
-    assert [p.name for p in checkpoint_paths(tmp_path / "crashed" / "checkpoints")] == [
+    assert [p.name for p in _checkpoints(tmp_path, dropout_raw, "crashed")] == [
         "step-00000005", "step-00000010"]
     resumed, w_resumed = _train(tmp_path, dropout_raw, "crashed", overrides=overrides,
                                 resume=True)
@@ -105,7 +112,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, tiny_raw, ca
     overrides = ["train.checkpoint_every_steps=10", "train.keep_checkpoints=3",
                  "train.restore_best=false"]
     full, w_full = _train(tmp_path, tiny_raw, "ck", overrides=overrides)
-    paths = checkpoint_paths(tmp_path / "ck" / "checkpoints")
+    paths = _checkpoints(tmp_path, tiny_raw, "ck")
     assert [p.name for p in paths] == ["step-00000020", "step-00000030", "step-00000040"]
     for shard in paths[-1].glob("*.distcp"):
         shard.write_bytes(b"not a checkpoint")

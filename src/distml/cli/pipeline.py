@@ -42,17 +42,18 @@ def run(
         console.print(f"selected [bold]{summary['selected']}[/]: test {test}")
         console.print(f"registered {reg['name']}:{reg['version']}"
                       + (" → production" if reg["promoted"] else "")
-                      + f"\nreport: {run_.dir / 'report.md'}")
+                      + f"\nreport: {run_.folder.report}")
 
 
 @app.command()
 @user_errors
 def ingest(config: ConfigArg, set_: SetOpt = None, quiet: QuietOpt = False) -> None:
     """Ingest the data alone and print the manifest summary."""
-    from distml.workflow.pipeline import stage_ingest, start_run
+    from distml.workflow.pipeline import Chain, run_chain, start_run
 
     cfg, reporter = load(config, set_, quiet)
-    manifest = stage_ingest(start_run(cfg, reporter=reporter))
+    manifest = run_chain(start_run(cfg, reporter=reporter),
+                         Chain(until="ingest", track=False)).manifest
     if quiet:
         return
     table = Table(title=f"{manifest.root}")
@@ -110,7 +111,7 @@ def train(
     run_, results = train_only(cfg, candidate=candidate, reporter=reporter, resume=resume)
     if not quiet:
         print_candidates(results, cfg.metric, None)
-        console.print(f"run folder: {run_.dir}")
+        console.print(f"run folder: {run_.folder.path}")
 
 
 @app.command("verify")
@@ -139,16 +140,17 @@ def verify_cmd(
     compare losses and final parameters. Exits 1 when a strategy exceeds the tolerance."""
     from distml.fsutil import write_json_atomic
     from distml.verify import verify
-    from distml.workflow.pipeline import stage_ingest, start_run, train_teachers
+    from distml.workflow.pipeline import Chain, run_chain, start_run
 
     cfg, reporter = load(config, set_, quiet)
     cand = cfg.train.candidate(candidate) if candidate else cfg.train.candidates[0]
     configured = cfg.train.settings_for(cand).parallel.world_size
     run_ = start_run(cfg, reporter=reporter)
-    manifest = stage_ingest(run_)
-    train_teachers(run_, manifest, cand)  # a distilled student's teachers, first
+    # A distilled student's teachers, first.
+    ready = Chain(until="train", only=cand.name, student=False, track=False)
+    manifest = run_chain(run_, ready).manifest
     with reporter.stage("verify"):
-        report = verify(cfg, run_.dir, manifest, candidate=cand.name,
+        report = verify(cfg, run_.folder, manifest, candidate=cand.name,
                         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                         steps=steps, world_size=world_size or max(configured, 2),
                         tolerance=tolerance, separate=separate)

@@ -19,14 +19,15 @@ from distml.data import transforms
 from distml.data.dataset import MANIFEST, Manifest
 from distml.data.transforms.scaling import merge_moments
 from distml.errors import DataError
+from distml.rundir import RunDir
 
 _STANDARDIZE, _MINMAX = StandardizeSpec(type="standardize"), MinMaxSpec(type="minmax")
 
 
 def inspect(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if (path / "data" / MANIFEST).is_file():  # a run folder
-        path = path / "data"
+    if (RunDir(path).data / MANIFEST).is_file():  # a run folder: its data
+        path = RunDir(path).data
     if not path.exists():
         raise DataError(f"{path} does not exist")
     manifest = Manifest.read(path) if (path / MANIFEST).is_file() else None

@@ -40,6 +40,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from distml.config import Config
 from distml.distributed import preflight
 from distml.errors import DistmlError
+from distml.rundir import RunDir
 
 
 def launch_local(
@@ -119,12 +120,12 @@ def _launch(config: LaunchConfig, module: str, args: list[str], *, what: str) ->
         raise KeyboardInterrupt from e
 
 
-def launch_training(run_dir: Path, candidate: str, *, world_size: int, max_restarts: int,
+def launch_training(run: RunDir, candidate: str, *, world_size: int, max_restarts: int,
                     resume: bool) -> None:
-    """Train one candidate of the run in ``run_dir`` with ``python -m distml.train``."""
-    args = ["--run-dir", str(run_dir), "--candidate", candidate, *(["--resume"] * resume)]
+    """Train one candidate of ``run`` with ``python -m distml.train``."""
+    args = ["--run-dir", str(run.path), "--candidate", candidate, *(["--resume"] * resume)]
     launch_local("distml.train", args, world_size=world_size, max_restarts=max_restarts,
-                 log_dir=run_dir / "logs" / candidate, what=f"training {candidate!r}")
+                 log_dir=run.logs(candidate), what=f"training {candidate!r}")
 
 
 def node_shape(cfg: Config, candidates: list[str] | None, *, num_nodes: int | None

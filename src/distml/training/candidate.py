@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,18 +16,16 @@ from distml.data.loader import PartitionLoader
 from distml.data.tensors import SplitTensors
 from distml.distributed.runtime import DistEnv, init_distributed
 from distml.distributed.strategy import make_strategy
-from distml.fsutil import write_json_atomic
 from distml.imports import load_object
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
+from distml.rundir import CandidateDir, RunDir
 from distml.tasks import evaluate, output_shape
-from distml.training.distill import TEACHER_FILE, Distiller
+from distml.training.distill import Distiller
 from distml.training.telemetry.mlflow_tracking import MlflowCallback, flatten
 from distml.training.telemetry.system import SystemSampler
 from distml.training.telemetry.tensorboard import TensorBoardCallback
 
 logger = logging.getLogger(__name__)
-
-RESULT = "result.json"
 
 
 def num_outputs(manifest: Manifest) -> int:
@@ -74,12 +70,12 @@ def train_loader(cfg: Config, manifest: Manifest, settings: TrainSettings, *, ra
         teacher_logits=distiller.logits_dir if distiller is not None else None)
 
 
-def distiller_for(candidate: Candidate, out_dir: Path, device: torch.device
+def distiller_for(candidate: Candidate, folder: CandidateDir, device: torch.device
                   ) -> Distiller | None:
-    """The candidate's distillation (its teachers prepared in ``out_dir``), if it has one."""
+    """The candidate's distillation (its teachers prepared in ``folder``), if it has one."""
     if candidate.distill is None:
         return None
-    return Distiller.for_candidate(candidate.distill, out_dir, device=device)
+    return Distiller.for_candidate(candidate.distill, folder, device=device)
 
 
 def train_candidate(
@@ -88,31 +84,32 @@ def train_candidate(
     manifest: Manifest,
     *,
     val: SplitTensors,
-    out_dir: Path,
+    run: RunDir,
     env: DistEnv | None = None,
     resume: bool = False,
     callbacks: Sequence[Any] = (),
 ) -> dict[str, Any] | None:
-    """Train on this rank, evaluate, and (rank 0) save ``out_dir/artifact`` and the result.
+    """Train on this rank, evaluate, and (rank 0) save the candidate's artifact and result
+    in ``run``.
 
     Every rank builds the same initial weights (seeded); the strategy shards or replicates
     them. Returns the result on rank 0, None on the others.
     """
     env = env or init_distributed()
     settings = cfg.train.settings_for(candidate)
+    folder = run.candidate(candidate.name)
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
     strategy = make_strategy(settings.parallel.strategy, model, settings, env,
                              sample=val.x[:16])
-    distiller = distiller_for(candidate, out_dir, env.device)
+    distiller = distiller_for(candidate, folder, env.device)
     loader = train_loader(cfg, manifest, settings, rank=strategy.data_rank,
                           replicas=strategy.data_size, drop_last=strategy.needs_full_batches,
                           distiller=distiller)
     if cfg.monitor.tensorboard:  # <run>/tensorboard/<candidate>: tensorboard --logdir runs/
         callbacks = [*callbacks, TensorBoardCallback(
-            out_dir.parent.parent / "tensorboard" / candidate.name,
-            histogram_every=cfg.monitor.histogram_every_steps)]
+            run.tensorboard(candidate.name), histogram_every=cfg.monitor.histogram_every_steps)]
     mlflow = MlflowCallback.for_run(
-        out_dir.parent.parent, out_dir, candidate.name,
+        run, folder, candidate.name,
         {**settings.model_dump(mode="json"), **flatten({"model": spec})},
     ) if env.is_main else None
     if mlflow is not None:
@@ -126,7 +123,7 @@ def train_candidate(
         "loss": distiller.loss, "prepare_batch": distiller.attach if distiller.teacher else None}
     trainer = trainer_class(
         strategy, settings, task=manifest.task, train_loader=loader, val_data=(val.x, val.y),
-        metric=cfg.metric, checkpoint_dir=out_dir / "checkpoints", callbacks=callbacks,
+        metric=cfg.metric, checkpoint_dir=folder.checkpoints, callbacks=callbacks,
         system=system, **student,
     )
     start = time.perf_counter()
@@ -153,8 +150,8 @@ def train_candidate(
         "preprocessing": manifest.preprocessing, "metrics": {"val": val_metrics},
         "data_dir": str(manifest.root.resolve()),  # its validation split checks int8 serving
         "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
-        **({} if candidate.distill is None else {"distilled_from": _teachers(out_dir)}),
-    }, out_dir / "artifact")
+        **({} if candidate.distill is None else {"distilled_from": _teachers(folder)}),
+    }, folder.artifact)
     step_times = state.seconds / max(state.step, 1)
     result = {
         "name": candidate.name,
@@ -176,15 +173,15 @@ def train_candidate(
         "history": {"train_loss": state.train_loss, "evals": state.evals},
         **trainer.result_extras(),
     }
-    write_json_atomic(out_dir / RESULT, result)
+    folder.write_result(result)
     if mlflow is not None:
         mlflow.finish(artifact, val_metrics)
     return result
 
 
-def _teachers(out_dir: Path) -> dict[str, Any]:
+def _teachers(folder: CandidateDir) -> dict[str, Any]:
     """What a distilled student's spec records of its teachers."""
-    info = json.loads((out_dir / TEACHER_FILE).read_text())
+    info = folder.read_teacher()
     return {"teachers": [{k: t[k] for k in ("ref", "name", "version")} for t in info["teachers"]],
             "temperature": info["temperature"], "alpha": info["alpha"]}
 

@@ -23,7 +23,6 @@ logits; every strategy passes targets through untouched, so distillation compose
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,13 +33,10 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from distml.artifact import load_artifact
-from distml.errors import DistmlError
+from distml.rundir import CandidateDir
 from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
-
-TEACHER_FILE = "teacher.json"  # in the student's candidate folder, written by the pipeline
-
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, *,
             temperature: float, alpha: float) -> torch.Tensor:
@@ -122,16 +118,11 @@ class Distiller:
         return x, pack(y.to(device, non_blocking=True), logits)  # a normal tensor again
 
     @classmethod
-    def for_candidate(cls, spec: Any, out_dir: Path, *, device: torch.device) -> Distiller:
-        """``spec``: the candidate's DistillConfig; ``out_dir``: its folder, where the
-        pipeline wrote which teachers it learns from (TEACHER_FILE)."""
-        path = out_dir / TEACHER_FILE
-        if not path.is_file():
-            raise DistmlError(
-                f"{path} is missing: a distilled candidate's teachers are prepared by the "
-                "pipeline (distml run, distml train, python -m distml.train CONFIG) before "
-                "it trains")
-        info = json.loads(path.read_text())
+    def for_candidate(cls, spec: Any, folder: CandidateDir, *, device: torch.device
+                      ) -> Distiller:
+        """``spec``: the candidate's DistillConfig; ``folder``: its folder, where the
+        pipeline wrote which teachers it learns from."""
+        info = folder.read_teacher()
         if info["logits_dir"] is not None:
             return cls(spec.temperature, spec.alpha, logits_dir=Path(info["logits_dir"]))
         teacher = load_ensemble([t["artifact"] for t in info["teachers"]], device)

@@ -2,15 +2,14 @@
 data, compute the teachers' outputs for classification once (in parallel over the training
 partitions, on the executors), and measure teacher, student and twin for the report.
 
-A student's teachers are written to ``candidates/<student>/teacher.json``, which the
-training processes read (``distml.training.distill.Distiller``).
+A student's teachers are written to its candidate folder (``CandidateDir.teacher``), which
+the training processes read (``distml.training.distill.Distiller``).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -37,12 +36,12 @@ from distml.data.tensors import SplitTensors
 from distml.errors import ArtifactError, ConfigError, DistmlError
 from distml.execution import make_executor
 from distml.execution.base import ProgressFactory
-from distml.fsutil import write_json_atomic
 from distml.models import count_parameters
 from distml.registry import Registry
+from distml.rundir import RunDir
 from distml.tasks import evaluate, predict
-from distml.training.distill import TEACHER_FILE, load_ensemble
 from distml.training.distill import TEACHERS_TRUSTED as OWN  # this run's own artifacts
+from distml.training.distill import load_ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ def _where(cfg: Config, cand: Candidate) -> str:
     return f"train.candidates[{cfg.train.candidates.index(cand)}].distill.teacher"
 
 
-def resolve_teachers(cfg: Config, cand: Candidate, run_dir: Path, manifest: Manifest
+def resolve_teachers(cfg: Config, cand: Candidate, run: RunDir, manifest: Manifest
                      ) -> list[Teacher]:
     """The student's teachers as artifacts, each checked against this run's data."""
     assert cand.distill is not None
@@ -72,7 +71,7 @@ def resolve_teachers(cfg: Config, cand: Candidate, run_dir: Path, manifest: Mani
                 raise ConfigError(f"{where}={ref!r}: {e}") from None
             teacher = Teacher(ref, v.name, v.version, str(v.path.resolve()))
         else:
-            path = run_dir / "candidates" / ref / "artifact"
+            path = run.candidate(ref).artifact
             if not (path / SPEC).is_file():
                 raise DistmlError(f"{where}={ref!r}: the teacher candidate has no artifact at "
                                   f"{path}; it trains before its student (train it first)")
@@ -119,24 +118,22 @@ def check_registered_teachers(cfg: Config, candidates: list[Candidate], manifest
             check_fits(read_spec(version.path), manifest, where)
 
 
-def prepare_teachers(cfg: Config, cand: Candidate, run_dir: Path, manifest: Manifest, *,
+def prepare_teachers(cfg: Config, cand: Candidate, run: RunDir, manifest: Manifest, *,
                      progress: ProgressFactory | None = None) -> dict[str, Any]:
     """Resolve the student's teachers and (classification) compute their outputs; writes
-    ``candidates/<student>/teacher.json`` and returns it.
+    the student's ``teacher.json`` and returns it.
 
     Stored outputs are the teachers' answers to the stored rows. A loader ``map_fn`` (an
     augmentation, say) changes the rows the student sees, so then the teachers answer
     online, on the very inputs the student gets, as they do for language models."""
     assert cand.distill is not None
-    teachers = resolve_teachers(cfg, cand, run_dir, manifest)
+    teachers = resolve_teachers(cfg, cand, run, manifest)
     logits_dir = None
     if manifest.task == "classification" and cfg.data.loader.map_fn is None:
         logits_dir = str(teacher_logits(manifest, teachers, cfg.execution, progress=progress))
     info = {"teachers": [asdict(t) for t in teachers], "logits_dir": logits_dir,
             "temperature": cand.distill.temperature, "alpha": cand.distill.alpha}
-    folder = run_dir / "candidates" / cand.name
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(folder / TEACHER_FILE, info)
+    run.candidate(cand.name).write_teacher(info)
     return info
 
 
@@ -237,29 +234,29 @@ def twin_of(cfg: Config, student: Candidate) -> Candidate | None:
     return None
 
 
-def distillation_rows(cfg: Config, run_dir: Path, manifest: Manifest
+def distillation_rows(cfg: Config, run: RunDir, manifest: Manifest
                       ) -> list[dict[str, Any]]:
     """Per distilled student: teacher, twin trained alone, student; test metric, parameters
     and latency of each, and the fraction of the teacher-twin gap the student recovered."""
     metric, rows, test = cfg.metric, [], None
     for cand in cfg.train.candidates:
-        path = run_dir / "candidates" / cand.name
-        if cand.distill is None or not (path / "artifact" / SPEC).is_file():
+        folder = run.candidate(cand.name)
+        if cand.distill is None or not (folder.artifact / SPEC).is_file():
             continue
         if test is None:
             test = SplitTensors.load(manifest, "test")
-        teachers = json.loads((path / TEACHER_FILE).read_text())["teachers"]
+        teachers = folder.read_teacher()["teachers"]
         row: dict[str, Any] = {
             "student": cand.name, "teachers": [t["ref"] for t in teachers], "metric": metric,
             "temperature": cand.distill.temperature, "alpha": cand.distill.alpha,
             "teacher": _measure(load_ensemble([t["artifact"] for t in teachers]), test,
                                 manifest.task, metric),
-            "distilled": _measure(load_artifact(path / "artifact", trust=OWN).model, test,
+            "distilled": _measure(load_artifact(folder.artifact, trust=OWN).model, test,
                                   manifest.task, metric),
             "alone": None, "twin": None, "gap_recovered": None,
         }
         twin = twin_of(cfg, cand)
-        twin_dir = run_dir / "candidates" / twin.name / "artifact" if twin else None
+        twin_dir = run.candidate(twin.name).artifact if twin else None
         if twin_dir is not None and (twin_dir / SPEC).is_file():
             row["twin"] = twin.name
             row["alone"] = _measure(load_artifact(twin_dir, trust=OWN).model, test,

@@ -10,15 +10,11 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
-
-import yaml
+from typing import Any, Protocol, TypeVar
 
 from distml.artifact import load_artifact, read_spec, save_artifact
 from distml.config import Candidate, Config
@@ -28,15 +24,14 @@ from distml.data.sources import open_source
 from distml.data.tensors import SplitTensors
 from distml.distributed.launch import launch_training
 from distml.drift.reference import build_reference, write_reference
-from distml.errors import DistmlError
 from distml.execution import make_executor
 from distml.execution.base import ProgressHandle, no_progress
-from distml.fsutil import write_json_atomic, write_text_atomic
-from distml.registry import PRODUCTION, Registry
-from distml.selection import is_better, rank
+from distml.registry import Registry
+from distml.rundir import Project, RunDir
+from distml.selection import rank
 from distml.tasks import evaluate
 from distml.training.callbacks import Callback
-from distml.training.candidate import RESULT, train_candidate
+from distml.training.candidate import train_candidate
 from distml.training.telemetry.mlflow_tracking import pipeline_tracking
 from distml.trust import TrustPolicy
 from distml.workflow.distill import (
@@ -44,11 +39,12 @@ from distml.workflow.distill import (
     distillation_rows,
     prepare_teachers,
 )
+from distml.workflow.promotion import Promotion, promote, weigh
 from distml.workflow.report import latest_scaling_studies, write_report
 
 logger = logging.getLogger(__name__)
 
-_RUN_NAME = "%Y%m%d-%H%M%S"
+T = TypeVar("T")
 
 
 class Reporter(Protocol):
@@ -75,7 +71,7 @@ class Run:
     """One pipeline run: its config, folder and stage timings."""
 
     cfg: Config
-    dir: Path
+    folder: RunDir
     reporter: Reporter = field(default_factory=NullReporter)
     stages: list[dict[str, Any]] = field(default_factory=list)
 
@@ -86,31 +82,12 @@ class Run:
             yield
         self.stages.append({"name": name, "seconds": round(time.perf_counter() - start, 3)})
 
-    @property
-    def project_dir(self) -> Path:
-        return self.cfg.output_dir / self.cfg.name
-
 
 def start_run(cfg: Config, *, resume: bool = False, reporter: Reporter | None = None) -> Run:
     """A new run folder (or, with ``resume``, the newest one) holding the resolved config."""
-    project = cfg.output_dir / cfg.name
-    if resume:
-        runs = sorted(p for p in project.glob("2*") if p.is_dir()) if project.is_dir() else []
-        if not runs:
-            raise DistmlError(f"nothing to resume: no run of {cfg.name!r} under {project}")
-        run_dir = runs[-1]
-    else:
-        project.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now().strftime(_RUN_NAME)
-        for i in range(1000):
-            run_dir = project / (stamp if i == 0 else f"{stamp}-{i}")
-            try:
-                run_dir.mkdir()
-                break
-            except FileExistsError:
-                continue
-    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return Run(cfg, run_dir, reporter or NullReporter())
+    project = Project.of(cfg)
+    folder = project.newest_run(cfg) if resume else project.new_run(cfg)
+    return Run(cfg, folder, reporter or NullReporter())
 
 
 def _data_key(cfg: Config) -> str:
@@ -125,57 +102,70 @@ def _data_key(cfg: Config) -> str:
 def stage_ingest(run: Run) -> Manifest:
     ex = run.cfg.execution
     with run.stage("ingest"):
-        root = run.project_dir / f"data-{_data_key(run.cfg)}"
+        root = Project.of(run.cfg).data_cache(_data_key(run.cfg))
         with make_executor(ex.executor, num_workers=ex.num_workers, retries=ex.retries,
                            progress=run.reporter.progress) as executor:
             manifest = ingest(run.cfg.data, root, seed=run.cfg.seed, executor=executor)
-        link = run.dir / "data"
-        if not link.exists():
-            os.symlink(os.path.relpath(root, run.dir), link)
+        run.folder.link_data(root)
     return manifest
+
+
+def train_in_order(candidates: list[Candidate], *, prepare: Callable[[Candidate], None],
+                   train: Callable[[Candidate], T]) -> list[T]:
+    """Train ``candidates`` in turn, in the order ``TrainConfig.training_order`` gives
+    (every teacher before its students); a distilled student's teachers are readied by
+    ``prepare`` just before it, since they are trained by then. Every chain that trains
+    (the driver, the torchrun entry) goes through here."""
+    results = []
+    for cand in candidates:
+        if cand.distill is not None:
+            prepare(cand)
+        results.append(train(cand))
+    return results
 
 
 def stage_train(
     run: Run, manifest: Manifest, *, only: str | None = None, resume: bool = False,
-    candidates: list[Candidate] | None = None,
+    student: bool = True,
 ) -> list[dict[str, Any]]:
     """Train the candidates (default: all; with ``only``, that one and its teachers), every
-    teacher before its students, whose teachers' outputs are prepared just before them."""
-    if candidates is None:
-        candidates = run.cfg.train.training_order(only)
+    teacher before its students, whose teachers' outputs are prepared just before them.
+    Without ``student``, ``only`` itself is not trained, only readied (``distml verify``)."""
+    candidates = run.cfg.train.training_order(only)
+    last = candidates[-1]
+    if not student and last.distill is None:
+        return []  # nothing to ready
     check_registered_teachers(run.cfg, candidates, manifest)  # fail before any training
+
+    def prepare(cand: Candidate) -> None:
+        prepare_teachers(run.cfg, cand, run.folder, manifest, progress=run.reporter.progress)
+
+    def train(cand: Candidate) -> dict[str, Any] | None:
+        if cand is last and not student:
+            return None
+        return _train_one(run, manifest, cand, val=val, resume=resume)
+
     with run.stage("train"):
         val = SplitTensors.load(manifest, "val")
-        results = []
-        for cand in candidates:
-            out = run.dir / "candidates" / cand.name
-            if resume and (out / RESULT).is_file():
-                logger.info("candidate %s already trained; reusing its result", cand.name)
-                results.append(json.loads((out / RESULT).read_text()))
-                continue
-            if cand.distill is not None:
-                prepare_teachers(run.cfg, cand, run.dir, manifest,
-                                 progress=run.reporter.progress)
-            settings = run.cfg.train.settings_for(cand)
-            if not settings.parallel.record.distributed:
-                results.append(train_candidate(
-                    run.cfg, cand, manifest, val=val, out_dir=out, resume=resume,
-                    callbacks=run.reporter.training_callbacks(cand.name),
-                ))
-                continue
-            launch_training(run.dir, cand.name, world_size=settings.parallel.world_size,
-                            max_restarts=settings.max_restarts, resume=resume)
-            results.append(json.loads((out / RESULT).read_text()))
-    return results
+        results = train_in_order(candidates, prepare=prepare, train=train)
+    return [r for r in results if r is not None]
 
 
-def train_teachers(run: Run, manifest: Manifest, candidate: Candidate) -> None:
-    """Ready a student to train on its own (``distml verify``): train the candidates it
-    learns from and compute its teachers' outputs."""
-    if candidate.distill is None:
-        return
-    stage_train(run, manifest, candidates=run.cfg.train.training_order(candidate.name)[:-1])
-    prepare_teachers(run.cfg, candidate, run.dir, manifest, progress=run.reporter.progress)
+def _train_one(run: Run, manifest: Manifest, cand: Candidate, *, val: SplitTensors,
+               resume: bool) -> dict[str, Any]:
+    """One candidate, here (single) or on its processes; a finished one is reused when
+    resuming."""
+    out = run.folder.candidate(cand.name)
+    if resume and out.has_result():
+        logger.info("candidate %s already trained; reusing its result", cand.name)
+        return out.read_result()
+    settings = run.cfg.train.settings_for(cand)
+    if not settings.parallel.record.distributed:
+        return train_candidate(run.cfg, cand, manifest, val=val, run=run.folder, resume=resume,
+                               callbacks=run.reporter.training_callbacks(cand.name))
+    launch_training(run.folder, cand.name, world_size=settings.parallel.world_size,
+                    max_restarts=settings.max_restarts, resume=resume)
+    return out.read_result()
 
 
 def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -190,35 +180,80 @@ def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) ->
         test = SplitTensors.load(manifest, "test")
         test_metrics, predictions = evaluate(manifest.task, artifact.model, test.x, test.y)
         artifact.spec["metrics"]["test"] = test_metrics
-        selected = save_artifact(artifact.model, artifact.spec, run.dir / "selected")
+        selected = save_artifact(artifact.model, artifact.spec, run.folder.selected)
         val = SplitTensors.load(manifest, "val")  # what drift monitoring compares against
         write_reference(selected, build_reference(manifest, artifact.model, val.x, val.y))
 
         registry = Registry(cfg.registry)
         version = registry.register(selected, cfg.model_name)
-        current = registry.aliases(cfg.model_name).get(PRODUCTION)
-        old = None
-        if current is not None:
-            old = read_spec(registry.get(cfg.model_name, current).path)["metrics"]
-            old = old.get("test", {}).get(metric)
-        promoted = cfg.select.promote and is_better(metric, test_metrics[metric], old)
-        if promoted:
-            registry.set_alias(cfg.model_name, PRODUCTION, version.version,
-                               reason=_why(run, metric, test_metrics[metric], current, old))
+        weighed = weigh(registry, cfg.model_name, version.version, metric=metric,
+                        new=test_metrics[metric],
+                        score=lambda path: read_spec(path)["metrics"].get("test", {}).get(metric))
+        promoted = cfg.select.promote and promote(registry, weighed, reason=_why(run, weighed))
     return {
         "ranked": ranked, "best": best, "test": test_metrics, "predictions": predictions,
         "targets": test.y.numpy(), "artifact": str(selected),
         "registry": {"name": cfg.model_name, "version": version.version, "promoted": promoted,
-                     "previous_production": current},
+                     "previous_production": weighed.current},
     }
 
 
-def _why(run: Run, metric: str, new: float, current: int | None, old: float | None) -> str:
+def _why(run: Run, p: Promotion) -> str:
     """The audit log's reason for an automatic promotion."""
-    than = ("no production version before" if current is None else
-            f"production v{current} has no test {metric}" if old is None else
-            f"better than production v{current}'s {old:.6g}")
-    return f"distml run {run.dir.name}: test {metric} {new:.6g}, {than}"
+    than = ("no production version before" if p.current is None else
+            f"production v{p.current} has no test {p.metric}" if p.old is None else
+            f"better than production v{p.current}'s {p.old:.6g}")
+    return f"distml run {run.folder.name}: test {p.metric} {p.new:.6g}, {than}"
+
+
+@dataclass(frozen=True)
+class Chain:
+    """Which stages a command runs over its run folder, and the hooks where it differs
+    from ``distml run``: the one way stages are chained."""
+
+    until: str = "select"  # the last stage: "ingest", "train", or "select" (+ report)
+    only: str | None = None  # train this candidate and its teachers
+    student: bool = True  # False: ``only``'s teachers, not ``only`` itself (distml verify)
+    resume: bool = False
+    track: bool = True  # the MLflow parent run around the stages
+    # The torchrun entry trains on the job's ranks; default: stage_train.
+    train: Callable[[Run, Manifest], list[dict[str, Any]]] | None = None
+    # distml watch: the candidates' results changed before selection (the newest rows).
+    rescore: Callable[[list[dict[str, Any]], Manifest], None] | None = None
+
+
+@dataclass
+class Outcome:
+    """What the stages of a chain produced, as far as it went."""
+
+    manifest: Manifest
+    results: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] | None = None
+    summary: dict[str, Any] | None = None
+
+
+def run_chain(run: Run, chain: Chain) -> Outcome:
+    """Ingest, train, then select, register and report, stopping after ``chain.until``."""
+    tracking = (pipeline_tracking(run.cfg, run.folder) if chain.track
+                else contextlib.nullcontext())
+    with tracking as mlflow:
+        out = Outcome(stage_ingest(run))
+        if chain.until == "ingest":
+            return out
+        if chain.train is not None:
+            out.results = chain.train(run, out.manifest)
+        else:
+            out.results = stage_train(run, out.manifest, only=chain.only, resume=chain.resume,
+                                      student=chain.student)
+        if chain.until == "train":
+            return out
+        if chain.rescore is not None:
+            chain.rescore(out.results, out.manifest)
+        out.selection = stage_select(run, out.manifest, out.results)
+        out.summary = stage_report(run, out.manifest, out.selection)
+        if mlflow is not None:
+            mlflow.finish(run.cfg, out.summary, Path(out.selection["artifact"]))
+    return out
 
 
 def run_pipeline(
@@ -226,13 +261,8 @@ def run_pipeline(
 ) -> tuple[Run, dict[str, Any]]:
     """The whole pipeline; returns the run and its summary (also written to summary.json)."""
     run = start_run(cfg, resume=resume, reporter=reporter)
-    with pipeline_tracking(cfg, run.dir) as mlflow:
-        manifest = stage_ingest(run)
-        results = stage_train(run, manifest, resume=resume)
-        selection = stage_select(run, manifest, results)
-        summary = stage_report(run, manifest, selection)
-        if mlflow is not None:
-            mlflow.finish(cfg, summary, Path(selection["artifact"]))
+    summary = run_chain(run, Chain(resume=resume)).summary
+    assert summary is not None
     return run, summary
 
 
@@ -244,27 +274,25 @@ def train_only(
     if candidate is not None:
         cfg.train.candidate(candidate)  # an unknown name fails before any work
     run = start_run(cfg, resume=resume, reporter=reporter)
-    with pipeline_tracking(cfg, run.dir):
-        results = stage_train(run, stage_ingest(run), only=candidate, resume=resume)
-    return run, results
+    return run, run_chain(run, Chain(until="train", only=candidate, resume=resume)).results
 
 
 def stage_report(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dict[str, Any]:
     """The report (with plots) and summary.json; returns the summary."""
     with run.stage("report"):
         summary = build_summary(run, manifest, selection)
-        summary["distillation"] = distillation_rows(run.cfg, run.dir, manifest)
-        write_report(run.dir, summary, manifest=manifest, selection=selection,
-                     scaling=latest_scaling_studies(run.project_dir))
+        summary["distillation"] = distillation_rows(run.cfg, run.folder, manifest)
+        write_report(run.folder, summary, manifest=manifest, selection=selection,
+                     scaling=latest_scaling_studies(Project.of(run.cfg)))
     summary["stages"] = run.stages  # the report stage's own time included
-    write_json_atomic(run.dir / "summary.json", summary)
+    run.folder.write_summary(summary)
     return summary
 
 
 def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": run.cfg.name,
-        "run_dir": str(run.dir),
+        "run_dir": str(run.folder.path),
         "config_hash": run.cfg.hash(),
         "task": manifest.task,
         "metric": run.cfg.metric,

@@ -16,6 +16,7 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 
 from distml.data.dataset import Manifest  # noqa: E402
 from distml.fsutil import write_text_atomic  # noqa: E402
+from distml.rundir import Project, RunDir  # noqa: E402
 
 
 def plot_loss_curves(results: list[dict[str, Any]], path: Path) -> None:
@@ -102,20 +103,20 @@ def parameter_server_lines(results: list[dict[str, Any]]) -> list[str]:
     return ["", "## Parameter servers (per worker)", *lines] if lines else []
 
 
-def latest_scaling_studies(project_dir: Path) -> list[dict[str, Any]]:
+def latest_scaling_studies(project: Project) -> list[dict[str, Any]]:
     """The newest ``distml scale`` result of each stage and mode under the project folder."""
     newest: dict[tuple[str, str], dict[str, Any]] = {}
-    for path in sorted(project_dir.glob("scale-*/scaling.json")):  # names sort by time
+    for path in project.scaling_studies():  # names sort by time
         study = json.loads(path.read_text())
         newest[study["stage"], study["mode"]] = {**study, "folder": str(path.parent)}
     return list(newest.values())
 
 
-def _scaling_lines(run_dir: Path, studies: list[dict[str, Any]]) -> list[str]:
+def _scaling_lines(run: RunDir, studies: list[dict[str, Any]]) -> list[str]:
     lines = ["", "## Scaling studies (`distml scale`)"]
     for study in studies:
         png = f"scaling-{study['stage']}-{study['mode']}.png"
-        shutil.copyfile(Path(study["folder"]) / "scaling.png", run_dir / png)
+        shutil.copyfile(Path(study["folder"]) / "scaling.png", run.plot(png))
         what = study["stage"] + (f" of {study['candidate']}" if study.get("candidate") else "")
         lines += [
             "", f"### {what}, {study['mode']} scaling", "", _amdahl_line(study)
@@ -185,19 +186,19 @@ def _fmt(v: Any) -> str:
 
 
 def write_report(
-    run_dir: Path, summary: dict[str, Any], *, manifest: Manifest, selection: dict[str, Any],
+    run: RunDir, summary: dict[str, Any], *, manifest: Manifest, selection: dict[str, Any],
     scaling: list[dict[str, Any]] = (),
 ) -> Path:
     """report.md: candidates, selection, test metrics, plots (loss, throughput, confusion,
     and the given scaling studies), stage timings."""
     metric = summary["metric"]
-    plot_loss_curves(selection["ranked"], run_dir / "loss_curves.png")
-    plot_throughput(selection["ranked"], run_dir / "throughput.png")
-    plot_metric_vs_time(selection["ranked"], metric, run_dir / "val_vs_time.png")
+    plot_loss_curves(selection["ranked"], run.plot("loss_curves.png"))
+    plot_throughput(selection["ranked"], run.plot("throughput.png"))
+    plot_metric_vs_time(selection["ranked"], metric, run.plot("val_vs_time.png"))
     lines = [
         f"# distml run: {summary['name']}",
         "",
-        f"Run folder `{run_dir}`; config hash `{summary['config_hash']}`; task "
+        f"Run folder `{run.path}`; config hash `{summary['config_hash']}`; task "
         f"{summary['task']}; rows train/val/test: "
         + "/".join(str(manifest.rows(s)) for s in ("train", "val", "test")) + ".",
         "",
@@ -235,13 +236,12 @@ def write_report(
     ]
     if manifest.task == "classification":
         plot_confusion(selection["targets"], selection["predictions"], manifest.classes,
-                       run_dir / "confusion_matrix.png")
+                       run.plot("confusion_matrix.png"))
         lines += ["", "![confusion matrix](confusion_matrix.png)"]
     lines += parameter_server_lines(selection["ranked"])
     if scaling:
-        lines += _scaling_lines(run_dir, scaling)
+        lines += _scaling_lines(run, scaling)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s['name']} | {s['seconds']:.2f} |" for s in summary["stages"]]
-    path = run_dir / "report.md"
-    write_text_atomic(path, "\n".join(lines) + "\n")
-    return path
+    write_text_atomic(run.report, "\n".join(lines) + "\n")
+    return run.report

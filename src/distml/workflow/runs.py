@@ -7,17 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from distml.errors import DistmlError
+from distml.rundir import RunDir, finished_runs
 
 
 def list_runs(output_dir: Path) -> list[dict[str, Any]]:
     """Finished runs (those with a summary.json), oldest first."""
     runs = []
-    for summary in sorted(Path(output_dir).glob("*/2*/summary.json")):
-        s = json.loads(summary.read_text())
-        runs.append({"run": str(summary.parent), "name": s["name"], "selected": s["selected"],
+    for run in finished_runs(output_dir):
+        s = run.read_summary()
+        runs.append({"run": str(run.path), "name": s["name"], "selected": s["selected"],
                      "metric": s["metric"], "test": s["test"].get(s["metric"]),
                      "config_hash": s["config_hash"],
                      "seconds": sum(st["seconds"] for st in s["stages"])})
@@ -43,12 +41,9 @@ def compare(run_dirs: list[Path]) -> dict[str, Any]:
     """Config keys whose values differ between the runs, and each run's metrics."""
     configs, summaries = [], []
     for d in run_dirs:
-        d = Path(d)
-        if not (d / "summary.json").is_file():
-            raise DistmlError(f"{d} is not a finished run (no summary.json); "
-                              "`distml runs list` shows the runs")
-        configs.append(_flatten(yaml.safe_load((d / "config.yaml").read_text())))
-        summaries.append(json.loads((d / "summary.json").read_text()))
+        run = RunDir.open(d, finished=True)
+        configs.append(_flatten(run.raw_config()))
+        summaries.append(run.read_summary())
     keys = sorted(set().union(*configs))
     differ = {k: [c.get(k) for c in configs] for k in keys
               if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1}

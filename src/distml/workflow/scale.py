@@ -15,13 +15,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from distml.config import Config, deep_merge
 from distml.errors import ConfigError
 from distml.fsutil import write_json_atomic
+from distml.rundir import Project
 from distml.workflow.scaling import analyze, plot
 
 logger = logging.getLogger(__name__)
@@ -58,10 +58,8 @@ def _time_ingest(cfg: Config, n: int, mode: str, out: Path) -> float:
 
 
 def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> float:
-    import json
-
     from distml.distributed.launch import launch_training
-    from distml.workflow.pipeline import stage_ingest, start_run, train_teachers
+    from distml.workflow.pipeline import Chain, run_chain, start_run
 
     cand = cfg.train.candidate(candidate)
     s = cfg.train.settings_for(cand)
@@ -77,18 +75,17 @@ def _time_train(cfg: Config, candidate: str, n: int, mode: str, out: Path) -> fl
     cfg_n = _with(cfg, train={"candidates": [*teachers, scaled]})
     cfg_n = cfg_n.model_copy(update={"output_dir": out / f"train-{n}"})
     run = start_run(cfg_n)
-    train_teachers(run, stage_ingest(run), cfg_n.train.candidate(cand.name))
+    run_chain(run, Chain(until="train", only=cand.name, student=False, track=False))
     previous = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # one core per worker process
     try:
-        launch_training(run.dir, cand.name, world_size=n, max_restarts=0, resume=False)
+        launch_training(run.folder, cand.name, world_size=n, max_restarts=0, resume=False)
     finally:
         if previous is None:
             os.environ.pop("OMP_NUM_THREADS")
         else:
             os.environ["OMP_NUM_THREADS"] = previous
-    result = json.loads((run.dir / "candidates" / cand.name / "result.json").read_text())
-    return result["wall_seconds"]
+    return run.folder.candidate(cand.name).read_result()["wall_seconds"]
 
 
 def measure(time_once: Callable[[int], float], workers: list[int], *, repeats: int
@@ -115,8 +112,7 @@ def scale(cfg: Config, *, workers: list[int], mode: str, stage: str,
         logger.warning("%d workers on %d cores: past %d the workers share cores, so the "
                        "speedup measures contention, not the algorithm", max(workers), cores,
                        cores)
-    out = cfg.output_dir / cfg.name / f"scale-{stage}-{datetime.now():%Y%m%d-%H%M%S}"
-    out.mkdir(parents=True, exist_ok=True)
+    out = Project.of(cfg).new_scaling_study(stage)
     name = candidate or cfg.train.candidates[0].name
 
     def time_once(n: int) -> float:

@@ -47,21 +47,12 @@ from distml.data.tables import list_files, raw_columns, read_table
 from distml.errors import ArtifactError, ConfigError, DistmlError
 from distml.fsutil import write_json_atomic
 from distml.registry import PRODUCTION, Registry
-from distml.selection import is_better
+from distml.rundir import Project, RunDir
 from distml.tasks import evaluate
-from distml.training.telemetry.mlflow_tracking import pipeline_tracking
 from distml.trust import TrustPolicy
 from distml.workflow.drift_report import monitor
-from distml.workflow.pipeline import (
-    NullReporter,
-    Reporter,
-    Run,
-    stage_ingest,
-    stage_report,
-    stage_select,
-    stage_train,
-    start_run,
-)
+from distml.workflow.pipeline import Chain, NullReporter, Reporter, Run, run_chain, start_run
+from distml.workflow.promotion import promote, weigh
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +62,7 @@ CRASH_AFTER = "DISTML_WATCH_CRASH_AFTER"
 
 
 def watch_dir(cfg: Config) -> Path:
-    return cfg.output_dir / cfg.name / "watch"
+    return Project.of(cfg).watch
 
 
 def _source(cfg: Config) -> FileSource:
@@ -229,28 +220,28 @@ class Watcher:
         cfg = self._cycle_config(data)
         resume = "run_dir" in cycle
         if resume:
-            run = Run(cfg, Path(cycle["run_dir"]), self.reporter)
+            run = Run(cfg, RunDir(Path(cycle["run_dir"])), self.reporter)
         else:
             run = start_run(cfg, reporter=self.reporter)
-            cycle["run_dir"] = str(run.dir)
+            cycle["run_dir"] = str(run.folder.path)
             cycle["step"] = "training"
             self._save("training")
-        with pipeline_tracking(cfg, run.dir) as mlflow:
-            manifest = stage_ingest(run)
-            if cycle["step"] == "training":
-                results = stage_train(run, manifest, resume=resume)
-                newest = len(cycle["new"])
-                for r in results:  # select on the new files' validation rows
-                    r["val_all"], r["val"] = r["val"], self._newest_val(r, manifest, newest)
-                selection = stage_select(run, manifest, results)
-                summary = stage_report(run, manifest, selection)
-                if mlflow is not None:
-                    mlflow.finish(cfg, summary, Path(selection["artifact"]))
-                cycle["version"] = selection["registry"]["version"]
-                cycle["selected"] = selection["best"]["name"]
-                cycle["step"] = "registered"
-                self._save("registered")
-        self._promote(cycle, manifest)
+        newest = len(cycle["new"])
+
+        def rescore(results: list[dict[str, Any]], manifest: Manifest) -> None:
+            for r in results:  # select on the new files' validation rows
+                r["val_all"], r["val"] = r["val"], self._newest_val(r, manifest, newest)
+
+        training = cycle["step"] == "training"
+        out = run_chain(run, Chain(until="select" if training else "ingest", resume=resume,
+                                   rescore=rescore))
+        if training:
+            assert out.selection is not None
+            cycle["version"] = out.selection["registry"]["version"]
+            cycle["selected"] = out.selection["best"]["name"]
+            cycle["step"] = "registered"
+            self._save("registered")
+        self._promote(cycle, out.manifest)
 
     def _cycle_config(self, data: Path) -> Config:
         raw = self.cfg.to_dict()
@@ -273,20 +264,19 @@ class Watcher:
         new = self._score(reg.get(name, cycle["version"]).path, raw, y)
         if new is None:
             raise DistmlError(f"{name}:{cycle['version']} cannot be scored on the new files")
-        current = reg.aliases(name).get(PRODUCTION)
-        old = None if current is None else self._score(reg.get(name, current).path, raw, y)
+        p = weigh(reg, name, cycle["version"], metric=metric, new=new,
+                  score=lambda path: self._score(path, raw, y))
         cycle["newest_test"] = {"rows": len(ids), "metric": metric, "new": new,
-                                "production": old, "production_version": current}
-        if current == cycle["version"] or is_better(metric, new, old):
-            if current != cycle["version"]:
-                reg.set_alias(name, PRODUCTION, cycle["version"], reason=(
-                    f"distml watch cycle {cycle['number']} ({cycle['drift']['why']}): "
-                    f"{metric} {new:.6g} on the new files' test rows"
-                    + ("" if old is None else f", production v{current}: {old:.6g}")))
+                                "production": p.old, "production_version": p.current}
+        if promote(reg, p, reason=(
+                f"distml watch cycle {cycle['number']} ({cycle['drift']['why']}): "
+                f"{metric} {new:.6g} on the new files' test rows"
+                + ("" if p.old is None else f", production v{p.current}: {p.old:.6g}"))):
             cycle["outcome"] = f"promoted {name}:{cycle['version']} to {PRODUCTION}"
         else:
-            cycle["outcome"] = (f"kept {name}:{current} in {PRODUCTION} ({metric} {old:.6g} "
-                                f"vs the new version's {new:.6g} on the new files' test rows)")
+            cycle["outcome"] = (f"kept {name}:{p.current} in {PRODUCTION} ({metric} "
+                                f"{p.old:.6g} vs the new version's {new:.6g} on the new "
+                                "files' test rows)")
         cycle["step"] = "done"
 
     def _raw_rows(self, files: list[str], ids: np.ndarray

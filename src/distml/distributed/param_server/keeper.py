@@ -47,9 +47,10 @@ def keep_if_worker(config: str | None, run_dir: Path | None, candidate: str | No
     if os.environ.get(STATUS_ENV) is not None or "RANK" not in os.environ:
         return None  # the child itself, or not launched
     from distml.config import load_config
+    from distml.rundir import RunDir
 
     try:
-        cfg = (load_config(run_dir / "config.yaml") if run_dir is not None
+        cfg = (RunDir(run_dir).load_config() if run_dir is not None
                else load_config(config, overrides))
         names = [candidate] if candidate else [c.name for c in cfg.train.candidates]
         settings = [cfg.train.settings_for(cfg.train.candidate(n)) for n in names]

@@ -3,7 +3,7 @@
 The driver opens the parent run (the resolved config as params) and writes its ids to
 ``<run>/mlflow.json``; rank 0 of each candidate's training opens a child run from it (its
 settings as params, metrics per step, every rank's system metrics per epoch, the model
-artifact), keeping the child's id in ``<candidate>/mlflow_run_id`` so a restarted rank goes on
+artifact), keeping the child's id in its candidate folder so a restarted rank goes on
 with the same run: a distributed run makes exactly one MLflow run per candidate. At the end the
 driver logs the report and the selected model to the parent and registers that model.
 
@@ -25,12 +25,11 @@ from typing import Any
 from distml.config import Config
 from distml.errors import ConfigError
 from distml.fsutil import write_json_atomic, write_text_atomic
+from distml.rundir import CandidateDir, RunDir
 from distml.training.callbacks import Callback
 
 logger = logging.getLogger(__name__)
 
-TARGET = "mlflow.json"  # in the run folder: where candidates log
-RUN_ID = "mlflow_run_id"  # in a candidate's folder: its child run
 _BATCH = 100  # MLflow's limit of params per log_batch call
 
 
@@ -97,9 +96,9 @@ def tracking_uri(cfg: Config) -> str:
 class PipelineTracking:
     """The parent run of one pipeline run (the driver's side)."""
 
-    def __init__(self, tracker: _Tracker, run_dir: Path, ids: dict[str, str]) -> None:
+    def __init__(self, tracker: _Tracker, run: RunDir, ids: dict[str, str]) -> None:
         self.tracker = tracker
-        self.run_dir = run_dir
+        self.run = run
         self.ids = ids
         self.closed = False
 
@@ -108,14 +107,13 @@ class PipelineTracking:
         return self.ids["parent_run_id"]
 
     @classmethod
-    def start(cls, cfg: Config, run_dir: Path) -> PipelineTracking | None:
+    def start(cls, cfg: Config, run: RunDir) -> PipelineTracking | None:
         """Open (or, resuming, reopen) the parent run; None when MLflow is off or unreachable."""
         if cfg.monitor.mlflow is None:
             return None
         tracker = _Tracker(tracking_uri(cfg))
-        target = run_dir / TARGET
-        if target.is_file():  # a resumed run goes on in its parent run
-            return cls(tracker, run_dir, json.loads(target.read_text()))
+        if run.mlflow.is_file():  # a resumed run goes on in its parent run
+            return cls(tracker, run, json.loads(run.mlflow.read_text()))
         client, name = tracker.client, cfg.monitor.mlflow.experiment or cfg.name
         exp = tracker.call("reach the tracking store", client.get_experiment_by_name, name)
         if not tracker.on:
@@ -127,17 +125,17 @@ class PipelineTracking:
                 (cfg.output_dir / "mlartifacts").resolve().as_uri()
             exp_id = tracker.call("create the experiment", client.create_experiment, name,
                                   artifact_location=artifacts)
-        run = tracker.call("create the pipeline run", client.create_run, exp_id,
-                           run_name=run_dir.name,
-                           tags={"distml.run_dir": str(run_dir),
+        parent = tracker.call("create the pipeline run", client.create_run, exp_id,
+                           run_name=run.name,
+                           tags={"distml.run_dir": str(run.path),
                                  "distml.config_hash": cfg.hash()})
-        if run is None:
+        if parent is None:
             return None
         ids = {"tracking_uri": tracker.uri, "experiment_id": exp_id,
-               "parent_run_id": run.info.run_id}
-        tracker.log_params(run.info.run_id, flatten(cfg.to_dict()))
-        write_json_atomic(target, ids)
-        return cls(tracker, run_dir, ids)
+               "parent_run_id": parent.info.run_id}
+        tracker.log_params(parent.info.run_id, flatten(cfg.to_dict()))
+        write_json_atomic(run.mlflow, ids)
+        return cls(tracker, run, ids)
 
     def finish(self, cfg: Config, summary: dict[str, Any], selected_dir: Path) -> None:
         """Log the outcome, the report and the selected model; register the model."""
@@ -150,11 +148,9 @@ class PipelineTracking:
         t.call("log metrics", client.log_batch, run_id,
                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         t.call("set tags", client.set_tag, run_id, "distml.selected", summary["selected"])
-        for name in ("report.md", "summary.json", *sorted(p.name for p in
-                                                           self.run_dir.glob("*.png"))):
-            if (self.run_dir / name).is_file():
-                t.call("log the report", client.log_artifact, run_id,
-                       str(self.run_dir / name), "report")
+        for path in (self.run.report, self.run.summary, *self.run.plots()):
+            if path.is_file():
+                t.call("log the report", client.log_artifact, run_id, str(path), "report")
         t.call("log the model", client.log_artifacts, run_id, str(selected_dir), "model")
         if cfg.monitor.mlflow.register_model:
             self._register(cfg.model_name, summary)
@@ -187,11 +183,11 @@ class PipelineTracking:
 
 
 @contextlib.contextmanager
-def pipeline_tracking(cfg: Config, run_dir: Path) -> Iterator[PipelineTracking | None]:
+def pipeline_tracking(cfg: Config, run: RunDir) -> Iterator[PipelineTracking | None]:
     """The parent run for the duration of a block: FINISHED when it completes, FAILED when it
     raises, KILLED when interrupted. Every entry point that starts a run uses this, so no
     parent run stays RUNNING after its process gave up. None when MLflow is off."""
-    tracking = PipelineTracking.start(cfg, run_dir)
+    tracking = PipelineTracking.start(cfg, run)
     try:
         yield tracking
     except BaseException as e:
@@ -205,10 +201,10 @@ def pipeline_tracking(cfg: Config, run_dir: Path) -> Iterator[PipelineTracking |
 class MlflowCallback(Callback):
     """A candidate's child run, logged by rank 0 (a trainer callback)."""
 
-    def __init__(self, run_dir: Path, out_dir: Path, candidate: str,
+    def __init__(self, run: RunDir, folder: CandidateDir, candidate: str,
                  params: dict[str, Any]) -> None:
-        self.ids = json.loads((run_dir / TARGET).read_text())
-        self.out_dir = out_dir
+        self.ids = json.loads(run.mlflow.read_text())
+        self.folder = folder
         self.candidate = candidate
         self.params = params
         self.tracker = _Tracker(self.ids["tracking_uri"])
@@ -216,14 +212,14 @@ class MlflowCallback(Callback):
         self.pending: list[Any] = []
 
     @classmethod
-    def for_run(cls, run_dir: Path, out_dir: Path, candidate: str,
+    def for_run(cls, run: RunDir, folder: CandidateDir, candidate: str,
                 params: dict[str, Any]) -> MlflowCallback | None:
         """The callback if the pipeline opened a parent run (``mlflow.json``), else None."""
-        return cls(run_dir, out_dir, candidate, params) if (run_dir / TARGET).is_file() \
+        return cls(run, folder, candidate, params) if run.mlflow.is_file() \
             else None
 
     def on_train_start(self, trainer: Any) -> None:
-        saved = self.out_dir / RUN_ID
+        saved = self.folder.mlflow_run_id
         if saved.is_file():  # a restarted rank: the same run goes on
             self.run_id = saved.read_text().strip()
             return
@@ -235,7 +231,7 @@ class MlflowCallback(Callback):
         if run is None:
             return
         self.run_id = run.info.run_id
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.folder.path.mkdir(parents=True, exist_ok=True)
         write_text_atomic(saved, self.run_id)
         t.log_params(self.run_id, self.params)
 
