@@ -86,11 +86,11 @@ def test_base_modules_import_none_of_their_kinds():
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "imports", "fsutil", "device", "processes"),
     ("config",),
-    ("tasks", "selection"),
+    ("tasks", "selection", "rundir"),
     ("execution",),
     ("data",),
     ("models",),
-    ("trust", "artifact", "registry", "rundir"),
+    ("trust", "artifact", "registry"),
     ("distributed",),
     ("training",),
     ("drift",),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from distml.artifact import git_revision, io_schema, save_artifact
 from distml.config import Candidate, Config, TrainSettings
@@ -24,6 +26,7 @@ from distml.training.distill import Distiller
 from distml.training.telemetry.mlflow_tracking import MlflowCallback, flatten
 from distml.training.telemetry.system import SystemSampler
 from distml.training.telemetry.tensorboard import TensorBoardCallback
+from distml.training.trainer import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +108,7 @@ def train_candidate(
     loader = train_loader(cfg, manifest, settings, rank=strategy.data_rank,
                           replicas=strategy.data_size, drop_last=strategy.needs_full_batches,
                           distiller=distiller)
-    if cfg.monitor.tensorboard:  # <run>/tensorboard/<candidate>: tensorboard --logdir runs/
-        callbacks = [*callbacks, TensorBoardCallback(
-            run.tensorboard(candidate.name), histogram_every=cfg.monitor.histogram_every_steps)]
-    mlflow = MlflowCallback.for_run(
-        run, folder, candidate.name,
-        {**settings.model_dump(mode="json"), **flatten({"model": spec})},
-    ) if env.is_main else None
-    if mlflow is not None:
-        callbacks = [*callbacks, mlflow]
+    callbacks, mlflow = _telemetry(cfg, candidate, run, settings, spec, env, callbacks)
     interval = cfg.monitor.system_metrics_interval_s
     system = SystemSampler(interval).start() if interval else None
     trainer_class = load_object(settings.parallel.record.trainer, what="trainer")
@@ -139,10 +134,62 @@ def train_candidate(
     model = build_model(spec)
     model.load_state_dict(full)
     val_metrics, _ = evaluate(manifest.task, model, val.x, val.y)
+    artifact = _save_artifact(cfg, candidate, manifest, model, spec, val_metrics, folder)
+    result = {
+        "name": candidate.name, "strategy": settings.parallel.strategy,
+        "world_size": env.world_size, "params": count_parameters(model), "val": val_metrics,
+        **_progress(state, peaks), "wall_seconds": time.perf_counter() - start,
+        "artifact": str(artifact),
+        "distill": None if candidate.distill is None else candidate.distill.model_dump(),
+        **trainer.result_extras(),
+    }
+    folder.write_result(result)
+    if mlflow is not None:
+        mlflow.finish(artifact, val_metrics)
+    return result
+
+
+def _progress(state: TrainState, peaks: list[int]) -> dict[str, Any]:
+    """result.json's account of the training itself: steps, time, throughput, memory."""
+    return {
+        "steps": state.step,
+        "best_step": state.best_step,
+        "train_seconds": state.seconds,
+        "step_seconds": state.seconds / max(state.step, 1),
+        "samples_per_s": _mean([e["samples_per_s"] for e in state.epochs]),
+        "data_stall": _mean([e["data_stall"] for e in state.epochs]),
+        "peak_mem_bytes_per_rank": peaks,
+        "epochs": state.epochs,
+        "history": {"train_loss": state.train_loss, "evals": state.evals},
+    }
+
+
+def _telemetry(cfg: Config, candidate: Candidate, run: RunDir, settings: TrainSettings,
+               spec: dict[str, Any], env: DistEnv, callbacks: Sequence[Any]
+               ) -> tuple[list[Any], MlflowCallback | None]:
+    """The caller's callbacks, then TensorBoard's (``<run>/tensorboard/<candidate>``) and, on
+    rank 0, the MLflow child run's (also returned, to be finished with the artifact)."""
+    callbacks = list(callbacks)
+    if cfg.monitor.tensorboard:
+        callbacks.append(TensorBoardCallback(run.tensorboard(candidate.name),
+                                             histogram_every=cfg.monitor.histogram_every_steps))
+    mlflow = MlflowCallback.for_run(
+        run, run.candidate(candidate.name), candidate.name,
+        {**settings.model_dump(mode="json"), **flatten({"model": spec})},
+    ) if env.is_main else None
+    if mlflow is not None:
+        callbacks.append(mlflow)
+    return callbacks, mlflow
+
+
+def _save_artifact(cfg: Config, candidate: Candidate, manifest: Manifest, model: nn.Module,
+                   spec: dict[str, Any], val_metrics: dict[str, float], folder: CandidateDir
+                   ) -> Path:
+    """The trained model as an artifact in the candidate's folder, with its spec."""
     raw_width = len(manifest.input_columns) or input_width(manifest)
     inputs, outputs = io_schema(manifest.task, num_features=raw_width,
                                 num_outputs=num_outputs(manifest))
-    artifact = save_artifact(model, {
+    return save_artifact(model, {
         "name": cfg.model_name, "candidate": candidate.name, "task": manifest.task,
         "model": spec, "inputs": inputs, "outputs": outputs,
         "input_columns": manifest.input_columns, "feature_names": manifest.feature_names,
@@ -152,31 +199,6 @@ def train_candidate(
         "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
         **({} if candidate.distill is None else {"distilled_from": _teachers(folder)}),
     }, folder.artifact)
-    step_times = state.seconds / max(state.step, 1)
-    result = {
-        "name": candidate.name,
-        "strategy": settings.parallel.strategy,
-        "world_size": env.world_size,
-        "params": count_parameters(model),
-        "val": val_metrics,
-        "steps": state.step,
-        "best_step": state.best_step,
-        "train_seconds": state.seconds,
-        "wall_seconds": time.perf_counter() - start,
-        "step_seconds": step_times,
-        "samples_per_s": _mean([e["samples_per_s"] for e in state.epochs]),
-        "data_stall": _mean([e["data_stall"] for e in state.epochs]),
-        "peak_mem_bytes_per_rank": peaks,
-        "epochs": state.epochs,
-        "artifact": str(artifact),
-        "distill": None if candidate.distill is None else candidate.distill.model_dump(),
-        "history": {"train_loss": state.train_loss, "evals": state.evals},
-        **trainer.result_extras(),
-    }
-    folder.write_result(result)
-    if mlflow is not None:
-        mlflow.finish(artifact, val_metrics)
-    return result
 
 
 def _teachers(folder: CandidateDir) -> dict[str, Any]:
