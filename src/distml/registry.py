@@ -151,11 +151,16 @@ class Registry:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def register(self, artifact_dir: Path, name: str, *, by: str | None = None
-                 ) -> ModelVersion:
+    def register(self, artifact_dir: Path, name: str, *, by: str | None = None,
+                 source: str | None = None) -> ModelVersion:
         """Copy an artifact in as the next version of ``name``: its recorded digests are
         checked on the copy (an artifact without them gets them), and the registration goes
-        to the audit log with the weights' digest."""
+        to the audit log with the weights' digest and ``source``.
+
+        With a ``source`` (the run that selected it), registering is idempotent: the same
+        weights from the same source, registered before, give that version back, so a run
+        resumed after a crash between registering and recording it registers nothing twice.
+        """
         check_name(name)
         spec = read_spec(artifact_dir)  # refuse anything that is not an artifact
         folder = self.root / name
@@ -171,6 +176,9 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        if source is not None and (done := self._registered(name, source, digests[WEIGHTS])):
+            shutil.rmtree(tmp, ignore_errors=True)
+            return done
         while True:  # os.rename onto a missing name is atomic; retry if a racer took it
             version = max((v.version for v in self.versions(name)), default=0) + 1
             target = folder / f"v{version}"
@@ -181,8 +189,18 @@ class Registry:
                 if not target.exists():
                     raise
         self._log(name, {"event": "register", "version": version,
-                         "sha256": digests[WEIGHTS], "by": by or actor()})
+                         "sha256": digests[WEIGHTS], "by": by or actor(),
+                         **({} if source is None else {"source": source})})
         return ModelVersion(name, version, target)
+
+    def _registered(self, name: str, source: str, sha256: str) -> ModelVersion | None:
+        """The version these weights from ``source`` were registered as, if still there."""
+        have = {v.version: v for v in self.versions(name)}
+        for entry in reversed(self.audit(name)):
+            if (entry.get("event") == "register" and entry.get("source") == source
+                    and entry.get("sha256") == sha256 and entry["version"] in have):
+                return have[entry["version"]]
+        return None
 
     def set_alias(self, name: str, alias: str, version: int, *, reason: str = "",
                   by: str | None = None) -> None:

@@ -4,8 +4,14 @@ detects the drift, retrains, promotes, and the server switches with no failed re
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -155,29 +161,69 @@ def test_the_loop_detects_drift_retrains_promotes_and_the_server_switches(tmp_pa
     assert _state(tmp_path)["processed"] == ["b1.parquet", "b2.parquet"]
 
 
-def test_a_cycle_that_crashed_while_training_resumes_in_its_run(tmp_path):
+def _killed_when(cfg: Path, landing: Path, ready: Callable[[], bool]) -> str:
+    """Start ``distml watch --once`` and SIGKILL it, from outside, the moment ``ready()``
+    holds: nothing in the process knows it is coming (fails if it ends first). Returns
+    what it printed."""
+    log = cfg.parent / f"killed-{time.monotonic_ns()}.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distml", "watch", str(cfg), "--landing", str(landing),
+             "--once"], cwd=cfg.parent, stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, "COLUMNS": "300"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ready():
+            assert proc.poll() is None, "distml watch ended before the state to crash in"
+            assert time.monotonic() < deadline, "the state to crash in never came"
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return log.read_text()
+
+
+def test_a_cycle_killed_mid_training_and_after_registering_resumes_in_its_run(tmp_path):
     (tmp_path / "initial").mkdir()
     a0 = land(tmp_path / "initial" / "a0.parquet", "A", seed=0, n=600)
-    cfg = config(tmp_path, tmp_path / "initial", window_files=1, epochs=2)
+    cfg = config(tmp_path, tmp_path / "initial", window_files=1, epochs=40)
     landing = tmp_path / "landing"
     landing.mkdir()
     land(landing / "b1.parquet", "B", seed=1, n=600)
     missing = distml("watch", str(cfg), "--once", cwd=tmp_path, check=False)
     assert missing.returncode == 2
     assert "give the landing folder: --landing DIR or monitor.watch.landing" in missing.stderr
-    crashed = watch(cfg, landing, env={"DISTML_WATCH_CRASH_AFTER": "training"}, check=False)
-    assert crashed.returncode == 75, crashed.stdout + crashed.stderr
+    runs = tmp_path / "runs" / "stream"
+    registry = Registry(tmp_path / "registry")
+
+    # Killed while the first candidate trains: it has a checkpoint, no result.
+    narrow = "2*/candidates/narrow"
+    _killed_when(cfg, landing, lambda: any(runs.glob(f"{narrow}/checkpoints/step-*")))
     cycle = _state(tmp_path)["cycle"]
     assert cycle["step"] == "training"
     assert cycle["window"] == [str(a0)]  # the source's file, the window of 1 older file
-    watch(cfg, landing)
-    (done,) = _state(tmp_path)["cycles"]
-    assert done["drift"]["why"] == "no stream@production in the registry yet"
-    assert done["outcome"] == "promoted stream:1 to production"
-    runs = [p for p in (tmp_path / "runs" / "stream").glob("2*") if p.is_dir()]
-    assert [str(p) for p in runs] == [cycle["run_dir"]]  # the crashed run, finished
-    assert (runs[0] / "summary.json").is_file()
-    assert [v.version for v in Registry(tmp_path / "registry").versions("stream")] == [1]
+    assert not list(runs.glob(f"{narrow}/result.json"))
+    # Killed again once its version is registered (in the report that follows, before the
+    # state says so); this run goes on from the first one's checkpoint.
+    out = _killed_when(cfg, landing, lambda: (tmp_path / "registry" / "stream" / "v1").is_dir())
+    step = re.search(r"resumed from \S*/candidates/narrow/checkpoints/\S+ \(step (\d+)\)", out)
+    assert step is not None, out
+    assert int(step[1]) > 0
+    resumed = json.loads(next(runs.glob(f"{narrow}/result.json")).read_text())
+    first_eval = resumed["history"]["evals"][0]["step"]
+    assert resumed["steps"] == 40 * first_eval  # all 40 epochs, an evaluation per epoch
+
+    done = watch(cfg, landing)
+    (finished,) = _state(tmp_path)["cycles"]
+    assert finished["drift"]["why"] == "no stream@production in the registry yet"
+    assert finished["outcome"] == "promoted stream:1 to production"
+    assert [p for p in runs.glob("2*") if p.is_dir()] == [Path(cycle["run_dir"])]
+    assert (Path(cycle["run_dir"]) / "summary.json").is_file()
+    assert [v.version for v in registry.versions("stream")] == [1]
+    assert [e["version"] for e in registry.audit("stream") if e["event"] == "register"] == [1]
+    assert "already trained; reusing its result" in done.stderr + done.stdout
     data = sorted(p.name for p in (Path(cycle["run_dir"]) / "data").resolve().parent.glob(
         "data-*"))
     assert len(data) == 1  # ingested once

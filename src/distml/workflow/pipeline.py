@@ -185,7 +185,7 @@ def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) ->
         write_reference(selected, build_reference(manifest, artifact.model, val.x, val.y))
 
         registry = Registry(cfg.registry)
-        version = registry.register(selected, cfg.model_name)
+        version = registry.register(selected, cfg.model_name, source=str(run.folder.path))
         weighed = weigh(registry, cfg.model_name, version.version, metric=metric,
                         new=test_metrics[metric],
                         score=lambda path: read_spec(path)["metrics"].get("test", {}).get(metric))

@@ -21,16 +21,14 @@ one cycle, in its own folder ``<output_dir>/<name>/watch/cycles/NNNN/``:
 The state (``watch/state.json``, replaced atomically after every step) records the files
 processed, the older files' history and the cycle under way with the step it reached, so
 ``distml watch`` after a crash goes on from there: a run that was training resumes its
-candidates from their checkpoints; a registered version is not registered again.
-``DISTML_WATCH_CRASH_AFTER=<step>`` ends the process right after that step's state is
-written (the tests' crash).
+candidates from their checkpoints; a registered version is not registered again (the
+registry knows the run it came from).
 """
 
 from __future__ import annotations
 
 import fcntl
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -58,7 +56,6 @@ logger = logging.getLogger(__name__)
 
 STATE = "state.json"
 SUFFIXES = (".csv", ".parquet", ".pq")
-CRASH_AFTER = "DISTML_WATCH_CRASH_AFTER"
 
 
 def watch_dir(cfg: Config) -> Path:
@@ -115,11 +112,8 @@ class Watcher:
                               "give that --landing, or another output_dir or name")
         return state
 
-    def _save(self, step: str | None = None) -> None:
+    def _save(self) -> None:
         write_json_atomic(self.dir / STATE, self.state)
-        if step is not None and os.environ.get(CRASH_AFTER) == step:
-            logger.error("%s=%s: ending the process here", CRASH_AFTER, step)
-            os._exit(75)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:
@@ -168,7 +162,7 @@ class Watcher:
                                "new": [str(f) for f in new], "window": window}
         logger.info("cycle %d: %d new file(s): %s", number, len(new),
                     ", ".join(f.name for f in new))
-        self._save("pending")
+        self._save()
 
     def _continue(self) -> dict[str, Any]:
         cycle = self.state["cycle"]
@@ -176,7 +170,7 @@ class Watcher:
         if cycle["step"] == "pending":
             cycle["drift"] = self._check(cycle, folder)
             cycle["step"] = "checked"
-            self._save("checked")
+            self._save()
         if cycle["step"] != "done" and not (cycle["drift"]["retrain"] or self.always):
             cycle["outcome"] = "no drift: production kept, not retrained"
             cycle["step"] = "done"
@@ -190,7 +184,7 @@ class Watcher:
         self.state["history"] += cycle["new"]
         self.state["cycles"].append(cycle)
         self.state["cycle"] = None
-        self._save("done")
+        self._save()
         logger.info("cycle %d: %s", cycle["number"], cycle["outcome"])
         return cycle
 
@@ -225,7 +219,7 @@ class Watcher:
             run = start_run(cfg, reporter=self.reporter)
             cycle["run_dir"] = str(run.folder.path)
             cycle["step"] = "training"
-            self._save("training")
+            self._save()
         newest = len(cycle["new"])
 
         def rescore(results: list[dict[str, Any]], manifest: Manifest) -> None:
@@ -240,7 +234,7 @@ class Watcher:
             cycle["version"] = out.selection["registry"]["version"]
             cycle["selected"] = out.selection["best"]["name"]
             cycle["step"] = "registered"
-            self._save("registered")
+            self._save()
         self._promote(cycle, out.manifest)
 
     def _cycle_config(self, data: Path) -> Config:
