@@ -1,4 +1,5 @@
-"""Shared fixtures: small real configs written to a temporary folder."""
+"""Shared fixtures: a tiny config in a temporary folder, and one trained digits model per
+session; the helpers they use live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -8,24 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from distml.config import Config, parse_config
-
-TINY: dict[str, Any] = {
-    "name": "tiny",
-    "seed": 0,
-    "data": {"source": "sklearn:digits"},
-    "train": {
-        "epochs": 2,
-        "batch_size": 64,
-        "lr": 0.005,
-        "candidates": [
-            {"name": "small", "model": {"type": "mlp", "hidden_sizes": [16]}},
-            {"name": "cnn", "model": {"type": "cnn", "channels": [4], "hidden_size": 16}},
-        ],
-    },
-}
+from tests.helpers.cli import distml
+from tests.helpers.configs import TINY, write_config
 
 
 @pytest.fixture
@@ -37,26 +23,6 @@ def tiny_raw(tmp_path: Path) -> dict[str, Any]:
     return raw
 
 
-def write_config(path: Path, raw: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
-def make_config(raw: dict[str, Any], **kw: Any) -> Config:
-    return parse_config(copy.deepcopy(raw), **kw)
-
-
-def small_lm_config(tmp_path: Path, raw: dict[str, Any]) -> Path:
-    """A tiny transformer language model on a local text file (dropout on: verify turns it
-    off), written to tmp_path/lm.yaml."""
-    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 300)
-    raw["data"] = {"source": {"type": "text", "paths": ["corpus.txt"], "sequence_length": 32}}
-    raw["train"].update(batch_size=16, lr=0.003)
-    raw["train"]["candidates"] = [{"name": "gpt", "model": {
-        "type": "transformer", "num_layers": 2, "num_heads": 2, "dim": 32, "dropout": 0.1}}]
-    return write_config(tmp_path / "lm.yaml", raw)
-
-
 @pytest.fixture(scope="session")
 def trained_digits(tmp_path_factory) -> Path:
     """A folder with a small digits model registered as 'tiny' (registry/) and the raw
@@ -66,8 +32,6 @@ def trained_digits(tmp_path_factory) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from sklearn.datasets import load_digits
-
-    from tests.e2e.test_cli import distml
 
     root = tmp_path_factory.mktemp("trained-digits")
     raw = {**TINY, "output_dir": str(root / "runs"), "registry": str(root / "registry")}

@@ -20,7 +20,7 @@ from distml.cli import app
 from distml.errors import ArtifactError
 from distml.registry import Registry
 from distml.workflow.drift_report import run_monitor
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import distml
 
 MARKER_MODULE = '''
 import os

@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 
 from distml.artifact import load_artifact
 from distml.registry import Registry
-from tests.conftest import write_config
-from tests.e2e.test_cli import distml
-from tests.helpers.serving import running_server
+from tests.helpers.cli import distml
+from tests.helpers.configs import write_config
+from tests.helpers.serving import infer_body, running_server
 
 COLUMNS = ["x1", "x2", "x3"]
 
@@ -58,13 +58,8 @@ def config(root: Path, source: Path, *, window_files: int = 0, epochs: int = 6) 
     return write_config(root / "stream.yaml", raw)
 
 
-def _body(x: np.ndarray) -> dict:
-    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                        "data": x.tolist()}]}
-
-
 def served_accuracy(url: str, x: np.ndarray, y: np.ndarray) -> tuple[float, str]:
-    r = httpx.post(f"{url}/v2/models/stream/infer", json=_body(x), timeout=30)
+    r = httpx.post(f"{url}/v2/models/stream/infer", json=infer_body(x), timeout=30)
     assert r.status_code == 200, r.text
     label = next(o["data"] for o in r.json()["outputs"] if o["name"] == "label")
     return float(np.mean(np.asarray(label) == y.astype(str))), r.json()["model_version"]
@@ -76,7 +71,7 @@ def clients(url: str, x: np.ndarray, stop: threading.Event, results: list) -> li
             k = i
             while not stop.is_set():
                 try:
-                    r = c.post(f"{url}/v2/models/stream/infer", json=_body(x[k % 500:][:4]))
+                    r = c.post(f"{url}/v2/models/stream/infer", json=infer_body(x[k % 500:][:4]))
                     results.append((r.status_code, r.json().get("model_version")))
                 except httpx.HTTPError as e:
                     results.append((type(e).__name__, str(e)))

@@ -1,4 +1,5 @@
-"""Start a real ``distml serve`` on a free loopback port and stop it afterwards."""
+"""A real ``distml serve`` on a free loopback port (started, waited for and stopped), and
+the requests and metrics the serving tests read from it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -52,3 +54,17 @@ def running_server(*args: str, cwd: Path, env: dict[str, str] | None = None,
             proc.wait(20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def infer_body(rows: np.ndarray, **extra: Any) -> dict:
+    """An Open Inference Protocol request for ``rows`` (the input tensor as JSON), with
+    ``extra`` request fields (id, outputs, parameters)."""
+    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
+                        "data": rows.tolist()}], **extra}
+
+
+def batches_run(url: str) -> float:
+    """How many forward passes the server at ``url`` has run (its batch-size histogram's
+    count)."""
+    text = httpx.get(f"{url}/metrics").text
+    return float(re.search(r"^distml_batch_rows_count (\S+)$", text, re.M).group(1))

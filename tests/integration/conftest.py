@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_digits
 
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import distml
 
 
 @pytest.fixture(scope="session")

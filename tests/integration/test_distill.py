@@ -19,8 +19,8 @@ from sklearn.datasets import load_digits
 
 from distml.errors import ConfigError
 from distml.workflow.pipeline import run_pipeline, train_only
-from tests.conftest import make_config, small_lm_config, write_config
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import distml
+from tests.helpers.configs import make_config, small_lm_config, write_config
 from tests.helpers.serving import running_server
 
 ROOT = Path(__file__).parents[2]

@@ -8,30 +8,19 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from tests.conftest import small_lm_config, write_config
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import ROOT, distml
+from tests.helpers.configs import small_lm_config, write_config
+from tests.helpers.distributed import ENV, resume_with_no_more_steps, verify
 from tests.helpers.procs import training_ranks
-
-ROOT = Path(__file__).parents[2]
-ENV = {"PYTHONPATH": str(ROOT)}  # workers import tests.helpers
-
-
-def _verify(tmp_path, cfg: Path, *args: str, check: bool = True):
-    out = tmp_path / f"verify-{len(list(tmp_path.glob('verify-*.json')))}.json"
-    proc = distml("verify", str(cfg), "--json", str(out), *args, cwd=tmp_path, env=ENV,
-                  check=check)
-    return proc, json.loads(out.read_text()) if out.exists() else None
 
 
 @pytest.mark.parametrize("candidate", ["mlp", "mlp-wide", "cnn"])
 def test_verify_passes_on_the_digits_candidates(tmp_path, candidate):
-    _, report = _verify(
+    _, report = verify(
         tmp_path, ROOT / "examples" / "digits.yaml", "--candidate", candidate,
         "--set", f"output_dir={tmp_path / 'runs'}", "--set", "train.grad_accum_steps=2")
     assert report["world_size"] == 2
@@ -57,15 +46,15 @@ def test_verify_passes_on_the_digits_candidates(tmp_path, candidate):
 
 
 def test_verify_passes_on_the_small_transformer(tmp_path, tiny_raw):
-    _, report = _verify(tmp_path, small_lm_config(tmp_path, tiny_raw))
+    _, report = verify(tmp_path, small_lm_config(tmp_path, tiny_raw))
     assert all(r["passed"] for r in report["results"]), report["results"]
 
 
-def test_a_wrong_strategy_fails_verify(tmp_path, tiny_raw):
+def test_a_wrong_strategy_failsverify(tmp_path, tiny_raw):
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
     # SGD: Adam's update barely changes when every gradient doubles, which is exactly why
     # summing instead of averaging goes unnoticed in practice.
-    proc, report = _verify(tmp_path, cfg, "--strategies", "ddp,tests.helpers.strategies:SummedDDP",
+    proc, report = verify(tmp_path, cfg, "--strategies", "ddp,tests.helpers.strategies:SummedDDP",
                            "--set", "train.optimizer=sgd", "--set", "train.grad_clip=null",
                            check=False)
     assert proc.returncode == 1
@@ -143,25 +132,3 @@ def test_resume_on_another_world_size_restores_the_exact_weights(tmp_path, tiny_
     assert out["strategy"] == "single"
     assert out["world_size"] == 1
 
-
-def resume_with_no_more_steps(tmp_path: Path, cfg: Path, parallel: str, candidate: str, *,
-                              steps: int | None = None) -> dict:
-    """Train, then resume the finished run under ``parallel`` with no step left to take:
-    the resumed model must be the trained one, exactly. Returns the resumed result."""
-    distml("train", str(cfg), cwd=tmp_path)
-    (out,) = (tmp_path / "runs" / "tiny").glob(f"2*/candidates/{candidate}")
-    trained = load_file(out / "artifact" / "model.safetensors")
-    steps = steps or json.loads((out / "result.json").read_text())["steps"]
-    (out / "result.json").unlink()  # as if it died after its last checkpoint
-    resumed = distml("train", str(cfg), "--resume", "--set", f"train.parallel={parallel}",
-                     cwd=tmp_path)
-    log = resumed.stdout + resumed.stderr
-    assert f"(step {steps})" in log
-    assert "cannot be loaded" not in log
-    again = load_file(out / "artifact" / "model.safetensors")
-    assert trained.keys() == again.keys()
-    differ = [k for k in trained if not torch.equal(trained[k], again[k])]
-    assert not differ, f"resumed weights differ: {differ}"
-    result = json.loads((out / "result.json").read_text())
-    assert result["steps"] == steps
-    return result

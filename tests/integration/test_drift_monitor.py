@@ -21,7 +21,7 @@ from distml.drift.columns import feature_drift
 from distml.drift.reference import build_reference, read_reference
 from distml.errors import ConfigError, DataError
 from distml.workflow.drift_report import run_monitor
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import distml
 
 SHIFTED = ["pixel_2_3", "pixel_4_4", "pixel_5_5"]
 

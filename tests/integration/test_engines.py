@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray  # noqa: F401 - required: make test installs it
 
-from tests.e2e.test_cli import distml, distml_on_ray
+from tests.helpers.cli import distml, distml_on_ray
 
 
 @pytest.mark.parametrize("engine", ["dask://local", "ray://local"])

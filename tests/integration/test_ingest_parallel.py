@@ -18,16 +18,13 @@ from distml.data.preprocess import prepare
 from distml.data.sources import open_source
 from distml.errors import DataError
 from distml.execution import WorkItemError, make_executor
+from tests.helpers.configs import data_config
 
 SYNTHETIC = {
     "source": {"type": "synthetic:classification", "n_samples": 20_000, "n_features": 6,
                "n_classes": 3, "seed": 1},
     "rows_per_partition": 3_000,
 }
-
-
-def _data(**kw) -> DataConfig:
-    return DataConfig.model_validate({**SYNTHETIC, **kw})
 
 
 def _outputs(root):
@@ -37,9 +34,9 @@ def _outputs(root):
 
 
 def test_process_pool_writes_what_one_process_writes(tmp_path):
-    serial = ingest(_data(), tmp_path / "serial", seed=0)
+    serial = ingest(data_config(**SYNTHETIC), tmp_path / "serial", seed=0)
     with make_executor("local", num_workers=2) as ex:
-        pooled = ingest(_data(), tmp_path / "pool", seed=0, executor=ex)
+        pooled = ingest(data_config(**SYNTHETIC), tmp_path / "pool", seed=0, executor=ex)
     assert _outputs(tmp_path / "serial") == _outputs(tmp_path / "pool")
     assert len(serial.partitions("train")) == 7  # 20,000 rows in chunks of 3,000
     assert pooled.rows("train") + pooled.rows("val") + pooled.rows("test") == 20_000
@@ -47,15 +44,15 @@ def test_process_pool_writes_what_one_process_writes(tmp_path):
 
 def test_dask_local_cluster_gives_the_same_output_as_local(tmp_path):
     with make_executor("local", num_workers=2) as ex:
-        ingest(_data(), tmp_path / "local", seed=0, executor=ex)
+        ingest(data_config(**SYNTHETIC), tmp_path / "local", seed=0, executor=ex)
     with make_executor("dask://local", num_workers=2) as ex:
         assert ex.name == "dask"
-        ingest(_data(), tmp_path / "dask", seed=0, executor=ex)
+        ingest(data_config(**SYNTHETIC), tmp_path / "dask", seed=0, executor=ex)
     assert _outputs(tmp_path / "local") == _outputs(tmp_path / "dask")
 
 
 def test_merged_statistics_equal_whole_table_statistics(tmp_path):
-    data = _data(transforms=["standardize", "minmax"])
+    data = data_config(**SYNTHETIC, transforms=["standardize", "minmax"])
     m = ingest(data, tmp_path / "d", seed=0)
     # The training rows before any transform, recomputed from the source.
     train = {}
@@ -105,7 +102,7 @@ def test_a_flaky_item_succeeds_on_retry(tmp_path):
         "        MARK.touch()\n"
         "        raise OSError('transient')\n"
         "    return cols\n")
-    data = _data(transforms=[{"type": f"{tmp_path / 'flaky.py'}:transform"}])
+    data = data_config(**SYNTHETIC, transforms=[{"type": f"{tmp_path / 'flaky.py'}:transform"}])
     with make_executor("local", num_workers=1, retries=1) as ex:
         m = ingest(data, tmp_path / "out", seed=0, executor=ex)
     assert (tmp_path / "tried").exists()
@@ -166,8 +163,8 @@ def test_unknown_engine_and_missing_extra(monkeypatch):
 def test_ray_gives_the_same_output_as_local(tmp_path, tiny_raw):
     # Through the CLI, as a user runs it: Ray's driver owns its process (its shutdown would
     # take a pytest process down with it).
-    from tests.conftest import write_config
-    from tests.e2e.test_cli import distml_on_ray
+    from tests.helpers.cli import distml_on_ray
+    from tests.helpers.configs import write_config
 
     tiny_raw["data"] = dict(SYNTHETIC)
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from distml.cli import app
 from distml.registry import Registry
 from distml.train import main as train_main
-from tests.conftest import write_config
+from tests.helpers.configs import write_config
 
 ROOT = Path(__file__).parents[2]
 

@@ -10,8 +10,9 @@ import pytest
 from safetensors.torch import load_file
 
 from distml.artifact import load_artifact
-from tests.conftest import small_lm_config, write_config
-from tests.integration.test_distributed import ROOT, _verify, resume_with_no_more_steps
+from tests.helpers.cli import ROOT
+from tests.helpers.configs import small_lm_config, write_config
+from tests.helpers.distributed import resume_with_no_more_steps, verify
 
 
 def _passed(report, names, tolerance=1e-4):
@@ -27,7 +28,7 @@ def test_tensor_and_pipeline_match_one_process_on_the_transformer(tmp_path, tiny
     # The transformer's head shares the embedding's weight across the two pipeline ranks;
     # interleaved puts 2 of its 4 layers' stages on each rank.
     names = ["ddp", "tensor", "pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved"]
-    _, report = _verify(tmp_path, small_lm_config(tmp_path, tiny_raw),
+    _, report = verify(tmp_path, small_lm_config(tmp_path, tiny_raw),
                         "--strategies", ",".join(names),
                         "--set", "train.activation_checkpointing=true")
     _passed(report, names)
@@ -40,7 +41,7 @@ def test_tensor_and_pipeline_match_one_process_on_the_digits_mlp(tmp_path):
     # Stages balanced by measured forward time here (GPipe's heuristic), by parameters above;
     # activation checkpointing on; a third hidden layer gives interleaving its 4 stages.
     names = ["tensor", "pipeline-gpipe", "pipeline-1f1b", "pipeline-interleaved"]
-    _, report = _verify(tmp_path, ROOT / "examples" / "digits.yaml", "--candidate", "mlp-wide",
+    _, report = verify(tmp_path, ROOT / "examples" / "digits.yaml", "--candidate", "mlp-wide",
                         "--strategies", ",".join(names),
                         "--set", "train.candidates.1.model.hidden_sizes=[256, 256, 256]",
                         "--set", "train.activation_checkpointing=true",
@@ -56,7 +57,7 @@ def test_hybrids_on_a_2d_mesh_match_one_process(tmp_path, tiny_raw, model):
         ROOT / "examples" / "digits.yaml",
         ("--candidate", "mlp-wide", "--set", f"output_dir={tmp_path / 'runs'}",
          "--set", "train.parallel.pipeline.stage_split=[2, 1]"))  # stages given explicitly
-    _, report = _verify(tmp_path, cfg[0], *cfg[1], "--strategies", ",".join(names),
+    _, report = verify(tmp_path, cfg[0], *cfg[1], "--strategies", ",".join(names),
                         "--world-size", "4")
     assert report["world_size"] == 4
     _passed(report, names)
@@ -67,7 +68,7 @@ def test_bf16_matches_one_process_in_bf16_within_its_tolerance(tmp_path, tiny_ra
     # ranks changes which sums are rounded, so results differ by a few units of roundoff
     # compounded over 20 steps, not by 1e-4: the tolerance is 2e-2, five units.
     names = ["ddp", "pipeline-1f1b"]
-    _, report = _verify(tmp_path, small_lm_config(tmp_path, tiny_raw),
+    _, report = verify(tmp_path, small_lm_config(tmp_path, tiny_raw),
                         "--strategies", ",".join(names), "--set", "train.precision=bf16")
     assert report["tolerance"] == 2e-2
     _passed(report, names, tolerance=2e-2)

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.conftest import write_config
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import distml
+from tests.helpers.configs import write_config
 from tests.helpers.procs import training_ranks
 
 ROOT = Path(__file__).parents[2]

@@ -17,8 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.test_cli import distml
-from tests.helpers.serving import running_server
+from tests.helpers.cli import distml
+from tests.helpers.serving import batches_run, infer_body, running_server
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -30,16 +30,6 @@ def server(trained):
     with running_server("--registry", str(root / "registry"), "--max-delay-ms", "5", cwd=root,
                         env={"DISTML_SERVE_TOKEN": TOKEN}) as (url, proc, lines):
         yield url, lines
-
-
-def _request(rows: np.ndarray, **extra) -> dict:
-    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(rows.shape),
-                        "data": rows.tolist()}], **extra}
-
-
-def _batches(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return float(re.search(r"^distml_batch_rows_count (\S+)$", text, re.M).group(1))
 
 
 def test_metadata_matches_the_artifact_and_binds_loopback(server, trained):
@@ -65,7 +55,7 @@ def test_infer_equals_distml_predict_on_the_same_rows(server, trained, predicted
     assert pred["key"].to_pylist() == [10 * i for i in range(len(x))]  # ids kept, in order
     rows = [0, 1, 399, 400, 401, 1796]  # across row groups (the executor's work items)
     resp = httpx.post(f"{url}/v2/models/tiny/infer", headers=AUTH,
-                      json=_request(x[rows], id="req-7"))
+                      json=infer_body(x[rows], id="req-7"))
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["id"] == "req-7"
@@ -85,7 +75,7 @@ def test_infer_equals_distml_predict_on_the_same_rows(server, trained, predicted
 
 
 def _bad(x):
-    good = _request(x[:2])
+    good = infer_body(x[:2])
 
     def with_input(**change):
         return json.dumps({"inputs": [{**good["inputs"][0], **change}]})
@@ -98,7 +88,7 @@ def _bad(x):
         ("wrong shape", with_input(shape=[2, 63]), 400, "does not match this model's"),
         ("wrong element count", with_input(shape=[3, 64]), 400, "128 elements in data"),
         ("not a number", with_input(data=["a"] * 128), 400, "'a' is not a FP32 value"),
-        ("NaN", json.dumps(_request(nan_rows)), 400, "element [1, 3] is nan"),
+        ("NaN", json.dumps(infer_body(nan_rows)), 400, "element [1, 3] is nan"),
         ("missing input", json.dumps({"inputs": []}), 400, "inputs: must be a non-empty"),
         ("unknown input", with_input(name="pixels"), 400, "unknown input 'pixels'"),
         ("unknown output", json.dumps({**good, "outputs": [{"name": "logits"}]}), 400,
@@ -119,14 +109,14 @@ def test_bad_requests_get_a_4xx_that_names_the_problem(server, trained, case):
 
 def test_unknown_model_version_size_and_token_are_refused(server, trained):
     url, _ = server
-    body = _request(trained[1][:1])
+    body = infer_body(trained[1][:1])
     cases = [
         (f"{url}/v2/models/other/infer", AUTH, body, 404, "unknown model 'other'"),
         (f"{url}/v2/models/tiny/versions/9/infer", AUTH, body, 404, "no version '9'"),
         (f"{url}/v2/models/tiny/infer", {}, body, 401, "missing or wrong bearer token"),
         (f"{url}/v2/models/tiny/infer", {"Authorization": "Bearer nope"}, body, 401,
          "bearer token"),
-        (f"{url}/v2/models/tiny/infer", AUTH, _request(np.zeros((20000, 64))), 413,
+        (f"{url}/v2/models/tiny/infer", AUTH, infer_body(np.zeros((20000, 64))), 413,
          "the limit is"),
     ]
     for where, headers, payload, status, message in cases:
@@ -143,18 +133,18 @@ def test_unknown_model_version_size_and_token_are_refused(server, trained):
 def test_duplicate_requests_with_one_idempotency_key_run_the_model_once(server, trained):
     url, _ = server
     x = trained[1]
-    before = _batches(url)
+    before = batches_run(url)
 
     async def burst():
         async with httpx.AsyncClient(headers={**AUTH, "Idempotency-Key": "order-42"}) as c:
             return await asyncio.gather(*[
-                c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:3])) for _ in range(8)])
+                c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[:3])) for _ in range(8)])
 
     responses = asyncio.run(burst())
     assert {r.status_code for r in responses} == {200}
     assert len({r.text for r in responses}) == 1  # everyone got the one result
-    assert _batches(url) == before + 1  # one forward pass for the eight
-    reused = httpx.post(f"{url}/v2/models/tiny/infer", json=_request(x[3:4]),
+    assert batches_run(url) == before + 1  # one forward pass for the eight
+    reused = httpx.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[3:4]),
                         headers={**AUTH, "Idempotency-Key": "order-42"})
     assert reused.status_code == 409
 
@@ -179,7 +169,7 @@ def test_concurrent_requests_are_batched_and_metrics_say_so(server, trained):
     async def load():
         async with httpx.AsyncClient(headers=AUTH) as c:
             return await asyncio.gather(*[
-                c.post(f"{url}/v2/models/tiny/infer", json=_request(x[i:i + 1]))
+                c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[i:i + 1]))
                 for i in range(48)])
 
     responses = asyncio.run(load())
@@ -195,7 +185,7 @@ def test_concurrent_requests_are_batched_and_metrics_say_so(server, trained):
     for i in (0, 17, 47):
         batched = {o["name"]: o["data"] for o in responses[i].json()["outputs"]}
         alone = {o["name"]: o["data"] for o in httpx.post(
-            f"{url}/v2/models/tiny/infer", json=_request(x[i:i + 1]),
+            f"{url}/v2/models/tiny/infer", json=infer_body(x[i:i + 1]),
             headers=AUTH).json()["outputs"]}
         assert batched["label"] == alone["label"]
         np.testing.assert_allclose(batched["probabilities"], alone["probabilities"],
@@ -227,7 +217,7 @@ def test_overload_gets_503_at_once_and_late_requests_are_dropped_unrun(trained):
             limits = httpx.Limits(max_connections=200)
             async with httpx.AsyncClient(limits=limits, timeout=30) as c:
                 return await asyncio.gather(*[
-                    c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:32]),
+                    c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[:32]),
                            headers={"X-Request-Timeout-Ms": "300"}) for _ in range(200)])
 
         results = asyncio.run(flood())
@@ -243,7 +233,7 @@ def test_overload_gets_503_at_once_and_late_requests_are_dropped_unrun(trained):
                     time.monotonic() > deadline:
                 break
             time.sleep(0.1)
-        after = httpx.post(f"{url}/v2/models/tiny/infer", json=_request(x[:32]))
+        after = httpx.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[:32]))
     assert set(statuses) <= {200, 503, 504}
     assert statuses.count(503) > 0
     assert all(r.headers.get("retry-after") == "1" for r in results if r.status_code == 503)
@@ -264,18 +254,18 @@ def test_duplicates_with_one_key_run_once_across_replicas(trained):
     root, x = trained
     with running_server("--registry", str(root / "registry"), "--replicas", "2",
                         cwd=root) as (url, _, _):
-        before = _batches(url)
+        before = batches_run(url)
 
         async def burst():
             async with httpx.AsyncClient(headers={"Idempotency-Key": "order-7"}) as c:
                 return await asyncio.gather(*[
-                    c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:3]))
+                    c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[:3]))
                     for _ in range(8)])
 
         responses = asyncio.run(burst())
         assert {r.status_code for r in responses} == {200}
         assert len({r.text for r in responses}) == 1
-        assert _batches(url) == before + 1  # one forward pass for the eight, not one each
+        assert batches_run(url) == before + 1  # one forward pass for the eight, not one each
 
 
 def test_killing_a_replica_fails_only_its_requests_with_503(trained):
@@ -294,7 +284,7 @@ def test_killing_a_replica_fails_only_its_requests_with_503(trained):
             with httpx.Client(timeout=30) as c:
                 while not stop.is_set():
                     try:
-                        r = c.post(f"{url}/v2/models/tiny/infer", json=_request(x[:4]))
+                        r = c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[:4]))
                         results.append((time.monotonic(), r.status_code, r.text))
                     except httpx.HTTPError as e:
                         results.append((time.monotonic(), type(e).__name__, str(e)))

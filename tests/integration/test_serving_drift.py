@@ -18,14 +18,8 @@ from distml.registry import Registry
 from distml.serving.drift_feed import DriftFeed
 from distml.serving.metrics import Metrics
 from distml.serving.model import load_served_model
-from tests.conftest import TINY, write_config
-from tests.helpers.serving import running_server
-
-
-def _body(x: np.ndarray, rid: str | None = None) -> dict:
-    body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                        "data": x.tolist()}]}
-    return body if rid is None else {**body, "id": rid}
+from tests.helpers.configs import TINY, write_config
+from tests.helpers.serving import infer_body, running_server
 
 
 def _config(tmp_path, **serve) -> str:
@@ -37,7 +31,7 @@ def _send(c: httpx.Client, x: np.ndarray, prefix: str, rows: int = 50) -> list[l
     """Every row, ``rows`` a request with ids prefix-0, prefix-1, ...; the predicted labels."""
     labels = []
     for k, i in enumerate(range(0, len(x), rows)):
-        r = c.post("/v2/models/tiny/infer", json=_body(x[i:i + rows], f"{prefix}-{k}"))
+        r = c.post("/v2/models/tiny/infer", json=infer_body(x[i:i + rows], id=f"{prefix}-{k}"))
         assert r.status_code == 200, r.text
         labels.append(next(o["data"] for o in r.json()["outputs"] if o["name"] == "label"))
     return labels
@@ -143,7 +137,7 @@ def test_a_full_monitor_queue_drops_rows_not_requests(trained, registry, tmp_pat
             with httpx.Client(base_url=url, timeout=30) as c:
                 for k in range(20):
                     rows = x[(i * 20 + k) % 100:][:3]
-                    statuses.append(c.post("/v2/models/tiny/infer", json=_body(rows)
+                    statuses.append(c.post("/v2/models/tiny/infer", json=infer_body(rows)
                                            ).status_code)
 
         threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
@@ -164,7 +158,7 @@ def test_monitoring_off_by_config(trained, registry, tmp_path):
     with running_server("tiny@production", "--registry", str(registry.root), "--config",
                         _config(tmp_path, monitor=False), cwd=tmp_path) as (url, _, _), \
             httpx.Client(base_url=url, timeout=30) as c:
-        assert c.post("/v2/models/tiny/infer", json=_body(x[:2])).status_code == 200
+        assert c.post("/v2/models/tiny/infer", json=infer_body(x[:2])).status_code == 200
         r = c.get("/v2/models/tiny/drift")
         assert r.status_code == 404
         assert "serve.monitor is false" in r.json()["error"]

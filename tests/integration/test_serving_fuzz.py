@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.helpers.schema import from_schema
-from tests.helpers.serving import running_server
+from tests.helpers.serving import infer_body, running_server
 
 OK_5XX = {503, 504}
 _PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)  # what a header may hold
@@ -50,9 +50,7 @@ json_values = st.recursive(
 
 
 def _valid(rows: np.ndarray) -> dict:
-    return {"id": "r", "inputs": [{"name": "input", "datatype": "FP32",
-                                   "shape": list(rows.shape), "data": rows.tolist()}],
-            "outputs": [{"name": "probabilities"}, {"name": "label"}]}
+    return infer_body(rows, id="r", outputs=[{"name": "probabilities"}, {"name": "label"}])
 
 
 # Where in a valid request a field is replaced (None: the key is removed).

@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers.serving import running_server
+from tests.helpers.serving import infer_body, running_server
 
 READ_TIMEOUT_S = 2.0
 MEMORY_BOUND_MIB = 200
@@ -75,9 +75,7 @@ def server(trained):
 
 
 def _infer(client: httpx.Client, rows: np.ndarray) -> httpx.Response:
-    return client.post(INFER, json={"inputs": [{"name": "input", "datatype": "FP32",
-                                                "shape": list(rows.shape),
-                                                "data": rows.tolist()}]})
+    return client.post(INFER, json=infer_body(rows))
 
 
 def _json_input(datatype: str, shape: str, data: str) -> bytes:

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers.serving import running_server
+from tests.helpers.serving import batches_run, infer_body, running_server
 
 TOKEN = "grpc-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}  # tritonclient adds to the dict it is given: copy
@@ -162,7 +162,7 @@ def test_grpc_and_rest_share_metrics_and_idempotency(server, trained):
     x = trained[1][:3]
     client = grpcclient.InferenceServerClient(url=grpc_at)
     auth = {"authorization": f"Bearer {TOKEN}", "idempotency-key": "shared-7"}
-    batches = _batches(url)
+    batches = batches_run(url)
     try:
         inp = grpcclient.InferInput("input", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
@@ -170,20 +170,13 @@ def test_grpc_and_rest_share_metrics_and_idempotency(server, trained):
     finally:
         client.close()
     again = httpx.post(f"{url}/v2/models/tiny/infer", headers={**AUTH,
-                       "Idempotency-Key": "shared-7"}, json={"inputs": [
-                           {"name": "input", "datatype": "FP32", "shape": [3, 64],
-                            "data": x.tolist()}]})
+                       "Idempotency-Key": "shared-7"}, json=infer_body(x))
     assert again.status_code == 200
     np.testing.assert_array_equal(np.reshape(again.json()["outputs"][0]["data"], (3, 10)),
                                   first.as_numpy("probabilities"))
-    assert _batches(url) == batches + 1  # one forward pass for the gRPC call and the REST one
+    assert batches_run(url) == batches + 1  # one forward pass for the gRPC call and the REST one
     text = httpx.get(f"{url}/metrics").text
     assert re.search(r'distml_requests_total\{route="grpc:ModelInfer",status="OK"\} [1-9]', text)
-
-
-def _batches(url: str) -> float:
-    text = httpx.get(f"{url}/metrics").text
-    return float(re.search(r"^distml_batch_rows_count (\S+)$", text, re.M).group(1))
 
 
 def test_grpc_through_replicas(trained, predicted):

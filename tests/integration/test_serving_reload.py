@@ -14,7 +14,7 @@ import torch
 
 from distml.artifact import load_artifact, save_artifact
 from distml.registry import Registry
-from tests.helpers.serving import running_server
+from tests.helpers.serving import infer_body, running_server
 
 
 @pytest.fixture
@@ -39,11 +39,6 @@ def _expected(registry: Registry, version: int, x: np.ndarray) -> np.ndarray:
     return load_artifact(registry.get("tiny", version).path).predict(x)
 
 
-def _body(x: np.ndarray) -> dict:
-    return {"inputs": [{"name": "input", "datatype": "FP32", "shape": list(x.shape),
-                        "data": x.tolist()}]}
-
-
 def _clients(url: str, x: np.ndarray, stop: threading.Event, results: list) -> list:
     """Clients that send requests back to back until ``stop``; each outcome is (sent,
     received, status, model_version or error) and is checked on the test's thread."""
@@ -52,7 +47,7 @@ def _clients(url: str, x: np.ndarray, stop: threading.Event, results: list) -> l
             while not stop.is_set():
                 sent = time.monotonic()
                 try:
-                    r = c.post(f"{url}/v2/models/tiny/infer", json=_body(x[i:i + 2]))
+                    r = c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[i:i + 2]))
                     ok = r.status_code == 200
                     version = r.json().get("model_version") if ok else r.text
                     probs = np.asarray(r.json()["outputs"][0]["data"]).reshape(2, -1) \
@@ -119,7 +114,7 @@ def test_repository_routes_unload_load_and_index(trained, registry, tmp_path, re
             {"name": "tiny", "version": "1", "state": "READY"}]
         assert c.post("/v2/repository/models/tiny/unload").status_code == 200
         for _ in range(2 * replicas):  # every replica unloaded it
-            r = c.post("/v2/models/tiny/infer", json=_body(x[:1]))
+            r = c.post("/v2/models/tiny/infer", json=infer_body(x[:1]))
             assert r.status_code == 404
             assert "is unloaded" in r.json()["error"]
         assert c.get("/v2/models/tiny/ready").status_code == 404
@@ -129,7 +124,7 @@ def test_repository_routes_unload_load_and_index(trained, registry, tmp_path, re
         loaded = c.post("/v2/repository/models/tiny/load")
         assert loaded.json() == {"name": "tiny", "version": "2", "state": "READY"}
         for _ in range(2 * replicas):
-            r = c.post("/v2/models/tiny/infer", json=_body(x[:1]))
+            r = c.post("/v2/models/tiny/infer", json=infer_body(x[:1]))
             assert r.status_code == 200
             assert r.json()["model_version"] == "2"
         assert c.get("/v2/models/tiny").json()["versions"] == ["2"]

@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.helpers.serving import running_server
+from tests.helpers.serving import infer_body, running_server
 from tests.helpers.tls import make_certificates
 
 ROWS = [0, 1, 400, 1796]
@@ -25,8 +25,7 @@ def tls_files(tmp_path_factory):
 
 
 def _infer(client: httpx.Client, url: str, x: np.ndarray) -> httpx.Response:
-    return client.post(f"{url}/v2/models/tiny/infer", json={"inputs": [
-        {"name": "input", "datatype": "FP32", "shape": list(x.shape), "data": x.tolist()}]})
+    return client.post(f"{url}/v2/models/tiny/infer", json=infer_body(x))
 
 
 def _check_rest(url: str, x: np.ndarray, predicted, tls_files) -> None:

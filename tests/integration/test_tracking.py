@@ -18,8 +18,8 @@ from distml.data.tensors import SplitTensors
 from distml.rundir import RunDir
 from distml.training.candidate import train_candidate
 from distml.training.telemetry.tensorboard import TensorBoardCallback
-from tests.conftest import make_config, write_config
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import distml
+from tests.helpers.configs import make_config, write_config
 
 
 def _events(folder):

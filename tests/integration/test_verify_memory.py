@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from tests.conftest import write_config
-from tests.e2e.test_cli import distml
+from tests.helpers.cli import distml
+from tests.helpers.configs import write_config
 
 
 def test_verify_separate_measures_each_strategys_own_processes_and_zero_stages(

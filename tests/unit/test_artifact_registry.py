@@ -10,26 +10,11 @@ from distml.artifact import load_artifact, read_spec, save_artifact, write_spec
 from distml.errors import ArtifactError
 from distml.models import build_model
 from distml.registry import PRODUCTION, Registry
-
-SPEC = {
-    "name": "m", "task": "classification",
-    "model": {"type": "mlp", "kwargs": {"in_features": 3, "num_outputs": 2, "hidden_sizes": [4]}},
-    "labels": ["no", "yes"], "input_columns": {"a": "numeric", "b": "numeric", "c": "numeric"},
-    "preprocessing": [{"type": "standardize", "columns": ["a", "b", "c"], "mean": [1.0, 2.0, 3.0],
-                       "std": [2.0, 2.0, 2.0]}],
-    "metrics": {"val": {"accuracy": 0.5}},
-}
-
-
-def _artifact(tmp_path, name="a", seed=0, metrics=None):
-    torch.manual_seed(seed)
-    model = build_model(SPEC["model"])
-    spec = {**SPEC, "metrics": metrics or SPEC["metrics"]}
-    return model, save_artifact(model, spec, tmp_path / name)
+from tests.helpers.artifacts import SPEC, small_artifact
 
 
 def test_round_trip_gives_same_predictions_with_preprocessing(tmp_path):
-    model, path = _artifact(tmp_path)
+    model, path = small_artifact(tmp_path)
     loaded = load_artifact(path)
     raw = np.array([[1.0, 2.0, 3.0], [5.0, -2.0, 0.0]], dtype=np.float32)
     expected = model.eval()(torch.from_numpy((raw - [1, 2, 3]) / 2).float()).softmax(-1)
@@ -51,7 +36,7 @@ def test_tied_transformer_weights_round_trip(tmp_path):
 
 
 def test_a_pickle_in_place_of_weights_is_refused(tmp_path):
-    _, path = _artifact(tmp_path)
+    _, path = small_artifact(tmp_path)
     (path / "model.safetensors").write_bytes(pickle.dumps({"evil": object}))
     write_spec(path, read_spec(path))  # digests that match: the format check still refuses
     with pytest.raises(ArtifactError, match=r"model\.safetensors is not valid safetensors"):
@@ -65,8 +50,8 @@ def test_not_an_artifact(tmp_path):
 
 def test_registry_versions_aliases_and_references(tmp_path):
     reg = Registry(tmp_path / "reg")
-    _, a = _artifact(tmp_path, "a", seed=0)
-    _, b = _artifact(tmp_path, "b", seed=1)
+    _, a = small_artifact(tmp_path, "a", seed=0)
+    _, b = small_artifact(tmp_path, "b", seed=1)
     v1, v2 = reg.register(a, "digits"), reg.register(b, "digits")
     assert (v1.version, v2.version) == (1, 2)
     assert reg.resolve("digits").version == 2  # no alias: newest
@@ -89,13 +74,13 @@ def test_registry_versions_aliases_and_references(tmp_path):
 )
 def test_registry_reference_errors(tmp_path, ref, match):
     reg = Registry(tmp_path / "reg")
-    reg.register(_artifact(tmp_path)[1], "digits")
+    reg.register(small_artifact(tmp_path)[1], "digits")
     with pytest.raises(ArtifactError, match=match):
         reg.resolve(ref)
 
 
 def test_alias_to_missing_version_is_refused(tmp_path):
     reg = Registry(tmp_path / "reg")
-    reg.register(_artifact(tmp_path)[1], "digits")
+    reg.register(small_artifact(tmp_path)[1], "digits")
     with pytest.raises(ArtifactError, match=r"has no version 5"):
         reg.set_alias("digits", PRODUCTION, 5)

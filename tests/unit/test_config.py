@@ -6,7 +6,7 @@ import pytest
 
 from distml.config import CustomModelSpec, FileSource, load_config
 from distml.errors import ConfigError
-from tests.conftest import make_config, write_config
+from tests.helpers.configs import make_config, write_config
 
 
 def test_example_configs_load():

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from sklearn.datasets import load_digits
 
-from distml.config import SOURCES, TRANSFORMS, DataConfig
+from distml.config import SOURCES, TRANSFORMS
 from distml.data.dataset import MANIFEST, Manifest, load_split, read_partition
 from distml.data.ingest import ingest
 from distml.data.inspect import inspect
@@ -16,10 +16,7 @@ from distml.data.sources import SOURCES as SOURCE_IMPLEMENTATIONS
 from distml.data.sources import Chunk, open_source
 from distml.data.transforms import TRANSFORMS as TRANSFORM_IMPLEMENTATIONS
 from distml.errors import DataError
-
-
-def _data(**kw) -> DataConfig:
-    return DataConfig.model_validate(kw)
+from tests.helpers.configs import data_config
 
 
 def _csv(path, n=200, nan_rows=(), label=lambda i: i % 3, seed=0):
@@ -36,8 +33,9 @@ def _csv(path, n=200, nan_rows=(), label=lambda i: i % 3, seed=0):
 
 
 def test_synthetic_classification_is_seeded_and_chunked():
-    src = open_source(_data(source={"type": "synthetic:classification", "n_samples": 3000,
-                                    "n_features": 5, "n_classes": 4, "seed": 7}).source)
+    src = open_source(data_config(source={
+        "type": "synthetic:classification", "n_samples": 3000, "n_features": 5, "n_classes": 4,
+        "seed": 7}).source)
     chunks = src.plan_chunks(1000)
     assert [(c.start, c.stop) for c in chunks] == [(0, 1000), (1000, 2000), (2000, 3000)]
     a, b = src.load_chunk(chunks[1]), src.load_chunk(chunks[1])
@@ -50,16 +48,16 @@ def test_synthetic_classification_is_seeded_and_chunked():
 
 def test_text_windows_are_next_token_pairs(tmp_path):
     (tmp_path / "a.txt").write_bytes(bytes(range(100)) * 3)
-    src = open_source(_data(source={"type": "text", "paths": [str(tmp_path / "*.txt")],
-                                    "sequence_length": 10}).source)
+    src = open_source(data_config(source={"type": "text", "paths": [str(tmp_path / "*.txt")],
+                                          "sequence_length": 10}).source)
     raw = src.load_chunk(Chunk(0, "text"))
     assert raw.tokens.shape == (30, 11)  # 301 bytes -> 30 windows
     np.testing.assert_array_equal(raw.tokens[1, :], np.arange(10, 21))  # stride T, width T+1
 
 
 def test_stdlib_text_source_reads_python_sources():
-    src = open_source(_data(source={"type": "text", "paths": ["stdlib:json/*.py"],
-                                    "sequence_length": 32}).source)
+    src = open_source(data_config(source={"type": "text", "paths": ["stdlib:json/*.py"],
+                                          "sequence_length": 32}).source)
     assert len(src.load_chunk(Chunk(0, "text"))) > 100
 
 
@@ -81,7 +79,7 @@ def test_a_module_class_source_takes_the_table_path(tmp_path):
 
 
 def test_ingest_writes_stratified_partitions_and_manifest(tmp_path):
-    data = _data(source="sklearn:digits", rows_per_partition=500)
+    data = data_config(source="sklearn:digits", rows_per_partition=500)
     m = ingest(data, tmp_path / "d", seed=0)
     assert (tmp_path / "d" / MANIFEST).is_file()
     assert sum(m.rows(s) for s in ("train", "val", "test")) == 1797
@@ -102,7 +100,7 @@ def test_ingest_writes_stratified_partitions_and_manifest(tmp_path):
 
 
 def test_ingest_is_reused_when_complete(tmp_path):
-    data = _data(source="sklearn:digits")
+    data = data_config(source="sklearn:digits")
     ingest(data, tmp_path / "d", seed=0)
     stamp = (tmp_path / "d" / MANIFEST).stat().st_mtime_ns
     ingest(data, tmp_path / "d", seed=0)
@@ -111,42 +109,42 @@ def test_ingest_is_reused_when_complete(tmp_path):
 
 def test_csv_source_with_string_labels(tmp_path):
     path = _csv(tmp_path / "t.csv", label=lambda i: ["cat", "dog"][i % 2])
-    m = ingest(_data(source=str(path)), tmp_path / "d", seed=0)
+    m = ingest(data_config(source=str(path)), tmp_path / "d", seed=0)
     assert m.classes == ["cat", "dog"]
     assert m.feature_names == ["a", "b", "c", "d"]
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(DataError, match=r"data\.source\.path: '.*nope\.csv' does not exist"):
-        ingest(_data(source=str(tmp_path / "nope.csv")), tmp_path / "d", seed=0)
+        ingest(data_config(source=str(tmp_path / "nope.csv")), tmp_path / "d", seed=0)
 
 
 def test_missing_label_column(tmp_path):
     path = _csv(tmp_path / "t.csv")
     with pytest.raises(DataError, match=r"label_column='y' is not a column .*columns: a, b"):
-        ingest(_data(source={"path": str(path), "label_column": "y"}), tmp_path / "d", seed=0)
+        ingest(data_config(source={"path": str(path), "label_column": "y"}), tmp_path / "d", seed=0)
 
 
 def test_empty_data_set(tmp_path):
     path = tmp_path / "empty.csv"
     path.write_text("a,b,label\n")
     with pytest.raises(DataError, match=r"the data set is empty: the source produced 0 rows"):
-        ingest(_data(source=str(path)), tmp_path / "d", seed=0)
+        ingest(data_config(source=str(path)), tmp_path / "d", seed=0)
     assert not (tmp_path / "d").exists()
 
 
 def test_labels_outside_declared_classes(tmp_path):
     path = _csv(tmp_path / "t.csv")  # labels 0, 1, 2
     with pytest.raises(DataError, match=r"66 rows have labels outside data\.classes=\['0', '1'\]"):
-        ingest(_data(source=str(path), classes=[0, 1]), tmp_path / "d", seed=0)
+        ingest(data_config(source=str(path), classes=[0, 1]), tmp_path / "d", seed=0)
 
 
 def test_nan_rows_are_counted_or_dropped(tmp_path):
     path = _csv(tmp_path / "t.csv", nan_rows=(3, 10, 50))
     with pytest.raises(DataError, match=r"3 of 200 rows have NaN or infinite values .*"
                                         r"first rows: \[3, 10, 50\].*drop_invalid: true"):
-        ingest(_data(source=str(path)), tmp_path / "d", seed=0)
-    m = ingest(_data(source=str(path), drop_invalid=True), tmp_path / "d", seed=0)
+        ingest(data_config(source=str(path)), tmp_path / "d", seed=0)
+    m = ingest(data_config(source=str(path), drop_invalid=True), tmp_path / "d", seed=0)
     assert m.dropped_invalid_rows == 3
     assert sum(m.rows(s) for s in ("train", "val", "test")) == 197
 
@@ -154,11 +152,11 @@ def test_nan_rows_are_counted_or_dropped(tmp_path):
 def test_too_few_rows_to_split(tmp_path):
     path = _csv(tmp_path / "t.csv", n=3)
     with pytest.raises(DataError, match=r"3 rows are too few to split into train/val/test"):
-        ingest(_data(source=str(path)), tmp_path / "d", seed=0)
+        ingest(data_config(source=str(path)), tmp_path / "d", seed=0)
 
 
 def test_truncated_partition_names_the_file(tmp_path):
-    m = ingest(_data(source="sklearn:digits"), tmp_path / "d", seed=0)
+    m = ingest(data_config(source="sklearn:digits"), tmp_path / "d", seed=0)
     rel = m.splits["val"]["partitions"][0]["path"]
     part = tmp_path / "d" / rel
     part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
@@ -167,14 +165,14 @@ def test_truncated_partition_names_the_file(tmp_path):
 
 
 def test_partitions_are_plain_parquet(tmp_path):
-    m = ingest(_data(source="sklearn:digits"), tmp_path / "d", seed=0)
+    m = ingest(data_config(source="sklearn:digits"), tmp_path / "d", seed=0)
     table = pq.read_table(tmp_path / "d" / m.splits["test"]["partitions"][0]["path"])
     assert table.column_names[:2] == ["row_id", "pixel_0_0"]
     assert "label" in table.column_names
 
 
 def test_inspect_reports_partitions_and_column_statistics(tmp_path):
-    m = ingest(_data(source="sklearn:digits", rows_per_partition=400), tmp_path / "d", seed=0)
+    m = ingest(data_config(source="sklearn:digits", rows_per_partition=400), tmp_path / "d", seed=0)
     info = inspect(tmp_path / "d")
     assert info["rows"] == 1797
     assert len(info["files"]) == sum(len(m.partitions(s)) for s in m.splits)

@@ -19,7 +19,7 @@ from distml.errors import ConfigError, DataError
 from distml.models import build_model
 from distml.training.distill import Distiller, Ensemble, kd_loss, pack, unpack
 from distml.workflow.distill import Teacher, check_fits, teacher_logits
-from tests.conftest import make_config
+from tests.helpers.configs import make_config
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from distml.config import parse_config
 from distml.distributed import network, preflight
 from distml.distributed.launch import node_shape, parse_rdzv_conf
 from distml.errors import DistmlError
-from tests.conftest import TINY
+from tests.helpers.configs import TINY
 
 
 def _closed_port() -> int:

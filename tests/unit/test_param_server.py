@@ -16,7 +16,7 @@ from distml.distributed.param_server.protocol import Kind, Msg
 from distml.distributed.param_server.server import ShardServer
 from distml.distributed.param_server.work import STOP, Coordinator, WorkQueue, plan_items
 from distml.errors import ConfigError
-from tests.conftest import make_config
+from tests.helpers.configs import make_config
 
 PS = {"strategy": "parameter_server", "world_size": 3}
 

@@ -10,26 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from distml.artifact import (
     WEIGHTS,
     code_references,
     file_sha256,
-    io_schema,
     load_artifact,
     read_spec,
-    save_artifact,
     write_spec,
 )
 from distml.config import ServeConfig
 from distml.errors import ArtifactError, ConfigError
-from distml.models import build_model
 from distml.registry import AUDIT, PRODUCTION, Registry
 from distml.serving.model import load_served_model
 from distml.trust import TrustPolicy
-from tests.conftest import make_config
-from tests.unit.test_artifact_registry import SPEC
+from tests.helpers.artifacts import SPEC, small_artifact
+from tests.helpers.configs import make_config
 
 MARKER_MODULE = '''
 from pathlib import Path
@@ -40,13 +36,6 @@ def scale(cols):
 '''
 
 
-def _artifact(tmp_path: Path, name: str = "a", **spec) -> Path:
-    torch.manual_seed(0)
-    inputs, outputs = io_schema("classification", num_features=3, num_outputs=2)
-    return save_artifact(build_model(SPEC["model"]),
-                         {**SPEC, "inputs": inputs, "outputs": outputs, **spec}, tmp_path / name)
-
-
 def _with_marker_transform(tmp_path: Path) -> tuple[Path, Path, str]:
     """An artifact whose preprocessing names a function in a module that, once imported,
     writes MARKER beside itself; returns (artifact, marker, 'module:function')."""
@@ -54,7 +43,7 @@ def _with_marker_transform(tmp_path: Path) -> tuple[Path, Path, str]:
     code.mkdir()
     (code / "marker_mod.py").write_text(MARKER_MODULE)
     fn = f"{code / 'marker_mod.py'}:scale"
-    art = _artifact(tmp_path, preprocessing=[*SPEC["preprocessing"], {"type": fn}])
+    art = small_artifact(tmp_path, preprocessing=[*SPEC["preprocessing"], {"type": fn}])[1]
     return art, code / "MARKER", fn
 
 
@@ -105,7 +94,7 @@ def test_a_user_model_factory_is_code_and_zoo_models_are_not(tmp_path):
     assert code_references(zoo_path) == []
     assert code_references(evil) == [("model factory", "subprocess:run")]
     assert code_references(other_distml) == [("model factory", "distml.fsutil:write_text_atomic")]
-    art = _artifact(tmp_path)
+    art = small_artifact(tmp_path)[1]
     write_spec(art, {**read_spec(art), "model": evil["model"]})
     with pytest.raises(ArtifactError, match=r"model factory 'subprocess:run'"):
         load_artifact(art)
@@ -115,7 +104,7 @@ def test_a_user_model_factory_is_code_and_zoo_models_are_not(tmp_path):
 # -- integrity ----------------------------------------------------------------------------------
 
 def test_a_flipped_byte_in_the_weights_is_refused_naming_the_file(tmp_path):
-    art = _artifact(tmp_path)
+    art = small_artifact(tmp_path)[1]
     weights = art / WEIGHTS
     assert read_spec(art)["sha256"][WEIGHTS] == file_sha256(weights)
     data = bytearray(weights.read_bytes())
@@ -127,7 +116,7 @@ def test_a_flipped_byte_in_the_weights_is_refused_naming_the_file(tmp_path):
 
 @pytest.mark.parametrize("edit", ["metrics", "drop_digests", "labels_order"])
 def test_an_edited_spec_is_refused(tmp_path, edit):
-    art = _artifact(tmp_path)
+    art = small_artifact(tmp_path)[1]
     spec = json.loads((art / "spec.json").read_text())
     if edit == "metrics":
         spec["metrics"]["val"]["accuracy"] = 0.99
@@ -142,7 +131,7 @@ def test_an_edited_spec_is_refused(tmp_path, edit):
 
 
 def test_the_spec_digest_ignores_layout(tmp_path):
-    art = _artifact(tmp_path)
+    art = small_artifact(tmp_path)[1]
     spec = json.loads((art / "spec.json").read_text())
     (art / "spec.json").write_text(json.dumps(dict(reversed(spec.items())), indent=None))
     load_artifact(art)
@@ -150,13 +139,13 @@ def test_the_spec_digest_ignores_layout(tmp_path):
 
 def test_register_checks_digests_and_records_them_when_missing(tmp_path):
     reg = Registry(tmp_path / "reg")
-    art = _artifact(tmp_path)
+    art = small_artifact(tmp_path)[1]
     (art / WEIGHTS).write_bytes((art / WEIGHTS).read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(ArtifactError, match=rf"{art / WEIGHTS} does not match"):
         reg.register(art, "m")
     assert reg.versions("m") == []
     assert os.listdir(tmp_path / "reg" / "m") == []
-    old = _artifact(tmp_path, "old")  # as an older distml wrote it: no digests
+    old = small_artifact(tmp_path, "old")[1]  # as an older distml wrote it: no digests
     spec = read_spec(old)
     del spec["sha256"]
     (old / "spec.json").write_text(json.dumps(spec))
@@ -173,8 +162,8 @@ def test_register_checks_digests_and_records_them_when_missing(tmp_path):
 def test_alias_moves_are_appended_to_the_audit_log(tmp_path):
     reg = Registry(tmp_path / "reg")
     for i, acc in enumerate((0.5, 0.7)):
-        art = _artifact(tmp_path, f"a{i}", select_metric="accuracy",
-                        metrics={"val": {"accuracy": acc}, "test": {"accuracy": acc + 0.01}})
+        _, art = small_artifact(tmp_path, f"a{i}", select_metric="accuracy", metrics={
+            "val": {"accuracy": acc}, "test": {"accuracy": acc + 0.01}})
         reg.register(art, "m")
     reg.set_alias("m", PRODUCTION, 1, reason="first", by="tester")
     reg.set_alias("m", PRODUCTION, 2, reason="better")
@@ -202,7 +191,7 @@ def guarded(tmp_path):
     """A registry holding model 'm' v1, and beside it a folder 'outside' laid out exactly like
     a registered model (so a name escaping the registry would find a model there)."""
     reg = Registry(tmp_path / "reg")
-    reg.register(_artifact(tmp_path), "m")
+    reg.register(small_artifact(tmp_path)[1], "m")
     outside = tmp_path / "outside"
     (outside / "v1").mkdir(parents=True)
     for f in ("spec.json", WEIGHTS):
@@ -262,7 +251,7 @@ def test_hostile_names_and_paths_in_a_config_are_refused(tiny_raw, override, mat
 
 
 def test_an_artifact_folder_giving_itself_a_hostile_name_is_refused(tmp_path):
-    art = _artifact(tmp_path)
+    art = small_artifact(tmp_path)[1]
     write_spec(art, {**read_spec(art), "name": "../../etc"})  # served as, reported as
     with pytest.raises(ArtifactError, match=r"model name in .*spec\.json '\.\./\.\./etc' is not"):
         Registry(tmp_path / "reg").resolve(str(art))
@@ -271,7 +260,7 @@ def test_an_artifact_folder_giving_itself_a_hostile_name_is_refused(tmp_path):
 def test_tls_files_in_a_config_are_relative_to_it_and_checked_as_a_pair(tiny_raw, tmp_path):
     from distml.config import load_config
     from distml.serving.transport import load_tls
-    from tests.conftest import write_config
+    from tests.helpers.configs import write_config
     from tests.helpers.tls import make_certificates
 
     (tmp_path / "conf" / "tls").mkdir(parents=True)

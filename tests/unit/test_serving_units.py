@@ -36,7 +36,7 @@ from distml.serving.protocol import (
     json_values,
 )
 from distml.training.candidate import train_candidate
-from tests.conftest import TINY, make_config
+from tests.helpers.configs import TINY, make_config
 
 
 class Model:

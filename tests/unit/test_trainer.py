@@ -14,7 +14,7 @@ from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
 from distml.training.candidate import train_candidate
 from distml.training.trainer import TrainState
-from tests.conftest import make_config
+from tests.helpers.configs import make_config
 
 
 class Crash(Callback):

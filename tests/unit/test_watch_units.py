@@ -12,7 +12,7 @@ import pytest
 
 from distml.errors import ConfigError, DistmlError
 from distml.workflow.watch import STATE, Watcher, landed, watch_dir
-from tests.conftest import make_config
+from tests.helpers.configs import make_config
 
 
 def _file_config(tiny_raw, tmp_path):
