@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from tests.helpers.net import free_port
 
 from bench.common import save
 from bench.loadgen import run_level, summarize
@@ -61,12 +61,6 @@ def _train(root: Path) -> tuple[Path, np.ndarray]:
     from sklearn.datasets import load_digits
 
     return root / "registry" / "digits" / "v1", load_digits().data.astype(np.float32)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _payloads(rows: np.ndarray) -> dict[str, list[tuple[bytes, str]]]:
@@ -94,20 +88,20 @@ def _commands(artifact: Path, folder: Path) -> dict[str, tuple[list[str], int]]:
     cmds: dict[str, tuple[list[str], int]] = {}
     for name, flags in {"distml_batched": ["--max-batch-size", "64", "--max-delay-ms", "2"],
                         "distml_unbatched": ["--no-batching"]}.items():
-        port = _free_port()
+        port = free_port()
         cmds[name] = ([sys.executable, "-m", "distml", "serve", str(artifact), "--port",
                        str(port), "--max-queue-rows", "100000", *flags], port)
     for name, extra in {"plain_fastapi": [], "plain_fastapi_tuned": ["--tuned"]}.items():
-        port = _free_port()
+        port = free_port()
         cmds[name] = ([sys.executable, "-m", "bench.plain_server", str(artifact), str(port),
                        *extra], port)
-    port = _free_port()
+    port = free_port()
     cmds["litserve"] = ([str(python("litserve")), str(PEERS / "litserve_peer.py"),
                          str(artifact), str(port)], port)
-    port = _free_port()
+    port = free_port()
     cmds["kserve"] = ([str(python("kserve")), str(PEERS / "kserve_peer.py"), str(artifact),
-                       str(port), str(_free_port())], port)
-    port = _free_port()
+                       str(port), str(free_port())], port)
+    port = free_port()
     cmds["mlserver"] = ([str(python("mlserver").parent / "mlserver"), "start",
                          str(_mlserver_folder(artifact, folder / "mlserver", port))], port)
     return cmds
@@ -120,7 +114,7 @@ def _mlserver_folder(artifact: Path, folder: Path, port: int) -> Path:
     model.mkdir(parents=True, exist_ok=True)
     shutil.copy(PEERS / "mlserver_peer.py", model / "mlserver_peer.py")
     (folder / "settings.json").write_text(json.dumps({
-        "http_port": port, "grpc_port": _free_port(), "metrics_port": _free_port(),
+        "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
         "debug": False, "parallel_workers": 0}))  # see module docstring
     (model / "model-settings.json").write_text(json.dumps({
         "name": "digits", "implementation": "mlserver_peer.DigitsRuntime",

@@ -14,9 +14,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from tests.helpers.net import free_port
+
 from bench.common import save
 from bench.loadgen import run_level, summarize
-from bench.serve import PATH, REPEATS, SECONDS, _free_port, _payloads, _start, _stop, _train
+from bench.serve import PATH, REPEATS, SECONDS, _payloads, _start, _stop, _train
 
 LEVELS = (1, 32)
 SERVERS = {"monitored": [], "unmonitored": ["--no-monitor"]}
@@ -31,7 +33,7 @@ def main() -> dict:
         with contextlib.ExitStack() as stack:
             ports = {}
             for name, flags in SERVERS.items():
-                port = ports[name] = _free_port()
+                port = ports[name] = free_port()
                 cmd = [sys.executable, "-m", "distml", "serve", str(artifact), "--port",
                        str(port), "--max-batch-size", "64", "--max-delay-ms", "2", *flags]
                 stack.callback(_stop, _start(cmd, port, payload[0][0], Path(tmp)))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 import threading
 import time
 
@@ -268,13 +269,19 @@ def test_duplicates_with_one_key_run_once_across_replicas(trained):
         assert batches_run(url) == before + 1  # one forward pass for the eight, not one each
 
 
+def _replicas(front: subprocess.Popen) -> list[psutil.Process]:
+    """The front's two replica processes (not multiprocessing's resource tracker)."""
+    replicas = [p for p in psutil.Process(front.pid).children()
+                if "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(replicas) == 2
+    return replicas
+
+
 def test_killing_a_replica_fails_only_its_requests_with_503(trained):
     root, x = trained
     with running_server("--registry", str(root / "registry"), "--replicas", "2",
                         cwd=root) as (url, proc, lines):
-        replicas = [p for p in psutil.Process(proc.pid).children()
-                    if "resource_tracker" not in " ".join(p.cmdline())]
-        assert len(replicas) == 2
+        replicas = _replicas(proc)
         # Outcomes are collected and checked here, on the test's thread: an assertion in a
         # client thread would only end that thread.
         results: list[tuple[float, int | str, str]] = []
@@ -354,9 +361,7 @@ def test_stopping_the_front_stops_its_replicas(trained, stop):
     root, _ = trained
     with running_server("--registry", str(root / "registry"), "--replicas", "2",
                         cwd=root) as (_, proc, _):
-        replicas = [p for p in psutil.Process(proc.pid).children()
-                    if "resource_tracker" not in " ".join(p.cmdline())]
-        assert len(replicas) == 2
+        replicas = _replicas(proc)
         getattr(proc, stop)()
         proc.wait(30)
         _, alive = psutil.wait_procs(replicas, timeout=15)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from distml.training.candidate import train_candidate
 from distml.training.telemetry.tensorboard import TensorBoardCallback
 from tests.helpers.cli import distml
 from tests.helpers.configs import make_config, write_config
+from tests.helpers.net import free_port
 
 
 def _events(folder):
@@ -154,9 +154,7 @@ def test_mlflow_one_run_per_candidate_in_a_distributed_run(tmp_path, tiny_raw):
 
 
 def test_an_unreachable_mlflow_server_warns_once_and_the_run_goes_on(tmp_path, tiny_raw):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     tiny_raw["train"]["epochs"] = 1
     tiny_raw["monitor"] = {"mlflow": {"tracking_uri": f"http://127.0.0.1:{port}"}}
     out = distml("run", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path,

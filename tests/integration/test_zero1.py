@@ -4,8 +4,6 @@ per-parameter form a plain optimizer keeps (what checkpoints hold)."""
 
 from __future__ import annotations
 
-import socket
-
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,6 +12,7 @@ from distml.config import TrainSettings
 from distml.distributed.data_parallel import DDP, ZeRO1
 from distml.distributed.runtime import DistEnv
 from distml.models.mlp import MLP
+from tests.helpers.net import free_port
 
 WORLD = 2
 
@@ -69,15 +68,9 @@ def _worker(rank: int, port: int, out: dict) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_zero1_halves_the_optimizer_state_evenly_and_trains_and_resumes_as_ddp():
     out = mp.Manager().dict()
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     ddp_optim = out[0]["ddp_bytes"]["optimizer"]
     shares = [out[r]["zero_bytes"]["optimizer"] / ddp_optim for r in range(WORLD)]
     for share in shares:  # torch's ZeroRedundancyOptimizer: 0.92 / 0.08 on this model
