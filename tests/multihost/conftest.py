@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.multihost.netns import Cluster, probe, remove_stale, unavailable_reason
+from tests.helpers.multihost.netns import Cluster, probe, remove_stale, unavailable_reason
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ from distml.config import load_config
 from distml.serving.predict import predict
 from distml.trust import TrustPolicy
 from distml.workflow.pipeline import stage_ingest, stage_train, start_run
-from tests.multihost.engines import dask_cluster, node_env, ray_cluster
-from tests.multihost.netns import Cluster, Node, kill_group
+from tests.helpers.multihost.engines import dask_cluster, node_env, ray_cluster
+from tests.helpers.multihost.netns import Cluster, Node, kill_group
 
 pytestmark = pytest.mark.multihost
 

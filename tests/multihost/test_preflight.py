@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.multihost.engines import node_env
-from tests.multihost.jobs import CONFIG
-from tests.multihost.netns import Cluster, Node
+from tests.helpers.multihost.engines import node_env
+from tests.helpers.multihost.jobs import CONFIG
+from tests.helpers.multihost.netns import Cluster, Node
 
 pytestmark = pytest.mark.multihost
 

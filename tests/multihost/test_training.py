@@ -18,9 +18,9 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from tests.multihost.engines import BIN, node_env
-from tests.multihost.jobs import CONFIG, ENV, start_agent, wait_all
-from tests.multihost.netns import Cluster, Node, kill_group
+from tests.helpers.multihost.engines import BIN, node_env
+from tests.helpers.multihost.jobs import CONFIG, ENV, start_agent, wait_all
+from tests.helpers.multihost.netns import Cluster, Node, kill_group
 
 pytestmark = pytest.mark.multihost
 

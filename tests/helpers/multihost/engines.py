@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distml.distributed.network import SOCKET_IFNAME_VARS
-from tests.multihost.netns import Node, kill_group
+from tests.helpers.multihost.netns import Node, kill_group
 
 BIN = Path(sys.executable).parent
-ROOT = Path(__file__).parents[2]
+ROOT = Path(__file__).parents[3]
 
 
 INHERITED_NOT = {*SOCKET_IFNAME_VARS, "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",

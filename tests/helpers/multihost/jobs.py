@@ -6,8 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.multihost.engines import node_env
-from tests.multihost.netns import Node, kill_group
+from tests.helpers.multihost.engines import node_env
+from tests.helpers.multihost.netns import Node, kill_group
 
 CONFIG = {
     "name": "mh", "seed": 0,
