@@ -3,6 +3,7 @@ back with MLflow's client from a real SQL store; scaling studies in the run repo
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import subprocess
@@ -18,7 +19,7 @@ from distml.rundir import RunDir
 from distml.training.candidate import train_candidate
 from distml.training.telemetry.tensorboard import TensorBoardCallback
 from tests.helpers.cli import distml
-from tests.helpers.configs import make_config, write_config
+from tests.helpers.configs import TINY, make_config, write_config
 from tests.helpers.net import free_port
 
 
@@ -28,11 +29,23 @@ def _events(folder):
     return acc
 
 
-def test_scalars_histograms_and_graph_per_candidate_from_rank_0_only(tmp_path, tiny_raw):
-    tiny_raw["train"].update(parallel={"strategy": "ddp", "world_size": 2})
-    tiny_raw["monitor"] = {"histogram_every_steps": 10, "system_metrics_interval_s": 0.05}
-    distml("train", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path)
-    (run,) = (tmp_path / "runs" / "tiny").glob("2*")
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory) -> Path:
+    """The folder of one ``distml run`` of the tiny config under ddp on two ranks, with
+    TensorBoard (histograms every 10 steps), MLflow and system metrics on: run once, and
+    only read by the tests of both trackers."""
+    root = tmp_path_factory.mktemp("ddp-run")
+    raw = {**copy.deepcopy(TINY), "output_dir": str(root / "runs"),
+           "registry": str(root / "registry"),
+           "monitor": {"mlflow": True, "histogram_every_steps": 10,
+                       "system_metrics_interval_s": 0.05}}
+    raw["train"]["parallel"] = {"strategy": "ddp", "world_size": 2}
+    distml("run", str(write_config(root / "c.yaml", raw)), cwd=root)
+    return root
+
+
+def test_scalars_histograms_and_graph_per_candidate_from_rank_0_only(ddp_run):
+    (run,) = (ddp_run / "runs" / "tiny").glob("2*")
     for cand in ("small", "cnn"):
         files = list((run / "tensorboard" / cand).iterdir())
         assert len(files) == 1  # rank 0 alone writes
@@ -75,8 +88,10 @@ def test_an_unwritable_log_folder_warns_once_and_training_goes_on(tmp_path, tiny
 
 
 def test_scale_ingestion_and_ddp_training(tmp_path, tiny_raw):
-    tiny_raw["data"] = {"source": {"type": "synthetic:classification", "n_samples": 40_000,
-                                   "n_features": 8}, "rows_per_partition": 5_000}
+    # Small: the studies' reports are checked, not the speedups they measure.
+    tiny_raw["data"] = {"source": {"type": "synthetic:classification", "n_samples": 8_000,
+                                   "n_features": 8}, "rows_per_partition": 1_000}
+    tiny_raw["train"]["epochs"] = 1
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
     out = distml("scale", str(cfg), "--stage", "ingest", "--workers", "2,3", "--repeats", "2",
                  "--json", str(tmp_path / "ingest.json"), cwd=tmp_path)
@@ -118,13 +133,10 @@ def test_scale_ingestion_and_ddp_training(tmp_path, tiny_raw):
         assert (run.parent / png).stat().st_size > 1000
 
 
-def test_mlflow_one_run_per_candidate_in_a_distributed_run(tmp_path, tiny_raw):
+def test_mlflow_one_run_per_candidate_in_a_distributed_run(ddp_run):
     from mlflow.tracking import MlflowClient
 
-    tiny_raw["train"].update(parallel={"strategy": "ddp", "world_size": 2})
-    tiny_raw["monitor"] = {"mlflow": True, "system_metrics_interval_s": 0.05}
-    distml("run", str(write_config(tmp_path / "c.yaml", tiny_raw)), cwd=tmp_path)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{ddp_run / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name("tiny")
     runs = client.search_runs([exp.experiment_id])
     (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
@@ -146,7 +158,7 @@ def test_mlflow_one_run_per_candidate_in_a_distributed_run(tmp_path, tiny_raw):
         Path(a.path).name for a in client.list_artifacts(small.info.run_id, "model")}
     assert "report/report.md" in {
         a.path for a in client.list_artifacts(parent.info.run_id, "report")}
-    summary = json.loads(next((tmp_path / "runs" / "tiny").glob("2*/summary.json")).read_text())
+    summary = json.loads(next((ddp_run / "runs" / "tiny").glob("2*/summary.json")).read_text())
     (version,) = client.search_model_versions("name='tiny'")
     assert version.run_id == parent.info.run_id
     assert version.tags["distml.candidate"] == summary["selected"]
