@@ -47,12 +47,22 @@ def trained_digits(tmp_path_factory) -> Path:
     return root
 
 
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)
+    return info is not None and any(
+        d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``make test`` runs two workers), tests that share something
     machine-wide run on one worker, one after another: the multi-host tests (one pair of
-    network namespaces) and the tests that start a Ray cluster (one at a time)."""
+    network namespaces) and the tests that start a Ray cluster (one at a time). So do the
+    tests of a module with a module-scoped fixture (a server, a trained run): split over
+    both workers, each worker would set it up again."""
     for item in items:
         if item.get_closest_marker("multihost"):
             item.add_marker(pytest.mark.xdist_group("multihost"))
         elif "ray" in item.nodeid.lower():
             item.add_marker(pytest.mark.xdist_group("ray"))
+        elif _uses_a_module_fixture(item):
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))

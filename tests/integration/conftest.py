@@ -1,4 +1,5 @@
-"""Fixtures the serving tests share: one trained digits model in a registry per session."""
+"""Fixtures the serving tests share: one trained digits model in a registry per session,
+its predictions, and one server with two replicas."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 from sklearn.datasets import load_digits
 
 from tests.helpers.cli import distml
+from tests.helpers.serving import running_server
 
 
 @pytest.fixture(scope="session")
@@ -27,3 +29,13 @@ def predicted(trained, tmp_path_factory):
     pred = pq.read_table(out)
     return (np.stack(pred["probabilities"].to_numpy(zero_copy_only=False)),
             np.asarray(pred["label"].to_pylist()), pred)
+
+
+@pytest.fixture(scope="session")
+def replica_server(trained):
+    """(url, output lines) of ``distml serve`` with two replicas and gRPC on, for the tests
+    that only send it requests (tests that stop or kill a part start their own)."""
+    root, _ = trained
+    with running_server("--registry", str(root / "registry"), "--replicas", "2",
+                        "--grpc-port", "0", cwd=root) as (url, _, lines):
+        yield url, lines

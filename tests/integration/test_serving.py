@@ -249,24 +249,23 @@ def test_overload_gets_503_at_once_and_late_requests_are_dropped_unrun(trained):
     assert _metric(text, "distml_request_seconds_bucket", route=route, le="5.0") == total
 
 
-def test_duplicates_with_one_key_run_once_across_replicas(trained):
+def test_duplicates_with_one_key_run_once_across_replicas(replica_server, trained):
     # The front pins a key to one replica, so duplicates meet there, whichever replica the
     # least-loaded rule would have picked; the metrics are summed over both replicas.
-    root, x = trained
-    with running_server("--registry", str(root / "registry"), "--replicas", "2",
-                        cwd=root) as (url, _, _):
-        before = batches_run(url)
+    url, _ = replica_server
+    x = trained[1]
+    before = batches_run(url)
 
-        async def burst():
-            async with httpx.AsyncClient(headers={"Idempotency-Key": "order-7"}) as c:
-                return await asyncio.gather(*[
-                    c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[:3]))
-                    for _ in range(8)])
+    async def burst():
+        async with httpx.AsyncClient(headers={"Idempotency-Key": "order-7"}) as c:
+            return await asyncio.gather(*[
+                c.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[:3]))
+                for _ in range(8)])
 
-        responses = asyncio.run(burst())
-        assert {r.status_code for r in responses} == {200}
-        assert len({r.text for r in responses}) == 1
-        assert batches_run(url) == before + 1  # one forward pass for the eight, not one each
+    responses = asyncio.run(burst())
+    assert {r.status_code for r in responses} == {200}
+    assert len({r.text for r in responses}) == 1
+    assert batches_run(url) == before + 1  # one forward pass for the eight, not one each
 
 
 def _replicas(front: subprocess.Popen) -> list[psutil.Process]:

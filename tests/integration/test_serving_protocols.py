@@ -179,20 +179,19 @@ def test_grpc_and_rest_share_metrics_and_idempotency(server, trained):
     assert re.search(r'distml_requests_total\{route="grpc:ModelInfer",status="OK"\} [1-9]', text)
 
 
-def test_grpc_through_replicas(trained, predicted):
+def test_grpc_through_replicas(replica_server, trained, predicted):
     grpcclient = pytest.importorskip("tritonclient.grpc")
-    root, x = trained
-    with running_server("--registry", str(root / "registry"), "--replicas", "2",
-                        "--grpc-port", "0", cwd=root) as (_, _, lines):
-        grpc_at = re.search(r"gRPC at (\S+?),? ", "".join(lines)).group(1)
-        client = grpcclient.InferenceServerClient(url=grpc_at)
-        try:
-            for _ in range(4):  # spread over both replicas
-                inp = grpcclient.InferInput("input", [len(ROWS), 64], "FP32")
-                inp.set_data_from_numpy(x[ROWS])
-                result = client.infer("tiny", [inp])
-                np.testing.assert_allclose(result.as_numpy("probabilities"),
-                                           predicted[0][ROWS], atol=1e-6)
-            assert client.is_model_ready("tiny")
-        finally:
-            client.close()
+    _, lines = replica_server
+    x = trained[1]
+    grpc_at = re.search(r"gRPC at (\S+?),? ", "".join(lines)).group(1)
+    client = grpcclient.InferenceServerClient(url=grpc_at)
+    try:
+        for _ in range(4):  # spread over both replicas
+            inp = grpcclient.InferInput("input", [len(ROWS), 64], "FP32")
+            inp.set_data_from_numpy(x[ROWS])
+            result = client.infer("tiny", [inp])
+            np.testing.assert_allclose(result.as_numpy("probabilities"),
+                                       predicted[0][ROWS], atol=1e-6)
+        assert client.is_model_ready("tiny")
+    finally:
+        client.close()
