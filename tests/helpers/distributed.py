@@ -1,8 +1,10 @@
-"""``distml verify`` and a resume with no step left, for the distributed-training tests."""
+"""The environment of training workers that load test helpers, ``distml verify``, and a
+resume with no step left, for the distributed-training tests."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -10,7 +12,8 @@ from safetensors.torch import load_file
 
 from tests.helpers.cli import ROOT, distml
 
-ENV = {"PYTHONPATH": str(ROOT)}  # workers import tests.helpers
+# Workers import tests.helpers; this checkout's sources come first.
+ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
 
 
 def verify(tmp_path: Path, cfg: Path, *args: str, check: bool = True):

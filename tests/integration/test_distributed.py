@@ -50,7 +50,7 @@ def test_verify_passes_on_the_small_transformer(tmp_path, tiny_raw):
     assert all(r["passed"] for r in report["results"]), report["results"]
 
 
-def test_a_wrong_strategy_failsverify(tmp_path, tiny_raw):
+def test_a_wrong_strategy_fails_verify(tmp_path, tiny_raw):
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
     # SGD: Adam's update barely changes when every gradient doubles, which is exactly why
     # summing instead of averaging goes unnoticed in practice.

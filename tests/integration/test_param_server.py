@@ -13,11 +13,8 @@ from pathlib import Path
 
 from tests.helpers.cli import distml
 from tests.helpers.configs import write_config
+from tests.helpers.distributed import ENV
 from tests.helpers.procs import training_ranks
-
-ROOT = Path(__file__).parents[2]
-# Workers import tests.helpers; this checkout's sources come first.
-ENV = {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
 
 
 def _ps_config(tmp_path: Path, raw: dict, *, world: int, epochs: int,
