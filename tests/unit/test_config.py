@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 
 from distml.config import CustomModelSpec, FileSource, load_config
+from distml.config.executors import ENGINES
 from distml.errors import ConfigError
 from tests.helpers.configs import make_config, write_config
 
@@ -98,7 +100,7 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
         ("data.transforms=[{type: clip}]", r"data\.transforms\[0\]: clip needs min, max or both"),
         ("data.transforms=[normalize]",
          r"data\.transforms\[0\]\.type = 'normalize': transform type must be one of standardize"),
-        ("execution.executor=spark://x", r"execution\.executor = 'spark://x': String should match"),
+        ("execution.executor=spark://x", r"executor = 'spark://x': not an executor; use local, "),
         ("train.candidates=[]", r"train\.candidates = \[\]: List should have at least 1 item"),
         ("name=has space", r"name = 'has space': not a valid name: use 1-100 letters"),
         ("train.candidates.0.model={type: transformer, dim: 30, num_heads: 4}",
@@ -247,3 +249,13 @@ def test_a_parameter_server_student_is_refused_at_load(tiny_raw):
                                           r"'parameter_server'.*use strategy single, ddp, "
                                           r"zero1, fsdp, tensor or pipeline for the student"):
         make_config(tiny_raw)
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_every_executor_form_of_the_engine_table_loads_and_has_its_module(tiny_raw, engine):
+    record = ENGINES[engine]
+    assert callable(importlib.import_module(record.module).make)
+    for form in record.forms:
+        value = form.replace("HOST:PORT", "10.0.0.1:8786")
+        assert make_config({**tiny_raw, "execution": {"executor": value}}).execution.executor \
+            == value

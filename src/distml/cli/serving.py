@@ -20,6 +20,7 @@ from distml.cli.app import (
     trust_policy,
     user_errors,
 )
+from distml.config.executors import executor_forms
 
 
 def _opt(help_: str, **kw: Any) -> Any:
@@ -148,7 +149,7 @@ def predict(
         help="A column to carry into the output as the row id; default: row_id, the "
         "row's position.")] = None,
     executor: Annotated[str, typer.Option(
-        help="local, dask://local, dask://HOST:PORT, ray://local or ray://HOST:PORT.")
+        help=executor_forms() + ".")
     ] = "local",
     workers: Annotated[int | None, typer.Option(help="Worker processes; default: cores.")
                        ] = None,

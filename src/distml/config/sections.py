@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationInfo, field_validator
 
 from distml.config.base import NAME_PATTERN, Strict, resolve_path
+from distml.config.executors import engine_of, executor_forms
 
 _MODULE = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 
@@ -34,10 +35,7 @@ class ExecutionConfig(Strict):
 
     executor: str = Field(
         "local",
-        pattern=r"^(local|(dask|ray)://.+)$",
-        description="local (a process pool on this machine), dask://local (a Dask "
-        "LocalCluster), dask://HOST:PORT (a running Dask scheduler), ray://local or "
-        "ray://HOST:PORT.",
+        description=executor_forms(described=True) + ".",
     )
     num_workers: int | None = Field(
         None, ge=1, description="Worker processes (local, dask://local, ray://local); "
@@ -46,6 +44,13 @@ class ExecutionConfig(Strict):
     retries: int = Field(
         2, ge=0, description="Retries of a failed work item before the stage fails."
     )
+
+    @field_validator("executor")
+    @classmethod
+    def _known_engine(cls, value: str) -> str:
+        if engine_of(value) is None:
+            raise ValueError(f"not an executor; use {executor_forms()}")
+        return value
 
 
 class ServeConfig(Strict):

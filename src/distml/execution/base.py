@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol, TypeVar
 
+from distml.config.executors import ENGINES, engine_of, executor_forms
 from distml.errors import DistmlError
 
 T = TypeVar("T")
@@ -105,15 +106,6 @@ class Executor:
         self.close()
 
 
-# Engines by URL scheme -> the module whose ``make(address, ...)`` builds the executor. The
-# engines import this module, never the other way round.
-ENGINES: dict[str, str] = {
-    "local": "distml.execution.local",
-    "dask": "distml.execution.dask",
-    "ray": "distml.execution.ray",
-}
-
-
 def make_executor(
     spec: str,
     *,
@@ -121,15 +113,15 @@ def make_executor(
     retries: int = 2,
     progress: ProgressFactory | None = None,
 ) -> Executor:
-    """``local``, ``dask://local``, ``dask://HOST:PORT``, ``ray://local`` or ``ray://HOST:PORT``."""
+    """An executor by its ``execution.executor`` value (see ``config.executors``)."""
     workers = num_workers or os.cpu_count() or 1
-    kind, _, address = spec.partition("://")
-    if kind not in ENGINES or (kind == "local") == bool(address):
+    kind = engine_of(spec)
+    if kind is None:
         raise DistmlError(
-            f"execution.executor={spec!r} is not an executor; use local, dask://local, "
-            "dask://HOST:PORT, ray://local or ray://HOST:PORT")
+            f"execution.executor={spec!r} is not an executor; use {executor_forms()}")
+    address = spec.partition("://")[2]
     try:
-        module = importlib.import_module(ENGINES[kind])
+        module = importlib.import_module(ENGINES[kind].module)
     except ImportError as e:
         raise DistmlError(
             f"execution.executor={spec!r} needs {kind.capitalize()}, which is not installed "
