@@ -54,8 +54,9 @@ def git_revision() -> dict[str, Any]:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               check=False).stdout.strip()
 
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--", "src", "bench"))}
+    # The results this run has written already are not a change to the code measured.
+    changed = git("status", "--porcelain", "--", "src", "bench", ":!bench/results")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(changed)}
 
 
 def pin_ranks(proc: subprocess.Popen, cores: list[int]) -> threading.Thread:

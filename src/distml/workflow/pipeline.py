@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from distml.artifact import load_artifact, read_spec, save_artifact
 from distml.config import Candidate, Config
@@ -211,7 +211,7 @@ class Chain:
     """Which stages a command runs over its run folder, and the hooks where it differs
     from ``distml run``: the one way stages are chained."""
 
-    until: str = "select"  # the last stage: "ingest", "train", or "select" (+ report)
+    until: Literal["ingest", "train", "select"] = "select"  # the last stage (select: + report)
     only: str | None = None  # train this candidate and its teachers
     student: bool = True  # False: ``only``'s teachers, not ``only`` itself (distml verify)
     resume: bool = False
