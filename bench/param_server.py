@@ -96,7 +96,7 @@ def _runs(root: Path, family: str) -> list[dict[str, Any]]:
 class StragglerWorker(Straggler):
     """The last rank of the parameter-server launch (a worker) sleeps twice its compute."""
 
-    slow_rank, factor = WORKERS, 2.0
+    slow_rank, factor, min_sleep_s = WORKERS, 2.0, 0.0
 
 
 class StragglerDDP(DDP):

@@ -19,9 +19,11 @@ def median_compute(recent: list[float], seconds: float, *, window: int = 9) -> f
 
 
 class Straggler(Worker):
-    """Worker rank ``slow_rank`` sleeps ``factor`` times its compute time after each batch."""
+    """Worker rank ``slow_rank`` sleeps ``factor`` times its compute time after each batch,
+    and at least ``min_sleep_s``: on a loaded machine a round trip to the server can outlast
+    ten times a tiny model's compute, and then a relative sleep alone slows nobody down."""
 
-    slow_rank, factor = 2, 10.0
+    slow_rank, factor, min_sleep_s = 2, 10.0, 0.05
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -30,6 +32,6 @@ class Straggler(Worker):
     def after_gradient(self, compute: float) -> float:
         if self.rank != self.slow_rank:
             return 0.0
-        sleep = self.factor * median_compute(self.recent, compute)
+        sleep = max(self.factor * median_compute(self.recent, compute), self.min_sleep_s)
         time.sleep(sleep)
         return sleep

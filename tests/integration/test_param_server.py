@@ -98,7 +98,8 @@ def test_killed_worker_and_server_under_async(tmp_path, tiny_raw):
 def test_ssp_never_exceeds_its_bound_under_a_straggler(tmp_path, tiny_raw):
     free = {"name": "free", "model": {"type": "mlp", "hidden_sizes": [16]},
             "parallel": {"parameter_server": {"mode": "async"}}}
-    # Worker rank 2 sleeps 10x its compute time after every batch (both candidates).
+    # Worker rank 2 sleeps 10x its compute time (at least 50 ms) after every batch (both
+    # candidates).
     cfg = _ps_config(tmp_path, tiny_raw, world=3, epochs=2, more=(free,), mode="ssp",
                      staleness=1, worker="tests.helpers.straggler:Straggler")
     distml("train", str(cfg), cwd=tmp_path, env=ENV)
