@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from distml.artifact import WEIGHTS, file_sha256, read_spec, write_spec
 from distml.cli import app
+from distml.drift.columns import Gate
 from distml.errors import ArtifactError
 from distml.registry import Registry
 from distml.workflow.drift_report import run_monitor
@@ -78,7 +79,7 @@ def test_monitor_refuses_code_untrusted(code_artifact, trained_digits, tmp_path)
     with pytest.raises(ArtifactError, match=f"transform '{fn}'"):
         run_monitor(str(art), trained_digits / "digits.parquet", tmp_path / "report",
                     registry=trained_digits / "registry", labels=None, json_out=None,
-                    alpha=0.05, detector="adwin")
+                    gate=Gate(), detector="adwin")
     assert not marker.exists()
 
 

@@ -225,3 +225,20 @@ def test_a_cycle_killed_mid_training_and_after_registering_resumes_in_its_run(tm
     links = sorted(p.name for p in (tmp_path / "runs" / "stream" / "watch" / "cycles" / "0001"
                                     / "data").iterdir())
     assert links == ["0000-b1.parquet", "0001-a0.parquet"]  # the new file first
+
+
+def test_a_large_file_of_unchanged_data_is_not_retrained_on(tmp_path):
+    (tmp_path / "initial").mkdir()
+    # a large training set: the reference's sample is what the tests need, whatever its size
+    land(tmp_path / "initial" / "a0.parquet", "A", seed=0, n=50_000)
+    cfg = config(tmp_path, tmp_path / "initial", epochs=1)
+    distml("run", str(cfg), "-q", cwd=tmp_path)
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    land(landing / "a1.parquet", "A", seed=1, n=200_000)
+    out = watch(cfg, landing).stdout
+    assert "no drift: production kept" in out, out
+    (cycle,) = _state(tmp_path)["cycles"]
+    assert cycle["drift"]["drifted_features"] == []
+    assert cycle["drift"]["concept_drift"] is False
+    assert [v.version for v in Registry(tmp_path / "registry").versions("stream")] == [1]

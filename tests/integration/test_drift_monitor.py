@@ -17,7 +17,7 @@ from distml.config import DataConfig
 from distml.data import transforms
 from distml.data.dataset import load_split
 from distml.data.ingest import ingest
-from distml.drift.columns import feature_drift
+from distml.drift.columns import Gate, feature_drift
 from distml.drift.reference import build_reference, read_reference
 from distml.errors import ConfigError, DataError
 from distml.workflow.drift_report import run_monitor
@@ -60,7 +60,7 @@ def digits(trained_digits, tmp_path_factory):
 
 def _monitor(root: Path, file: Path, out: str, labels: str | None = "label") -> dict:
     return run_monitor("tiny", file, root / out, registry=root / "registry", labels=labels,
-                       json_out=None, alpha=0.05, detector="adwin")
+                       json_out=None, gate=Gate(), detector="adwin")
 
 
 def test_the_registered_model_carries_a_small_reference(digits):
@@ -120,11 +120,11 @@ def test_a_missing_label_column_is_refused_and_nothing_is_written(digits):
     root, _, files = digits
     with pytest.raises(DataError, match="--labels 'target' is not a column of .*; it has "):
         run_monitor("tiny", files["same"], root / "bad-report", registry=root / "registry",
-                    labels="target", json_out=None, alpha=0.05, detector="adwin")
+                    labels="target", json_out=None, gate=Gate(), detector="adwin")
     assert not (root / "bad-report").exists()
     with pytest.raises(ConfigError, match="'cusum' is not known; choose from adwin"):
         run_monitor("tiny", files["same"], root / "bad-report", registry=root / "registry",
-                    labels=None, json_out=None, alpha=0.05, detector="cusum")
+                    labels=None, json_out=None, gate=Gate(), detector="cusum")
 
 
 def test_a_categorical_column_is_monitored_through_onehot_and_standardize(tmp_path):

@@ -10,12 +10,11 @@ import pytest
 from scipy import stats
 
 from distml.drift.columns import (
-    NumericReference,
+    Gate,
     chi2_categorical,
     feature_drift,
-    ks_numeric,
+    numeric_column,
     psi,
-    psi_numeric,
 )
 from distml.drift.detectors import (
     ErrorDetector,
@@ -27,48 +26,85 @@ from distml.drift.detectors import (
     window_bounds,
 )
 from distml.drift.monitor import DriftMonitor, DriftSettings, _Ring
-from distml.drift.reference import categorical_sketch, numeric_sketch, sketch_columns
+from distml.drift.reference import (
+    SAMPLE_ROWS,
+    categorical_sketch,
+    numeric_sketch,
+    sketch_columns,
+)
 from distml.errors import ConfigError
 
 RNG = np.random.default_rng(0)
 
 
-def test_an_exact_sketch_gives_scipys_two_sample_ks():
+def _col(values: np.ndarray, name: str = "c") -> dict:
+    return {"name": name, "kind": "numeric", "features": [name], **numeric_sketch(values)}
+
+
+def test_a_discrete_column_keeps_exact_counts_and_gets_scipys_chi2_on_them():
     ref = RNG.integers(0, 17, 3000).astype(np.float32)
-    new = RNG.integers(2, 17, 400).astype(np.float32)
-    sketch = numeric_sketch(ref)
-    assert not sketch["interpolate"]  # 17 values: every one kept
-    d, p = ks_numeric(NumericReference(sketch), new)
-    expected = stats.ks_2samp(ref, new, method="asymp")
-    assert d == pytest.approx(expected.statistic, abs=1e-6)
-    assert p == pytest.approx(expected.pvalue, rel=1e-3)
+    new = np.append(RNG.integers(2, 17, 400), [40, 40]).astype(np.float32)  # 40: never seen
+    col = _col(ref)
+    assert col["discrete"]
+    assert col["counts"] == np.unique(ref, return_counts=True)[1].tolist()
+    r = numeric_column(col, new)
+    assert r.test == "chi2"
+    counts = np.append(np.unique(ref, return_counts=True)[1], 0)
+    new_counts = np.append(np.bincount(new[new < 17].astype(int), minlength=17), 2)
+    expected = stats.chi2_contingency(np.stack([counts, new_counts]))
+    assert r.p_value == pytest.approx(expected.pvalue)
+    assert r.effect_measure == "jensen_shannon"
 
 
-def test_a_quantile_sketch_is_close_to_the_full_sample():
-    ref = RNG.normal(size=20_000).astype(np.float32)
+def test_a_continuous_column_keeps_a_seeded_sample_and_its_true_size_and_ks_uses_both():
+    values = RNG.normal(size=50_000).astype(np.float32)
+    col = _col(values)
+    assert not col["discrete"]
+    assert col["rows"] == 50_000
+    assert len(col["sample"]) == SAMPLE_ROWS
+    assert col == _col(values)  # seeded
     new = RNG.normal(0.3, 1.0, 2000).astype(np.float32)
-    sketch = numeric_sketch(ref)
-    assert sketch["interpolate"]
-    assert len(sketch["points"]) == 101
-    d, _ = ks_numeric(NumericReference(sketch), new)
-    assert d == pytest.approx(stats.ks_2samp(ref, new).statistic, abs=0.01)
+    r = numeric_column(col, new)
+    expected = stats.ks_2samp(np.asarray(col["sample"], np.float64), new.astype(np.float64))
+    assert (r.statistic, r.p_value) == pytest.approx((expected.statistic, expected.pvalue))
+    assert r.effect == pytest.approx(0.3, abs=0.05)  # normed Wasserstein: sds moved
 
 
-def test_ks_separates_a_shift_from_a_fresh_sample_of_the_same_distribution():
-    ref = NumericReference(numeric_sketch(RNG.normal(size=5000)))
-    _, p_same = ks_numeric(ref, RNG.normal(size=500))
-    _, p_shift = ks_numeric(ref, RNG.normal(0.5, 1.0, 500))
-    assert p_same > 0.05
-    assert p_shift < 1e-6
+@pytest.mark.parametrize("rows", [100_000, 1_000_000])
+def test_fresh_rows_of_the_training_distribution_name_no_column_at_any_size(rows):
+    rng = np.random.default_rng(rows)
+    train = np.concatenate([rng.normal(size=(20_000, 4)), rng.integers(0, 5, (20_000, 4))],
+                           axis=1).astype(np.float32)
+    names = [f"c{j}" for j in range(8)]
+    cols = [{"name": n, "kind": "numeric", "features": [n]} for n in names]
+    ref = {"columns": sketch_columns(cols, names, train)}
+    new = np.concatenate([rng.normal(size=(rows, 4)), rng.integers(0, 5, (rows, 4))],
+                         axis=1).astype(np.float32)
+    results = feature_drift(ref, new, names)
+    assert [r.column for r in results if r.drifted] == []
+    assert max(r.effect for r in results) < 0.05
+    new[:, 1] += 0.25  # a quarter of a standard deviation
+    new[:, 6] = np.where(rng.random(rows) < 0.3, 4, new[:, 6])  # a share of 4 moved
+    assert [r.column for r in feature_drift(ref, new, names) if r.drifted] == ["c1", "c6"]
+
+
+def test_a_significant_but_tiny_difference_is_not_drift():
+    col = _col(RNG.normal(size=20_000).astype(np.float32))
+    new = RNG.normal(0.05, 1.0, (1_000_000, 1)).astype(np.float32)  # 0.05 sd: significant
+    [r] = feature_drift({"columns": [col]}, new, ["c"])
+    assert r.significant
+    assert not r.drifted
+    [r] = feature_drift({"columns": [col]}, new, ["c"], gate=Gate(min_wasserstein=0.01))
+    assert r.drifted
 
 
 def test_psi_is_zero_for_the_same_shares_and_large_for_a_shift():
     assert psi([0.5, 0.5], [0.5, 0.5]) == 0.0
     # by hand: (0.8 - 0.5) ln(0.8/0.5) + (0.2 - 0.5) ln(0.2/0.5)
     assert psi([0.5, 0.5], [0.8, 0.2]) == pytest.approx(0.3 * np.log(1.6) + 0.3 * np.log(2.5))
-    ref = NumericReference(numeric_sketch(RNG.normal(size=10_000)))
-    assert psi_numeric(ref, RNG.normal(size=5000)) < 0.02
-    assert psi_numeric(ref, RNG.normal(1.0, 1.0, 5000)) > 0.25
+    col = _col(RNG.normal(size=10_000))
+    assert numeric_column(col, RNG.normal(size=5000)).psi < 0.02
+    assert numeric_column(col, RNG.normal(1.0, 1.0, 5000)).psi > 0.25
 
 
 def test_chi2_on_categories_and_an_unseen_category_is_drift():
@@ -89,7 +125,7 @@ def test_benjamini_hochberg_names_the_shifted_columns_only():
     ref = {"columns": _columns(30, RNG.normal(size=(4000, 30)).astype(np.float32))}
     new = RNG.normal(size=(600, 30)).astype(np.float32)
     new[:, [4, 17]] += 0.4
-    results = feature_drift(ref, new, [f"c{j}" for j in range(30)], alpha=0.05)
+    results = feature_drift(ref, new, [f"c{j}" for j in range(30)])
     assert [r.column for r in results if r.drifted] == ["c4", "c17"]
     raw_p = [r.p_value for r in results]
     # the adjusted p-values are scipy's BH over the same p-values, in the same order

@@ -37,6 +37,12 @@ def monitor_cmd(
     out: Annotated[Path, typer.Option(help="Report folder.")] = Path("drift-report"),
     alpha: Annotated[float, typer.Option(min=1e-6, max=0.5, help="False discovery rate "
                                          "across the columns' tests.")] = 0.05,
+    min_wasserstein: Annotated[float, typer.Option(min=0.0, help="Normed Wasserstein distance "
+                                                   "a continuous column needs to be drifted.")
+                               ] = 0.1,
+    min_jensen_shannon: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Jensen-Shannon distance a discrete or categorical column "
+        "needs to be drifted.")] = 0.1,
     detector: Annotated[str, typer.Option(help="adwin, ddm, hddm_a, hddm_w or page_hinkley.")
                         ] = "adwin",
     registry: RegistryOpt = Path("registry"),
@@ -44,10 +50,12 @@ def monitor_cmd(
     trust_module: TrustModuleOpt = None,
 ) -> None:
     """Data and concept drift of new rows against the model's training reference."""
+    from distml.drift.columns import Gate
     from distml.workflow.drift_report import print_summary, run_monitor
 
+    gate = Gate(alpha, min_wasserstein, min_jensen_shannon)
     print_summary(console, run_monitor(ref, input_, out, registry=registry, labels=labels,
-                                       json_out=json_out, alpha=alpha, detector=detector,
+                                       json_out=json_out, gate=gate, detector=detector,
                                        trust=trust_policy(trust_code, trust_module)))
 
 

@@ -58,6 +58,7 @@ from distml.config.parallel import (
     PipelineConfig,
 )
 from distml.config.sections import (
+    DriftConfig,
     ExecutionConfig,
     MlflowConfig,
     MonitorConfig,
@@ -70,7 +71,7 @@ from distml.config.train import Candidate, TrainConfig, TrainSettings, deep_merg
 __all__ = [
     "METRIC_HIGHER_IS_BETTER", "MODELS", "SOURCES", "TASK_METRICS", "TRANSFORMS", "VOCAB_SIZE",
     "ZOO", "CNNSpec", "Candidate", "ClipSpec", "Config", "CustomModelSpec", "DataConfig",
-    "DigitsSource", "DistillConfig", "ExecutionConfig", "FileSource", "FsdpConfig",
+    "DigitsSource", "DistillConfig", "DriftConfig", "ExecutionConfig", "FileSource", "FsdpConfig",
     "ImputeSpec", "LoaderConfig",
     "MLPSpec", "MinMaxSpec", "MlflowConfig", "ModelSpec", "MonitorConfig", "OneHotSpec",
     "ParallelConfig", "ParallelDims", "ParameterServerConfig", "PipelineConfig", "SelectConfig",

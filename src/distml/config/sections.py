@@ -184,6 +184,22 @@ class WatchConfig(Strict):
         return resolve_path(value, info) if isinstance(value, str | Path) else value
 
 
+class DriftConfig(Strict):
+    """When a column counts as drifted (distml watch's check; distml monitor's defaults)."""
+
+    alpha: float = Field(0.05, gt=0, lt=1, description="False discovery rate of the columns' "
+                         "tests in one report (Benjamini-Hochberg): a column must be "
+                         "significant at it to be drifted.")
+    min_wasserstein: float = Field(
+        0.1, ge=0, description="A continuous column is drifted only if its normed Wasserstein "
+        "distance (Wasserstein / the reference's standard deviation: how many standard "
+        "deviations it moved) is at least this.")
+    min_jensen_shannon: float = Field(
+        0.1, ge=0, le=1, description="A discrete (at most 64 values) or categorical column is "
+        "drifted only if the Jensen-Shannon distance (base 2) of its shares to the "
+        "reference's is at least this.")
+
+
 class MonitorConfig(Strict):
     """Tracking and monitoring."""
 
@@ -200,6 +216,8 @@ class MonitorConfig(Strict):
 
     watch: WatchConfig = Field(default_factory=WatchConfig, description="The continuous-"
                                "training loop (distml watch).")
+    drift: DriftConfig = Field(default_factory=DriftConfig, description="When a column is "
+                               "named drifted: significance and an effect size.")
 
     @field_validator("mlflow", mode="before")
     @classmethod

@@ -1,16 +1,29 @@
-"""Data drift per input column against the training reference, with scipy.stats:
+"""Data drift per input column against the training reference, with scipy.stats.
 
-- numeric: the two-sample Kolmogorov-Smirnov statistic between the reference sketch's CDF
-  and the new values' empirical CDF, its p-value from scipy's ``kstwo`` distribution at the
-  effective size n*m/(n+m) (as ``ks_2samp``'s asymptotic method does; conservative for
-  discrete values);
-- categorical: the chi-squared test of homogeneity (``chi2_contingency``) of the reference's
-  and the new category counts;
-- the p-values of all columns are corrected together with Benjamini-Hochberg
-  (``false_discovery_control``): a column is drifted when its adjusted p-value is below
-  ``alpha``, so at most ``alpha`` of the columns named drifted are expected to be wrong;
-- PSI (population stability index) over the reference's deciles (or categories) is the
-  effect size and the summary score (PSI < 0.1 stable, 0.1-0.25 moderate, > 0.25 major).
+A column is **drifted** when its difference from the reference is both *significant* and
+*large enough to matter*:
+
+- significance: continuous numeric columns, the two-sample Kolmogorov-Smirnov test
+  (``ks_2samp``) of the new values against the reference's sample, which accounts for both
+  samples' sizes (it is exact at any size of the new data: the sample is a true sample of
+  the training rows); discrete numeric columns (few distinct values) and categorical ones,
+  the chi-squared test of homogeneity (``chi2_contingency``) of the reference's exact
+  counts and the new counts, values the reference never saw counted in one extra bin. The
+  p-values of all columns of a report are corrected together with Benjamini-Hochberg
+  (``false_discovery_control``) at ``alpha``;
+- effect size: continuous columns, the Wasserstein distance between the new values and the
+  reference sample divided by the reference's standard deviation (*normed Wasserstein*, in
+  standard deviations the distribution moved: a 0.25-sd shift scores 0.25); discrete and
+  categorical columns, the Jensen-Shannon distance (base 2, in [0, 1]) between the
+  reference's and the new shares. The effect must reach ``min_wasserstein`` or
+  ``min_jensen_shannon`` (0.1 by default, Evidently's thresholds for the same measures).
+
+With the null hypothesis true for every column, BH keeps the chance of any column being
+*significant* at most ``alpha`` in one report; the effect gate then keeps fresh rows of the
+training distribution from being named at any size (at 10^5-10^6 rows a test finds
+differences far too small to matter: the reference is a sample, the data a snapshot).
+PSI (population stability index) over the reference's deciles (or categories) is kept as
+the summary score (PSI < 0.1 stable, 0.1-0.25 moderate, > 0.25 major).
 """
 
 from __future__ import annotations
@@ -21,10 +34,26 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+from scipy.spatial import distance
 
 logger = logging.getLogger(__name__)
 
 PSI_EPS = 1e-4  # proportions floor: an empty bin would make PSI infinite
+MIN_WASSERSTEIN = 0.1  # normed Wasserstein (reference standard deviations) to be drifted
+MIN_JENSEN_SHANNON = 0.1  # Jensen-Shannon distance (base 2) to be drifted
+
+
+@dataclass(frozen=True)
+class Gate:
+    """What makes a column drifted: significance after BH, and an effect at least this big."""
+
+    alpha: float = 0.05
+    min_wasserstein: float = MIN_WASSERSTEIN
+    min_jensen_shannon: float = MIN_JENSEN_SHANNON
+
+    def minimum(self, measure: str) -> float:
+        return self.min_wasserstein if measure == "wasserstein_normed" else \
+            self.min_jensen_shannon
 
 
 @dataclass
@@ -34,10 +63,13 @@ class ColumnDrift:
     test: str  # ks | chi2
     statistic: float
     p_value: float
+    effect: float  # normed Wasserstein (ks) or Jensen-Shannon distance (chi2)
+    effect_measure: str  # wasserstein_normed | jensen_shannon
     psi: float
     rows: int
     p_adjusted: float = 1.0
-    drifted: bool = False
+    significant: bool = False  # BH-adjusted p below alpha
+    drifted: bool = False  # significant and the effect at least the gate's minimum
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,63 +82,41 @@ def psi(ref: np.ndarray, new: np.ndarray) -> float:
     return float(np.sum((q - p) * np.log(q / p)))
 
 
-class NumericReference:
-    """A numeric sketch as a right-continuous CDF (steps, or linear between quantiles)."""
-
-    def __init__(self, sketch: dict[str, Any]) -> None:
-        self.points = np.asarray(sketch["points"], dtype=np.float32).astype(np.float64)
-        self.cdf = np.asarray(sketch["cdf"], dtype=np.float64)
-        self.interpolate = bool(sketch["interpolate"])
-        self.rows = int(sketch["rows"])
-
-    def __call__(self, x: np.ndarray, *, left: bool = False) -> np.ndarray:
-        """F(x), or F(x-) with ``left``."""
-        i = np.searchsorted(self.points, x, side="left" if left else "right")  # points <= x
-        below = np.concatenate([[0.0], self.cdf])[i]  # F at the last point at or below x
-        if not self.interpolate:
-            return below
-        # Between quantiles q[i-1] < x < q[i] the CDF is linear; at and beyond the ends flat.
-        inside = (i > 0) & (i < len(self.points))
-        j = np.clip(i, 1, len(self.points) - 1)
-        lo, hi = self.points[j - 1], self.points[j]
-        frac = np.where(hi > lo, (x - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0)
-        between = self.cdf[j - 1] + frac * (self.cdf[j] - self.cdf[j - 1])
-        return np.where(inside & (x > lo), between, below)
-
-    def quantile_edges(self, bins: int = 10) -> np.ndarray:
-        """Distinct inner edges at the reference's 1/bins, ..., (bins-1)/bins quantiles."""
-        levels = np.arange(1, bins) / bins
-        if self.interpolate:
-            return np.unique(np.interp(levels, self.cdf, self.points))
-        # a step CDF: the first point whose cumulative share reaches the level
-        idx = np.minimum(np.searchsorted(self.cdf, levels - 1e-9), len(self.points) - 1)
-        return np.unique(self.points[idx])
+def jensen_shannon(ref_counts: np.ndarray, new_counts: np.ndarray) -> float:
+    """Jensen-Shannon distance (base 2: 0 the same shares, 1 disjoint) of two count vectors."""
+    p, q = np.asarray(ref_counts, np.float64), np.asarray(new_counts, np.float64)
+    if p.sum() == 0 or q.sum() == 0:
+        return 0.0
+    return float(distance.jensenshannon(p / p.sum(), q / q.sum(), base=2))
 
 
-def ks_numeric(ref: NumericReference, values: np.ndarray) -> tuple[float, float]:
-    """(KS statistic, p-value) of ``values`` against the reference sketch."""
-    x = np.sort(np.asarray(values, dtype=np.float32).astype(np.float64))
-    m = len(x)
-    u = np.unique(x)
-    f_right = np.searchsorted(x, u, side="right") / m  # F_new(u)
-    f_left = np.searchsorted(x, u, side="left") / m  # F_new(u-)
-    # Both CDFs are monotone: the supremum of |F_ref - F_new| is at a new value (from either
-    # side) or, for a step reference, at one of its points.
-    d = max(np.max(np.abs(ref(u) - f_right)), np.max(np.abs(ref(u, left=True) - f_left)))
-    if not ref.interpolate:
-        pts = ref.points
-        d = max(d, np.max(np.abs(ref(pts) - np.searchsorted(x, pts, side="right") / m)))
-    n_eff = max(1, round(ref.rows * m / (ref.rows + m)))
-    return float(d), float(stats.kstwo.sf(d, n_eff))
+def _finite(values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float32)
+    return values[~np.isnan(values)].astype(np.float64)
 
 
-def psi_numeric(ref: NumericReference, values: np.ndarray) -> float:
-    edges = ref.quantile_edges()
-    ref_props = np.diff(np.concatenate([[0.0], ref(edges), [1.0]]))  # bins (e[k-1], e[k]]
-    new_bins = np.searchsorted(edges, np.asarray(values, np.float32).astype(np.float64),
-                               side="left")
-    new_props = np.bincount(new_bins, minlength=len(edges) + 1) / max(1, len(values))
-    return psi(ref_props, new_props)
+def continuous_test(column: dict[str, Any], values: np.ndarray
+                    ) -> tuple[float, float, float, float]:
+    """(KS statistic, p-value, normed Wasserstein, PSI) of ``values`` against the sample."""
+    sample = np.asarray(column["sample"], dtype=np.float32).astype(np.float64)
+    res = stats.ks_2samp(sample, values)
+    scale = column["std"] if column["std"] > 0 else 1.0
+    effect = stats.wasserstein_distance(sample, values) / scale
+    edges = np.unique(np.quantile(sample, np.arange(1, 10) / 10))  # the sample's deciles
+    ref_props = np.bincount(np.searchsorted(edges, sample), minlength=len(edges) + 1)
+    new_props = np.bincount(np.searchsorted(edges, values), minlength=len(edges) + 1)
+    score = psi(ref_props / len(sample), new_props / len(values))
+    return float(res.statistic), float(res.pvalue), float(effect), score
+
+
+def discrete_counts(column: dict[str, Any], values: np.ndarray) -> np.ndarray:
+    """New counts of the reference's values, then of values it never saw (one bin)."""
+    ref_values = np.asarray(column["values"], dtype=np.float32)
+    v = np.asarray(values, dtype=np.float32)
+    idx = np.minimum(np.searchsorted(ref_values, v), len(ref_values) - 1)
+    seen = ref_values[idx] == v
+    counts = np.bincount(idx[seen], minlength=len(ref_values))
+    return np.append(counts, int((~seen).sum()))
 
 
 def chi2_categorical(ref_counts: np.ndarray, new_counts: np.ndarray) -> tuple[float, float]:
@@ -119,15 +129,26 @@ def chi2_categorical(ref_counts: np.ndarray, new_counts: np.ndarray) -> tuple[fl
     return float(res.statistic), float(res.pvalue)
 
 
+def counts_drift(name: str, kind: str, ref: np.ndarray, new: np.ndarray) -> ColumnDrift:
+    """Chi-squared, Jensen-Shannon and PSI of two aligned count vectors."""
+    stat, p = chi2_categorical(ref, new)
+    rows = int(new.sum())
+    score = psi(ref / max(1, ref.sum()), new / max(1, rows)) if rows else 0.0
+    return ColumnDrift(name, kind, "chi2", stat, p, jensen_shannon(ref, new), "jensen_shannon",
+                       score, rows)
+
+
 def numeric_column(column: dict[str, Any], values: np.ndarray) -> ColumnDrift:
-    ref = NumericReference(column)
-    values = np.asarray(values, dtype=np.float32)
-    values = values[~np.isnan(values)]
+    values = _finite(values)
+    if column.get("discrete"):
+        ref = np.append(np.asarray(column["counts"], np.int64), 0)
+        return counts_drift(column["name"], "numeric", ref, discrete_counts(column, values))
     if len(values) == 0:
-        return ColumnDrift(column["name"], "numeric", "ks", 0.0, 1.0, 0.0, 0)
-    d, p = ks_numeric(ref, values)
-    return ColumnDrift(column["name"], "numeric", "ks", d, p, psi_numeric(ref, values),
-                       len(values))
+        return ColumnDrift(column["name"], "numeric", "ks", 0.0, 1.0, 0.0,
+                           "wasserstein_normed", 0.0, 0)
+    d, p, effect, score = continuous_test(column, values)
+    return ColumnDrift(column["name"], "numeric", "ks", d, p, effect, "wasserstein_normed",
+                       score, len(values))
 
 
 def category_table(column: dict[str, Any], new: dict[str, int]) -> tuple[list[str], np.ndarray,
@@ -145,20 +166,19 @@ def category_table(column: dict[str, Any], new: dict[str, int]) -> tuple[list[st
 
 def categorical_column(column: dict[str, Any], new: dict[str, int]) -> ColumnDrift:
     _, ref, counts = category_table(column, new)
-    stat, p = chi2_categorical(ref, counts)
-    rows = int(counts.sum())
-    score = psi(ref / max(1, ref.sum()), counts / max(1, rows)) if rows else 0.0
-    return ColumnDrift(column["name"], "categorical", "chi2", stat, p, score, rows)
+    return counts_drift(column["name"], "categorical", ref, counts)
 
 
-def correct(results: list[ColumnDrift], *, alpha: float) -> list[ColumnDrift]:
-    """Benjamini-Hochberg across the columns; sets p_adjusted and drifted."""
+def correct(results: list[ColumnDrift], gate: Gate) -> list[ColumnDrift]:
+    """Benjamini-Hochberg across the columns, then the effect gate; sets p_adjusted,
+    significant and drifted."""
     if not results:
         return results
     adjusted = stats.false_discovery_control([r.p_value for r in results], method="bh")
     for r, q in zip(results, adjusted, strict=True):
         r.p_adjusted = float(q)
-        r.drifted = bool(q < alpha and r.rows > 0)
+        r.significant = bool(q < gate.alpha and r.rows > 0)
+        r.drifted = r.significant and r.effect >= gate.minimum(r.effect_measure)
     return results
 
 
@@ -186,7 +206,7 @@ def column_values(column: dict[str, Any], x: np.ndarray, index: dict[str, int]
 
 
 def feature_drift(reference: dict[str, Any], x: np.ndarray, feature_names: list[str], *,
-                  alpha: float = 0.05) -> list[ColumnDrift]:
+                  gate: Gate | None = None) -> list[ColumnDrift]:
     """Every monitored column of ``x`` (N, F model inputs) tested, then corrected together."""
     index = {n: j for j, n in enumerate(feature_names)}
     results = []
@@ -194,11 +214,11 @@ def feature_drift(reference: dict[str, Any], x: np.ndarray, feature_names: list[
         values = column_values(col, x, index)
         results.append(numeric_column(col, values) if col["kind"] == "numeric"
                        else categorical_column(col, values))
-    return correct(results, alpha=alpha)
+    return correct(results, gate or Gate())
 
 
 def prediction_drift(reference: dict[str, Any], predictions: np.ndarray, labels: list[str], *,
-                     alpha: float = 0.05) -> ColumnDrift:
+                     gate: Gate | None = None) -> ColumnDrift:
     """The predicted classes (or values) against the validation split's, uncorrected."""
     ref = {**reference["predictions"], "name": "prediction"}
     if ref["kind"] == "numeric":
@@ -206,4 +226,4 @@ def prediction_drift(reference: dict[str, Any], predictions: np.ndarray, labels:
     else:
         counts = np.bincount(np.asarray(predictions, np.int64), minlength=len(labels))
         result = categorical_column(ref, {labels[i]: int(c) for i, c in enumerate(counts)})
-    return correct([result], alpha=alpha)[0]
+    return correct([result], gate or Gate())[0]

@@ -18,7 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from distml.drift.columns import feature_drift, prediction_drift
+from distml.drift.columns import (
+    MIN_JENSEN_SHANNON,
+    MIN_WASSERSTEIN,
+    Gate,
+    feature_drift,
+    prediction_drift,
+)
 from distml.drift.detectors import (
     HORIZON,
     ErrorDetector,
@@ -35,6 +41,8 @@ class DriftSettings:
     """Defaults tuned on bench/drift.py's tuning seeds (not the reported ones)."""
 
     alpha: float = 0.05  # false discovery rate across the columns' tests
+    min_wasserstein: float = MIN_WASSERSTEIN  # continuous column: effect to be drifted
+    min_jensen_shannon: float = MIN_JENSEN_SHANNON  # discrete/categorical column: the same
     detector: str = "adwin"  # river detector on the error stream
     margin_density: float = 0.3  # share of the reference inside the margin: sets the threshold
     margin_window: int = 200  # samples per margin-density window
@@ -47,6 +55,10 @@ class DriftSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def gate(self) -> Gate:
+        return Gate(self.alpha, self.min_wasserstein, self.min_jensen_shannon)
 
 
 class _Ring:
@@ -164,10 +176,10 @@ class DriftMonitor:
         s = self.settings
         x = self._inputs.values()
         columns = [] if x is None else feature_drift(self.reference, x, self.feature_names,
-                                                     alpha=s.alpha)
+                                                     gate=s.gate)
         outputs = self._outputs.values()
         prediction = None if outputs is None else prediction_drift(
-            self.reference, outputs, self.labels or [], alpha=s.alpha).to_dict()
+            self.reference, outputs, self.labels or [], gate=s.gate).to_dict()
         label_free = self._label_free()
         supervised = self._supervised()
         enough = supervised is not None and self.labelled >= s.error_window

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from distml.drift.columns import NumericReference, category_table  # noqa: E402
+from distml.drift.columns import category_table, discrete_counts  # noqa: E402
 
 
 def safe_name(name: str) -> str:
@@ -22,14 +22,19 @@ def safe_name(name: str) -> str:
 
 def plot_numeric(column: dict[str, Any], values: np.ndarray, result: dict[str, Any],
                  path: Path) -> None:
-    """Reference CDF against the new values' empirical CDF; KS is their largest gap."""
-    ref = NumericReference(column)
+    """Reference sample's empirical CDF against the new values' (KS is their largest gap);
+    a discrete column's shares side by side."""
+    if column.get("discrete"):
+        names = [*(f"{v:g}" for v in column["values"]), "(other)"]
+        ref = np.append(np.asarray(column["counts"]), 0)
+        _bars(names, ref, discrete_counts(column, values), column["name"], result, path)
+        return
+    ref = np.asarray(column["sample"], np.float64)
     x = np.sort(np.asarray(values, np.float32)[~np.isnan(values)])
-    lo, hi = min(ref.points[0], x[0]), max(ref.points[-1], x[-1])
-    grid = np.linspace(lo, hi, 400)
+    grid = np.linspace(min(ref[0], x[0]), max(ref[-1], x[-1]), 400)
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(grid, ref(grid), label=f"reference (training, {ref.rows:,} rows)",
-            drawstyle="default" if ref.interpolate else "steps-post")
+    ax.plot(grid, np.searchsorted(ref, grid, side="right") / len(ref), drawstyle="steps-post",
+            label=f"reference (sample of {len(ref):,} of {column['rows']:,} training rows)")
     ax.plot(grid, np.searchsorted(x, grid, side="right") / len(x),
             label=f"new ({len(x):,} rows)", drawstyle="steps-post")
     ax.set_xlabel(f"{column['name']} (as the model sees it, after preprocessing)")
@@ -42,6 +47,11 @@ def plot_numeric(column: dict[str, Any], values: np.ndarray, result: dict[str, A
 def plot_categorical(column: dict[str, Any], counts: dict[str, int], result: dict[str, Any],
                      path: Path) -> None:
     names, ref, new = category_table(column, counts)
+    _bars(names, ref, new, column["name"], result, path)
+
+
+def _bars(names: list[str], ref: np.ndarray, new: np.ndarray, name: str,
+          result: dict[str, Any], path: Path) -> None:
     keep = (ref + new) > 0
     names = [n for n, k in zip(names, keep, strict=True) if k]
     ref, new = ref[keep] / max(1, ref.sum()), new[keep] / max(1, new.sum())
@@ -51,7 +61,7 @@ def plot_categorical(column: dict[str, Any], counts: dict[str, int], result: dic
     ax.bar(pos + 0.2, new, 0.4, label="new")
     ax.set_xticks(pos, names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("share of rows")
-    _title(ax, column["name"], result)
+    _title(ax, name, result)
     ax.legend(fontsize=8)
     _save(fig, path)
 
@@ -85,8 +95,9 @@ def plot_stream(report: dict[str, Any], path: Path) -> None:
 
 
 def _title(ax: Any, name: str, r: dict[str, Any]) -> None:
+    effect = "normed Wasserstein" if r["effect_measure"] == "wasserstein_normed" else "JS"
     ax.set_title(f"{name}: {r['test']} {r['statistic']:.3g}, adjusted p {r['p_adjusted']:.2g}, "
-                 f"PSI {r['psi']:.3f}", fontsize=9)
+                 f"{effect} {r['effect']:.3f}", fontsize=9)
 
 
 def _save(fig: Any, path: Path) -> None:

@@ -1,19 +1,24 @@
 """What drift monitoring compares against, recorded when the model is selected:
 ``reference.json`` next to ``spec.json`` in the artifact (plain JSON, never unpickled).
 
-- per input column, a sketch of the training split as the model sees it (after the fitted
-  preprocessing): numeric columns with few distinct values keep every value and its count,
-  the others 101 quantiles; categorical (one-hot encoded) columns keep their category counts;
-- the model's predictions on the validation split: predicted class counts (or a sketch of
+- per input column, what a two-sample test needs to be exact, taken from the training split
+  as the model sees it (after the fitted preprocessing): a numeric column with at most
+  ``MAX_DISCRETE`` distinct values keeps every value and its exact count (a discrete
+  column: chi-squared on the counts); any other numeric column keeps a seeded uniform sample
+  of ``SAMPLE_ROWS`` rows without replacement (what a reservoir sample keeps), its standard
+  deviation and the true row count (a continuous column: two-sample KS against the sample,
+  normed Wasserstein distance as the effect size); categorical (one-hot encoded) columns
+  keep their category counts;
+- the model's predictions on the validation split: predicted class counts (or a sample of
   the predicted values for regression);
 - for classifiers, a histogram of the margin (top-2 probability difference) on the
-  validation split, from which margin density follows for any threshold, and the
-  validation error count, the supervised detectors' reference.
+  validation split, from which margin density follows for any threshold, and the error
+  count on the held-out reference rows (see ``build_reference``), the supervised
+  detectors' reference.
 
-Numeric sketches are taken after standardize/minmax/clip/impute: KS and PSI on bins of the
-reference's quantiles do not change under the monotone standardize and minmax, and what the
-model sees is what matters to it. Values are stored as the shortest decimal that reads back
-to the same float32, so discrete values match new data exactly.
+Values are taken after standardize/minmax/clip/impute: what the model sees is what matters
+to it. They are stored as the shortest decimal that reads back to the same float32, so
+discrete values match new data exactly.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from distml.tasks import predict
 logger = logging.getLogger(__name__)
 
 REFERENCE = "reference.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: samples and exact counts (1: 101 quantiles, invalid KS)
 MAX_DISCRETE = 64  # at most this many distinct values: keep them all (exact sketch)
-QUANTILES = 101  # else the 0, 1, ..., 100th percentiles
+SAMPLE_ROWS = 5000  # else a uniform sample of this many rows (KS is exact for its size)
+SAMPLE_SEED = 0
 MAX_CATEGORIES = 100  # the most frequent categories; the rest are counted as "other"
 MAX_ROWS = 200_000  # training rows sketched, from partitions spread over the split
 
@@ -50,20 +56,23 @@ def _f32(values: np.ndarray) -> list[float]:
             for v in np.asarray(values, dtype=np.float32)]
 
 
-def numeric_sketch(values: np.ndarray) -> dict[str, Any]:
-    """A step CDF over every value (few distinct values), else 101 quantiles interpolated."""
+def numeric_sketch(values: np.ndarray, *, seed: int = SAMPLE_SEED) -> dict[str, Any]:
+    """Every value and its count (few distinct values: a discrete column), else a seeded
+    uniform sample of ``SAMPLE_ROWS`` values, their standard deviation and the true count."""
     values = np.asarray(values, dtype=np.float32)
     values = values[~np.isnan(values)]
     if len(values) == 0:
         raise ValueError("cannot sketch a column with no values")
     uniq, counts = np.unique(values, return_counts=True)
     if len(uniq) <= MAX_DISCRETE:
-        cdf = np.cumsum(counts) / len(values)
-        return {"kind": "numeric", "rows": len(values), "interpolate": False,
-                "points": _f32(uniq), "cdf": [round(float(c), 7) for c in cdf]}
-    probs = np.linspace(0.0, 1.0, QUANTILES)
-    return {"kind": "numeric", "rows": len(values), "interpolate": True,
-            "points": _f32(np.quantile(values, probs)), "cdf": [float(p) for p in probs]}
+        return {"kind": "numeric", "discrete": True, "rows": len(values),
+                "values": _f32(uniq), "counts": counts.tolist()}
+    rng = np.random.default_rng(seed)
+    sample = values if len(values) <= SAMPLE_ROWS else rng.choice(
+        values, SAMPLE_ROWS, replace=False)
+    return {"kind": "numeric", "discrete": False, "rows": len(values),
+            "std": float(np.std(values.astype(np.float64))),
+            "sample": _f32(np.sort(sample))}
 
 
 def categorical_sketch(categories: list[str], counts: np.ndarray, other: int = 0

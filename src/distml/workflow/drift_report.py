@@ -22,7 +22,7 @@ import torch
 from distml.artifact import Artifact, load_artifact
 from distml.data.dataset import Manifest, load_split
 from distml.data.tables import raw_columns, read_table
-from distml.drift.columns import column_values
+from distml.drift.columns import Gate, column_values
 from distml.drift.monitor import DriftMonitor, DriftSettings
 from distml.drift.plots import plot_categorical, plot_numeric, plot_stream, safe_name
 from distml.drift.reference import build_reference, read_reference
@@ -77,20 +77,23 @@ def read_input(path: Path, columns: list[str], label_column: str | None
     return raw, (np.concatenate(labels) if label_column is not None else None)
 
 
-def settings_for(rows: int, labels: int, *, alpha: float, detector: str) -> DriftSettings:
+def settings_for(rows: int, labels: int, *, gate: Gate, detector: str) -> DriftSettings:
     """Windows no longer than the file; the false alarm rate bounded over the file's rows."""
     base = DriftSettings()
-    return replace(base, alpha=alpha, detector=detector, window_rows=rows,
+    return replace(base, alpha=gate.alpha, min_wasserstein=gate.min_wasserstein,
+                   min_jensen_shannon=gate.min_jensen_shannon, detector=detector,
+                   window_rows=rows,
                    margin_window=min(base.margin_window, rows),
                    error_window=min(base.error_window, max(labels, 1)),
                    horizon=max(rows, base.step))
 
 
 def monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
-            label_column: str | None = None, alpha: float = 0.05, detector: str = "adwin",
+            label_column: str | None = None, gate: Gate | None = None, detector: str = "adwin",
             trust: TrustPolicy | None = None) -> dict[str, Any]:
-    """Run the drift report; returns it (as drift.json holds it). ``trust``: the code the
-    artifact may name (default: none)."""
+    """Run the drift report; returns it (as drift.json holds it). ``gate``: when a column is
+    drifted (default: monitor.drift's defaults); ``trust``: the code the artifact may name
+    (default: none)."""
     path, name, version = resolve(ref, registry)
     artifact = load_artifact(path, trust=trust)
     if artifact.task == "language_modeling":
@@ -109,7 +112,7 @@ def monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
     mon = DriftMonitor(reference, feature_names=list(artifact.spec["feature_names"]),
                        labels=artifact.labels,
                        settings=settings_for(rows, rows if labels is not None else 0,
-                                             alpha=alpha, detector=detector))
+                                             gate=gate or Gate(), detector=detector))
     mon.update(x.numpy(), outputs.numpy())
     if labels is not None:
         mon.add_labels(labels)
@@ -158,16 +161,20 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         f"# Drift report: {r['model']}:{r['version']} on {r['input']}", "",
         f"{r['rows']:,} rows. Data drift: **{len(drifted)} of {len(r['columns'])} columns** "
-        f"({', '.join(drifted) or 'none'}); Benjamini-Hochberg adjusted p < {s['alpha']}. "
-        f"Largest PSI {r['max_psi']:.3f}. {_concept(r)}", "",
-        "| column | kind | test | statistic | p | adjusted p | PSI | drifted |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        f"({', '.join(drifted) or 'none'}): Benjamini-Hochberg adjusted p < {s['alpha']} and an "
+        f"effect of at least {s['min_wasserstein']} (normed Wasserstein, continuous) or "
+        f"{s['min_jensen_shannon']} (Jensen-Shannon, discrete). Largest PSI "
+        f"{r['max_psi']:.3f}. {_concept(r)}", "",
+        "| column | kind | test | statistic | p | adjusted p | effect | PSI | drifted |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     order = sorted(r["columns"], key=lambda c: (not c["drifted"], c["p_value"]))
     for c in order:
         mark = f"**yes** ([plot](column-{safe_name(c['column'])}.png))" if c["drifted"] else "no"
+        effect = f"{c['effect']:.3f} ({'W' if c['test'] == 'ks' else 'JS'})"
         lines.append(f"| {c['column']} | {c['kind']} | {c['test']} | {c['statistic']:.4g} | "
-                     f"{c['p_value']:.3g} | {c['p_adjusted']:.3g} | {c['psi']:.3f} | {mark} |")
+                     f"{c['p_value']:.3g} | {c['p_adjusted']:.3g} | {effect} | {c['psi']:.3f} "
+                     f"| {mark} |")
     p = r["prediction"]
     if p is not None:
         lines += ["", f"Predictions against the validation split's: {p['test']} "
@@ -204,14 +211,14 @@ def _rows(alarms: list[int]) -> str:
 
 
 def run_monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
-                labels: str | None, json_out: Path | None, alpha: float, detector: str,
+                labels: str | None, json_out: Path | None, gate: Gate, detector: str,
                 trust: TrustPolicy | None = None) -> dict[str, Any]:
     """The CLI's entry: the report, and drift.json copied to ``json_out`` when asked."""
     from distml.drift.detectors import make_river_detector
 
     make_river_detector(detector)  # an unknown name fails before any work
     report = monitor(ref, input_path, out_dir, registry=registry, label_column=labels,
-                     alpha=alpha, detector=detector, trust=trust)
+                     gate=gate, detector=detector, trust=trust)
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(json_out, report)

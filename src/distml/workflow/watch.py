@@ -42,6 +42,7 @@ from distml.artifact import load_artifact
 from distml.config import Config, FileSource, parse_config
 from distml.data.dataset import Manifest, read_partition
 from distml.data.tables import list_files, raw_columns, read_table
+from distml.drift.columns import Gate
 from distml.errors import ArtifactError, ConfigError, DistmlError
 from distml.fsutil import write_json_atomic
 from distml.registry import PRODUCTION, Registry
@@ -199,8 +200,10 @@ class Watcher:
             return {"retrain": True, "why": f"no {ref} in the registry yet"}
         new = _linked(folder / "new", cycle["new"])
         labels = self.source.label_column if self.cfg.data.task == "classification" else None
+        d = self.cfg.monitor.drift
         report = monitor(ref, new, folder / "drift", registry=self.cfg.registry,
-                         label_column=labels, trust=self.trust)
+                         label_column=labels, gate=Gate(d.alpha, d.min_wasserstein,
+                                                        d.min_jensen_shannon), trust=self.trust)
         drift = bool(report["drifted_features"]) or bool(report["concept_drift"])
         why = (f"drifted columns {report['drifted_features'][:10]}" if report["drifted_features"]
                else f"concept drift (from {report['concept_drift_from']})"
