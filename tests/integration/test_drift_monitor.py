@@ -68,7 +68,7 @@ def test_the_registered_model_carries_a_small_reference(digits):
     ref = read_reference(version)
     assert len(ref["columns"]) == 64
     assert ref["train_rows"] > 1000
-    assert sum(ref["margin_histogram"]) == ref["val_rows"]
+    assert sum(ref["margin_histogram"]) == ref["held_out_rows"]
     assert (version / "reference.json").stat().st_size < 40_000
 
 
@@ -122,7 +122,7 @@ def test_a_missing_label_column_is_refused_and_nothing_is_written(digits):
         run_monitor("tiny", files["same"], root / "bad-report", registry=root / "registry",
                     labels="target", json_out=None, gate=Gate(), detector="adwin")
     assert not (root / "bad-report").exists()
-    with pytest.raises(ConfigError, match="'cusum' is not known; choose from adwin"):
+    with pytest.raises(ConfigError, match="'cusum' is not known; choose from window, adwin"):
         run_monitor("tiny", files["same"], root / "bad-report", registry=root / "registry",
                     labels=None, json_out=None, gate=Gate(), detector="cusum")
 
@@ -144,7 +144,8 @@ def test_a_categorical_column_is_monitored_through_onehot_and_standardize(tmp_pa
     x, y = load_split(manifest, "val")
     torch.manual_seed(0)
     model = torch.nn.Linear(manifest.num_features, 2)
-    ref = build_reference(manifest, model, torch.from_numpy(x), torch.from_numpy(y))
+    val = (torch.from_numpy(x), torch.from_numpy(y))
+    ref = build_reference(manifest, model, val, val)
     color = next(c for c in ref["columns"] if c["name"] == "color")
     assert color["other"] == 0
     assert sum(color["counts"]) == ref["train_rows"]

@@ -222,7 +222,7 @@ def test_the_error_window_sees_a_stream_worse_from_its_first_sample_adwin_alone_
 
 
 def test_an_unknown_detector_is_refused_with_the_choices():
-    with pytest.raises(ConfigError, match="'cusum' is not known; choose from adwin, ddm"):
+    with pytest.raises(ConfigError, match="'cusum' is not known; choose from window, adwin, ddm"):
         make_river_detector("cusum")
 
 
@@ -241,7 +241,7 @@ def _monitor_reference() -> dict:
     return {"columns": _columns(3, x),
             "predictions": categorical_sketch(["no", "yes"], np.array([450, 50])),
             "margin_histogram": list(MarginReference.from_margins(margins(probs)).counts),
-            "val_errors": 25, "val_rows": 500}
+            "held_out_errors": 25, "held_out_rows": 500}
 
 
 def test_monitor_matches_labels_by_id_and_the_report_is_json():

@@ -43,8 +43,9 @@ def monitor_cmd(
     min_jensen_shannon: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Jensen-Shannon distance a discrete or categorical column "
         "needs to be drifted.")] = 0.1,
-    detector: Annotated[str, typer.Option(help="adwin, ddm, hddm_a, hddm_w or page_hinkley.")
-                        ] = "adwin",
+    detector: Annotated[str, typer.Option(
+        help="Supervised: window (the error-rate window test alone, calibrated), or it with "
+        "adwin, ddm, hddm_a, hddm_w or page_hinkley.")] = "window",
     registry: RegistryOpt = Path("registry"),
     trust_code: TrustCodeOpt = False,
     trust_module: TrustModuleOpt = None,

@@ -2,17 +2,21 @@
 (label-free).
 
 - ``WindowTest``: the rate of a 0/1 stream over a sliding window against a reference rate
-  measured on the validation split. The alarm bounds come from the beta-binomial predictive
+  measured on held-out rows. The alarm bounds come from the beta-binomial predictive
   distribution of the window's count given the reference (Jeffreys prior on the reference
-  rate), so the reference's own sampling error is accounted for; the window is tested every
-  ``step`` samples and a Bonferroni correction over the tests in ``horizon`` samples keeps
-  the chance of any false alarm in that many stationary samples at most ``alpha``.
+  rate), so the reference's own sampling error is accounted for. The window is tested every
+  ``step`` samples, each test at level ``alpha * step / horizon``: by the union bound the
+  expected number of false alarms in any ``horizon`` stationary samples is at most
+  ``alpha``, however long the stream runs (a *rate* per sample, not a once-per-horizon
+  budget), and after an alarm the window starts empty, so the alarm resets.
 - ``MarginDensityDetector``: MD3 (Sethi & Kantardzic, 2017) for any model with class
   probabilities: a sample is in the margin when its top-2 probability difference is below a
   threshold; a significant change of the margin density, either way, is drift, no label needed.
-- ``ErrorDetector``: the supervised default: river's ADWIN (or DDM, HDDM_A, HDDM_W,
-  Page-Hinkley) on the error stream, together with a ``WindowTest`` of the error rate against
-  the validation error, which also sees a stream that is worse from its first sample on.
+- ``ErrorDetector``: supervised drift: a one-sided ``WindowTest`` of the error rate against
+  the held-out error (``window``, the default: calibrated as above), optionally with one of
+  river's detectors (ADWIN, DDM, HDDM_A, HDDM_W, Page-Hinkley) alarming too; river's
+  detectors have no false-alarm rate per sample over a long stream, so adding one gives up
+  the bound.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from distml.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-HORIZON = 20_000  # samples over which ``alpha`` bounds the chance of any false alarm
+HORIZON = 1_000_000  # ``alpha`` bounds the expected false alarms per this many samples
 
 
 def _river(name: str) -> Callable[[], Any]:
@@ -48,14 +52,16 @@ def _river(name: str) -> Callable[[], Any]:
 
 
 RIVER_DETECTORS = ("adwin", "ddm", "hddm_a", "hddm_w", "page_hinkley")
+DETECTORS = ("window", *RIVER_DETECTORS)
 
 
 def make_river_detector(name: str) -> Any:
-    """A river detector for a 0/1 error stream, by name (river's default parameters)."""
-    if name not in RIVER_DETECTORS:
+    """A river detector for a 0/1 error stream, by name (river's default parameters); None
+    for ``window`` (the window test alone)."""
+    if name not in DETECTORS:
         raise ConfigError(f"drift detector {name!r} is not known; choose from "
-                          f"{', '.join(RIVER_DETECTORS)}")
-    return _river(name)()
+                          f"{', '.join(DETECTORS)}")
+    return None if name == "window" else _river(name)()
 
 
 def margins(probs: np.ndarray) -> np.ndarray:
@@ -148,7 +154,7 @@ class WindowTest:
 
 @dataclass(frozen=True)
 class MarginReference:
-    """The model's margins on its validation split: a histogram over [0, 1]."""
+    """The model's margins on its held-out rows: a histogram over [0, 1]."""
 
     counts: tuple[int, ...]  # equal-width bins over [0, 1]
 
@@ -202,10 +208,10 @@ class MarginDensityDetector:
 
 
 class ErrorDetector:
-    """Supervised drift on the error stream: a river detector (ADWIN by default) and, when the
-    validation error is known, a window test of the error rate against it (one-sided)."""
+    """Supervised drift on the error stream: when the held-out error is known, a window test
+    of the error rate against it (one-sided); with a river ``method``, that detector too."""
 
-    def __init__(self, method: str = "adwin", *, ref_errors: int | None = None,
+    def __init__(self, method: str = "window", *, ref_errors: int | None = None,
                  ref_rows: int | None = None, window: int = 200, step: int = 10,
                  alpha: float = 0.01, horizon: int = HORIZON) -> None:
         self.method = method
@@ -221,7 +227,7 @@ class ErrorDetector:
         errors = [int(e) for e in errors]
         alarms = set(self.test.update(errors)) if self.test is not None else set()
         river = self.river
-        for i, e in enumerate(errors):
+        for i, e in enumerate(errors if river is not None else ()):
             river.update(e)
             if river.drift_detected:
                 alarms.add(self.seen + i)

@@ -6,6 +6,20 @@ arrive, keyed by the ids given to ``update`` (``add_labels``), and read ``report
 scores are wanted. It keeps the last ``window_rows`` inputs and predictions for the column
 and prediction tests, and runs the streaming detectors over everything it was given.
 Not thread-safe: one thread owns it (a server feeds it from a queue).
+
+False alarms over time: every alarm has a rate, ``false_alarm_rate`` expected false alarms
+per ``horizon`` (10^6) stationary rows at most, however long the traffic runs:
+
+- concept (margin density) and supervised (error-rate window): each window test runs at
+  level ``false_alarm_rate * step / horizon`` (union bound over the tests; see detectors);
+  an alarm is *active* while it is among the last ``window_rows`` rows (or labels), then
+  resets;
+- data (the column tests, ``refresh``): a server re-tests its sliding window every few
+  seconds; each refresh spends ``false_alarm_rate * new rows / horizon`` of the level (alpha
+  spending: the levels of all refreshes over 10^6 rows sum to ``false_alarm_rate``), and
+  the effect gate applies on top;
+- rates are per row, so replicas that each monitor their share of the traffic keep the
+  rate per row of the whole (their budgets add up to the same total), whichever combines.
 """
 
 from __future__ import annotations
@@ -13,7 +27,7 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -32,24 +46,26 @@ from distml.drift.detectors import (
     MarginReference,
     WindowTest,
 )
+from distml.drift.performance import calibrate, expected_accuracy
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DriftSettings:
-    """Defaults tuned on bench/drift.py's tuning seeds (not the reported ones)."""
+    """Defaults: the false-alarm rates are by design; windows and margin density were tuned
+    on bench/drift.py's tuning seeds (never the reported ones)."""
 
     alpha: float = 0.05  # false discovery rate across the columns' tests
     min_wasserstein: float = MIN_WASSERSTEIN  # continuous column: effect to be drifted
     min_jensen_shannon: float = MIN_JENSEN_SHANNON  # discrete/categorical column: the same
-    detector: str = "adwin"  # river detector on the error stream
+    detector: str = "window"  # the error-rate window test alone, or it and a river detector
     margin_density: float = 0.3  # share of the reference inside the margin: sets the threshold
     margin_window: int = 200  # samples per margin-density window
     error_window: int = 100  # labelled samples per error-rate window
     step: int = 10  # samples between window tests
-    false_alarm_rate: float = 0.01  # chance of any false alarm in `horizon` stationary samples
-    horizon: int = HORIZON  # samples the false alarm rate is bounded over (Bonferroni)
+    false_alarm_rate: float = 0.1  # expected false alarms per `horizon` stationary rows, each
+    horizon: int = HORIZON  # rows the false alarm rate is per
     window_rows: int = 5000  # recent inputs and predictions kept for the column tests
     pending_labels: int = 100_000  # predictions kept waiting for their label
 
@@ -105,13 +121,19 @@ class DriftMonitor:
         self.supervised_alarms: list[int] = []
         self._pending: OrderedDict[Hashable, int] = OrderedDict()  # id -> predicted class
         self.labelled = self.unknown_labels = self.num_errors = self._next_label = 0
+        self._refreshed = 0  # rows at the last refresh (alpha spending)
+        calibration = reference.get("calibration")
+        self.temperature = calibration["temperature"] if calibration else None
+        self._confidence = _Ring(s.window_rows)  # calibrated top probability per row
+        self._correct = _Ring(s.window_rows)  # 1 - error per labelled row, the last ones
         if reference.get("margin_histogram") is not None:
             self.margin = MarginDensityDetector(
                 MarginReference(tuple(reference["margin_histogram"])),
                 density=s.margin_density, window=s.margin_window, step=s.step,
                 alpha=s.false_alarm_rate, horizon=s.horizon)
             self.errors = ErrorDetector(
-                s.detector, ref_errors=reference["val_errors"], ref_rows=reference["val_rows"],
+                s.detector, ref_errors=reference["held_out_errors"],
+                ref_rows=reference["held_out_rows"],
                 window=s.error_window, step=s.step, alpha=s.false_alarm_rate,
                 horizon=s.horizon)
 
@@ -136,6 +158,8 @@ class DriftMonitor:
             self._outputs.extend(predicted)
             if self.margin is not None:
                 self.label_free_alarms += self.margin.update(outputs)
+            if self.temperature is not None:
+                self._confidence.extend(calibrate(outputs, self.temperature).max(axis=1))
             keys = range(self.rows, self.rows + n) if ids is None else ids
             # An id of None: a prediction no label will come for (an anonymous request),
             # not kept waiting, so it cannot push out those that will get one.
@@ -168,18 +192,22 @@ class DriftMonitor:
             errors.append(int(truth != predicted))
         self.labelled += len(errors)
         self.num_errors += sum(errors)
+        if errors:
+            self._correct.extend(1 - np.asarray(errors, np.int8))
         self.supervised_alarms += self.errors.update(errors)
         return len(errors)
 
-    def report(self) -> dict[str, Any]:
-        """Scores and alarms so far: column tests on the window, the detectors' history."""
+    def report(self, *, alpha: float | None = None) -> dict[str, Any]:
+        """Scores and alarms so far: column tests on the window (at ``alpha``, default the
+        settings'), the detectors' history, the estimated accuracy."""
         s = self.settings
+        gate = s.gate if alpha is None else replace(s.gate, alpha=alpha)
         x = self._inputs.values()
         columns = [] if x is None else feature_drift(self.reference, x, self.feature_names,
-                                                     gate=s.gate)
+                                                     gate=gate)
         outputs = self._outputs.values()
         prediction = None if outputs is None else prediction_drift(
-            self.reference, outputs, self.labels or [], gate=s.gate).to_dict()
+            self.reference, outputs, self.labels or [], gate=gate).to_dict()
         label_free = self._label_free()
         supervised = self._supervised()
         enough = supervised is not None and self.labelled >= s.error_window
@@ -188,15 +216,45 @@ class DriftMonitor:
                    else bool(label_free is not None and label_free["drift"]))
         return {
             "rows": self.rows, "window_rows": 0 if x is None else len(x),
-            "settings": s.to_dict(),
+            "settings": s.to_dict(), "columns_alpha": gate.alpha,
             "columns": [c.to_dict() for c in columns],
             "drifted_features": [c.column for c in columns if c.drifted],
             "max_psi": max((c.psi for c in columns), default=0.0),
             "prediction": prediction,
             "label_free": label_free, "supervised": supervised,
+            "performance": self._performance(),
             "concept_drift": concept,
             "concept_drift_from": source,  # None: not measured (regression, no labels)
         }
+
+    def refresh(self) -> dict[str, Any]:
+        """The report a periodic refresh publishes: the column tests at the level the rows
+        since the last refresh earned (``false_alarm_rate * new rows / horizon``, at most
+        ``alpha``), so the data alarm keeps its rate per row over any number of refreshes."""
+        s = self.settings
+        new, self._refreshed = self.rows - self._refreshed, self.rows
+        return self.report(alpha=min(s.alpha, s.false_alarm_rate * new / s.horizon))
+
+    def _active(self, alarms: list[int], seen: int) -> bool:
+        """An alarm among the last ``window_rows`` positions: on until the stream calms."""
+        return bool(alarms) and alarms[-1] >= seen - self.settings.window_rows
+
+    def _performance(self) -> dict[str, Any] | None:
+        """CBPE: expected accuracy of the window's rows, with its interval; the realised
+        accuracy of the last labelled rows to compare."""
+        conf = self._confidence.values()
+        if self.temperature is None or conf is None:
+            return None
+        cal = self.reference["calibration"]
+        bias = cal["held_out_expected_accuracy"] - cal["held_out_accuracy"]
+        est, low, high = expected_accuracy(conf, bias=bias)
+        correct = self._correct.values()
+        return {"method": "CBPE (temperature-scaled probabilities)",
+                "temperature": self.temperature, "rows": len(conf),
+                "estimated_accuracy": est, "interval": [low, high],
+                "reference_accuracy": cal["held_out_accuracy"],
+                "realised_accuracy": None if correct is None else float(correct.mean()),
+                "realised_rows": 0 if correct is None else len(correct)}
 
     def _label_free(self) -> dict[str, Any] | None:
         if self.margin is None:
@@ -209,6 +267,7 @@ class DriftMonitor:
                                               test.bounds.high / test.window],
             "history": [list(p) for p in test.history],
             "alarms": list(self.label_free_alarms), "drift": bool(self.label_free_alarms),
+            "active": self._active(self.label_free_alarms, self.rows),
         }
 
     def _supervised(self) -> dict[str, Any] | None:
@@ -220,8 +279,10 @@ class DriftMonitor:
             "unknown_labels": self.unknown_labels,
             "error_rate": self.num_errors / self.labelled,
             "reference_error_rate": test.ref_rate if test is not None else None,
+            "reference_split": self.reference.get("held_out_split"),
             "window": test.window if test is not None else None,
             "bound": test.bounds.high / test.window if test is not None else None,
             "history": [list(p) for p in test.history] if test is not None else [],
             "alarms": list(self.supervised_alarms), "drift": bool(self.supervised_alarms),
+            "active": self._active(self.supervised_alarms, self.labelled),
         }

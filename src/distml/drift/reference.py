@@ -9,12 +9,14 @@
   deviation and the true row count (a continuous column: two-sample KS against the sample,
   normed Wasserstein distance as the effect size); categorical (one-hot encoded) columns
   keep their category counts;
-- the model's predictions on the validation split: predicted class counts (or a sample of
-  the predicted values for regression);
-- for classifiers, a histogram of the margin (top-2 probability difference) on the
-  validation split, from which margin density follows for any threshold, and the error
-  count on the held-out reference rows (see ``build_reference``), the supervised
-  detectors' reference.
+- the model's predictions on the held-out rows (the test split: no selection step ranked
+  candidates or stopped training on it): predicted class counts (or a sample of the
+  predicted values for regression);
+- for classifiers, on the same held-out rows: a histogram of the margin (top-2 probability
+  difference), from which margin density follows for any threshold, and the error count,
+  the supervised detectors' reference; and the probabilities' calibration (temperature
+  scaling fitted on the validation split, see ``performance``) for label-free accuracy
+  estimation.
 
 Values are taken after standardize/minmax/clip/impute: what the model sees is what matters
 to it. They are stored as the shortest decimal that reads back to the same float32, so
@@ -35,6 +37,7 @@ from distml.data import transforms
 from distml.data.dataset import Manifest, read_partition
 from distml.drift.columns import onehot_categories
 from distml.drift.detectors import MarginReference, margins
+from distml.drift.performance import fit_calibration
 from distml.errors import ArtifactError
 from distml.fsutil import write_text_atomic
 from distml.tasks import predict
@@ -172,18 +175,28 @@ def _train_sample(manifest: Manifest, max_rows: int) -> np.ndarray:
     return np.concatenate([read_partition(manifest, parts[i]["path"])[0] for i in chosen])
 
 
-def build_reference(manifest: Manifest, model: torch.nn.Module, val_x: torch.Tensor,
-                    val_y: torch.Tensor, *, max_rows: int = MAX_ROWS) -> dict[str, Any] | None:
-    """The reference of a model trained on ``manifest``; None for language models."""
+Split = tuple[torch.Tensor, torch.Tensor]  # (x, y)
+
+
+def build_reference(manifest: Manifest, model: torch.nn.Module, val: Split, held_out: Split,
+                    *, max_rows: int = MAX_ROWS) -> dict[str, Any] | None:
+    """The reference of a model trained on ``manifest``; None for language models.
+
+    ``held_out``: rows no selection step ranked candidates or stopped training on (the
+    test split): the predictions, margins and error count the detectors compare with.
+    ``val``: the validation split, on which the probabilities' calibration is fitted.
+    """
     if manifest.task == "language_modeling":
         return None
     columns = column_map(manifest.input_columns, manifest.feature_names, manifest.preprocessing)
     x = _train_sample(manifest, max_rows)
+    held_x, held_y = held_out
     ref: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "task": manifest.task, "train_rows": len(x),
-        "val_rows": len(val_x), "columns": sketch_columns(columns, manifest.feature_names, x),
+        "held_out_split": "test", "held_out_rows": len(held_x),
+        "columns": sketch_columns(columns, manifest.feature_names, x),
     }
-    out = predict(model, val_x)
+    out = predict(model, held_x)
     if manifest.task == "regression":
         ref["predictions"] = numeric_sketch(out.squeeze(-1).numpy())
         return ref
@@ -192,7 +205,9 @@ def build_reference(manifest: Manifest, model: torch.nn.Module, val_x: torch.Ten
     ref["predictions"] = categorical_sketch(
         list(manifest.classes), np.bincount(pred, minlength=len(manifest.classes)))
     ref["margin_histogram"] = list(MarginReference.from_margins(margins(probs)).counts)
-    ref["val_errors"] = int((pred != val_y.numpy()).sum())
+    ref["held_out_errors"] = int((pred != held_y.numpy()).sum())
+    val_probs = predict(model, val[0]).softmax(-1).numpy()
+    ref["calibration"] = fit_calibration(val_probs, val[1].numpy(), probs, held_y.numpy())
     return ref
 
 

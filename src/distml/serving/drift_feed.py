@@ -8,7 +8,10 @@ unmonitored and counted (``distml_drift_dropped_rows``). One thread owns the
 ``DriftMonitor`` (it is not thread-safe): every ``_POLL_S`` it drains the queue, preprocesses
 the rows as the model did (the reference is of model inputs), updates the monitor, and every
 ``serve.monitor_interval_s`` while rows arrive it refreshes the ``distml_drift_*`` gauges
-from the monitor's report. Reports and feedback labels are asked of that thread as commands
+from the monitor's ``refresh()`` (whose alarms keep a false-alarm rate per row however
+often it runs; see drift.monitor) and counts each alarm that turns on
+(``distml_drift_alarms_total``). The clock is a seam: a simulation drives ``turn()`` with
+its own. Reports and feedback labels are asked of that thread as commands
 (futures); a command sees every row offered before it.
 
 Feedback: a prediction is keyed by the protocol's request ``id`` and the row's position in
@@ -57,8 +60,9 @@ class _Batch:
 class DriftFeed:
     """The drift monitor of one served version and the thread that owns it."""
 
-    def __init__(self, model: ServedModel, settings: ServeConfig, metrics: Metrics) -> None:
-        self.model, self.metrics = model, metrics
+    def __init__(self, model: ServedModel, settings: ServeConfig, metrics: Metrics, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.model, self.metrics, self.clock = model, metrics, clock
         self.name = model.name
         self.max_rows, self.interval_s = settings.monitor_queue_rows, settings.monitor_interval_s
         self.output = "probabilities" if model.artifact.task == "classification" else "prediction"
@@ -69,6 +73,9 @@ class DriftFeed:
         self._closed = False
         self._thread: threading.Thread | None = None
         self.error: str | None = None  # why the monitor could not be built
+        self.monitor: DriftMonitor | None = None  # built on the thread (or by ``build``)
+        self._published, self._fresh = 0.0, False
+        self._alarms_on = {"data": False, "concept": False, "supervised": False}
 
     @staticmethod
     def wanted(model: ServedModel, settings: ServeConfig) -> bool:
@@ -129,38 +136,55 @@ class DriftFeed:
 
     # -- the monitor's thread --------------------------------------------------------------
 
-    def _run(self) -> None:
+    def build(self) -> bool:
+        """The monitor from the artifact's reference, and its first gauges; False (and
+        ``error`` says why) when it cannot be built."""
         artifact = self.model.artifact
         try:
-            monitor = DriftMonitor(read_reference(artifact.path),
-                                   feature_names=list(artifact.spec["feature_names"]),
-                                   labels=artifact.labels)
+            self.monitor = DriftMonitor(read_reference(artifact.path),
+                                        feature_names=list(artifact.spec["feature_names"]),
+                                        labels=artifact.labels)
         except Exception as e:  # noqa: BLE001 - serving goes on unmonitored, says why
             self.error = f"the drift monitor could not be built: {e}"
             logger.error("%s:%s: %s", self.name, self.model.version, self.error)
+            return False
+        self._publish(self.monitor)
+        self._published = self.clock()
+        return True
+
+    def _run(self) -> None:
+        if not self.build():
             self.close()
             self._fail_commands()
             return
-        self._publish(monitor)
-        published, fresh = time.monotonic(), False
-        while True:
-            with self._cond:
-                if not (self._commands or self._closed):
-                    self._cond.wait(_POLL_S)
-                batches, self._batches = self._batches, deque()
-                commands, self._commands = self._commands, deque()
-                self.queued_rows, closed = 0, self._closed
-            if closed:
-                self._fail_commands(commands)
-                return
-            if batches:
-                self._update(monitor, batches)
-            fresh = fresh or bool(batches) or bool(commands)  # labels change it too
-            for fn, future in commands:
-                self._answer(monitor, fn, future)
-            if fresh and time.monotonic() - published >= self.interval_s:
-                self._publish(monitor)
-                published, fresh = time.monotonic(), False
+        while self.turn(wait_s=_POLL_S):
+            pass
+
+    def turn(self, *, wait_s: float = 0.0) -> bool:
+        """One turn of the monitor's thread: take the queued rows and commands, update, answer,
+        and refresh the gauges when ``monitor_interval_s`` of ``clock`` has passed since the
+        last refresh and something changed. False once closed. (The thread calls it in a
+        loop; a simulation can call it with its own clock.)"""
+        monitor = self.monitor
+        assert monitor is not None, "build() first"
+        with self._cond:
+            if wait_s and not (self._commands or self._closed):
+                self._cond.wait(wait_s)
+            batches, self._batches = self._batches, deque()
+            commands, self._commands = self._commands, deque()
+            self.queued_rows, closed = 0, self._closed
+        if closed:
+            self._fail_commands(commands)
+            return False
+        if batches:
+            self._update(monitor, batches)
+        self._fresh = self._fresh or bool(batches) or bool(commands)  # labels change it too
+        for fn, future in commands:
+            self._answer(monitor, fn, future)
+        if self._fresh and self.clock() - self._published >= self.interval_s:
+            self._publish(monitor)
+            self._published, self._fresh = self.clock(), False
+        return True
 
     def _update(self, monitor: DriftMonitor, batches: deque[_Batch]) -> None:
         """Everything queued since the last turn in one update: the per-call work (the
@@ -192,12 +216,13 @@ class DriftFeed:
                                                f"{self.model.version} is no longer served"))
 
     def _publish(self, monitor: DriftMonitor) -> None:
-        """The gauges from a fresh report (a new version starts them from its empty state)."""
+        """The gauges from a fresh refresh (a new version starts them from its empty state);
+        an alarm that turns on is counted."""
         with self._cond:
             if self._closed:  # replaced: the new version's feed owns the gauges now
                 return
         try:
-            report = monitor.report()
+            report = monitor.refresh()
         except Exception:  # noqa: BLE001 - keep serving; the next refresh may do
             logger.exception("%s: the drift report failed", self.name)
             return
@@ -211,13 +236,19 @@ class DriftFeed:
         m.drift_queue.labels(name).set(self.queued_rows)
         label_free, supervised = report["label_free"], report["supervised"]
         for kind, on in (("data", bool(report["drifted_features"])),
-                         ("concept", bool(label_free and label_free["drift"])),
-                         ("supervised", bool(supervised and supervised["drift"]))):
+                         ("concept", bool(label_free and label_free["active"])),
+                         ("supervised", bool(supervised and supervised["active"]))):
             m.drift_alarm.labels(name, kind).set(int(on))
+            if on and not self._alarms_on[kind]:
+                m.drift_alarms.labels(name, kind).inc()
+            self._alarms_on[kind] = on
         density = label_free["density"] if label_free else None
         m.drift_margin.labels(name).set(float("nan") if density is None else density)
         m.drift_error.labels(name).set(supervised["error_rate"] if supervised
                                        else float("nan"))
+        perf = report["performance"]
+        m.drift_accuracy.labels(name).set(perf["estimated_accuracy"] if perf
+                                          else float("nan"))
 
 
 # -- the feedback route's body ---------------------------------------------------------------

@@ -44,10 +44,17 @@ class Metrics:
         self.drift_psi = gauge("distml_drift_psi_max", "Largest population stability index "
                                "of an input column over the window", "livemax")
         self.drift_alarm = gauge(
-            "distml_drift_alarm", "1: drift seen. data: an input column drifted in the "
-            "window; concept: margin density left its band (no labels needed); supervised: "
-            "the error stream of the feedback labels changed. concept and supervised stay "
-            "1 until another version is served", "livemax", ("model", "kind"))
+            "distml_drift_alarm", "1: drift now. data: an input column drifted in the window "
+            "at the refresh's spent level; concept: margin density left its band within the "
+            "last window of rows (no labels needed); supervised: the error rate of the "
+            "feedback labels left its band within the last window of labels", "livemax",
+            ("model", "kind"))
+        self.drift_alarms = Counter("distml_drift_alarms", "Drift alarms raised (each time "
+                                    "an alarm turns on), by kind; at most 0.1 per 10^6 "
+                                    "stationary rows each, by design", ["model", "kind"], **reg)
+        self.drift_accuracy = gauge("distml_drift_estimated_accuracy", "Expected accuracy of "
+                                    "the window's predictions from calibrated probabilities "
+                                    "(CBPE, no labels needed)", "livemin")
         self.drift_window = gauge("distml_drift_window_rows", "Rows in the window the column "
                                   "tests run on", "livesum")
         self.drift_rows = gauge("distml_drift_rows", "Rows monitored since this version was "

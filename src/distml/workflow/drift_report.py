@@ -47,8 +47,9 @@ def reference_for(artifact: Artifact) -> dict[str, Any]:
     logger.warning("%s has no reference.json; building one from its training data at %s",
                    artifact.path, data_dir)
     manifest = Manifest.read(Path(data_dir))
-    x, y = load_split(manifest, "val")
-    ref = build_reference(manifest, artifact.model, torch.from_numpy(x), torch.from_numpy(y))
+    val, test = (tuple(torch.from_numpy(a) for a in load_split(manifest, split))
+                 for split in ("val", "test"))
+    ref = build_reference(manifest, artifact.model, val, test)
     assert ref is not None  # language models were refused before
     return ref
 
@@ -77,19 +78,23 @@ def read_input(path: Path, columns: list[str], label_column: str | None
     return raw, (np.concatenate(labels) if label_column is not None else None)
 
 
+FILE_FALSE_ALARMS = 0.01  # expected false alarms of each detector over a whole file
+
+
 def settings_for(rows: int, labels: int, *, gate: Gate, detector: str) -> DriftSettings:
-    """Windows no longer than the file; the false alarm rate bounded over the file's rows."""
+    """Windows no longer than the file; at most ``FILE_FALSE_ALARMS`` expected false alarms
+    per detector over the file's rows."""
     base = DriftSettings()
     return replace(base, alpha=gate.alpha, min_wasserstein=gate.min_wasserstein,
                    min_jensen_shannon=gate.min_jensen_shannon, detector=detector,
                    window_rows=rows,
                    margin_window=min(base.margin_window, rows),
                    error_window=min(base.error_window, max(labels, 1)),
-                   horizon=max(rows, base.step))
+                   false_alarm_rate=FILE_FALSE_ALARMS, horizon=max(rows, base.step))
 
 
 def monitor(ref: str, input_path: Path, out_dir: Path, *, registry: Path,
-            label_column: str | None = None, gate: Gate | None = None, detector: str = "adwin",
+            label_column: str | None = None, gate: Gate | None = None, detector: str = "window",
             trust: TrustPolicy | None = None) -> dict[str, Any]:
     """Run the drift report; returns it (as drift.json holds it). ``gate``: when a column is
     drifted (default: monitor.drift's defaults); ``trust``: the code the artifact may name
@@ -177,7 +182,7 @@ def markdown(r: dict[str, Any]) -> str:
                      f"| {mark} |")
     p = r["prediction"]
     if p is not None:
-        lines += ["", f"Predictions against the validation split's: {p['test']} "
+        lines += ["", f"Predictions against the held-out reference rows': {p['test']} "
                   f"{p['statistic']:.4g}, p {p['p_value']:.3g}, PSI {p['psi']:.3f}"
                   f"{' (changed)' if p['drifted'] else ''}."]
     lf = r["label_free"]
@@ -192,7 +197,18 @@ def markdown(r: dict[str, Any]) -> str:
         lines += ["", f"## Supervised drift ({sup['method']})", "",
                   f"{sup['labels']:,} labels ({sup['unknown_labels']} not a known class); error "
                   f"rate {sup['error_rate']:.3f} against {_g(sup['reference_error_rate'])} on the "
-                  f"validation split. Alarms at rows: {_rows(sup['alarms'])}."]
+                  f"held-out {sup['reference_split']} split. Alarms at rows: "
+                  f"{_rows(sup['alarms'])}."]
+    perf = r["performance"]
+    if perf is not None:
+        realised = ("" if perf["realised_accuracy"] is None else
+                    f"; realised on the last {perf['realised_rows']:,} labelled rows "
+                    f"{perf['realised_accuracy']:.3f}")
+        lines += ["", "## Estimated accuracy without labels (CBPE)", "",
+                  f"{perf['estimated_accuracy']:.3f} (95% interval {perf['interval'][0]:.3f}-"
+                  f"{perf['interval'][1]:.3f}) over the last {perf['rows']:,} rows, from "
+                  f"probabilities calibrated with temperature {perf['temperature']:.3g}; "
+                  f"{perf['reference_accuracy']:.3f} on the held-out reference rows{realised}."]
     return "\n".join(lines) + "\n"
 
 

@@ -181,8 +181,11 @@ def stage_select(run: Run, manifest: Manifest, results: list[dict[str, Any]]) ->
         test_metrics, predictions = evaluate(manifest.task, artifact.model, test.x, test.y)
         artifact.spec["metrics"]["test"] = test_metrics
         selected = save_artifact(artifact.model, artifact.spec, run.folder.selected)
-        val = SplitTensors.load(manifest, "val")  # what drift monitoring compares against
-        write_reference(selected, build_reference(manifest, artifact.model, val.x, val.y))
+        # What drift monitoring compares against: the test split's rows (no selection step
+        # ranked on them), with the probabilities calibrated on the validation split.
+        val = SplitTensors.load(manifest, "val")
+        write_reference(selected, build_reference(manifest, artifact.model, (val.x, val.y),
+                                                  (test.x, test.y)))
 
         registry = Registry(cfg.registry)
         version = registry.register(selected, cfg.model_name, source=str(run.folder.path))
