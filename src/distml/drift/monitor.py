@@ -246,8 +246,7 @@ class DriftMonitor:
         if self.temperature is None or conf is None:
             return None
         cal = self.reference["calibration"]
-        bias = cal["held_out_expected_accuracy"] - cal["held_out_accuracy"]
-        est, low, high = expected_accuracy(conf, bias=bias)
+        est, low, high = expected_accuracy(conf, cal)
         correct = self._correct.values()
         return {"method": "CBPE (temperature-scaled probabilities)",
                 "temperature": self.temperature, "rows": len(conf),

@@ -46,17 +46,25 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(optimize.minimize_scalar(nll, bounds=(lo, hi), method="bounded").x))
 
 
-def expected_accuracy(confidence: np.ndarray, *, bias: float = 0.0
+def expected_accuracy(confidence: np.ndarray, calibration: dict[str, Any] | None = None
                       ) -> tuple[float, float, float]:
     """(estimate, low, high) of the accuracy of rows with these calibrated top probabilities:
-    the 95% interval of the realised accuracy, widened by the calibration's own ``bias``."""
+    the 95% interval of the realised accuracy, widened by what the held-out check of the
+    ``calibration`` leaves unknown (its gap between expected and realised accuracy, and that
+    gap's own sampling error)."""
     c = np.asarray(confidence, np.float64)
     n = len(c)
     if n == 0:
         return float("nan"), float("nan"), float("nan")
     est = float(c.mean())
-    half = Z * float(np.sqrt(np.sum(c * (1 - c)))) / n + abs(bias)
-    return est, max(0.0, est - half), min(1.0, est + half)
+    var = float(np.sum(c * (1 - c))) / n**2
+    bias = 0.0
+    if calibration is not None:
+        acc, rows = calibration["held_out_accuracy"], max(1, calibration["held_out_rows"])
+        bias = abs(calibration["held_out_expected_accuracy"] - acc)
+        var += acc * (1 - acc) / rows
+    half = Z * np.sqrt(var) + bias
+    return est, float(max(0.0, est - half)), float(min(1.0, est + half))
 
 
 def fit_calibration(val_probs: np.ndarray, val_y: np.ndarray, held_probs: np.ndarray,
