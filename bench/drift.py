@@ -1,23 +1,25 @@
-"""Drift detection on river's synthetic streams: detections, delay, false alarms, time.
+"""Drift detection, measured honestly: column tests at any size and label-free accuracy
+against peers (bench/drift_columns.py), and the stream detectors on river's synthetic streams.
 
-Per seed and stream, a RandomForest (100 trees, class probabilities) is fitted on the first
-1,500 samples, its reference (validation error count, margin histogram) taken on the next
-500, and frozen: it never sees another label. Then
-- a drifting stream: 5,000 samples of the first concept, then 5,000 of the second
-  (SEA variant 0 -> 3, Agrawal function 0 -> 2, RandomRBF centroids of seed_model s ->
-  s + 1000: abrupt; Hyperplane that starts rotating, mag_change 0.001 per sample: gradual);
-  the first alarm at or after the change is the detection and its distance the delay;
+Streams (this file): per seed and stream, a RandomForest (100 trees, class probabilities) is
+fitted on the first 1,500 samples, its reference (error count, margin histogram) taken on
+the next 500, and frozen: it never sees another label. Then
+- a drifting stream: 5,000 more samples of the first concept, then 5,000 of the second, from
+  a generator with its own seed and parameters (SEA variant 0 -> 3, Agrawal function 0 -> 2,
+  RandomRBF centroids of seed_model s -> s + 1000, Hyperplane of seed s -> s + 1000, which
+  then rotates, mag_change 0.001 per sample): the rows after the change are new rows
+  (tests/unit/test_bench_drift.py checks none repeats a row before it); the first alarm at
+  or after the change is the detection and its distance the delay;
 - a stationary stream: 20,000 samples of the first concept; every alarm is a false one.
 Detectors: river's ADWIN on the error stream with its defaults (the baseline), DDM, HDDM_A,
-HDDM_W and Page-Hinkley (river defaults; Page-Hinkley one-sided), distml's supervised default
-(ADWIN + a window test of the error rate against the validation error), distml's label-free
-margin density detector, and an always-alarming dummy. False alarms: every alarm on the
-stationary streams and before the change on the drifting ones, per 20,000 such samples.
-Time: one detector's whole loop over a 20,000-sample stationary stream (the label-free one
-includes computing the margins), in CPU seconds of this process (wall time, which other
-processes on a shared machine inflate, is recorded too); median over the 40 streams.
-distml's defaults were chosen with this harness on seeds 1000-1009
-(``python -m bench.drift --seeds 1000-1009``); the reported run uses seeds 0-9.
+HDDM_W and Page-Hinkley (river defaults; Page-Hinkley one-sided), distml's supervised
+detector **on its own** (the error-rate window test, no river detector in it), distml's
+label-free margin density detector, and an always-alarming dummy. False alarms: every alarm
+on the stationary streams and before the change on the drifting ones, per 20,000 such
+samples. Time: one detector's whole loop over a 20,000-sample stationary stream, CPU seconds.
+distml's windows were chosen with this harness on seeds 1000-1009
+(``python -m bench.drift --seeds 1000-1009``, never saved); the reported run uses seeds 0-9.
+``python -m bench.drift --quick``: 2 seeds, short column streams, nothing saved.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ ABRUPT = ("sea", "agrawal", "rbf")
 STREAMS = (*ABRUPT, "hyperplane")
 SEEDS = range(10)
 DETAIL_START, DETAIL_END = "<!-- drift-table:start -->", "<!-- drift-table:end -->"
-ADWIN, SUPERVISED, LABEL_FREE, DUMMY = ("river ADWIN (baseline)", "distml supervised default",
+ADWIN, SUPERVISED, LABEL_FREE, DUMMY = ("river ADWIN (baseline)", "distml supervised (window)",
                                         "distml label-free (margin density)", "always alarm")
 
 
@@ -55,9 +57,10 @@ def _concepts(name: str, seed: int) -> tuple[Any, Any]:
     if name == "rbf":
         return (synth.RandomRBF(seed_model=seed, seed_sample=seed),
                 synth.RandomRBF(seed_model=seed + 1000, seed_sample=seed + 1000))
-    # the same hyperplane, which starts to rotate at the change (no direction reversals)
+    # a new hyperplane (river draws the same numbers for the same seed whatever the drift
+    # settings: the same seed would replay the first concept's rows), which then rotates
     return (synth.Hyperplane(seed=seed),
-            synth.Hyperplane(seed=seed, mag_change=0.001, sigma=0.0))
+            synth.Hyperplane(seed=seed + 1000, mag_change=0.001, sigma=0.0))
 
 
 def stream(name: str, seed: int, *, drifting: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -118,7 +121,7 @@ def detectors(val_probs: np.ndarray, val_y: np.ndarray
         "river HDDM_A": errors("hddm_a", False),
         "river HDDM_W": errors("hddm_w", False),
         "river Page-Hinkley": errors("page_hinkley", False),
-        SUPERVISED: errors(s.detector, True),
+        SUPERVISED: errors("window", True),  # on its own: no river detector inside
         LABEL_FREE: lambda probs, y: md.update(probs),
         DUMMY: lambda probs, y: list(range(len(y))),
     }
@@ -206,16 +209,47 @@ def targets(table: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def evaluate(seeds: range) -> dict[str, Any]:
+COLUMN_SEEDS, CBPE_SEEDS = [0, 1, 2], [0, 1, 2]
+
+
+def evaluate(seeds: range, *, quick: bool = False) -> dict[str, Any]:
+    from bench import drift_columns as dc
+
     detectors(np.array([[0.6, 0.4], [0.3, 0.7]]), np.array([0, 1]))  # warm-up: imports
     runs = {name: [run_seed(name, seed) for seed in seeds] for name in STREAMS}
     table = summarize(runs)
-    return {**targets(table), "seeds": [seeds.start, seeds.stop - 1], "table": table}
+    col_seeds = COLUMN_SEEDS[:1] if quick else COLUMN_SEEDS
+    total, batches = (100_000, dc.BATCHES[:3]) if quick else (1_000_000, dc.BATCHES)
+    columns = {"distml": dc.run_distml(col_seeds, total, batches)}
+    for peer in dc.COLUMN_PEERS:
+        columns[peer] = dc.run_peer(peer, col_seeds, total, batches)
+    cbpe = dc.run_cbpe(CBPE_SEEDS[:1] if quick else CBPE_SEEDS, peers=True)
+    return {**column_targets(columns, cbpe), **targets(table),
+            "seeds": [seeds.start, seeds.stop - 1], "column_seeds": col_seeds,
+            "stationary_rows_per_batch_size": total, "columns": columns, "cbpe": cbpe,
+            "table": table}
 
 
-def main(seeds: range = SEEDS) -> dict[str, Any]:
-    result = evaluate(seeds)
-    if seeds == SEEDS:  # tuning runs are not results
+def column_targets(columns: dict[str, Any], cbpe: dict[str, Any]) -> dict[str, Any]:
+    ours = columns["distml"]
+    peers = {k: v["median_delay"]["all"] for k, v in columns.items() if k != "distml"}
+    best = min(peers, key=peers.get)
+    return {
+        "false_alarms_per_1m_stationary": ours["worst_per_1m"],
+        "detected_shift_0_25sd": ours["detected"]["0.25"],
+        "shift_runs": len(ours["delays"]["0.25"]),
+        "median_delay": ours["median_delay"]["all"],
+        "best_peer": best, "best_peer_median_delay": peers[best],
+        "median_delay_vs_best_peer": round(ours["median_delay"]["all"] / peers[best], 3),
+        "estimated_accuracy_mae": round(cbpe["distml"]["mae_points"], 3),
+        "nannyml_estimated_accuracy_mae": (round(cbpe["nannyml"]["mae_points"], 3)
+                                           if "nannyml" in cbpe else None),
+    }
+
+
+def main(seeds: range = SEEDS, *, quick: bool = False) -> dict[str, Any]:
+    result = evaluate(seeds, quick=quick)
+    if seeds == SEEDS and not quick:  # tuning and quick runs are not results
         save("drift", result)
         update_readme_table(result)
     return result
@@ -239,13 +273,26 @@ def _cell(r: dict[str, Any], stream: str) -> str:
 
 def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     n = r["abrupt_drifts"]
+    c = r["columns"]
+    peer_fa = ", ".join(f"{k} {v['worst_per_1m']:.3g}" for k, v in c.items() if k != "distml")
     return [
-        ("drift, supervised default", "supervised_detected",
+        ("drift, columns at defaults", "false_alarms_per_1m_stationary",
+         f"{r['false_alarms_per_1m_stationary']:.3g} (worst of 10^3-10^6-row tests; "
+         f"{peer_fa})", "<= 1"),
+        ("drift, columns at defaults", "detected_shift_0_25sd",
+         f"{r['detected_shift_0_25sd']}/{r['shift_runs']} within 10^5 rows", "all"),
+        ("drift, columns at defaults", "median_delay_vs_best_peer",
+         f"{r['median_delay_vs_best_peer']:.2f} (median {r['median_delay']:g} vs "
+         f"{r['best_peer']} {r['best_peer_median_delay']:g} rows, shifts 0.1-0.5 sd)", "<= 1"),
+        ("drift, label-free accuracy (CBPE)", "estimated_accuracy_mae",
+         f"{r['estimated_accuracy_mae']:.2f} points (NannyML "
+         f"{r['nannyml_estimated_accuracy_mae']:.2f})", "<= 2"),
+        ("drift, supervised (window test alone)", "supervised_detected",
          f"{r['supervised_detected']}/{n} abrupt drifts", f"{n}/{n}"),
-        ("drift, supervised default", "supervised_delay_vs_adwin",
+        ("drift, supervised (window test alone)", "supervised_delay_vs_adwin",
          f"{r['supervised_delay_vs_adwin']:.2f} (median {r['supervised_median_delay']:g} vs "
          f"ADWIN {r['adwin_median_delay']:g} samples)", "<= 1"),
-        ("drift, supervised default", "supervised_false_alarms_per_20k",
+        ("drift, supervised (window test alone)", "supervised_false_alarms_per_20k",
          f"{r['supervised_false_alarms_per_20k']:.3g}", "<= 0.1"),
         ("drift, label-free (margin density)", "label_free_rbf_detected",
          f"{r['label_free_rbf_detected']}/10 RandomRBF switches", "10/10"),
@@ -260,10 +307,29 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 
 
 def detail_table(r: dict[str, Any]) -> str:
-    """The README's per-detector table (markdown)."""
+    """The README's tables (markdown): columns against the peers, then the stream
+    detectors."""
+    from bench.drift_columns import SHIFTS
+
+    batches = list(r["columns"]["distml"]["false_alarms_per_1m"])
+    lines = ["| column drift | " + " | ".join(f"false alarms / 10^6 rows, tests of {int(b):,}"
+                                             for b in batches)
+             + " | " + " | ".join(f"{s} sd: detected, median rows" for s in SHIFTS) + " |",
+             "|" + "---|" * (len(batches) + len(SHIFTS) + 1)]
+    for name, c in r["columns"].items():
+        fa = " | ".join(f"{c['false_alarms_per_1m'][b]:.3g} ({c['false_alarms'][b]}/"
+                        f"{c['tests'][b]})" for b in batches)
+        det = " | ".join(f"{c['detected'][str(s)]}/{len(c['delays'][str(s)])}, "
+                         f"{c['median_delay'][str(s)]:g}" for s in SHIFTS)
+        lines.append(f"| {name} | {fa} | {det} |")
+    cb = r["cbpe"]
+    lines += ["", "| estimated accuracy | mean abs. error (points) | max | chunks |",
+              "|---|---|---|---|"]
+    lines += [f"| {k} | {v['mae_points']:.2f} | {v['max_points']:.2f} | {v['chunks']} |"
+              for k, v in cb.items()]
     head = ("| detector | " + " | ".join(f"{s}: detected, median delay" for s in STREAMS)
             + " | false alarms / 20k | s / 20k (median, max) |")
-    lines = [head, "|" + "---|" * (len(STREAMS) + 3)]
+    lines += ["", head, "|" + "---|" * (len(STREAMS) + 3)]
     for det, rows in r["table"].items():
         fa = statistics.mean(rows[s]["false_alarms_per_20k"] for s in STREAMS)
         t = max(rows[s]["seconds_per_20k_median"] for s in STREAMS)
@@ -274,10 +340,13 @@ def detail_table(r: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    seeds = SEEDS
+    seeds, quick = SEEDS, "--quick" in sys.argv
     if len(sys.argv) > 2 and sys.argv[1] == "--seeds":
         lo, hi = (int(v) for v in sys.argv[2].split("-"))
         seeds = range(lo, hi + 1)
-    res = main(seeds)
-    print(json.dumps({k: v for k, v in res.items() if k != "table"}, indent=2))
+    if quick:
+        seeds = range(0, 2)
+    res = main(seeds, quick=quick)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("table", "columns")},
+                     indent=2))
     print(detail_table(res))

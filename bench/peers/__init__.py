@@ -20,6 +20,10 @@ REQUIREMENTS = {
     "mlserver": ["mlserver==1.7.1"],
     "kserve": ["kserve==0.21.0"],
     "litserve": ["litserve==0.2.19"],
+    # drift peers (bench/drift.py); Evidently's legacy API needs pandas < 3
+    "evidently": ["evidently==0.7.23", "pandas==2.2.3"],
+    "alibi_detect": ["alibi-detect==0.13.0"],
+    "nannyml": ["nannyml==0.13.1"],
 }
 
 
