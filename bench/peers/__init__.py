@@ -23,7 +23,7 @@ REQUIREMENTS = {
     # drift peers (bench/drift.py); Evidently's legacy API needs pandas < 3
     "evidently": ["evidently==0.7.23", "pandas==2.2.3"],
     "alibi_detect": ["alibi-detect==0.13.0"],
-    "nannyml": ["nannyml==0.13.1"],
+    "nannyml": ["nannyml==0.13.1", "statsmodels==0.15.0", "pandas==2.2.3"],
 }
 
 
