@@ -266,13 +266,7 @@ def update_readme_table(result: dict[str, Any]) -> None:
                       + tail)
 
 
-def _cell(r: dict[str, Any], stream: str) -> str:
-    d = r["median_delay"]
-    return f"{r['detected']}/{r['runs']}" + ("" if d is None else f", {d:g}")
-
-
-def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
-    n = r["abrupt_drifts"]
+def _column_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     c = r["columns"]
     peer_fa = ", ".join(f"{k} {v['worst_per_1m']:.3g}" for k, v in c.items() if k != "distml")
     return [
@@ -287,12 +281,28 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         ("drift, label-free accuracy (CBPE)", "estimated_accuracy_mae",
          f"{r['estimated_accuracy_mae']:.2f} points (NannyML "
          f"{r['nannyml_estimated_accuracy_mae']:.2f})", "<= 2"),
-        ("drift, supervised (window test alone)", "supervised_detected",
-         f"{r['supervised_detected']}/{n} abrupt drifts", f"{n}/{n}"),
-        ("drift, supervised (window test alone)", "supervised_delay_vs_adwin",
+    ]
+
+
+def _cell(r: dict[str, Any], stream: str) -> str:
+    d = r["median_delay"]
+    return f"{r['detected']}/{r['runs']}" + ("" if d is None else f", {d:g}")
+
+
+def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """README's rows; a result saved before the column benchmark (no ``columns``) measured
+    the former supervised default (ADWIN + window) and gets its own label and no column
+    rows, until ``python -m bench drift`` replaces it."""
+    n = r["abrupt_drifts"]
+    sup = "drift, supervised (window test alone)" if "columns" in r else \
+        "drift, supervised default"
+    return [*(_column_rows(r) if "columns" in r else []),
+        (sup, "supervised_detected", f"{r['supervised_detected']}/{n} abrupt drifts",
+         f"{n}/{n}"),
+        (sup, "supervised_delay_vs_adwin",
          f"{r['supervised_delay_vs_adwin']:.2f} (median {r['supervised_median_delay']:g} vs "
          f"ADWIN {r['adwin_median_delay']:g} samples)", "<= 1"),
-        ("drift, supervised (window test alone)", "supervised_false_alarms_per_20k",
+        (sup, "supervised_false_alarms_per_20k",
          f"{r['supervised_false_alarms_per_20k']:.3g}", "<= 0.1"),
         ("drift, label-free (margin density)", "label_free_rbf_detected",
          f"{r['label_free_rbf_detected']}/10 RandomRBF switches", "10/10"),
@@ -309,6 +319,20 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
 def detail_table(r: dict[str, Any]) -> str:
     """The README's tables (markdown): columns against the peers, then the stream
     detectors."""
+    lines = _column_tables(r) if "columns" in r else []
+    head = ("| detector | " + " | ".join(f"{s}: detected, median delay" for s in STREAMS)
+            + " | false alarms / 20k | s / 20k (median, max) |")
+    lines += [head, "|" + "---|" * (len(STREAMS) + 3)]
+    for det, rows in r["table"].items():
+        fa = statistics.mean(rows[s]["false_alarms_per_20k"] for s in STREAMS)
+        t = max(rows[s]["seconds_per_20k_median"] for s in STREAMS)
+        tmax = max(rows[s]["seconds_per_20k_max"] for s in STREAMS)
+        lines.append(f"| {det} | " + " | ".join(_cell(rows[s], s) for s in STREAMS)
+                     + f" | {fa:.3g} | {t:.3f}, {tmax:.3f} |")
+    return "\n".join(lines)
+
+
+def _column_tables(r: dict[str, Any]) -> list[str]:
     from bench.drift_columns import SHIFTS
 
     batches = list(r["columns"]["distml"]["false_alarms_per_1m"])
@@ -322,21 +346,11 @@ def detail_table(r: dict[str, Any]) -> str:
         det = " | ".join(f"{c['detected'][str(s)]}/{len(c['delays'][str(s)])}, "
                          f"{c['median_delay'][str(s)]:g}" for s in SHIFTS)
         lines.append(f"| {name} | {fa} | {det} |")
-    cb = r["cbpe"]
     lines += ["", "| estimated accuracy | mean abs. error (points) | max | chunks |",
               "|---|---|---|---|"]
     lines += [f"| {k} | {v['mae_points']:.2f} | {v['max_points']:.2f} | {v['chunks']} |"
-              for k, v in cb.items()]
-    head = ("| detector | " + " | ".join(f"{s}: detected, median delay" for s in STREAMS)
-            + " | false alarms / 20k | s / 20k (median, max) |")
-    lines += ["", head, "|" + "---|" * (len(STREAMS) + 3)]
-    for det, rows in r["table"].items():
-        fa = statistics.mean(rows[s]["false_alarms_per_20k"] for s in STREAMS)
-        t = max(rows[s]["seconds_per_20k_median"] for s in STREAMS)
-        tmax = max(rows[s]["seconds_per_20k_max"] for s in STREAMS)
-        lines.append(f"| {det} | " + " | ".join(_cell(rows[s], s) for s in STREAMS)
-                     + f" | {fa:.3g} | {t:.3f}, {tmax:.3f} |")
-    return "\n".join(lines)
+              for k, v in r["cbpe"].items()]
+    return [*lines, ""]
 
 
 if __name__ == "__main__":
