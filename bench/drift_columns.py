@@ -38,7 +38,9 @@ REF_ROWS = 20_000
 BATCHES = (1_000, 10_000, 100_000, 1_000_000)
 PEER_TESTS = {1_000: 20, 10_000: 10, 100_000: 2, 1_000_000: 1}
 SHIFTS = (0.1, 0.25, 0.5)
-WINDOWS = (250, 500, 1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000)
+# from the smallest test size whose false alarms are measured: a tool that names columns
+# by noise in smaller tests would look fast there
+WINDOWS = (1000, 2000, 5000, 10_000, 20_000, 50_000, 100_000)
 TARGET = 1  # the shifted column
 MISSED = 2 * WINDOWS[-1]
 COLUMN_PEERS = ("evidently", "alibi_detect")
