@@ -5,8 +5,6 @@ the realised accuracy, stationary and under a covariate shift."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
