@@ -52,20 +52,8 @@ def test_a_million_stationary_rows_through_two_replicas_refresh_cycle(artifact):
     metrics = [Metrics(CollectorRegistry()) for _ in range(2)]
     feeds = [DriftFeed(served, settings, m, clock=clock) for m in metrics]
     assert all(f.build() for f in feeds)
-    half = TICK_ROWS // 2
     for tick in range(ROWS // TICK_ROWS):
-        table = rows(TICK_ROWS, seed=1000 + tick, categorical=False)
-        x, probs = _matrix(table), artifact.predict(_matrix(table))
-        labels = [str(v) for v in table["label"]]
-        for i, feed in enumerate(feeds):  # each replica serves half, as one request
-            part = slice(i * half, (i + 1) * half)
-            rid = f"t{tick}-{i}"
-            feed.offer(x[part], {"probabilities": probs[part]}, rid)
-            keys = [(rid, j) for j in range(half)]
-            feed.ask(lambda m, lab=labels[part], k=keys: label_rows(m, lab, k))
-        clock.now += 1.0
-        for feed in feeds:
-            assert feed.turn()
+        _tick(artifact, feeds, clock, tick)
     reports = [f.monitor.report() for f in feeds]
     assert sum(r["rows"] for r in reports) == ROWS
     assert sum(r["supervised"]["labels"] for r in reports) == ROWS
@@ -74,6 +62,30 @@ def test_a_million_stationary_rows_through_two_replicas_refresh_cycle(artifact):
     assert refreshes == 25
     # at most 0.1 expected per kind; any one false alarm would be a >10x excess of a kind
     assert counts == {"data": 0, "concept": 0, "supervised": 0}, counts
+    # The same cycle does raise the data alarm when a column moves by a quarter of its sd.
+    for tick in range(20):
+        _tick(artifact, feeds, clock, ROWS + tick, shift=0.25 * 3)
+    assert sum(_alarms(m, "data") for m in metrics) >= 1
+
+
+def _tick(artifact, feeds: list[DriftFeed], clock: Clock, tick: int, shift: float = 0.0
+          ) -> None:
+    """One simulated second: TICK_ROWS rows, half to each replica as one request with its
+    feedback labels, then each feed's turn."""
+    half = TICK_ROWS // 2
+    table = rows(TICK_ROWS, seed=1000 + tick, categorical=False)
+    table["b"] = table["b"] + shift
+    x, probs = _matrix(table), artifact.predict(_matrix(table))
+    labels = [str(v) for v in table["label"]]
+    for i, feed in enumerate(feeds):  # each replica serves half, as one request
+        part = slice(i * half, (i + 1) * half)
+        rid = f"t{tick}-{i}"
+        feed.offer(x[part], {"probabilities": probs[part]}, rid)
+        keys = [(rid, j) for j in range(half)]
+        feed.ask(lambda m, lab=labels[part], k=keys: label_rows(m, lab, k))
+    clock.now += 1.0
+    for feed in feeds:
+        assert feed.turn()
 
 
 def test_estimated_accuracy_tracks_the_realised_one_and_falls_under_a_shift(artifact):
