@@ -1,0 +1,172 @@
+"""Storage URLs against a real S3 API server (moto's server mode on loopback): the digits
+job with its source, run folder and registry on S3; serving from an S3 registry with hot
+reload; a publisher killed mid-upload; wrong credentials and a missing bucket."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from sklearn.datasets import load_digits
+
+from distml import storage
+from distml.registry import Registry
+from tests.helpers.artifacts import small_artifact
+from tests.helpers.cli import distml
+from tests.helpers.configs import TINY, write_config
+from tests.helpers.s3 import environment, make_bucket, moto_server, s3_env
+from tests.helpers.serving import infer_body, running_server
+
+pytestmark = pytest.mark.xdist_group("s3")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The server's endpoint, with this process's environment pointing at it (and a mirror
+    cache in a temporary folder); yields the env a subprocess needs."""
+    cache = tmp_path_factory.mktemp("cache")
+    with moto_server() as endpoint:
+        env = s3_env(endpoint, DISTML_CACHE=str(cache))
+        with environment(env):
+            make_bucket("data")
+            make_bucket("out")
+            yield env
+
+
+def _put_digits(prefix: str) -> None:
+    """The digits data set as two Parquet objects under s3://data/<prefix>/."""
+    x, y = load_digits(return_X_y=True)
+    fs = storage.filesystem("s3://data")
+    for i, rows in enumerate(np.array_split(np.arange(len(y)), 2)):
+        table = pa.table({**{f"p{j}": x[rows, j] for j in range(x.shape[1])}, "label": y[rows]})
+        with fs.open(f"data/{prefix}/part-{i}.parquet", "wb") as f:
+            pq.write_table(table, f)
+
+
+def test_the_digits_job_runs_with_source_runs_and_registry_on_s3(s3, tmp_path):
+    _put_digits("digits")
+    raw = {**TINY, "data": {"source": "s3://data/digits/*.parquet"},
+           "output_dir": "s3://out/runs", "registry": "s3://out/registry"}
+    raw["train"] = {**TINY["train"], "epochs": 1, "candidates": TINY["train"]["candidates"][:1]}
+    distml("run", str(write_config(tmp_path / "c.yaml", raw)), "-q", cwd=tmp_path, env=s3)
+
+    fs = storage.filesystem("s3://out")
+    runs = [p for p in fs.ls("out/runs/tiny") if p.rsplit("/", 1)[-1].startswith("2")]
+    assert len(runs) == 1
+    summary = json.loads(fs.cat_file(f"{runs[0]}/summary.json"))
+    assert fs.exists(f"{runs[0]}/{storage.MARKER}")
+    version = summary["data"]["version"]
+    inputs = summary["data"]["lineage"]["inputs"]
+    assert [i["path"] for i in inputs] == [f"s3://data/digits/part-{i}.parquet" for i in (0, 1)]
+    assert all(i["etag"] for i in inputs)
+    manifest = json.loads(fs.cat_file(f"out/runs/tiny/data-{version}/manifest.json"))
+    assert manifest["version"] == version
+    assert fs.exists(f"out/registry/tiny/v1/{storage.MARKER}")
+    config = fs.cat_file(f"{runs[0]}/config.yaml").decode()
+    assert "output_dir: s3://out/runs" in config  # the URL, not the local mirror's path
+    for key in (f"{runs[0]}/config.yaml", f"{runs[0]}/summary.json",
+                "out/registry/tiny/audit.jsonl", "out/registry/tiny/v1/spec.json"):
+        assert b"testing" not in fs.cat_file(key)  # the secret key is nowhere
+
+    shown = distml("models", "show", "tiny", "--registry", "s3://out/registry", cwd=tmp_path,
+                   env=s3).stdout
+    assert version in shown
+    assert "part-1.parquet" in shown
+    listed = distml("data", "versions", "--output-dir", "s3://out/runs", cwd=tmp_path,
+                    env=s3).stdout
+    assert version in listed
+
+
+def test_serve_follows_an_s3_registry(s3, tmp_path):
+    reg = Registry("s3://out/reg-serve")
+    _, a1 = small_artifact(tmp_path, "a1", seed=0)
+    _, a2 = small_artifact(tmp_path, "a2", seed=1)
+    reg.register(a1, "m")
+    reg.set_alias("m", "production", 1)
+    reg.register(a2, "m")
+    x = np.ones((2, 3), np.float32)
+    with running_server("m@production", "--registry", "s3://out/reg-serve",
+                        "--reload-interval", "0.5", cwd=tmp_path,
+                        env=s3) as (url, _, lines):
+        r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(x))
+        assert r.json()["model_version"] == "1"
+        distml("models", "promote", "m", "2", "--registry", "s3://out/reg-serve",
+               cwd=tmp_path, env=s3)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(x))
+            if r.json()["model_version"] == "2":
+                break
+            time.sleep(0.2)
+        assert r.json()["model_version"] == "2", "".join(lines)
+
+
+_PUBLISHER = """
+import sys, time
+from pathlib import Path
+from distml import storage
+def hang(key):
+    print("uploaded", key, flush=True)
+    time.sleep(600)
+storage.publish_dir(Path(sys.argv[1]), sys.argv[2], exclusive=True, on_uploaded=hang)
+"""
+
+
+def _killed_mid_upload(folder, url, env) -> None:
+    """Publish ``folder`` to ``url`` in a process killed (SIGKILL) after its first object."""
+    proc = subprocess.Popen([sys.executable, "-c", _PUBLISHER, str(folder), url],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+    assert proc.stdout.readline().startswith("uploaded")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def test_a_kill_during_upload_leaves_nothing_that_loads(s3, tmp_path):
+    _, artifact = small_artifact(tmp_path, "a")
+    _killed_mid_upload(artifact, "s3://out/reg-kill/k/v1", s3)
+    reg = Registry("s3://out/reg-kill")
+    assert reg.names() == []
+    with pytest.raises(Exception, match="no model 'k'"):
+        reg.resolve("k")
+    assert reg.register(artifact, "k").version == 1  # the number was never claimed
+
+    ckpt = tmp_path / "run" / "candidates" / "c" / "checkpoints" / "step-1"
+    ckpt.mkdir(parents=True)
+    for i in range(3):
+        (ckpt / f"__{i}_0.distcp").write_bytes(os.urandom(1000))
+    _killed_mid_upload(tmp_path / "run", "s3://out/runs-kill/run", s3)
+    assert storage.read_marker("s3://out/runs-kill/run") is None
+    assert storage.fetch_dir("s3://out/runs-kill/run", tmp_path / "fetched") is False
+    assert not (tmp_path / "fetched").exists()
+
+
+def test_a_missing_bucket_and_wrong_credentials_are_one_clear_line(s3, tmp_path):
+    out = distml("data", "versions", "--output-dir", "s3://no-such-bucket/runs",
+                 cwd=tmp_path, env=s3, check=False)
+    assert out.returncode == 2
+    line = out.stderr.strip()
+    assert "\n" not in line
+    assert "s3://no-such-bucket/runs" in line
+    assert "does not exist" in line
+    with moto_server() as endpoint:  # a server that checks credentials
+        env = s3_env(endpoint, DISTML_CACHE=s3["DISTML_CACHE"])
+        with environment(env):
+            make_bucket("locked")
+        httpx.post(f"{endpoint}/moto-api/reset-auth", content=b"0")
+        out = distml("data", "versions", "--output-dir", "s3://locked/runs", cwd=tmp_path,
+                     env={**env, "AWS_ACCESS_KEY_ID": "wrong"}, check=False)
+    line = out.stderr.strip()
+    assert out.returncode == 2
+    assert "\n" not in line
+    assert "s3://locked/runs" in line
+    assert "AWS_ACCESS_KEY_ID" in line
+    assert "wrong" not in line.split(";")[0].replace("wrong credentials", "")
