@@ -1,0 +1,56 @@
+"""Spark as an engine: ingestion's partition work as Spark tasks over Arrow batches on
+``local[2]``, byte for byte what the local executor writes. One SparkSession for the module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from distml.data.dataset import MANIFEST
+from distml.data.ingest import ingest
+from distml.errors import DataError
+from distml.execution import make_executor
+from tests.helpers.configs import data_config
+
+pytestmark = [pytest.mark.xdist_group("spark"),
+              pytest.mark.skipif(shutil.which("java") is None,
+                                 reason="Spark needs Java (17) on PATH; none here")]
+
+SYNTHETIC = {
+    "source": {"type": "synthetic:classification", "n_samples": 6_000, "n_features": 5,
+               "n_classes": 3, "seed": 2},
+    "rows_per_partition": 1_500,
+}
+
+
+@pytest.fixture(scope="module")
+def spark():
+    with make_executor("spark://local[2]", num_workers=2, retries=1) as ex:
+        yield ex
+
+
+def _outputs(root):
+    manifest = json.loads((root / MANIFEST).read_text())
+    return manifest["preprocessing"], {
+        s: [p["sha256"] for p in v["partitions"]] for s, v in manifest["splits"].items()}
+
+
+def test_spark_ingestion_writes_what_the_local_executor_writes(spark, tmp_path):
+    assert spark.name == "spark"
+    with make_executor("local", num_workers=2) as ex:
+        ingest(data_config(**SYNTHETIC), tmp_path / "local", seed=0, executor=ex)
+    ingest(data_config(**SYNTHETIC), tmp_path / "spark", seed=0, executor=spark)
+    assert _outputs(tmp_path / "local") == _outputs(tmp_path / "spark")
+
+
+def test_a_failing_item_on_spark_names_its_partition(spark):
+    def work(i):
+        if i == 2:
+            raise DataError("bad rows")
+        return i * 10
+
+    with pytest.raises(DataError, match="item 2: bad rows"):
+        list(spark.map(work, [0, 1, 2, 3], desc="work", describe=lambda i: f"item {i}"))
+    assert list(spark.map(lambda i: i + 1, [1, 2, 3], desc="work")) == [2, 3, 4]
