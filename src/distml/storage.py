@@ -237,8 +237,41 @@ def fetch_dir(url: str, local: Path) -> bool:
 
 def put_text(url: str, text: str) -> None:
     """One small object (a single PUT: readers see the old or the new one whole)."""
+    put_bytes(url, text.encode())
+
+
+def put_bytes(url: str, data: bytes) -> None:
     with translated(url, action="write"):
-        filesystem(url).pipe_file(_key(url), text.encode())
+        filesystem(url).pipe_file(_key(url), data)
+
+
+def get_bytes(url: str) -> bytes:
+    with translated(url, action="read"):
+        return filesystem(url).cat_file(_key(url))
+
+
+def mark_published(url: str) -> dict[str, Any]:
+    """Publish a folder whose files were written in place (by several writers: DCP's ranks):
+    its marker lists them with their sizes and ETags, and is written last."""
+    fs = filesystem(url)
+    with translated(url, action="write"):
+        infos = fs.find(_key(url), detail=True)
+        marker = {"files": {
+            name[len(_key(url)) + 1:]: {"bytes": int(i["size"]),
+                                       "etag": str(i.get("ETag", "")).strip('"')}
+            for name, i in sorted(infos.items()) if not name.endswith(f"/{MARKER}")}}
+        fs.pipe_file(f"{_key(url)}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
+    return marker
+
+
+def unpublish(url: str) -> None:
+    """Remove a published folder: its marker first (readers stop seeing it), then the rest."""
+    fs = filesystem(url)
+    with translated(url, action="remove"):
+        if fs.exists(f"{_key(url)}/{MARKER}"):
+            fs.rm_file(f"{_key(url)}/{MARKER}")
+        if fs.exists(_key(url)):
+            fs.rm(_key(url), recursive=True)
 
 
 def get_text(url: str) -> str | None:

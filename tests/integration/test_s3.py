@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from sklearn.datasets import load_digits
 
 from distml import storage
@@ -110,6 +111,23 @@ def test_serve_follows_an_s3_registry(s3, tmp_path):
         assert r.json()["model_version"] == "2", "".join(lines)
 
 
+def test_predict_reads_and_writes_s3(s3, tmp_path):
+    from distml.serving.predict import predict
+
+    _, artifact = small_artifact(tmp_path, "a")
+    Registry("s3://out/reg-predict").register(artifact, "m")
+    rows = pa.table({"a": [1.0, 2.0, 3.0], "b": [0.0, 1.0, 2.0], "c": [5.0, 4.0, 3.0]})
+    with storage.filesystem("s3://data").open("data/predict-in/x.parquet", "wb") as f:
+        pq.write_table(rows, f, row_group_size=2)
+    done = predict("m", "s3://data/predict-in/", "s3://out/pred/out.parquet",
+                   registry="s3://out/reg-predict")
+    assert (done["rows"], done["parts"], done["output"]) == (3, 2, "s3://out/pred/out.parquet")
+    with storage.filesystem("s3://out").open("out/pred/out.parquet", "rb") as f:
+        got = pq.read_table(f)
+    assert got["row_id"].to_pylist() == [0, 1, 2]
+    assert set(got["label"].to_pylist()) <= {"no", "yes"}
+
+
 _PUBLISHER = """
 import sys, time
 from pathlib import Path
@@ -139,14 +157,60 @@ def test_a_kill_during_upload_leaves_nothing_that_loads(s3, tmp_path):
         reg.resolve("k")
     assert reg.register(artifact, "k").version == 1  # the number was never claimed
 
-    ckpt = tmp_path / "run" / "candidates" / "c" / "checkpoints" / "step-1"
-    ckpt.mkdir(parents=True)
+    logs = tmp_path / "run" / "logs" / "c"  # a run folder published as its run ends
+    logs.mkdir(parents=True)
     for i in range(3):
-        (ckpt / f"__{i}_0.distcp").write_bytes(os.urandom(1000))
+        (logs / f"rank-{i}.log").write_bytes(os.urandom(1000))
     _killed_mid_upload(tmp_path / "run", "s3://out/runs-kill/run", s3)
     assert storage.read_marker("s3://out/runs-kill/run") is None
     assert storage.fetch_dir("s3://out/runs-kill/run", tmp_path / "fetched") is False
     assert not (tmp_path / "fetched").exists()
+
+
+_CHECKPOINTER = """
+import sys, time
+import torch
+from distml import storage
+from distml.distributed import checkpoint
+from distml.distributed.runtime import DistEnv
+
+out = storage.local_path(sys.argv[1])  # a run's checkpoints folder under s3://
+def save(step, value):
+    checkpoint.save_checkpoint(out, step, sharded={"w": torch.full((4,), value)},
+                               rank_state={"step": step}, extra={"e": step}, env=DistEnv(),
+                               keep=2)
+save(1, 1.0)
+# The second save is killed after every rank wrote its objects, before the marker: the
+# worst moment for a checkpoint on a store without rename.
+def stall(url):
+    print("writing", flush=True)
+    time.sleep(600)
+storage.mark_published = stall
+save(2, 2.0)
+"""
+
+
+def test_a_kill_during_a_checkpoint_upload_leaves_the_previous_one(s3, tmp_path):
+    from distml.distributed.checkpoint import checkpoint_paths, load_sharded, read_rank_state
+    from distml.distributed.runtime import DistEnv
+
+    url = "s3://out/runs/x/20260101-000000/candidates/c/checkpoints"
+    proc = subprocess.Popen([sys.executable, "-c", _CHECKPOINTER, url],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, **s3})
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        fs = storage.filesystem(url)
+        assert fs.exists(url.split("://")[1] + "/step-00000002/.metadata")  # all but marked
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    (last,) = checkpoint_paths(storage.local_path(url))  # the unmarked one is not one
+    assert last == f"{url}/step-00000001"
+    state = load_sharded(last, {"w": torch.zeros(4)})
+    assert torch.equal(state["w"], torch.full((4,), 1.0))
+    assert state["extra"] == {"e": 1}
+    assert read_rank_state(last, DistEnv())["step"] == 1
 
 
 def test_a_missing_bucket_and_wrong_credentials_are_one_clear_line(s3, tmp_path):

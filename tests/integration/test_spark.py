@@ -54,3 +54,16 @@ def test_a_failing_item_on_spark_names_its_partition(spark):
     with pytest.raises(DataError, match="item 2: bad rows"):
         list(spark.map(work, [0, 1, 2, 3], desc="work", describe=lambda i: f"item {i}"))
     assert list(spark.map(lambda i: i + 1, [1, 2, 3], desc="work")) == [2, 3, 4]
+
+
+def test_predict_on_spark_writes_what_local_writes(spark, trained_digits, tmp_path):
+    from distml.serving.predict import predict
+
+    out = {}
+    for executor in ("local", "spark://local[2]"):  # the module's session is reused
+        out[executor] = tmp_path / f"{executor.split(':')[0]}.parquet"
+        predict("tiny", trained_digits / "digits.parquet", out[executor],
+                registry=trained_digits / "registry", executor=executor, num_workers=2,
+                id_column="key")
+    local, on_spark = (p.read_bytes() for p in out.values())
+    assert local == on_spark
