@@ -67,3 +67,19 @@ def test_predict_on_spark_writes_what_local_writes(spark, trained_digits, tmp_pa
                 id_column="key")
     local, on_spark = (p.read_bytes() for p in out.values())
     assert local == on_spark
+
+
+@pytest.mark.parametrize("launcher", ["spark-local", "spark"])
+def test_torch_distributor_trains_a_ddp_candidate(spark, tmp_path, launcher):
+    from distml.workflow.pipeline import train_only
+    from tests.helpers.configs import TINY, make_config
+
+    raw = {**TINY, "output_dir": str(tmp_path / "runs"), "registry": str(tmp_path / "reg")}
+    raw["train"] = {**TINY["train"], "epochs": 1, "candidates": [
+        {"name": "ddp", "model": {"type": "mlp", "hidden_sizes": [16]},
+         "parallel": {"strategy": "ddp", "world_size": 2, "launcher": launcher}}]}
+    run, results = train_only(make_config(raw))
+    (result,) = results
+    assert result["world_size"] == 2
+    assert (run.folder.candidate("ddp").artifact / "spec.json").is_file()
+    assert (run.folder.logs("ddp") / "spark_entry.py").is_file()  # it went through Spark
