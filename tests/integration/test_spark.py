@@ -83,3 +83,24 @@ def test_torch_distributor_trains_a_ddp_candidate(spark, tmp_path, launcher):
     assert result["world_size"] == 2
     assert (run.folder.candidate("ddp").artifact / "spec.json").is_file()
     assert (run.folder.logs("ddp") / "spark_entry.py").is_file()  # it went through Spark
+
+
+def test_a_spark_dataframe_is_ingested_with_a_content_version(spark, tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from distml.data.frames import ingest_dataframe
+
+    rng = np.random.default_rng(0)
+    pdf = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300),
+                        "y": rng.integers(0, 3, 300)})
+    df = spark.session.createDataFrame(pdf).repartition(3)
+    first = ingest_dataframe(df, tmp_path / "one", label_column="y", staging=tmp_path / "s")
+    assert sum(first.rows(s) for s in ("train", "val", "test")) == 300
+    assert len(first.source["files"]) == 3
+    again = ingest_dataframe(df, tmp_path / "two", label_column="y", staging=tmp_path / "s")
+    assert again.version == first.version  # the same rows: the same version
+    other = spark.session.createDataFrame(pdf.assign(a=pdf.a + 1)).repartition(3)
+    changed = ingest_dataframe(other, tmp_path / "three", label_column="y",
+                               staging=tmp_path / "s")
+    assert changed.version != first.version
