@@ -285,6 +285,31 @@ def get_text(url: str) -> str | None:
             return None
 
 
+def mirror_objects(url: str, local: Path, *, suffixes: tuple[str, ...]) -> list[Path]:
+    """Download the objects directly under ``url`` (with one of ``suffixes``) that ``local``
+    lacks, each under a hidden name then renamed, its modification time the object's; an
+    object on S3 is complete once listed (a PUT is atomic). Returns the new files."""
+    fs = filesystem(url)
+    local.mkdir(parents=True, exist_ok=True)
+    new = []
+    with translated(url, action="list"):
+        check_reachable(fs, url)
+        infos = fs.ls(_key(url), detail=True)
+        for info in sorted(infos, key=lambda i: i["name"]):
+            name = info["name"].rsplit("/", 1)[-1]
+            if info.get("type") != "file" or not name.lower().endswith(suffixes) \
+                    or name.startswith(".") or (local / name).is_file():
+                continue
+            tmp = local / f".{name}.fetch-{os.getpid()}"
+            fs.get_file(info["name"], str(tmp))
+            stamp = info.get("LastModified")
+            if stamp is not None:
+                os.utime(tmp, (stamp.timestamp(), stamp.timestamp()))
+            os.replace(tmp, local / name)
+            new.append(local / name)
+    return new
+
+
 def publish(path: Path) -> str | None:
     """Publish a mirror folder to the URL it stands for; None (nothing to do) if local."""
     url = remote_of(path)

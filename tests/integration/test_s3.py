@@ -127,6 +127,28 @@ def test_predict_reads_and_writes_s3(s3, tmp_path):
     assert got["row_id"].to_pylist() == [0, 1, 2]
     assert set(got["label"].to_pylist()) <= {"no", "yes"}
 
+    from distml.workflow.drift_report import read_input  # distml monitor's input
+
+    columns, _ = read_input("s3://data/predict-in/", ["a", "c"], None)
+    assert columns["c"].tolist() == [5.0, 4.0, 3.0]
+
+
+def test_a_landing_prefix_is_mirrored_object_by_object(s3, tmp_path):
+    from distml.workflow.watch import SUFFIXES, landed
+
+    fs = storage.filesystem("s3://data")
+    fs.pipe_file("data/landing/b.csv", b"a,label\n1,0\n")
+    time.sleep(1.1)  # S3's LastModified has whole seconds
+    fs.pipe_file("data/landing/a.csv", b"a,label\n2,1\n")
+    fs.pipe_file("data/landing/notes.txt", b"not data")
+    local = tmp_path / "landing"
+    new = storage.mirror_objects("s3://data/landing/", local, suffixes=SUFFIXES)
+    assert sorted(p.name for p in new) == ["a.csv", "b.csv"]
+    assert [p.name for p in landed(local)] == ["b.csv", "a.csv"]  # in landing order
+    fs.pipe_file("data/landing/c.csv", b"a,label\n3,0\n")
+    assert [p.name for p in storage.mirror_objects("s3://data/landing", local,
+                                                   suffixes=SUFFIXES)] == ["c.csv"]
+
 
 _PUBLISHER = """
 import sys, time

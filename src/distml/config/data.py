@@ -107,9 +107,9 @@ class FileSource(SourceSpec):
     """A CSV or Parquet file, or a folder of them, with one label column."""
 
     type: Literal["file"] = "file"
-    path: Path | str = Field(description="CSV/Parquet file or folder (relative to the config "
-                             "file), or a storage URL: s3://bucket/prefix/ or "
-                             "s3://bucket/prefix/*.parquet.")
+    path: str | Path = Field(
+        union_mode="left_to_right", description="CSV/Parquet file or folder (relative to the "
+        "config file), or a storage URL: s3://bucket/prefix/ or s3://bucket/prefix/*.parquet.")
     label_column: str = Field("label", description="Name of the label (target) column.")
     feature_columns: list[str] | None = Field(
         None, description="Feature columns; default: every other column."
