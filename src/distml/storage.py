@@ -173,8 +173,8 @@ def publish_dir(local: Path, url: str, *, exclusive: bool = False,
     marker = {"files": {rel: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                         for rel, p in files.items()}}
     with translated(url, action="write"):
-        if not exclusive:  # a republished folder is unpublished while it changes
-            fs.rm_file(f"{_key(url)}/{MARKER}") if fs.exists(f"{_key(url)}/{MARKER}") else None
+        if not exclusive and fs.exists(f"{_key(url)}/{MARKER}"):
+            fs.rm_file(f"{_key(url)}/{MARKER}")  # unpublished while it changes
         for rel, p in files.items():
             fs.put_file(str(p), f"{_key(url)}/{rel}")
             if on_uploaded is not None:

@@ -72,6 +72,8 @@ def test_the_digits_job_runs_with_source_runs_and_registry_on_s3(s3, tmp_path):
     manifest = json.loads(fs.cat_file(f"out/runs/tiny/data-{version}/manifest.json"))
     assert manifest["version"] == version
     assert fs.exists(f"out/registry/tiny/v1/{storage.MARKER}")
+    # The checkpoints went to the store through DCP's fsspec writer, each one published.
+    assert fs.glob(f"{runs[0]}/candidates/small/checkpoints/step-*/{storage.MARKER}")
     config = fs.cat_file(f"{runs[0]}/config.yaml").decode()
     assert "output_dir: s3://out/runs" in config  # the URL, not the local mirror's path
     for key in (f"{runs[0]}/config.yaml", f"{runs[0]}/summary.json",
@@ -95,9 +97,12 @@ def test_serve_follows_an_s3_registry(s3, tmp_path):
     reg.set_alias("m", "production", 1)
     reg.register(a2, "m")
     x = np.ones((2, 3), np.float32)
+    # The server has its own mirror, as on another machine: it learns of the promotion
+    # from the store only.
+    server_env = {**s3, "DISTML_CACHE": str(tmp_path / "server-cache")}
     with running_server("m@production", "--registry", "s3://out/reg-serve",
                         "--reload-interval", "0.5", cwd=tmp_path,
-                        env=s3) as (url, _, lines):
+                        env=server_env) as (url, _, lines):
         r = httpx.post(f"{url}/v2/models/m/infer", json=infer_body(x))
         assert r.json()["model_version"] == "1"
         distml("models", "promote", "m", "2", "--registry", "s3://out/reg-serve",

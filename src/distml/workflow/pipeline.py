@@ -233,7 +233,14 @@ class Outcome:
 
 
 def run_chain(run: Run, chain: Chain) -> Outcome:
-    """Ingest, train, then select, register and report, stopping after ``chain.until``."""
+    """Ingest, train, then select, register and report, stopping after ``chain.until``;
+    a run folder under a storage URL is published when the chain is done."""
+    out = _run_stages(run, chain)
+    storage.publish(run.folder.path)  # the marker goes last
+    return out
+
+
+def _run_stages(run: Run, chain: Chain) -> Outcome:
     tracking = (pipeline_tracking(run.cfg, run.folder) if chain.track
                 else contextlib.nullcontext())
     with tracking as mlflow:
@@ -286,7 +293,6 @@ def stage_report(run: Run, manifest: Manifest, selection: dict[str, Any]) -> dic
                      scaling=latest_scaling_studies(Project.of(run.cfg)))
     summary["stages"] = run.stages  # the report stage's own time included
     run.folder.write_summary(summary)
-    storage.publish(run.folder.path)  # a run under a storage URL: the marker goes last
     return summary
 
 
