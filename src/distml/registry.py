@@ -70,8 +70,9 @@ class ModelVersion:
 
 
 class Registry:
-    def __new__(cls, root: str | Path) -> Registry:
-        if cls is Registry and storage.remote_of(storage.local_path(root)) is not None:
+    def __new__(cls, root: str | Path | None = None) -> Registry:  # None: unpickling
+        if cls is Registry and root is not None \
+                and storage.remote_of(storage.local_path(root)) is not None:
             return super().__new__(MirroredRegistry)  # a storage URL (or its mirror)
         return super().__new__(cls)
 
