@@ -68,6 +68,8 @@ def local_path(value: str | Path) -> Path:
     if url is None:
         return Path(value)
     scheme, rest = url.split("://", 1)
+    if any(part in ("..", ".") for part in rest.split("/")):
+        raise StorageError(f"{url}: '.' and '..' are not allowed in a storage URL's path")
     return _mirror_root() / scheme / rest
 
 

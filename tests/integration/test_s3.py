@@ -153,6 +153,11 @@ def test_a_landing_prefix_is_mirrored_object_by_object(s3, tmp_path):
     fs.pipe_file("data/landing/c.csv", b"a,label\n3,0\n")
     assert [p.name for p in storage.mirror_objects("s3://data/landing", local,
                                                    suffixes=SUFFIXES)] == ["c.csv"]
+    from distml.data.tables import read_table  # a CSV object read in place
+
+    assert read_table("s3://data/landing/c.csv").to_pydict() == {"a": [3], "label": [0]}
+    with pytest.raises(storage.StorageError, match="'..' are not allowed"):
+        storage.local_path("s3://data/../../etc")
 
 
 _PUBLISHER = """
