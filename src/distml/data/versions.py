@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,14 @@ def file_checksum(path: Path) -> dict[str, Any]:
     st = os.stat(path)
     stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     return {"path": str(path), "bytes": st.st_size, "sha256": _sha256(str(path), stamp)}
+
+
+def checksums(files: list[Path]) -> list[dict[str, Any]]:
+    """``file_checksum`` of each file, hashed on threads (hashlib releases the GIL)."""
+    if len(files) < 2:
+        return [file_checksum(f) for f in files]
+    with ThreadPoolExecutor(min(len(files), os.cpu_count() or 1, 8)) as pool:
+        return list(pool.map(file_checksum, files))
 
 
 def data_version(data: DataConfig, seed: int, fingerprint: dict[str, Any]) -> str:

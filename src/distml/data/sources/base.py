@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from distml.data.versions import file_checksum
+from distml.data.versions import checksums
 from distml.imports import load_object
 
 # Sources by the config's ``data.source.type`` -> import path of their Source class.
@@ -82,7 +82,7 @@ class Source:
         spec, and each input file's size and SHA-256 (``files``)."""
         spec = self.spec.model_dump(mode="json")
         return {"source": spec.get("type"), "spec": spec,
-                "files": [file_checksum(f) for f in self.files()]}
+                "files": checksums(self.files())}
 
 
 def open_source(spec: Any) -> Source:

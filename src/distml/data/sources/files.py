@@ -9,7 +9,7 @@ from typing import Any
 from distml import storage
 from distml.data.sources.base import Chunk, RawChunk, Source
 from distml.data.tables import list_files, list_remote, raw_columns, read_table
-from distml.data.versions import file_checksum
+from distml.data.versions import checksums
 from distml.errors import DataError
 
 
@@ -42,7 +42,7 @@ class Files(Source):
 
     def inputs(self) -> list[dict[str, Any]]:
         url = self._url()
-        return list_remote(url) if url else [file_checksum(f) for f in self.files()]
+        return list_remote(url) if url else checksums(self.files())
 
     def fingerprint(self) -> dict[str, Any]:
         return {"source": self._url() or str(self.spec.path), "files": self.inputs()}
