@@ -10,7 +10,8 @@ Layout::
 A version folder is copied in under a temporary name and renamed, so it is complete or
 absent; its digests are checked on the copy (or recorded, for an artifact without them).
 References: ``name`` (the production alias, else the newest version), ``name:3``,
-``name@alias``, or a path to an artifact folder. Model and alias names must be one safe path
+``name@alias``, or a path to an artifact folder. The root may be a storage URL
+(``s3://bucket/registry``): see ``MirroredRegistry``. Model and alias names must be one safe path
 component (``NAME_PATTERN``); anything else is refused before a file is touched, so no
 reference reads or writes outside ``<root>`` unless it is an artifact folder's path.
 """
@@ -28,10 +29,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from distml import storage
 from distml.artifact import DIGESTS, SPEC, WEIGHTS, read_spec, verify_integrity, write_spec
 from distml.config.base import MAX_PATH_LENGTH, NAME_PATTERN, NAME_RULE
 from distml.errors import ArtifactError
-from distml.fsutil import append_jsonl, write_json_atomic
+from distml.fsutil import append_jsonl, write_json_atomic, write_text_atomic
 
 PRODUCTION = "production"
 AUDIT = "audit.jsonl"
@@ -68,8 +70,14 @@ class ModelVersion:
 
 
 class Registry:
+    def __new__(cls, root: str | Path | None = None) -> Registry:  # None: unpickling
+        if cls is Registry and root is not None \
+                and storage.remote_of(storage.local_path(root)) is not None:
+            return super().__new__(MirroredRegistry)  # a storage URL (or its mirror)
+        return super().__new__(cls)
+
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
+        self.root = storage.local_path(root)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -251,3 +259,86 @@ def _metric(path: Path) -> dict[str, Any] | None:
         if name is not None and name in (metrics.get(split) or {}):
             return {"name": name, "split": split, "value": metrics[split][name]}
     return None
+
+
+class MirroredRegistry(Registry):
+    """A registry under a storage URL, read and written through its local mirror.
+
+    Each version is a published folder (``<url>/<name>/v<N>/`` with its marker, written last
+    and only if absent: S3's conditional write claims the version number, a writer that loses
+    the race takes the next one). A version without its marker (an upload killed half way) is
+    invisible. ``aliases.json`` and ``audit.jsonl`` are single objects, rewritten whole
+    (readers see the old or the new one); two writers moving the same model's aliases at
+    once may lose one audit line, so promote from one place. Every lookup (``names``,
+    ``resolve``: a server's hot reload) first pulls what was published since.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        super().__init__(root)
+        url = storage.remote_of(self.root)
+        assert url is not None
+        self.url = url
+
+    def names(self) -> list[str]:
+        self._pull()
+        return super().names()
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """The published versions (a folder in the mirror without its marker is not one)."""
+        return [v for v in super().versions(name) if (v.path / storage.MARKER).is_file()]
+
+    def resolve(self, ref: str, *, allow_path: bool = True) -> ModelVersion:
+        if not (allow_path and _is_artifact(Path(ref))):
+            self._pull()
+        return super().resolve(ref, allow_path=allow_path)
+
+    def register(self, artifact_dir: Path, name: str, *, by: str | None = None,
+                 source: str | None = None) -> ModelVersion:
+        for _ in range(10):
+            self._pull()
+            known = {v.version for v in self.versions(check_name(name))}
+            version = super().register(artifact_dir, name, by=by, source=source)
+            if version.version in known:  # registered before (idempotent with a source)
+                return version
+            try:
+                marker = storage.publish_dir(
+                    version.path, f"{self.url}/{name}/v{version.version}", exclusive=True)
+            except FileExistsError:  # another writer claimed this number: take the next
+                shutil.rmtree(version.path, ignore_errors=True)
+                continue
+            write_json_atomic(version.path / storage.MARKER, marker)
+            self._push(name, AUDIT)
+            return version
+        raise ArtifactError(f"could not claim a version of {name!r} at {self.url}: "
+                            "10 concurrent registrations won; try again")
+
+    def set_alias(self, name: str, alias: str, version: int, *, reason: str = "",
+                  by: str | None = None) -> None:
+        self._pull()
+        super().set_alias(name, alias, version, reason=reason, by=by)
+        self._push(name, AUDIT)  # logged before it moves, as on a folder
+        self._push(name, "aliases.json")
+
+    def _push(self, name: str, file: str) -> None:
+        storage.put_text(f"{self.url}/{name}/{file}", (self.root / name / file).read_text())
+
+    def _pull(self) -> None:
+        """Fetch the versions published since, and every model's aliases and audit log."""
+        for stale in self.root.glob("*/v*"):  # a registration that never published
+            if _VERSION.match(stale.name) and not (stale / storage.MARKER).is_file():
+                shutil.rmtree(stale, ignore_errors=True)
+        names = set()
+        for url in storage.published(self.url, "*/v*"):
+            name, folder = url.rsplit("/", 2)[-2:]
+            if not (_NAME.fullmatch(name) and _VERSION.match(folder)):
+                continue
+            names.add(name)
+            local = self.root / name / folder
+            if not (local / storage.MARKER).is_file():  # published versions never change
+                local.parent.mkdir(parents=True, exist_ok=True)
+                storage.fetch_dir(url, local)
+        for name in names:
+            for file in ("aliases.json", AUDIT):
+                text = storage.get_text(f"{self.url}/{name}/{file}")
+                if text is not None:
+                    write_text_atomic(self.root / name / file, text)

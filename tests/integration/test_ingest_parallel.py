@@ -153,7 +153,7 @@ def test_categorical_columns_need_onehot(tmp_path):
 
 def test_unknown_engine_and_missing_extra(monkeypatch):
     with pytest.raises(Exception, match=r"is not an executor; use local, dask://local"):
-        make_executor("spark://x")
+        make_executor("flink://x")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if Ray were not installed
     monkeypatch.delitem(sys.modules, "distml.execution.ray", raising=False)  # (re)imported
     with pytest.raises(Exception, match=r"needs Ray, which is not installed .*distml\[ray\]"):

@@ -147,6 +147,7 @@ def test_mlflow_one_run_per_candidate_in_a_distributed_run(ddp_run):
     assert parent.data.params["train.parallel.world_size"] == "2"
     assert parent.data.params["train.candidates.1.model.type"] == "cnn"
     assert 0.5 < parent.data.metrics["test/accuracy"] <= 1
+    assert len(parent.data.tags["distml.data_version"]) == 16  # the data's lineage
     small = next(r for r in children if r.info.run_name == "small")
     assert small.data.params["lr"] == "0.005"
     assert small.data.params["model.kwargs.hidden_sizes.0"] == "16"

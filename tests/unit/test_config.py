@@ -100,7 +100,7 @@ def test_relative_paths_resolve_against_config_folder(tiny_raw, tmp_path):
         ("data.transforms=[{type: clip}]", r"data\.transforms\[0\]: clip needs min, max or both"),
         ("data.transforms=[normalize]",
          r"data\.transforms\[0\]\.type = 'normalize': transform type must be one of standardize"),
-        ("execution.executor=spark://x", r"executor = 'spark://x': not an executor; use local, "),
+        ("execution.executor=flink://x", r"executor = 'flink://x': not an executor; use local, "),
         ("train.candidates=[]", r"train\.candidates = \[\]: List should have at least 1 item"),
         ("name=has space", r"name = 'has space': not a valid name: use 1-100 letters"),
         ("train.candidates.0.model={type: transformer, dim: 30, num_heads: 4}",

@@ -48,6 +48,63 @@ def data_inspect(
     console.print(table)
 
 
+OutputDirOpt = Annotated[Path, typer.Option(help="The runs folder or URL (s3://bucket/prefix).")]
+
+
+@data_app.command("versions")
+@user_errors
+def data_versions(output_dir: OutputDirOpt = Path("runs")) -> None:
+    """The ingested data sets' versions: content-addressed by their inputs and preparation."""
+    from distml.data.versions import list_versions
+
+    table = Table(title=f"data versions under {output_dir}")
+    for col in ("version", "project", "source", "inputs", "train", "val", "test"):
+        table.add_column(col, justify="right" if col in ("inputs", "train", "val", "test")
+                         else "left")
+    for m in list_versions(output_dir):
+        src = m.get("source", {})
+        table.add_row(m.get("version") or "(unversioned)", m["project"],
+                      str(src.get("source", "")), str(len(src.get("files", []))),
+                      *(f"{m['splits'][s]['rows']:,}" for s in ("train", "val", "test")))
+    console.print(table)
+
+
+@data_app.command("diff")
+@user_errors
+def data_diff(
+    old: Annotated[str, typer.Argument(help="A data version (4 or more leading digits).")],
+    new: Annotated[str, typer.Argument(help="Another data version.")],
+    output_dir: OutputDirOpt = Path("runs"),
+) -> None:
+    """Which inputs and row counts changed between two data versions."""
+    from distml.data.versions import diff, find_version
+
+    a, b = find_version(output_dir, old), find_version(output_dir, new)
+    d = diff(a, b)
+    console.print(f"[bold]{a['version']}[/] → [bold]{b['version']}[/]", highlight=False)
+    for kind in ("added", "removed", "changed"):
+        for path in d[kind]:
+            console.print(f"  {kind:8} {path}", highlight=False, soft_wrap=True)
+    if not (d["added"] or d["removed"] or d["changed"]):
+        console.print("  inputs: unchanged")
+    for split, (n_old, n_new) in d["rows"].items():
+        console.print(f"  {split:5} rows {n_old:,} → {n_new:,} ({n_new - n_old:+,})")
+    if d["config_changed"]:
+        console.print("  fitted preprocessing: changed")
+
+
+def _print_lineage(spec: dict) -> None:
+    """A model's lineage: data version, inputs with their checksums, config, code."""
+    lineage = spec.get("data_lineage") or {}
+    console.print(f"lineage: data version {spec.get('data_version') or 'unknown'}; config "
+                  f"hash {spec.get('config_hash')}; code revision {spec.get('git_revision')}",
+                  highlight=False)
+    for f in lineage.get("inputs", []):
+        check = f.get("sha256") or f"etag {f.get('etag')}"
+        console.print(f"  input {f['path']} ({f.get('bytes', '?')} bytes, {check})",
+                      highlight=False, soft_wrap=True)
+
+
 @runs_app.command("list")
 @user_errors
 def runs_list(
@@ -143,6 +200,7 @@ def models_show(
         "--trust-module)"), highlight=False)
     digest = verify_integrity(version.path, spec)[WEIGHTS]  # a mismatch: error, exit 2
     console.print(f"sha256 {WEIGHTS}: {digest} (verified)", highlight=False)
+    _print_lineage(spec)
     registered = [e["sha256"] for e in (reg.audit(version.name) if version.version else [])
                   if e.get("event") == "register" and e.get("version") == version.version]
     if registered and registered[-1] != digest:

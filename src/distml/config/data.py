@@ -23,6 +23,7 @@ from distml.config.base import (
     relative_import_path,
     resolve_path,
 )
+from distml.storage import as_url
 
 # ---------------------------------------------------------------------------------------------
 # sources
@@ -106,7 +107,9 @@ class FileSource(SourceSpec):
     """A CSV or Parquet file, or a folder of them, with one label column."""
 
     type: Literal["file"] = "file"
-    path: Path = Field(description="CSV/Parquet file or folder (relative to the config file).")
+    path: str | Path = Field(
+        union_mode="left_to_right", description="CSV/Parquet file or folder (relative to the "
+        "config file), or a storage URL: s3://bucket/prefix/ or s3://bucket/prefix/*.parquet.")
     label_column: str = Field("label", description="Name of the label (target) column.")
     feature_columns: list[str] | None = Field(
         None, description="Feature columns; default: every other column."
@@ -118,6 +121,8 @@ class FileSource(SourceSpec):
     @field_validator("path", mode="before")
     @classmethod
     def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and as_url(value):
+            return as_url(value)
         return resolve_path(value, info) if isinstance(value, str | Path) else value
 
 

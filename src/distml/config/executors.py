@@ -25,6 +25,9 @@ ENGINES: dict[str, EngineRecord] = {
     "ray": EngineRecord("distml.execution.ray",
                         {"ray://local": "a Ray cluster of this machine",
                          "ray://HOST:PORT": "a running Ray cluster's client server"}),
+    "spark": EngineRecord("distml.execution.spark",
+                          {"spark://local[N]": "a local Spark with N cores",
+                           "spark://HOST:7077": "a Spark standalone cluster's master"}),
 }
 
 

@@ -18,6 +18,7 @@ from distml.config.models import MODELS
 from distml.config.sections import ExecutionConfig, MonitorConfig, SelectConfig, ServeConfig
 from distml.config.train import TrainConfig
 from distml.errors import ConfigError
+from distml.storage import as_url, local_path, remote_of
 
 
 class Config(Strict):
@@ -25,8 +26,11 @@ class Config(Strict):
 
     name: str = Field(pattern=NAME_PATTERN, description="Pipeline name.")
     seed: int = Field(0, description="Seed of splits, initial weights, shuffling and dropout.")
-    output_dir: Path = Field(Path("runs"), description="Runs go to <output_dir>/<name>/<time>/.")
-    registry: Path = Field(Path("registry"), description="Model registry folder.")
+    output_dir: Path = Field(Path("runs"), description="Runs go to <output_dir>/<name>/<time>/; "
+                             "a folder or a storage URL (s3://bucket/prefix), whose runs are "
+                             "worked on in a local mirror and published to it.")
+    registry: Path = Field(Path("registry"), description="Model registry: a folder or a storage "
+                           "URL (s3://bucket/prefix).")
     data: DataConfig
     train: TrainConfig
     select: SelectConfig = Field(default_factory=SelectConfig)
@@ -34,7 +38,11 @@ class Config(Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
-    _safe_paths = field_validator("output_dir", "registry", mode="before")(safe_path)
+    @field_validator("output_dir", "registry", mode="before")
+    @classmethod
+    def _location(cls, value: Any) -> Any:
+        """A folder, or a storage URL as its local mirror (``to_dict`` gives the URL back)."""
+        return local_path(value) if as_url(str(value)) else safe_path(value)
 
     @model_validator(mode="after")
     def _metric_fits_task(self) -> Config:
@@ -59,6 +67,8 @@ class Config(Strict):
         """The resolved config as plain data; candidates keep only what they override, so it
         loads back to the same config."""
         data = self.model_dump(mode="json")
+        for key in ("output_dir", "registry"):
+            data[key] = remote_of(data[key]) or data[key]
         data["train"]["candidates"] = [
             c.model_dump(mode="json", exclude_unset=True) for c in self.train.candidates
         ]

@@ -104,6 +104,10 @@ class ParallelConfig(Strict):
 
     strategy: StrategyName = Field("single", description=described())
     world_size: int = Field(1, ge=1, description="Number of training processes.")
+    launcher: Literal["torchrun", "spark", "spark-local"] = Field(
+        "torchrun", description="What starts the processes: torchrun's agent; spark: "
+        "pyspark's TorchDistributor in barrier mode (a Spark task per process); spark-local: "
+        "TorchDistributor's local mode (on the Spark driver).")
     num_nodes: int = Field(
         1, ge=1, description="Machines the world_size processes are spread over (torchrun "
         "--nnodes, a Kubernetes TrainJob's numNodes); the local launcher runs them all here.")

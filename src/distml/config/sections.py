@@ -10,6 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from distml.config.base import NAME_PATTERN, Strict, resolve_path
 from distml.config.executors import engine_of, executor_forms
+from distml.storage import as_url
 
 _MODULE = r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*"
 
@@ -165,9 +166,11 @@ class WatchConfig(Strict):
     for drift against production; on drift the candidates are retrained and the new model
     promoted if it beats production on the newest data."""
 
-    landing: Path | None = Field(
-        None, description="Folder where new CSV/Parquet files land (relative to the config; "
-        "--landing overrides). Write a file under a name starting with '.' and rename it in.")
+    landing: str | Path | None = Field(
+        None, union_mode="left_to_right", description="Folder where new CSV/Parquet files "
+        "land (relative to the config; --landing overrides), or a storage URL prefix "
+        "(s3://bucket/landing/). Write a file under a name starting with '.' and rename it "
+        "in (an object needs no care).")
     window_files: int = Field(
         2, ge=0, description="Older files ingested with the new ones in a retraining cycle: "
         "the most recent of the data source's files and the files landed before.")
@@ -181,6 +184,8 @@ class WatchConfig(Strict):
     @field_validator("landing", mode="before")
     @classmethod
     def _relative_to_config(cls, value: Any, info: ValidationInfo) -> Any:
+        if isinstance(value, str) and as_url(value):
+            return as_url(value)
         return resolve_path(value, info) if isinstance(value, str | Path) else value
 
 

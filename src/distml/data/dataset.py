@@ -38,6 +38,7 @@ class Manifest:
     source: dict[str, Any]
     input_columns: dict[str, str] = field(default_factory=dict)  # raw name -> numeric/categorical
     dropped_invalid_rows: int = 0
+    version: str = ""  # content-addressed (distml.data.versions); "" in older manifests
     format_version: int = FORMAT_VERSION
     root: Path = field(default=Path("."), compare=False, repr=False)
 

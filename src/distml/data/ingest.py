@@ -22,6 +22,7 @@ from distml.data import transforms
 from distml.data.dataset import MANIFEST, Manifest
 from distml.data.preprocess import SPLITS, FitJob, WriteJob, fit_chunk, write_chunk
 from distml.data.sources import Chunk, open_source
+from distml.data.versions import data_version
 from distml.errors import DataError
 from distml.execution import Executor, make_executor
 
@@ -33,18 +34,21 @@ def _describe(chunk: Chunk) -> str:
 
 
 def ingest(
-    data: DataConfig, root: Path, *, seed: int, executor: Executor | None = None
+    data: DataConfig, root: Path, *, seed: int, executor: Executor | None = None,
+    fingerprint: dict[str, Any] | None = None,
 ) -> Manifest:
-    """Ingest ``data`` into ``root``; an existing complete folder is reused as it is."""
+    """Ingest ``data`` into ``root``; an existing complete folder is reused as it is.
+    ``fingerprint``: the source's, if the caller took it already (it names the version)."""
     root = Path(root)
     if (root / MANIFEST).is_file():
         logger.info("data already ingested at %s", root)
         return Manifest.read(root)
     if executor is None:
         with make_executor("local", num_workers=1) as serial:
-            return ingest(data, root, seed=seed, executor=serial)
+            return ingest(data, root, seed=seed, executor=serial, fingerprint=fingerprint)
 
     source = open_source(data.source)
+    fingerprint = fingerprint or source.fingerprint()
     chunks = source.plan_chunks(data.rows_per_partition)
     run = functools.partial(executor.map, items=chunks, describe=_describe)
     specs = data.feature_transforms
@@ -83,8 +87,8 @@ def ingest(
         names, splits = _collect(chunks, written)
         manifest = Manifest(
             task=data.task, feature_names=names, classes=classes, preprocessing=params,
-            splits=splits, source=source.fingerprint(), input_columns=scans[0]["columns"],
-            dropped_invalid_rows=dropped,
+            splits=splits, source=fingerprint, input_columns=scans[0]["columns"],
+            dropped_invalid_rows=dropped, version=data_version(data, seed, fingerprint),
         )
         manifest.write(tmp)
         os.replace(tmp, root)

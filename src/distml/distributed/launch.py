@@ -39,6 +39,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from distml.config import Config
 from distml.distributed import preflight
+from distml.distributed.spark_launch import launch_on_spark
 from distml.errors import DistmlError
 from distml.rundir import RunDir
 
@@ -122,8 +123,21 @@ def _launch(config: LaunchConfig, module: str, args: list[str], *, what: str) ->
 
 def launch_training(run: RunDir, candidate: str, *, world_size: int, max_restarts: int,
                     resume: bool) -> None:
-    """Train one candidate of ``run`` with ``python -m distml.train``."""
+    """Train one candidate of ``run`` with ``python -m distml.train``, on the candidate's
+    launcher (``train.parallel.launcher``)."""
     args = ["--run-dir", str(run.path), "--candidate", candidate, *(["--resume"] * resume)]
+    cfg = run.load_config()
+    launcher = cfg.train.settings_for(cfg.train.candidate(candidate)).parallel.launcher
+    if launcher != "torchrun":
+        executor = cfg.execution.executor
+        master = executor.partition("://")[2] if executor.startswith("spark://") else \
+            f"local[{world_size}]"
+        if master and not master.startswith("local"):
+            master = f"spark://{master}"
+        launch_on_spark(args, world_size=world_size, local_mode=launcher == "spark-local",
+                        master=master, log_dir=run.logs(candidate),
+                        what=f"training {candidate!r}")
+        return
     launch_local("distml.train", args, world_size=world_size, max_restarts=max_restarts,
                  log_dir=run.logs(candidate), what=f"training {candidate!r}")
 

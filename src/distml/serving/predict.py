@@ -4,7 +4,9 @@ executors (a local process pool by default; Dask or Ray when given).
 The input is a CSV or Parquet file, or a folder of them, with the raw columns the model was
 trained on (other columns are ignored). Each Parquet row group and each CSV file is one work
 item; workers write their part, and the driver joins the parts in input order into one
-Parquet file under a temporary name, renamed when complete. Row ids are kept: the
+Parquet file under a temporary name, renamed when complete. Input and output may be storage
+URLs (``s3://bucket/in/``, ``s3://bucket/out.parquet``): the output is one object, uploaded
+whole when complete (a PUT is atomic: readers see no object or all of it). Row ids are kept: the
 ``id_column`` if given, else ``row_id``, the row's position in the input.
 """
 
@@ -20,7 +22,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distml.data.tables import raw_columns, read_table
+from distml import storage
+from distml.data.tables import list_remote, raw_columns, read_table
 from distml.errors import DataError
 from distml.execution import make_executor
 from distml.execution.base import ProgressFactory
@@ -48,7 +51,9 @@ class PredictJob:
     trust: TrustPolicy = TrustPolicy()  # travels to each worker: it decides as the driver did
 
 
-def plan_parts(path: Path) -> list[Part]:
+def plan_parts(path: Path | str) -> list[Part]:
+    if isinstance(path, str):
+        return _plan_remote(path)
     if not path.exists():
         raise DataError(f"--input: {str(path)!r} does not exist")
     files = sorted(f for f in (path.rglob("*") if path.is_dir() else [path])
@@ -68,6 +73,19 @@ def plan_parts(path: Path) -> list[Part]:
     return parts
 
 
+def _plan_remote(url: str) -> list[Part]:
+    parts: list[Part] = []
+    for f in list_remote(url):
+        if f["path"].lower().endswith(".csv"):
+            parts.append(Part(len(parts), f["path"], None))
+            continue
+        with storage.translated(f["path"], action="read"), \
+                storage.filesystem(url).open(f["path"].split("://", 1)[1], "rb") as fh:
+            groups = pq.ParquetFile(fh).num_row_groups
+        parts += [Part(len(parts) + g, f["path"], g) for g in range(groups)]
+    return parts
+
+
 # Per worker process: each artifact is loaded (and its digests checked) once per policy.
 _MODELS: dict[tuple[str, TrustPolicy], ServedModel] = {}
 
@@ -83,7 +101,8 @@ def _model(path: str, trust: TrustPolicy) -> ServedModel:
 def predict_part(job: PredictJob, part: Part) -> dict[str, Any]:
     """One work item: read, preprocess, predict, write ``part-NNNNN.parquet``."""
     model = _model(job.artifact, job.trust)
-    table = read_table(Path(part.path), part.row_group)
+    table = read_table(part.path if storage.as_url(part.path) else Path(part.path),
+                       part.row_group)
     names = model.spec["input_columns"]
     missing = [c for c in names if c not in table.column_names]
     if missing:
@@ -116,12 +135,14 @@ def predict(
     ``trust``: the code the artifact may name (default: none)."""
     trust = trust or TrustPolicy()
     # Paths travel to workers, whose working folder (on another machine) is not ours.
-    input_path, output = input_path.absolute(), output.absolute()
+    source: Path | str = storage.as_url(input_path) or Path(input_path).absolute()
+    target = storage.as_url(output)
+    output = storage.local_path(target) if target else Path(output).absolute()
     artifact, name, version = resolve(ref, registry)
     artifact = artifact.absolute()
     # A broken or untrusted artifact fails here, once, before any worker starts.
     load_served_model(str(artifact), registry=registry, trust=trust)
-    parts = plan_parts(input_path)
+    parts = plan_parts(source)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = output.with_name(f".{output.name}.parts-{os.getpid()}")
     tmp_file = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -135,11 +156,14 @@ def predict(
             written = list(ex.map(_predict, [(job, p) for p in parts], desc="predict",
                                   describe=lambda item: str(item[1])))
         rows = _join(written, tmp_file, add_row_id=id_column is None)
+        if target is not None:  # one object, uploaded whole
+            with storage.translated(target, action="write"):
+                storage.filesystem(target).put_file(str(tmp_file), target.split("://", 1)[1])
         os.replace(tmp_file, output)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         tmp_file.unlink(missing_ok=True)
-    return {"rows": rows, "parts": len(parts), "output": str(output), "model": name,
+    return {"rows": rows, "parts": len(parts), "output": target or str(output), "model": name,
             "version": version}
 
 

@@ -16,6 +16,7 @@ from distml.config import Candidate, Config, TrainSettings
 from distml.data.dataset import Manifest
 from distml.data.loader import PartitionLoader
 from distml.data.tensors import SplitTensors
+from distml.data.versions import lineage
 from distml.distributed.runtime import DistEnv, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.imports import load_object
@@ -197,6 +198,7 @@ def _save_artifact(cfg: Config, candidate: Candidate, manifest: Manifest, model:
         "preprocessing": manifest.preprocessing, "metrics": {"val": val_metrics},
         "data_dir": str(manifest.root.resolve()),  # its validation split checks int8 serving
         "select_metric": cfg.metric, "config_hash": cfg.hash(), "git_revision": git_revision(),
+        "data_version": manifest.version, "data_lineage": lineage(manifest),
         **({} if candidate.distill is None else {"distilled_from": _teachers(folder)}),
     }, folder.artifact)
 

@@ -193,7 +193,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save(self) -> Path:
+    def save(self) -> Path | str:
         sharded = self.strategy.state_dict()
         if self.best.weights is not None:
             sharded["best"] = self.best.weights

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distml import storage
 from distml.artifact import Artifact, load_artifact
 from distml.data.dataset import Manifest, load_split
 from distml.data.tables import raw_columns, read_table
@@ -56,10 +57,12 @@ def reference_for(artifact: Artifact) -> dict[str, Any]:
 
 def read_input(path: Path, columns: list[str], label_column: str | None
                ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Every part of the input, in order: the raw model columns and the label column."""
+    """Every part of the input (a path or a storage URL), in order: the raw model columns
+    and the label column."""
     parts, labels = [], []
-    for part in plan_parts(path):
-        table = read_table(Path(part.path), part.row_group)
+    for part in plan_parts(storage.as_url(path) or Path(path)):
+        table = read_table(part.path if storage.as_url(part.path) else Path(part.path),
+                           part.row_group)
         missing = [c for c in columns if c not in table.column_names]
         if missing:
             shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")

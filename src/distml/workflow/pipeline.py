@@ -7,8 +7,6 @@ and linked from each run directory, so runs that share a data config ingest once
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
+from distml import storage
 from distml.artifact import load_artifact, read_spec, save_artifact
 from distml.config import Candidate, Config
 from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
 from distml.data.sources import open_source
 from distml.data.tensors import SplitTensors
+from distml.data.versions import data_version, lineage
 from distml.distributed.launch import launch_training
 from distml.drift.reference import build_reference, write_reference
 from distml.execution import make_executor
@@ -90,22 +90,22 @@ def start_run(cfg: Config, *, resume: bool = False, reporter: Reporter | None = 
     return Run(cfg, folder, reporter or NullReporter())
 
 
-def _data_key(cfg: Config) -> str:
-    """Hash of everything ingestion depends on, including the source files' size and mtime."""
-    stamps = [(str(f), f.stat().st_size, f.stat().st_mtime_ns)
-              for f in open_source(cfg.data.source).files() if f.is_file()]
-    data = cfg.data.model_dump(mode="json", exclude={"loader"})  # the loader reads, not writes
-    blob = json.dumps([data, cfg.seed, stamps], sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
-
-
 def stage_ingest(run: Run) -> Manifest:
-    ex = run.cfg.execution
+    """Ingest into the project's cache folder named by the data's content version (fetched
+    from the remote output_dir if published there, and published to it when new)."""
+    ex, data = run.cfg.execution, run.cfg.data
     with run.stage("ingest"):
-        root = Project.of(run.cfg).data_cache(_data_key(run.cfg))
+        fingerprint = open_source(data.source).fingerprint()
+        version = data_version(data, run.cfg.seed, fingerprint)
+        root = Project.of(run.cfg).data_cache(version)
+        if (remote := storage.remote_of(root)) is not None and not root.is_dir():
+            storage.fetch_dir(remote, root)
         with make_executor(ex.executor, num_workers=ex.num_workers, retries=ex.retries,
                            progress=run.reporter.progress) as executor:
-            manifest = ingest(run.cfg.data, root, seed=run.cfg.seed, executor=executor)
+            manifest = ingest(data, root, seed=run.cfg.seed, executor=executor,
+                              fingerprint=fingerprint)
+        if remote is not None and storage.read_marker(remote) is None:
+            storage.publish_dir(root, remote)
         run.folder.link_data(root)
     return manifest
 
@@ -236,7 +236,14 @@ class Outcome:
 
 
 def run_chain(run: Run, chain: Chain) -> Outcome:
-    """Ingest, train, then select, register and report, stopping after ``chain.until``."""
+    """Ingest, train, then select, register and report, stopping after ``chain.until``;
+    a run folder under a storage URL is published when the chain is done."""
+    out = _run_stages(run, chain)
+    storage.publish(run.folder.path)  # the marker goes last
+    return out
+
+
+def _run_stages(run: Run, chain: Chain) -> Outcome:
     tracking = (pipeline_tracking(run.cfg, run.folder) if chain.track
                 else contextlib.nullcontext())
     with tracking as mlflow:
@@ -308,7 +315,8 @@ def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> di
         ],
         "test": selection["test"],
         "data": {"rows": {s: manifest.rows(s) for s in manifest.splits},
-                 "dropped_invalid_rows": manifest.dropped_invalid_rows},
+                 "dropped_invalid_rows": manifest.dropped_invalid_rows,
+                 "version": manifest.version, "lineage": lineage(manifest)},
         "stages": run.stages,
         "artifact": selection["artifact"],
         "registry": selection["registry"],

@@ -7,13 +7,15 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distml import storage
 from distml.rundir import RunDir, finished_runs
 
 
 def list_runs(output_dir: Path) -> list[dict[str, Any]]:
-    """Finished runs (those with a summary.json), oldest first."""
+    """Finished runs (those with a summary.json), oldest first; of a storage URL, the runs
+    in this machine's mirror of it."""
     runs = []
-    for run in finished_runs(output_dir):
+    for run in finished_runs(storage.local_path(output_dir)):
         s = run.read_summary()
         runs.append({"run": str(run.path), "name": s["name"], "selected": s["selected"],
                      "metric": s["metric"], "test": s["test"].get(s["metric"]),

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distml import storage
 from distml.artifact import load_artifact
 from distml.config import Config, FileSource, parse_config
 from distml.data.dataset import Manifest, read_partition
@@ -86,7 +87,9 @@ class Watcher:
 
     def __init__(self, cfg: Config, landing: Path, *, reporter: Reporter | None = None,
                  retrain_always: bool = False, trust: TrustPolicy | None = None) -> None:
-        self.cfg, self.landing = cfg, Path(landing).absolute()
+        # A landing prefix (s3://bucket/landing/) is mirrored into a local folder first.
+        self.landing_url = storage.as_url(landing)
+        self.cfg, self.landing = cfg, storage.local_path(landing).absolute()
         self.source = _source(cfg)
         self.reporter = reporter or NullReporter()
         self.always = retrain_always or cfg.monitor.watch.retrain == "always"
@@ -101,14 +104,15 @@ class Watcher:
 
         path = self.dir / STATE
         if not path.is_file():
-            history = [str(f.absolute()) for f in list_files(self.source.path)]
+            history = [] if storage.as_url(str(self.source.path)) else [  # a remote source:
+                str(f.absolute()) for f in list_files(Path(self.source.path))]  # landed only
             return {"landing": str(self.landing), "processed": [], "history": history,
                     "cycles": [], "cycle": None}
         try:
             state = json.loads(path.read_text())
         except ValueError as e:
             raise DistmlError(f"{path} is damaged ({e}); move it away to start over") from None
-        if state["landing"] != str(self.landing):
+        if state["landing"] != str(self.landing) and state["landing"] != self.landing_url:
             raise DistmlError(f"{self.dir} watches {state['landing']}, not {self.landing}; "
                               "give that --landing, or another output_dir or name")
         return state
@@ -132,6 +136,8 @@ class Watcher:
         """Finish an interrupted cycle, else run one on the files landed since; returns the
         cycle's summary (None: nothing new)."""
         with self._locked():
+            if self.landing_url is not None:
+                storage.mirror_objects(self.landing_url, self.landing, suffixes=SUFFIXES)
             if self.state["cycle"] is None:
                 done = set(self.state["processed"])
                 new = [f for f in landed(self.landing) if f.name not in done]

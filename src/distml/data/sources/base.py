@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from distml.data.versions import checksums
 from distml.imports import load_object
 
 # Sources by the config's ``data.source.type`` -> import path of their Source class.
@@ -77,8 +78,11 @@ class Source:
         return []
 
     def fingerprint(self) -> dict[str, Any]:
-        """What identifies the source's content, for the manifest."""
-        return self.spec.model_dump(mode="json")
+        """What identifies the source's content, for the manifest and the data version: the
+        spec, and each input file's size and SHA-256 (``files``)."""
+        spec = self.spec.model_dump(mode="json")
+        return {"source": spec.get("type"), "spec": spec,
+                "files": checksums(self.files())}
 
 
 def open_source(spec: Any) -> Source:

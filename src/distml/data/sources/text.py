@@ -58,6 +58,4 @@ class Text(Source):
         return expand_text_paths(self.spec.paths)
 
     def fingerprint(self) -> dict[str, Any]:
-        files = self.files()
-        return {"source": "text", "files": len(files),
-                "bytes": sum(f.stat().st_size for f in files)}
+        return {**super().fingerprint(), "source": "text"}

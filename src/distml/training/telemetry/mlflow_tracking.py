@@ -148,6 +148,9 @@ class PipelineTracking:
         t.call("log metrics", client.log_batch, run_id,
                metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
         t.call("set tags", client.set_tag, run_id, "distml.selected", summary["selected"])
+        if summary["data"].get("version"):
+            t.call("set tags", client.set_tag, run_id, "distml.data_version",
+                   summary["data"]["version"])
         for path in (self.run.report, self.run.summary, *self.run.plots()):
             if path.is_file():
                 t.call("log the report", client.log_artifact, run_id, str(path), "report")
