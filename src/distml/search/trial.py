@@ -33,7 +33,7 @@ from distml.training.telemetry.mlflow_tracking import end_candidate_run
 logger = logging.getLogger(__name__)
 
 
-class TrialFailed(Exception):
+class TrialFailedError(Exception):
     """The trial cannot go on (a NaN loss); its message is the failed trial's reason."""
 
 
@@ -71,13 +71,13 @@ class ReportToStudy(Callback):
 
     def on_step_end(self, trainer: Any, record: dict[str, float]) -> None:
         if not math.isfinite(record["loss"]):
-            raise TrialFailed(f"the training loss is {record['loss']} at step "
+            raise TrialFailedError(f"the training loss is {record['loss']} at step "
                               f"{int(record['step'])}")
 
     def on_eval_end(self, trainer: Any, metrics: dict[str, float]) -> None:
         value = metrics[self.metric]
         if not math.isfinite(value):
-            raise TrialFailed(f"validation {self.metric} is {value} at step "
+            raise TrialFailedError(f"validation {self.metric} is {value} at step "
                               f"{trainer.state.step}")
         self.trial.report(value, step=len(trainer.state.evals))  # the resource: evaluations
         if self.trial.should_prune():

@@ -306,6 +306,7 @@ def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> di
                                "peak_mem_bytes_per_rank", "epochs")}
             for r in selection["ranked"]
         ],
+        "search": {r["name"]: r["search"] for r in selection["ranked"] if r.get("search")},
         "test": selection["test"],
         "data": {"rows": {s: manifest.rows(s) for s in manifest.splits},
                  "dropped_invalid_rows": manifest.dropped_invalid_rows},
