@@ -29,6 +29,7 @@ import optuna
 from optuna.trial import TrialState
 
 from distml.config import METRIC_HIGHER_IS_BETTER, Candidate, Config
+from distml.config.search import SearchConfig
 from distml.errors import DistmlError
 from distml.execution import Executor, make_executor
 from distml.rundir import RunDir
@@ -194,11 +195,12 @@ def run_search(cfg: Config, cand: Candidate, run: RunDir) -> dict[str, Any]:
     return settle(cfg, cand, run, study, url)
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """summary.json's list of a study's trials."""
+def trial_rows(study: optuna.Study, search: SearchConfig) -> list[dict[str, Any]]:
+    """summary.json's list of a study's trials (their values as the candidate takes
+    them)."""
     return [{"number": t.number, "name": t.user_attrs.get("name"),
              "state": t.state.name.lower(), "value": t.value,
-             "params": t.params, "evals": t.user_attrs.get("evals"),
+             "params": decode(search, t.params), "evals": t.user_attrs.get("evals"),
              "start": t.user_attrs.get("start"), "end": t.user_attrs.get("end"),
              "reason": t.user_attrs.get("reason")}
             for t in study.get_trials(deepcopy=False)]
@@ -207,7 +209,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 def settle(cfg: Config, cand: Candidate, run: RunDir, study: optuna.Study, url: str
            ) -> dict[str, Any]:
     """The best trial as the candidate: its artifact and result in the candidate's folder."""
-    rows = trial_rows(study)
+    rows = trial_rows(study, cand.search)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     if not complete:
         reasons = "; ".join(f"trial {r['number']}: {r['state']}"
