@@ -81,8 +81,8 @@ class _Search:
         job = TrialJob(str(self.run.path), self.cand.name, trial.number, trial._trial_id,
                        self.study.study_name, self.url, values, self.threads)
         try:
-            outcome = next(self.executor().map(run_trial, [job], desc="trial",
-                                               describe=lambda j: j.name))
+            (outcome,) = self.executor().map(run_trial, [job], desc="trial",
+                                             describe=lambda j: j.name)  # the map ends here
         except Exception as e:  # noqa: BLE001 - a dead worker fails the trial, not the search
             cause = e.__cause__ or e
             outcome = {"number": trial.number, "name": job.name, "values": values,
@@ -161,8 +161,8 @@ def _recover(study: optuna.Study) -> int:
     finished = 0
     for t in study.get_trials(deepcopy=False):
         if t.state == TrialState.RUNNING:
-            study.tell(t.number, state=TrialState.FAIL)
             study._storage.set_trial_user_attr(t._trial_id, "reason", INTERRUPTED)
+            study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, skip_if_exists=False)
             logger.info("trial %d was interrupted; its values are queued again", t.number)
         elif t.state.is_finished() and t.user_attrs.get("reason") != INTERRUPTED:
