@@ -6,9 +6,9 @@ offered to it as the values' JSON text and decoded back when a trial's values ar
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,12 @@ def grid_size(search: SearchConfig) -> int | None:
 
 
 def make_sampler(search: SearchConfig, *, seed: int) -> optuna.samplers.BaseSampler:
+    with warnings.catch_warnings():  # qmc and gp are marked experimental: no user's concern
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _sampler(search, seed=seed)
+
+
+def _sampler(search: SearchConfig, *, seed: int) -> optuna.samplers.BaseSampler:
     if search.sampler == "grid":
         grid = {k: list(_choices(s)) for k, s in search.space.items()}  # type: ignore[arg-type]
         return optuna.samplers.GridSampler(grid, seed=seed)
@@ -112,8 +118,3 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
 
 
-def grid_points(search: SearchConfig) -> list[dict[str, Any]]:
-    """Every point of a grid search, as candidate values (README's example, tests)."""
-    keys = list(search.space)
-    lists = [s.choice for s in search.space.values()]  # type: ignore[union-attr]
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*lists)]
