@@ -87,13 +87,14 @@ class _Search:
             cause = e.__cause__ or e
             outcome = {"number": trial.number, "name": job.name, "values": values,
                        "state": "failed", "value": None, "evals": None, "start": None,
+                       "curve": [],
                        "end": time.time(), "reason": f"the worker died: {cause}"
                        if isinstance(cause, BrokenProcessPool) else str(e)}
         with self.lock:
             self._tell(trial, outcome)
 
     def _tell(self, trial: optuna.trial.Trial, outcome: dict[str, Any]) -> None:
-        for key in ("name", "start", "end", "reason", "evals"):
+        for key in ("name", "start", "end", "reason", "evals", "curve"):
             trial.set_user_attr(key, outcome[key])
         state = _STATES[outcome["state"]]
         if state == TrialState.COMPLETE:
@@ -202,7 +203,7 @@ def trial_rows(study: optuna.Study, search: SearchConfig) -> list[dict[str, Any]
              "state": t.state.name.lower(), "value": t.value,
              "params": decode(search, t.params), "evals": t.user_attrs.get("evals"),
              "start": t.user_attrs.get("start"), "end": t.user_attrs.get("end"),
-             "reason": t.user_attrs.get("reason")}
+             "reason": t.user_attrs.get("reason"), "curve": t.user_attrs.get("curve", [])}
             for t in study.get_trials(deepcopy=False)]
 
 

@@ -68,6 +68,7 @@ class ReportToStudy(Callback):
         self.trial = trial
         self.metric = metric
         self.pruned = False
+        self.curve: list[tuple[float, float]] = []  # (wall clock, value) per evaluation
 
     def on_step_end(self, trainer: Any, record: dict[str, float]) -> None:
         if not math.isfinite(record["loss"]):
@@ -79,6 +80,7 @@ class ReportToStudy(Callback):
         if not math.isfinite(value):
             raise TrialFailedError(f"validation {self.metric} is {value} at step "
                               f"{trainer.state.step}")
+        self.curve.append((time.time(), value))
         self.trial.report(value, step=len(trainer.state.evals))  # the resource: evaluations
         if self.trial.should_prune():
             self.pruned = True
@@ -87,7 +89,8 @@ class ReportToStudy(Callback):
 
 def run_trial(job: TrialJob) -> dict[str, Any]:
     """Run the trial; returns its outcome: state (complete, pruned or failed), value,
-    reason, evaluations, start and end (wall clock, seconds since the epoch)."""
+    reason, evaluations, start and end (wall clock, seconds since the epoch), and the curve
+    (wall clock and metric at each evaluation)."""
     start = time.time()
     os.environ["OMP_NUM_THREADS"] = str(job.threads)  # what init_distributed gives torch
     run = RunDir(Path(job.run_dir))
@@ -106,11 +109,13 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
         end_candidate_run(run, run.candidate(job.name), "FAILED",
                           {"distml.trial_state": "failed"})
         return {**outcome, "state": "failed", "value": None, "evals": None,
-                "reason": f"{type(e).__name__}: {e}", "end": time.time()}
+                "reason": f"{type(e).__name__}: {e}", "end": time.time(),
+                "curve": report.curve}
     state = "pruned" if report.pruned else "complete"
     end_candidate_run(run, run.candidate(job.name), None, {"distml.trial_state": state})
     return {**outcome, "state": state, "value": result["val"][cfg.metric], "reason": None,
-            "evals": len(result["history"]["evals"]), "end": time.time()}
+            "evals": len(result["history"]["evals"]), "end": time.time(),
+            "curve": report.curve}
 
 
 def _train(cfg: Config, run: RunDir, job: TrialJob, report: ReportToStudy
