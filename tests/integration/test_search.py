@@ -24,7 +24,8 @@ from tests.helpers.configs import TINY, write_config
 EPOCHS = 4
 
 
-def search_config(tmp_path: Path, executor: str, **search: Any) -> Path:
+def search_config(tmp_path: Path, executor: str, *, epochs: int = EPOCHS, **search: Any
+                  ) -> Path:
     """One mlp candidate searched over lr (one choice too small to learn in 4 epochs: the
     pruner's to stop; the seeded sampler draws it for trials 2 and 7), width and dropout;
     8 trials, 2 at a time."""
@@ -32,7 +33,7 @@ def search_config(tmp_path: Path, executor: str, **search: Any) -> Path:
     raw.update(output_dir=str(tmp_path / "runs"), registry=str(tmp_path / "registry"))
     raw["execution"] = {"executor": executor, "num_workers": 2}
     raw["monitor"] = {"system_metrics_interval_s": None}
-    raw["train"].update(epochs=EPOCHS)
+    raw["train"].update(epochs=epochs)
     raw["train"]["candidates"] = [{"name": "small", "model": {"type": "mlp"}, "search": {
         "space": {"lr": {"choice": [0.02, 0.05, 1e-6]},
                   "model.hidden_sizes": {"choice": [[16], [32, 32]]},
@@ -131,7 +132,8 @@ def _finished(storage: Path) -> dict[int, str]:
 
 
 def test_a_killed_search_resumes_without_running_a_finished_trial_again(tmp_path):
-    cfg = search_config(tmp_path, "local", pruner="none")
+    # Trials of 30 epochs (a second or more each): the kill comes while some run.
+    cfg = search_config(tmp_path, "local", epochs=30, pruner="none")
     proc = subprocess.Popen([sys.executable, "-m", "distml", "run", str(cfg)], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
