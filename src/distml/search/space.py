@@ -6,6 +6,7 @@ offered to it as the values' JSON text and decoded back when a trial's values ar
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import warnings
@@ -110,11 +111,16 @@ def storage_url(search: SearchConfig, run_path: Path, candidate: str) -> str:
     return f"sqlite:///{(run_path / 'search' / f'{candidate}.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
-    """The RDB storage; SQLite waits for a writer in another process instead of failing."""
+@functools.cache
+def open_storage(url: str, *, checked: bool = False) -> optuna.storages.RDBStorage:
+    """The RDB storage, one per process and URL; SQLite waits for a writer in another
+    process instead of failing. ``checked``: the driver has checked its schema's version
+    already (a trial's worker skips Optuna's check, half a second of loading Alembic's
+    revision scripts)."""
     kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+    return optuna.storages.RDBStorage(url, engine_kwargs=kwargs,
+                                      skip_compatibility_check=checked)
 
 

@@ -97,7 +97,8 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
     cfg = run.load_config()
     searched = cfg.train.candidate(job.candidate)
     assert searched.search is not None
-    study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage),
+    study = optuna.load_study(study_name=job.study, storage=open_storage(job.storage,
+                                                                         checked=True),
                               pruner=make_pruner(searched.search))
     report = ReportToStudy(optuna.trial.Trial(study, job.trial_id), cfg.metric)
     outcome: dict[str, Any] = {"number": job.number, "name": job.name, "start": start,
