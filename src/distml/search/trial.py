@@ -82,7 +82,9 @@ class ReportToStudy(Callback):
                               f"{trainer.state.step}")
         self.curve.append((time.time(), value))
         self.trial.report(value, step=len(trainer.state.evals))  # the resource: evaluations
-        if self.trial.should_prune():
+        # The last evaluation ends training anyway: a trial trained to the end completes
+        # (and may be the best) rather than being pruned with nothing saved.
+        if trainer.state.step < trainer.total_steps and self.trial.should_prune():
             self.pruned = True
             trainer.stop_requested = True
 
