@@ -87,14 +87,14 @@ class _Search:
             cause = e.__cause__ or e
             outcome = {"number": trial.number, "name": job.name, "values": values,
                        "state": "failed", "value": None, "evals": None, "start": None,
-                       "curve": [],
+                       "curve": [], "host": None,
                        "end": time.time(), "reason": f"the worker died: {cause}"
                        if isinstance(cause, BrokenProcessPool) else str(e)}
         with self.lock:
             self._tell(trial, outcome)
 
     def _tell(self, trial: optuna.trial.Trial, outcome: dict[str, Any]) -> None:
-        for key in ("name", "start", "end", "reason", "evals", "curve"):
+        for key in ("name", "start", "end", "reason", "evals", "curve", "host"):
             trial.set_user_attr(key, outcome[key])
         state = _STATES[outcome["state"]]
         if state == TrialState.COMPLETE:
@@ -203,7 +203,8 @@ def trial_rows(study: optuna.Study, search: SearchConfig) -> list[dict[str, Any]
              "state": t.state.name.lower(), "value": t.value,
              "params": decode(search, t.params), "evals": t.user_attrs.get("evals"),
              "start": t.user_attrs.get("start"), "end": t.user_attrs.get("end"),
-             "reason": t.user_attrs.get("reason"), "curve": t.user_attrs.get("curve", [])}
+             "reason": t.user_attrs.get("reason"), "curve": t.user_attrs.get("curve", []),
+             "host": t.user_attrs.get("host")}
             for t in study.get_trials(deepcopy=False)]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -91,8 +92,8 @@ class ReportToStudy(Callback):
 
 def run_trial(job: TrialJob) -> dict[str, Any]:
     """Run the trial; returns its outcome: state (complete, pruned or failed), value,
-    reason, evaluations, start and end (wall clock, seconds since the epoch), and the curve
-    (wall clock and metric at each evaluation)."""
+    reason, evaluations, start and end (wall clock, seconds since the epoch), the curve
+    (wall clock and metric at each evaluation) and the host it ran on."""
     start = time.time()
     os.environ["OMP_NUM_THREADS"] = str(job.threads)  # what init_distributed gives torch
     run = RunDir(Path(job.run_dir))
@@ -104,7 +105,7 @@ def run_trial(job: TrialJob) -> dict[str, Any]:
                               pruner=make_pruner(searched.search))
     report = ReportToStudy(optuna.trial.Trial(study, job.trial_id), cfg.metric)
     outcome: dict[str, Any] = {"number": job.number, "name": job.name, "start": start,
-                               "values": job.values}
+                               "values": job.values, "host": socket.gethostname()}
     try:
         result = _train(cfg, run, job, report)
     except Exception as e:  # noqa: BLE001 - a failed trial is an outcome, not a crash
