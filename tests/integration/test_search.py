@@ -168,3 +168,40 @@ def test_a_killed_search_resumes_without_running_a_finished_trial_again(tmp_path
     # A value the kill interrupted was tried again by a new trial.
     again = {json.dumps(t["params"], sort_keys=True) for t in counted}
     assert all(json.dumps(t["params"], sort_keys=True) in again for t in interrupted)
+
+
+FACTORY = '''
+import os
+from torch import nn
+
+def make(in_features, num_outputs, die=False, width=16):
+    if die:  # the worker dies as an out-of-memory kill would take it
+        os._exit(137)
+    return nn.Sequential(nn.Linear(in_features, width), nn.ReLU(),
+                         nn.Linear(width, num_outputs))
+'''
+
+
+def test_a_trial_whose_worker_dies_fails_and_the_search_goes_on(tmp_path):
+    (tmp_path / "dying.py").write_text(FACTORY)
+    raw = copy.deepcopy(TINY)
+    raw.update(output_dir=str(tmp_path / "runs"), registry=str(tmp_path / "registry"))
+    raw["execution"] = {"num_workers": 2}
+    raw["monitor"] = {"system_metrics_interval_s": None}
+    raw["train"].update(epochs=1)
+    raw["train"]["candidates"] = [{"name": "user", "model": {"type": "dying.py:make"},
+                                   "search": {
+        "space": {"model.kwargs": {"choice": [{"width": 16}, {"width": 32}, {"die": True}]},
+                  "lr": {"choice": [0.01, 0.02]}},
+        "num_trials": 6, "max_concurrent_trials": 2, "sampler": "grid", "pruner": "none"}}]
+    distml("run", str(write_config(tmp_path / "c.yaml", raw)), cwd=tmp_path)
+    summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
+    trials = summary["search"]["user"]["trials"]
+    assert len(trials) == 6
+    dying = [t for t in trials if t["params"]["model.kwargs"] == {"die": True}]
+    assert [t["state"] for t in dying] == ["fail"] * 2
+    assert all(t["reason"].startswith("the worker died") for t in dying), dying
+    # A trial beside a dying one in the same local pool dies with it (at most one each: two
+    # run at once); the others run in a new pool and complete.
+    assert sum(t["state"] == "complete" for t in trials) >= 2, trials
+    assert summary["selected"] == "user"

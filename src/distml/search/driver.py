@@ -97,10 +97,17 @@ class _Search:
         for key in ("name", "start", "end", "reason", "evals", "curve", "host"):
             trial.set_user_attr(key, outcome[key])
         state = _STATES[outcome["state"]]
-        if state == TrialState.COMPLETE:
-            self.study.tell(trial, outcome["value"])
-        else:
-            self.study.tell(trial, state=state)
+        try:
+            if state == TrialState.COMPLETE:
+                self.study.tell(trial, outcome["value"])
+            else:
+                self.study.tell(trial, state=state)
+        except RuntimeError as e:
+            # The grid sampler stops the study when its grid is done, which Optuna allows
+            # only inside study.optimize; the trial is told all the same (Optuna records
+            # it before the sampler's hook), and the budget ends the search.
+            if "Study.stop" not in str(e):
+                raise
         logger.info("trial %s: %s%s", outcome["name"], outcome["state"],
                     f" ({outcome['reason']})" if outcome["reason"] else "")
 
