@@ -1,5 +1,5 @@
 """Run benchmarks: ``python -m bench [ingest] [loader] [loader_parts] [train] [scaling] [serve]
-[drift] [serve_monitor] [param_server] [distill]``; writes
+[drift] [serve_monitor] [param_server] [distill] [search]``; writes
 bench/results/*.json and the README's benchmark table."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from bench import (
     loader_parts,
     param_server,
     scaling,
+    search,
     serve,
     serve_monitor,
     train,
@@ -24,7 +25,8 @@ from bench.common import load_results, update_readme
 BENCHMARKS = {"ingest": ingest, "loader": loader, "loader_parts": loader_parts,
               "train": train, "scaling": scaling, "serve": serve,
               "serve_monitor": serve_monitor,
-              "drift": drift, "param_server": param_server, "distill": distill}
+              "drift": drift, "param_server": param_server, "distill": distill,
+              "search": search}
 
 
 def main(names: list[str]) -> None:

@@ -46,6 +46,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="Resume from the last checkpoints.")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="Override a config value, e.g. --set train.epochs=3.")
+    p.add_argument("--metric-lines", action="store_true",
+                   help="Print val-<metric>=<value> lines at every evaluation (rank 0), for "
+                   "Katib's StdOut metrics collector.")
     args = p.parse_args(argv)
     if (args.config is None) == (args.run_dir is None):
         p.error("give a CONFIG or --run-dir (one of them)")
@@ -61,6 +64,7 @@ def _train(args: argparse.Namespace, cfg: Config, run: RunDir, env: DistEnv, *,
     from distml.data.dataset import Manifest
     from distml.data.tensors import SplitTensors
     from distml.distributed.runtime import barrier
+    from distml.training.callbacks import MetricLines
     from distml.training.candidate import train_candidate
     from distml.workflow.pipeline import train_in_order
 
@@ -84,7 +88,8 @@ def _train(args: argparse.Namespace, cfg: Config, run: RunDir, env: DistEnv, *,
                 f"candidate {cand.name!r} has train.parallel.world_size={world}, but "
                 f"{env.world_size} processes were started; start {world} or set "
                 f"train.parallel.world_size={env.world_size}")
-        return train_candidate(cfg, cand, manifest, val=val, env=env, run=run, resume=resume)
+        return train_candidate(cfg, cand, manifest, val=val, env=env, run=run, resume=resume,
+                               callbacks=[MetricLines()] if args.metric_lines else ())
 
     return train_in_order(candidates, prepare=ready, train=train)
 

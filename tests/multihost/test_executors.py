@@ -153,11 +153,33 @@ def check_ingest_with_a_kill(work: Path, driver: Node, executor: str,
     assert files_digest(ingested(work / name)) == reference
 
 
+def check_search(work: Path, driver: Node, executor: str) -> None:
+    """A search's trials run on both nodes, two at a time; the best is selected."""
+    raw = yaml.safe_load((work / "mh.yaml").read_text())
+    raw["data"]["transforms"] = ["standardize"]
+    raw["output_dir"] = str(work / "search")
+    raw["execution"] = {"executor": executor}
+    raw["train"].update(epochs=3)
+    raw["train"]["candidates"][0]["search"] = {
+        "space": {"lr": {"loguniform": [1e-3, 0.05]},
+                  "model.hidden_sizes": {"choice": [[8], [16]]}},
+        "num_trials": 6, "max_concurrent_trials": 2, "sampler": "random", "pruner": "none"}
+    (work / "search.yaml").write_text(yaml.safe_dump(raw))
+    finish(distml_on(driver, ["run", "search.yaml", "--quiet"], cwd=work))
+    (summary,) = (work / "search" / "mh").glob("2*/summary.json")
+    summary = yaml.safe_load(summary.read_text())  # JSON is YAML
+    trials = summary["search"]["small"]["trials"]
+    assert [t["state"] for t in trials] == ["complete"] * 6
+    assert {t["host"] for t in trials} == {"node-a", "node-b"}
+    assert summary["selected"] == "small"
+
+
 def test_dask_scheduler_and_workers_on_two_nodes(nodes: Cluster, work: Path):
     a, b = nodes["node-a"], nodes["node-b"]
     with dask_cluster(a, [a, b], work / "dask-logs") as dask:
         executor = f"dask://{dask.address}"
         check_predict(work, a, executor)
+        check_search(work, a, executor)
         check_ingest_with_a_kill(work, a, executor, dask.workers["node-b"].kill)
 
 

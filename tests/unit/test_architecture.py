@@ -93,6 +93,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("trust", "artifact", "registry"),
     ("distributed",),
     ("training",),
+    ("search",),
     ("drift",),
     ("serving",),
     ("export",),

@@ -11,6 +11,7 @@ from distml.config.base import NAME_PATTERN, Strict
 from distml.config.distill import DistillConfig, training_order
 from distml.config.models import ModelSpec
 from distml.config.parallel import ParallelConfig, ParallelDims, applicable
+from distml.config.search import SearchConfig, set_dotted
 from distml.config.strategies import listed
 from distml.errors import ConfigError
 
@@ -181,10 +182,31 @@ class Candidate(_CandidateBase):  # type: ignore[misc,valid-type]
     distill: DistillConfig | None = Field(
         None, description="Learn from a teacher's softened outputs as well as the labels "
         "(knowledge distillation); null: from the labels alone.")
+    search: SearchConfig | None = Field(
+        None, description="Search this candidate's hyperparameters or architecture: trials "
+        "in parallel on the executor, sampled and pruned by Optuna; the best trial enters "
+        "selection as the candidate. null: train it once as given.")
 
     def overrides(self) -> dict[str, Any]:
         """What this candidate sets, nested sections holding only the keys it gives."""
-        return self.model_dump(exclude_unset=True, exclude={"name", "model", "distill"})
+        return self.model_dump(exclude_unset=True,
+                               exclude={"name", "model", "distill", "search"})
+
+    def with_values(self, values: dict[str, Any], *, name: str | None = None) -> Candidate:
+        """This candidate with the dotted keys of ``values`` set (a search trial), named
+        ``name``, without its search; ValueError when they make an invalid candidate."""
+        data = self.model_dump(mode="json", exclude_unset=True, exclude={"search"})
+        data["model"] = self.model.model_dump(mode="json", exclude_unset=True)
+        for key, value in values.items():
+            data = set_dotted(data, key, value)
+        if name is not None:
+            data["name"] = name
+        try:
+            return Candidate.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            where = ".".join(str(p) for p in err["loc"])
+            raise ValueError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -215,12 +237,34 @@ class TrainConfig(TrainSettings):
                 settings.check_model(c.model)
             except ValueError as e:
                 raise ValueError(f"candidate {c.name!r}: {e}") from None
+            if c.search is not None:
+                self._check_search(c, settings)
             if c.distill is not None and not settings.parallel.record.student:
                 raise ValueError(
                     f"candidate {c.name!r}: distill with strategy "
                     f"{settings.parallel.strategy!r}: its training loop takes no student's "
                     f"loss; use strategy {listed(lambda r: r.student)} for the student")
         return self
+
+    def _check_search(self, c: Candidate, settings: TrainSettings) -> None:
+        """Refuse a search that cannot run, and every bound or choice of its space that
+        makes an invalid candidate on its own (combinations are checked per trial)."""
+        where = f"candidate {c.name!r}: search"
+        if settings.parallel.record.distributed:
+            raise ValueError(f"{where} with strategy {settings.parallel.strategy!r}: a trial "
+                             "runs on one executor worker; search with strategy single (or "
+                             "auto on one device), then train the best with more processes")
+        if c.distill is not None:
+            raise ValueError(f"{where} of a distilled student: search its teacher, or remove "
+                             "the student's distill section")
+        for key, space in c.search.space.items():
+            for value in space.bounds():
+                try:
+                    trial = c.with_values({key: value})
+                    self.settings_for(trial).check_model(trial.model)
+                except ValueError as e:
+                    raise ValueError(f"{where}.space.{key}: the value {value!r} makes an "
+                                     f"invalid candidate ({e}); change the space") from None
 
     def training_order(self, only: str | None = None) -> list[Candidate]:
         """Candidates in the order they train: every teacher before its students; with

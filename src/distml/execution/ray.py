@@ -33,16 +33,21 @@ class RayExecutor(Executor):
                           scheduling_strategy="SPREAD")(_call)
         fn_ref = ray.put(fn)  # shipped once, not with every task
         refs = [task.remote(fn_ref, item) for item in items]
+        done = 0
         try:
             for item, ref in zip(items, refs, strict=True):
                 try:
                     result = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:
                     raise self._failed(desc, item, describe, e.cause or e) from e
+                done += 1
                 handle.advance()
                 yield result
         finally:
-            for ref in refs:
+            # Only the tasks whose results were not taken: cancelling a finished task
+            # while its reply is handled can abort Ray's core worker ("Tried to complete
+            # task that was not pending", seen with searches' concurrent maps).
+            for ref in refs[done:]:
                 ray.cancel(ref)
 
     def close(self) -> None:

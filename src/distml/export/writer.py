@@ -9,7 +9,7 @@ from typing import Any
 
 import distml
 from distml.errors import ConfigError
-from distml.export import argo, kubernetes
+from distml.export import argo, katib, kubernetes
 from distml.export.dockerfile import DOCKERFILE, dockerignore
 from distml.export.plan import ExportPlan, load_plan
 from distml.fsutil import write_text_atomic
@@ -34,6 +34,10 @@ def manifests(plan: ExportPlan, *, image: str, device: str) -> dict[str, list[di
         files[f"trainjob-{label}.yaml"] = [kubernetes.trainjob(
             plan, cand, image=image, device=device, name=name,
             args=[plan.config_in_image, "--candidate", cand])]
+    for cand in plan.cfg.train.candidates:
+        if cand.search is not None:
+            files[f"experiment-{plan.candidates[cand.name]}.yaml"] = [katib.experiment(
+                plan, cand, image=image, device=device)]
     files["inferenceservice.yaml"] = [kubernetes.inference_service(plan, image=image)]
     files["workflow.yaml"] = [argo.workflow(plan, image=image, device=device)]
     return files

@@ -30,3 +30,12 @@ class Callback:
 
     def on_train_end(self, trainer: Trainer) -> None:
         pass
+
+
+class MetricLines(Callback):
+    """Prints ``val-<metric>=<value>`` for every validation metric at each evaluation, one
+    line each, on stdout: what Katib's StdOut metrics collector reads from a trial."""
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            print(f"val-{name}={value:.6g}", flush=True)

@@ -94,6 +94,9 @@ class Trainer:
         )
         self.state = TrainState()
         self.best = BestSoFar(metric, patience=settings.early_stopping_patience)
+        # A callback sets it (in on_eval_end, on rank 0 of a one-process run: a search's
+        # pruner) to end training after this evaluation, as early stopping would.
+        self.stop_requested = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -189,7 +192,7 @@ class Trainer:
                                  weights=self._model_copy)
         for cb in self._listeners:
             cb.on_eval_end(self, metrics)
-        return stop
+        return stop or self.stop_requested
 
     # -- checkpoints ---------------------------------------------------------------------------
 

@@ -28,6 +28,7 @@ from distml.execution import make_executor
 from distml.execution.base import ProgressHandle, no_progress
 from distml.registry import Registry
 from distml.rundir import Project, RunDir
+from distml.search.driver import run_search
 from distml.selection import rank
 from distml.tasks import evaluate
 from distml.training.callbacks import Callback
@@ -159,6 +160,8 @@ def _train_one(run: Run, manifest: Manifest, cand: Candidate, *, val: SplitTenso
     if resume and out.has_result():
         logger.info("candidate %s already trained; reusing its result", cand.name)
         return out.read_result()
+    if cand.search is not None:  # trials on the executor; the best stands for the candidate
+        return run_search(run.cfg, cand, run.folder)
     settings = run.cfg.train.settings_for(cand)
     if not settings.parallel.record.distributed:
         return train_candidate(run.cfg, cand, manifest, val=val, run=run.folder, resume=resume,
@@ -313,6 +316,7 @@ def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> di
                                "peak_mem_bytes_per_rank", "epochs")}
             for r in selection["ranked"]
         ],
+        "search": {r["name"]: r["search"] for r in selection["ranked"] if r.get("search")},
         "test": selection["test"],
         "data": {"rows": {s: manifest.rows(s) for s in manifest.splits},
                  "dropped_invalid_rows": manifest.dropped_invalid_rows,

@@ -17,6 +17,7 @@ from sklearn.metrics import confusion_matrix  # noqa: E402
 from distml.data.dataset import Manifest  # noqa: E402
 from distml.fsutil import write_text_atomic  # noqa: E402
 from distml.rundir import Project, RunDir  # noqa: E402
+from distml.workflow.search_report import search_lines
 
 
 def plot_loss_curves(results: list[dict[str, Any]], path: Path) -> None:
@@ -239,6 +240,7 @@ def write_report(
                        run.plot("confusion_matrix.png"))
         lines += ["", "![confusion matrix](confusion_matrix.png)"]
     lines += parameter_server_lines(selection["ranked"])
+    lines += search_lines(run, summary.get("search", {}))
     if scaling:
         lines += _scaling_lines(run, scaling)
     lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]

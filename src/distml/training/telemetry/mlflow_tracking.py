@@ -287,3 +287,19 @@ class MlflowCallback(Callback):
         t = self.tracker
         t.call("log the model", t.client.log_artifacts, self.run_id, str(artifact_dir), "model")
         t.call("close the candidate's run", t.client.set_terminated, self.run_id, "FINISHED")
+
+
+def end_candidate_run(run: RunDir, folder: CandidateDir, status: str | None,
+                      tags: dict[str, str]) -> None:
+    """Tag a candidate's child run (a search trial: pruned or not) and, with ``status``,
+    end it (FAILED: the trial raised before ``MlflowCallback.finish``). Nothing when the
+    run tracks nothing in MLflow or the candidate never opened its child run."""
+    if not run.mlflow.is_file() or not folder.mlflow_run_id.is_file():
+        return
+    tracker = _Tracker(json.loads(run.mlflow.read_text())["tracking_uri"])
+    run_id = folder.mlflow_run_id.read_text().strip()
+    for key, value in tags.items():
+        tracker.call("tag the candidate's run", tracker.client.set_tag, run_id, key, value)
+    if status is not None:
+        tracker.call("close the candidate's run", tracker.client.set_terminated, run_id,
+                     status)
