@@ -1,9 +1,12 @@
 """Dynamic batching with a bounded queue and per-request deadlines.
 
-Requests wait in one queue; a single inference thread takes them. With batching on, it gathers
-queued requests into one forward pass until ``max_batch_size`` rows or until the oldest has
-waited ``max_delay``, whichever comes first; it waits only while more requests are on their
-way (received, not yet queued), so a lone request does not pay the delay. Results are split
+Requests wait in one queue; a single inference thread takes them. Batching is continuous: a
+request that finds the model idle goes straight to its forward pass, and the requests that
+arrive while the model is busy form the next batch (up to ``max_batch_size`` rows), taken as
+soon as the model is free. With ``max_delay`` > 0 the batcher also waits, up to that long
+after the oldest queued request arrived, for requests whose bodies are being read (received,
+not yet queued); with none on their way it never waits, so a lone request never pays the
+delay. Each request's time in the queue is reported (``on_wait``). Results are split
 back; rows are independent in eval mode, so each request gets what it would get alone. The
 queue holds at most ``max_queue_rows`` rows: past that a request is refused at once
 (``OverloadedError``, a 503), so latency never grows without bound. A request past its
@@ -38,6 +41,11 @@ class _Pending:
     arrived: float = field(default_factory=time.monotonic)
 
 
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceededError())
+
+
 class Batcher:
     def __init__(
         self,
@@ -50,6 +58,7 @@ class Batcher:
         on_batch: Callable[[int], None] = lambda rows: None,
         on_queue: Callable[[int], None] = lambda rows: None,
         on_drop: Callable[[int], None] = lambda requests: None,
+        on_wait: Callable[[float], None] = lambda seconds: None,
         arriving: Callable[[], int] = lambda: 1,
     ) -> None:
         self.fn = fn
@@ -60,6 +69,7 @@ class Batcher:
         self.on_batch = on_batch
         self.on_queue = on_queue
         self.on_drop = on_drop  # requests dropped unrun, their deadline passed in the queue
+        self.on_wait = on_wait  # seconds each request spent queued before its forward began
         self.arriving = arriving  # requests received but not yet submitted
         self.queue: deque[_Pending] = deque()
         self.queued_rows = 0
@@ -84,15 +94,18 @@ class Batcher:
         """The model's outputs for ``x``; OverloadedError or DeadlineExceededError otherwise."""
         if self.queued_rows + len(x) > self.max_queue_rows and self.queue:
             raise OverloadedError
-        item = _Pending(x, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        item = _Pending(x, loop.create_future())
         self.queue.append(item)
         self._queued(len(x))
         self._wake.set()
+        # The deadline as a timer on the future (cheaper than wait_for and shield): past it
+        # the future fails; not started, the batcher drops it; started, its result is unused.
+        deadline = loop.call_later(timeout_s, _expire, item.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
-        except TimeoutError:
-            item.future.cancel()  # not started: the batcher drops it; started: result unused
-            raise DeadlineExceededError from None
+            return await item.future
+        finally:
+            deadline.cancel()
 
     def _queued(self, rows: int) -> None:
         self.queued_rows += rows
@@ -104,11 +117,14 @@ class Batcher:
             while not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
-            if self.batching:
+            if self.batching and self.max_delay_s > 0:
                 await self._gather()
             batch = self._take()
             if not batch:
                 continue
+            now = time.monotonic()
+            for p in batch:
+                self.on_wait(now - p.arrived)
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             self.on_batch(len(x))
             try:

@@ -250,5 +250,8 @@ def _json_type(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # orjson reads nesting deeper than repr can write
+        return f"a {_json_type(value).removeprefix('a ').removeprefix('an ')} nested too deep"
     return text if len(text) <= 60 else text[:57] + "..."
