@@ -1,7 +1,9 @@
 """Dynamic batching with a bounded queue and per-request deadlines.
 
-Requests wait in one queue; a single inference thread takes them. Batching is continuous: a
-request that finds the model idle goes straight to its forward pass, and the requests that
+Requests wait in one queue; a single inference thread takes them (a request alone, nothing
+queued or arriving, runs on the event loop's thread instead: the hand-off would cost more than
+it overlaps). Batching is continuous: a request that finds the model idle goes straight to its
+forward pass, and the requests that
 arrive while the model is busy form the next batch (up to ``max_batch_size`` rows), taken as
 soon as the model is free. With ``max_delay`` > 0 the batcher also waits, up to that long
 after the oldest queued request arrived, for requests whose bodies are being read (received,
@@ -128,7 +130,12 @@ class Batcher:
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             self.on_batch(len(x))
             try:
-                out = await loop.run_in_executor(self._pool, self.fn, x)
+                if len(batch) == 1 and not self.queue and not self.arriving():
+                    # alone: on this thread, sparing the hand-off to the inference thread and
+                    # back (nothing is waiting to be read meanwhile)
+                    out = self.fn(x)
+                else:  # on the inference thread: the loop reads the next requests meanwhile
+                    out = await loop.run_in_executor(self._pool, self.fn, x)
             except Exception as e:  # noqa: BLE001 - the requests get the error, the loop goes on
                 for p in batch:
                     if not p.future.done():

@@ -73,7 +73,7 @@ class ReplicaSet:
         self.ref, self.settings, self.registry, self.token = ref, settings, registry, token
         self.replicas = [Replica(i, folder / f"replica-{i}.sock")
                          for i in range(settings.replicas)]
-        self.threads = max(1, (os.cpu_count() or 1) // settings.replicas)
+        self.threads = max(1, len(os.sched_getaffinity(0)) // settings.replicas)  # pinned too
         self.model: dict[str, str] = {}
         self._supervisor: asyncio.Task | None = None
 
