@@ -19,6 +19,7 @@ the queue, unrun.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +41,7 @@ class DeadlineExceededError(Exception):
 class _Pending:
     x: np.ndarray
     future: asyncio.Future
+    deadline: float = math.inf  # time.monotonic() past which its result is of no use
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -97,7 +99,7 @@ class Batcher:
         if self.queued_rows + len(x) > self.max_queue_rows and self.queue:
             raise OverloadedError
         loop = asyncio.get_running_loop()
-        item = _Pending(x, loop.create_future())
+        item = _Pending(x, loop.create_future(), time.monotonic() + timeout_s)
         self.queue.append(item)
         self._queued(len(x))
         self._wake.set()
@@ -141,12 +143,22 @@ class Batcher:
                     if not p.future.done():
                         p.future.set_exception(e)
                 continue
-            start = 0
-            for p in batch:
-                stop = start + len(p.x)
-                if not p.future.done():
-                    p.future.set_result({k: v[start:stop] for k, v in out.items()})
-                start = stop
+            self._answer(batch, out)
+
+    @staticmethod
+    def _answer(batch: list[_Pending], out: dict[str, np.ndarray]) -> None:
+        """Each request's rows of the outputs; past its deadline (its timer had no turn yet:
+        the forward ran on the loop's thread), a DeadlineExceededError."""
+        start, now = 0, time.monotonic()
+        for p in batch:
+            stop = start + len(p.x)
+            if p.future.done():
+                pass
+            elif now > p.deadline:
+                p.future.set_exception(DeadlineExceededError())
+            else:
+                p.future.set_result({k: v[start:stop] for k, v in out.items()})
+            start = stop
 
     async def _gather(self) -> None:
         """Wait for more requests until the batch is full, the oldest waited long enough, or
@@ -167,9 +179,12 @@ class Batcher:
         batch: list[_Pending] = []
         rows = 0
         limit = self.max_batch_size if self.batching else 1
+        now = time.monotonic()
         while self.queue:
             p = self.queue[0]
-            if p.future.done():  # its deadline passed while it waited
+            if p.future.done() or now > p.deadline:  # its deadline passed while it waited
+                if not p.future.done():
+                    p.future.set_exception(DeadlineExceededError())
                 self.queue.popleft()
                 self._queued(-len(p.x))
                 self.on_drop(1)

@@ -90,27 +90,27 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig, tls: Tls | None = Non
 
 async def _send(replica: Replica, request: Any, body: bytes, headers: dict[str, str]) -> Any:
     """The replica's response; None when it could not be reached (send to another)."""
-    import httpx
     from starlette.responses import Response
 
     from distml.serving.app import error_response
+    from distml.serving.uds_client import BrokenError, UnreachableError
 
     replica.inflight += 1
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     try:
-        r = await replica.client.request(request.method, request.url.path,
-                                         params=request.query_params, content=body,
-                                         headers=headers)
-    except httpx.ConnectError:  # never reached it: safe to send to another
+        status, got, content = await replica.pool.request(request.method, target, headers,
+                                                          body)
+    except UnreachableError:  # never reached it: safe to send to another
         replica.ready = False
         return None
-    except httpx.TransportError as e:  # it died with the request: that one fails
+    except BrokenError as e:  # it died with the request: that one fails
         replica.ready = False
         return error_response(503, f"replica {replica.index} stopped while handling this "
-                                   f"request ({type(e).__name__}); retry", {"Retry-After": "1"})
+                                   f"request ({e}); retry", {"Retry-After": "1"})
     finally:
         replica.inflight -= 1
-    return Response(r.content, status_code=r.status_code,
-                    headers={k: v for k, v in r.headers.items() if k in _RETURNED})
+    return Response(content, status_code=status,
+                    headers={k: v for k, v in got if k in _RETURNED})
 
 
 async def _broadcast(replicas: ReplicaSet, request: Any, body: bytes,
