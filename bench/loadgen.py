@@ -1,6 +1,12 @@
-"""The serving benchmark's load generator: closed loop, C keep-alive HTTP/1.1 connections on
-asyncio streams, each with one request in flight, for a fixed time per level after a warm-up.
-Lean, so that the server, not the client, is what is measured; the same for every server."""
+"""The serving benchmark's load generator, lean, so that the server, not the client, is what
+is measured; the same for every server. Keep-alive HTTP/1.1 on asyncio streams, for a fixed
+time per level after a warm-up:
+
+- closed loop (``run_level``): C connections, each with one request in flight;
+- open loop (``run_open``): requests arrive as a Poisson process at a given rate whatever the
+  server's pace, each on an idle connection (a new one when none is idle), and its latency
+  counts from its scheduled arrival, so a server that falls behind is charged for the queue
+  it builds (no coordinated omission), as Ray Serve's and Triton's own load tools measure."""
 
 from __future__ import annotations
 
@@ -73,6 +79,61 @@ def run_level(port: int, path: str, requests: list[tuple[bytes, str]], concurren
               seconds: float = 5.0, warmup_s: float = 1.0) -> dict:
     """One measurement of ``seconds`` after ``warmup_s`` of the same load."""
     return asyncio.run(_level(port, path, requests, concurrency, seconds, warmup_s))
+
+
+async def _open(port: int, path: str, requests: list[tuple[bytes, str]], rate: float,
+                seconds: float, warmup_s: float, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    idle: list[Connection] = []
+    opened: list[Connection] = []
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+
+    async def one(i: int, scheduled: float, record: bool) -> None:
+        conn = idle.pop() if idle else None
+        if conn is None:
+            conn = Connection(port, path)
+            opened.append(conn)
+            await conn.open()
+        body, headers = requests[i % len(requests)]
+        try:
+            status = await asyncio.wait_for(conn.post(body, headers), 30)
+        except (OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+            return  # the connection is dropped, not reused
+        idle.append(conn)
+        if record and status == 200:
+            latencies.append(time.perf_counter() - scheduled)
+        elif record:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+
+    tasks = []
+    begin = time.perf_counter()
+    measure_from, end = begin + warmup_s, begin + warmup_s + seconds
+    at, i = begin, 0
+    while True:
+        at += rng.exponential(1 / rate)
+        if at >= end:
+            break
+        delay = at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(i, at, at >= measure_from)))
+        i += 1
+    await asyncio.gather(*tasks)
+    for c in opened:
+        c.close()
+    lat = np.asarray(latencies or [np.nan]) * 1000
+    return {"offered_rps": rate, "requests": len(latencies),
+            "throughput_rps": len(latencies) / seconds,
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "connections": len(opened), "errors": errors}
+
+
+def run_open(port: int, path: str, requests: list[tuple[bytes, str]], rate: float, *,
+             seconds: float = 5.0, warmup_s: float = 1.0, seed: int = 0) -> dict:
+    """Open-loop Poisson arrivals at ``rate`` per second for ``seconds`` after ``warmup_s``."""
+    return asyncio.run(_open(port, path, requests, rate, seconds, warmup_s, seed))
 
 
 def summarize(runs: list[dict]) -> dict:

@@ -20,6 +20,9 @@ REQUIREMENTS = {
     "mlserver": ["mlserver==1.7.1"],
     "kserve": ["kserve==0.21.0"],
     "litserve": ["litserve==0.2.19"],
+    # Ray Serve needs its extras (grpcio-reflection, ...) that the shared environment lacks;
+    # the version is the shared environment's Ray.
+    "rayserve": ["ray[serve]==2.60.0"],
 }
 
 
