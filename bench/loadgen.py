@@ -1,6 +1,14 @@
-"""The serving benchmark's load generator: closed loop, C keep-alive HTTP/1.1 connections on
-asyncio streams, each with one request in flight, for a fixed time per level after a warm-up.
-Lean, so that the server, not the client, is what is measured; the same for every server."""
+"""The serving benchmark's load generator, lean, so that the server, not the client, is what
+is measured; the same for every server. Keep-alive HTTP/1.1 on asyncio streams, for a fixed
+time per level after a warm-up:
+
+- closed loop (``run_level``): C connections, each with one request in flight;
+- open loop (``run_open``): requests arrive as a Poisson process at a given rate whatever the
+  server's pace, each sent on the next idle one of a fixed set of connections (64: the same
+  for every server), and its latency counts from its scheduled arrival, so a server that
+  falls behind is charged for the queue it builds (no coordinated omission), as Ray Serve's
+  and Triton's own load tools measure. ``send_lag_p99_ms``: how late the client itself sent
+  (its own backlog, or no idle connection): large only when the level is over capacity."""
 
 from __future__ import annotations
 
@@ -73,6 +81,65 @@ def run_level(port: int, path: str, requests: list[tuple[bytes, str]], concurren
               seconds: float = 5.0, warmup_s: float = 1.0) -> dict:
     """One measurement of ``seconds`` after ``warmup_s`` of the same load."""
     return asyncio.run(_level(port, path, requests, concurrency, seconds, warmup_s))
+
+
+async def _open(port: int, path: str, requests: list[tuple[bytes, str]], rate: float,
+                seconds: float, warmup_s: float, seed: int, connections: int) -> dict:
+    rng = np.random.default_rng(seed)
+    conns = [Connection(port, path) for _ in range(connections)]
+    await asyncio.gather(*[c.open() for c in conns])
+    idle: asyncio.Queue[Connection] = asyncio.Queue()
+    for c in conns:
+        idle.put_nowait(c)
+    latencies: list[float] = []
+    lags: list[float] = []  # how late this client sent a request (its own backlog)
+    errors: dict[str, int] = {}
+
+    async def one(i: int, scheduled: float, record: bool) -> None:
+        conn = await idle.get()  # none idle: it waits, and the wait counts in its latency
+        body, headers = requests[i % len(requests)]
+        if record:
+            lags.append(time.perf_counter() - scheduled)
+        status = await asyncio.wait_for(conn.post(body, headers), 30)
+        idle.put_nowait(conn)
+        if record and status == 200:
+            latencies.append(time.perf_counter() - scheduled)
+        elif record:
+            errors[str(status)] = errors.get(str(status), 0) + 1
+
+    tasks = []
+    begin = time.perf_counter()
+    measure_from, end = begin + warmup_s, begin + warmup_s + seconds
+    at, i = begin, 0
+    try:
+        while True:
+            at += rng.exponential(1 / rate)
+            if at >= end:
+                break
+            delay = at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i, at, at >= measure_from)))
+            i += 1
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - measure_from
+    finally:
+        for c in conns:
+            c.close()
+    lat = np.asarray(latencies or [np.nan]) * 1000
+    return {"offered_rps": rate, "requests": len(latencies),
+            "throughput_rps": len(latencies) / max(elapsed, seconds),
+            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+            "send_lag_p99_ms": float(np.percentile(np.asarray(lags or [np.nan]) * 1000, 99)),
+            "connections": connections, "errors": errors}
+
+
+def run_open(port: int, path: str, requests: list[tuple[bytes, str]], rate: float, *,
+             seconds: float = 5.0, warmup_s: float = 1.0, seed: int = 0,
+             connections: int = 64) -> dict:
+    """Open-loop Poisson arrivals at ``rate`` per second for ``seconds`` after ``warmup_s``,
+    over ``connections`` keep-alive connections (as wrk2 and perf_analyzer bound theirs)."""
+    return asyncio.run(_open(port, path, requests, rate, seconds, warmup_s, seed, connections))
 
 
 def summarize(runs: list[dict]) -> dict:

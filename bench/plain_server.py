@@ -6,12 +6,16 @@
 - tuned: an ``async def`` endpoint reading the body bytes, one torch thread, the response
   encoded once to bytes.
 
-    python -m bench.plain_server ARTIFACT PORT [--tuned]
+    python -m bench.plain_server ARTIFACT PORT [--tuned] [--workers N]
+
+``--workers N``: uvicorn's N worker processes on the one port (the tuned app only), what a
+user of FastAPI does to use N cores.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -61,7 +65,19 @@ def make_tuned_app(artifact_dir: str) -> FastAPI:
     return app
 
 
+def tuned_app_from_env() -> FastAPI:
+    """The tuned app of the artifact in DISTML_BENCH_ARTIFACT (uvicorn's workers import it)."""
+    return make_tuned_app(os.environ["DISTML_BENCH_ARTIFACT"])
+
+
 if __name__ == "__main__":
-    build = make_tuned_app if "--tuned" in sys.argv[3:] else make_app
-    uvicorn.run(build(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
-                log_level="warning", access_log=False)
+    args = sys.argv[3:]
+    if "--workers" in args:
+        os.environ["DISTML_BENCH_ARTIFACT"] = sys.argv[1]
+        uvicorn.run("bench.plain_server:tuned_app_from_env", factory=True, host="127.0.0.1",
+                    port=int(sys.argv[2]), workers=int(args[args.index("--workers") + 1]),
+                    log_level="warning", access_log=False)
+    else:
+        build = make_tuned_app if "--tuned" in args else make_app
+        uvicorn.run(build(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]),
+                    log_level="warning", access_log=False)

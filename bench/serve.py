@@ -1,317 +1,302 @@
-"""Online serving: ``distml serve`` (dynamic batching on and off) against the Python model
-servers people use for the same job, each serving the same digits artifact through its own
-documented API, in one run:
+"""Online serving: ``distml serve`` against the servers a user would pick for the same job,
+each serving the same artifact through its own documented API, on pinned cores, in one run.
 
-- MLServer (Seldon; Open Inference Protocol, adaptive batching on: max_batch_size 64,
-  max_batch_time 2 ms), KServe's Python model server (kserve.Model; no batching of its own),
-  LitServe (batching on: max_batch_size 64, batch_timeout 2 ms); each in its own virtual
-  environment under bench/.venvs/ (bench/peers/);
-- plain FastAPI, untuned and tuned (bench/plain_server.py).
+Contenders: distml (defaults: continuous batching; and ``--no-batching``), plain FastAPI tuned
+by hand (bench/plain_server.py: ``async def``, one torch thread, bytes out), MLServer 1.7.1
+(adaptive batching: 64 rows, 2 ms), KServe 0.21's Python model server (no batching of its
+own), LitServe 0.2.19 (batching: 64, 2 ms) and Ray Serve 2.60 (``@serve.batch``: 64, 2 ms);
+the peers each in a virtual environment of their own (bench/peers/).
 
-The model is the digits main job's mlp-wide candidate (standardize + MLP 64-256-256-10),
-trained here for a few epochs. Each server runs alone in its own process on loopback. One
-closed-loop load generator (bench/loadgen.py) keeps C requests in flight at C = 1, 8, 32, 64,
-for SECONDS per level after a warm-up, REPEATS times (median and min-max reported). All the
-servers are started first and stay up; each repeat measures every server's levels in turn,
-the servers' order rotating from one repeat to the next, so that a slow minute of the machine
-falls on every contender alike rather than on whichever ran then (an idle server costs the
-others next to nothing). Payloads:
-the protocol's JSON with 1 and 64 rows per request for every server; for distml also the
-binary tensor data extension. The load generator shares the machine's cores with the server,
-alike for every peer; once, wrk (if installed) measures the same level to cross-check it.
+Models (bench/serve_servers.py): the digits MLP (a forward of ~0.2 ms: overhead-bound) and a
+wide MLP (~3 ms for one row: compute-bound, where batching decides).
+
+Placement: every server is pinned with taskset to core 0 (it and every process it starts),
+the load generator (this process) to core 1; the same for every server. The two-process run
+(``distml serve --replicas 2`` against tuned FastAPI under uvicorn's ``--workers 2``) pins the
+server to cores 0-1 and the load generator to core 2 when there is one; with 2 cores it
+shares cores 0-1 with the server (said in the result).
+
+Load (bench/loadgen.py): closed loop, C connections with one request each in flight (C = 1,
+8, 32; one JSON row per request, and 64 rows at C = 32), and open loop: Poisson arrivals at
+50% and 80% of the server's capacity as measured at C = 32 in the same round (p50, p99 from
+each request's scheduled arrival). Every level: a warm-up, then SECONDS of measurement. ROUNDS
+rounds each measure every server's levels, the servers' order rotating between rounds; a
+server is started for its turn and stopped after it, so that no idle server takes CPU from
+the one measured (an idle Ray cluster keeps several processes busy). Ratios are taken within
+each round (ours / the peer's, measured minutes apart at most) and reported as the median and
+min-max of the rounds' ratios; the best peer of a level is the peer with the highest median there.
+
+    python -m bench serve                      # the full run: ~16 min on 2 cores
+    DISTML_BENCH_QUICK=1 python -m bench serve # 1 round of 1 s levels, to check it runs
+    DISTML_BENCH_SERVE_PEERS=plain_fastapi_tuned,rayserve ...  # a subset of the peers
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import signal
-import subprocess
-import sys
+import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-import yaml
-from tests.helpers.net import free_port
 
 from bench.common import save
-from bench.loadgen import run_level, summarize
-from bench.peers import PEERS, python
+from bench.loadgen import run_level, run_open, summarize
+from bench.serve_servers import (
+    JSON_HEADERS,
+    PATH,
+    PEER_NAMES,
+    commands,
+    raw_forward_ms,
+    start,
+    stop,
+    train,
+    wrk_check,
+)
 
-LEVELS = (1, 8, 32, 64)
-SECONDS, REPEATS = 5.0, 5
-ROOT = Path(__file__).parents[1]
-PATH = "/v2/models/digits/infer"
-JSON_HEADERS = "Content-Type: application/json\r\n"
-PEER_NAMES = ("mlserver", "kserve", "litserve")
+QUICK = os.environ.get("DISTML_BENCH_QUICK") == "1"
+SECONDS, WARMUP_S, ROUNDS = (1.0, 0.5, 1) if QUICK else (2.0, 0.5, 3)
+SERVER_CPUS, LOADGEN_CPUS = "0", "1"
+TWO_CPUS, TWO_LOADGEN_CPUS = "0,1", ("2" if (os.cpu_count() or 1) > 2 else "0,1")
+LOAD_FRACTIONS = (0.5, 0.8)
 
 
-def _train(root: Path) -> tuple[Path, np.ndarray]:
-    raw = yaml.safe_load((ROOT / "examples" / "digits.yaml").read_text())
-    raw["train"]["candidates"] = [c for c in raw["train"]["candidates"] if c["name"] == "mlp-wide"]
-    raw["train"]["epochs"] = 5
-    raw.update(output_dir=str(root / "runs"), registry=str(root / "registry"))
-    (root / "digits.yaml").write_text(yaml.safe_dump(raw))
-    subprocess.run([sys.executable, "-m", "distml", "run", str(root / "digits.yaml"), "-q"],
-                   check=True, cwd=root)
-    from sklearn.datasets import load_digits
+def _peers() -> list[str]:
+    asked = os.environ.get("DISTML_BENCH_SERVE_PEERS")
+    return [p for p in PEER_NAMES if asked is None or p in asked.split(",")]
 
-    return root / "registry" / "digits" / "v1", load_digits().data.astype(np.float32)
+
+def _groups() -> dict[str, dict]:
+    """Per group: the model, the servers, their cores, the load generator's, each server's
+    levels (closed: ``json1_c8``; open: ``open80``, a share of its ``json1_c32``)."""
+    peers = _peers()
+    closed = ["json1_c1", "json1_c8", "json1_c32", "json64_c32"]
+    plans = {name: [*closed, "open50", "open80"] for name in ["distml_batched", *peers]}
+    plans["distml_unbatched"] = closed
+    return {
+        "digits": {"model": "digits", "cpus": SERVER_CPUS, "loadgen": LOADGEN_CPUS,
+                   "plans": plans},
+        "wide": {"model": "wide", "cpus": SERVER_CPUS, "loadgen": LOADGEN_CPUS,
+                 "plans": {n: ["json1_c1", "json1_c32"]
+                           for n in ["distml_batched", "distml_unbatched", *peers]}},
+        **{f"two_processes{suffix}": {
+            "model": model, "cpus": TWO_CPUS, "loadgen": TWO_LOADGEN_CPUS,
+            "plans": {n: ["json1_c32"] for n in ["distml_replicas2"] + (
+                ["plain_fastapi_tuned_workers2"] if "plain_fastapi_tuned" in peers else [])}}
+           for suffix, model in (("", "digits"), ("_wide", "wide"))},
+    }
 
 
 def _payloads(rows: np.ndarray) -> dict[str, list[tuple[bytes, str]]]:
     """Request bodies by payload kind, cycling over the digits rows."""
-    out: dict[str, list[tuple[bytes, str]]] = {}
+    out = {}
     for n in (1, 64):
         chunks = [rows[i:i + n] for i in range(0, len(rows) - n + 1, n)][:200]
         out[f"json{n}"] = [(json.dumps({"inputs": [{
             "name": "input", "datatype": "FP32", "shape": list(c.shape),
             "data": c.tolist()}]}).encode(), JSON_HEADERS) for c in chunks]
-        binary = []
-        for c in chunks:
-            head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32",
-                                           "shape": list(c.shape),
-                                           "parameters": {"binary_data_size": c.nbytes}}],
-                               "parameters": {"binary_data_output": True}}).encode()
-            binary.append((head + c.tobytes(), "Content-Type: application/octet-stream\r\n"
-                           f"Inference-Header-Content-Length: {len(head)}\r\n"))
-        out[f"bin{n}"] = binary
     return out
 
 
-def _commands(artifact: Path, folder: Path) -> dict[str, tuple[list[str], int]]:
-    """Each server's command line and HTTP port."""
-    cmds: dict[str, tuple[list[str], int]] = {}
-    for name, flags in {"distml_batched": ["--max-batch-size", "64", "--max-delay-ms", "2"],
-                        "distml_unbatched": ["--no-batching"]}.items():
-        port = free_port()
-        cmds[name] = ([sys.executable, "-m", "distml", "serve", str(artifact), "--port",
-                       str(port), "--max-queue-rows", "100000", *flags], port)
-    for name, extra in {"plain_fastapi": [], "plain_fastapi_tuned": ["--tuned"]}.items():
-        port = free_port()
-        cmds[name] = ([sys.executable, "-m", "bench.plain_server", str(artifact), str(port),
-                       *extra], port)
-    port = free_port()
-    cmds["litserve"] = ([str(python("litserve")), str(PEERS / "litserve_peer.py"),
-                         str(artifact), str(port)], port)
-    port = free_port()
-    cmds["kserve"] = ([str(python("kserve")), str(PEERS / "kserve_peer.py"), str(artifact),
-                       str(port), str(free_port())], port)
-    port = free_port()
-    cmds["mlserver"] = ([str(python("mlserver").parent / "mlserver"), "start",
-                         str(_mlserver_folder(artifact, folder / "mlserver", port))], port)
-    return cmds
+def _measure(port: int, level: str, payloads: dict, done: dict[str, dict], seed: int) -> dict:
+    if level.startswith("open"):
+        rate = int(level[4:]) / 100 * done["json1_c32"]["throughput_rps"]
+        return run_open(port, PATH, payloads["json1"], rate, seconds=SECONDS,
+                        warmup_s=WARMUP_S, seed=seed)
+    payload, c = level.split("_c")
+    return run_level(port, PATH, payloads[payload], int(c), seconds=SECONDS,
+                     warmup_s=WARMUP_S)
 
 
-def _mlserver_folder(artifact: Path, folder: Path, port: int) -> Path:
-    """MLServer's documented layout: settings.json and a model folder with
-    model-settings.json naming the runtime class (bench/peers/mlserver_peer.py)."""
-    model = folder / "digits"
-    model.mkdir(parents=True, exist_ok=True)
-    shutil.copy(PEERS / "mlserver_peer.py", model / "mlserver_peer.py")
-    (folder / "settings.json").write_text(json.dumps({
-        "http_port": port, "grpc_port": free_port(), "metrics_port": free_port(),
-        "debug": False, "parallel_workers": 0}))  # see module docstring
-    (model / "model-settings.json").write_text(json.dumps({
-        "name": "digits", "implementation": "mlserver_peer.DigitsRuntime",
-        "parameters": {"uri": str(artifact)}, "max_batch_size": 64, "max_batch_time": 0.002}))
-    return folder
-
-
-def _start(cmd: list[str], port: int, body: bytes, folder: Path) -> subprocess.Popen:
-    import httpx
-
-    # This checkout's sources first, so that distml serve is the code under test.
-    path = os.pathsep.join([str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    # A session of its own: stopping it stops the worker processes some servers start.
-    # Its log goes to a file: a pipe that nobody reads while the others are measured
-    # would block a server that logs each request.
-    log = folder / f"server-{port}.log"
-    with log.open("w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT,
-                                env={**os.environ, "PYTHONPATH": path},
-                                start_new_session=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            r = httpx.post(f"http://127.0.0.1:{port}{PATH}", content=body,
-                           headers={"content-type": "application/json"})
-            if r.status_code == 200:
-                return proc
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd} exited: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-    _stop(proc)
-    raise RuntimeError(f"{cmd} did not answer within 180 s")
-
-
-def _plan(name: str) -> list[tuple[str, int]]:
-    """(payload, concurrency) to measure for a server."""
-    plan = [("json1", c) for c in LEVELS] + [("json64", 32)]
-    if name.startswith("distml"):
-        plan += [("json64", 1), ("bin64", 1), ("bin64", 32)]
-    if name == "distml_batched":
-        plan += [("bin1", c) for c in LEVELS]
-    return plan
-
-
-def _measure_all(servers: dict[str, int], payloads: dict) -> dict[str, dict]:
-    """Every server's plan, REPEATS times, interleaved (see the module's docstring)."""
-    runs: dict[str, dict[str, list[dict]]] = {name: {} for name in servers}
-    names = list(servers)
-    for repeat in range(REPEATS):
-        shift = repeat % len(names)
-        for name in names[shift:] + names[:shift]:
-            for payload, c in _plan(name):
-                run = run_level(servers[name], PATH, payloads[payload], c, seconds=SECONDS)
-                runs[name].setdefault(f"{payload}_c{c}", []).append(run)
-                print(f"[{repeat + 1}/{REPEATS}]", name, payload, c,
-                      round(run["throughput_rps"], 1), flush=True)
-    return {name: {key: summarize(r) for key, r in levels.items()}
-            for name, levels in runs.items()}
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """The server and every process of its session."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(30)
-            break
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _wrk_check(port: int, body: bytes) -> dict | None:
-    """The same level (one JSON row, c=32) measured by wrk and by ours, back to back."""
-    if shutil.which("wrk") is None:
-        return None
-    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
-        f.write('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
-                f"wrk.body = {json.dumps(body.decode())}\n")
+def _turn(g: str, group: dict, name: str, server: tuple, payloads: dict, r: int,
+          folder: Path) -> dict[str, dict]:
+    """One server's levels in one round: started (pinned) for its turn and stopped after, so
+    that no idle server (Ray's cluster keeps its processes busy) takes from the one measured."""
+    cmd, port = server
+    proc = start(cmd, group["cpus"], port, payloads["json1"][0][0], folder)
+    done: dict[str, dict] = {}
     try:
-        out = subprocess.run(["wrk", "-t1", "-c32", f"-d{int(SECONDS)}s", "--latency", "-s",
-                              f.name, f"http://127.0.0.1:{port}{PATH}"], capture_output=True,
-                             text=True, check=True).stdout
+        for level in group["plans"][name]:
+            done[level] = _measure(port, level, payloads, done, seed=r)
+            print(f"[{r + 1}/{ROUNDS}] {g} {name} {level} {done[level]['throughput_rps']:.0f} "
+                  f"req/s, p99 {done[level]['p99_ms']:.1f} ms", flush=True)
     finally:
-        os.unlink(f.name)
-    rps = float(out.split("Requests/sec:")[1].split()[0])
-    ours = run_level(port, PATH, [(body, JSON_HEADERS)], 32, seconds=SECONDS)
-    non_2xx = out.split("Non-2xx or 3xx responses:")[1].split()[0] if "Non-2xx" in out else "0"
-    return {"wrk_rps": rps, "ours_rps": ours["throughput_rps"], "wrk_non_2xx": int(non_2xx),
-            "ours_over_wrk": round(ours["throughput_rps"] / rps, 3)}
+        stop(proc)
+    return done
 
 
-def _raw_forward_ms(artifact: Path, rows: np.ndarray) -> float:
-    """Median time of the served model's own work for one row, in this process: what a
-    request would cost with no server at all."""
-    from distml.serving.model import load_served_model
-
-    model = load_served_model(str(artifact), registry=artifact.parent)
-    times = []
-    for i in range(2000):
-        start = time.perf_counter()
-        model.infer(rows[i % len(rows)][None])
-        times.append(time.perf_counter() - start)
-    return float(np.median(times[200:]) * 1000)
+def _rounds(groups: dict, servers: dict, payloads: dict, tmp: Path) -> tuple[dict, dict]:
+    """runs[group][server][level]: one run per round (see the module's docstring), and the
+    servers that failed (each is not tried again)."""
+    runs: dict = {g: {s: {} for s in servers[g]} for g in groups}
+    failed: dict[str, str] = {}
+    for r in range(ROUNDS):
+        for g, group in groups.items():
+            os.sched_setaffinity(0, {int(c) for c in group["loadgen"].split(",")})
+            names = list(servers[g])
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                if f"{g}/{name}" in failed:
+                    continue
+                try:
+                    done = _turn(g, group, name, servers[g][name], payloads, r,
+                                 tmp / "servers" / g)
+                except Exception as e:  # noqa: BLE001 - reported; the others still run
+                    failed[f"{g}/{name}"] = f"{type(e).__name__}: {str(e)[-500:]}"
+                    print(g, name, "failed:", e, flush=True)
+                    continue
+                for level, run in done.items():
+                    runs[g][name].setdefault(level, []).append(run)
+    return {g: {s: v for s, v in by.items() if v} for g, by in runs.items()}, failed
 
 
 def main() -> dict:
+    from sklearn.datasets import load_digits
+
+    rows = load_digits().data.astype(np.float32)
+    payloads = _payloads(rows)
+    groups = _groups()
     with tempfile.TemporaryDirectory(prefix="distml-bench-") as tmp:
-        artifact, rows = _train(Path(tmp))
-        payloads = _payloads(rows)
-        raw_ms = _raw_forward_ms(artifact, rows)
-        results: dict[str, dict] = {}
-        servers: dict[str, int] = {}
-        with contextlib.ExitStack() as stack:
-            for name, (cmd, port) in _commands(artifact, Path(tmp)).items():
-                try:
-                    stack.callback(_stop, _start(cmd, port, payloads["json1"][0][0], Path(tmp)))
-                    servers[name] = port
-                except Exception as e:  # noqa: BLE001 - reported; the other servers still run
-                    results[name] = {"failed": f"{type(e).__name__}: {str(e)[-500:]}"}
-                    print(name, "failed:", e, flush=True)
-            results.update(_measure_all(servers, payloads))
-            if "distml_batched" in servers:
-                results["distml_batched"]["wrk_check"] = _wrk_check(
-                    servers["distml_batched"], payloads["json1"][0][0])
-    return _summarize(results, raw_ms)
+        artifacts = {m: train(Path(tmp) / "models" / m, m) for m in ("digits", "wide")}
+        raw_ms = {m: raw_forward_ms(a, rows, {int(SERVER_CPUS)}) for m, a in artifacts.items()}
+        servers = {}
+        for g, group in groups.items():
+            (Path(tmp) / "servers" / g).mkdir(parents=True)
+            servers[g] = commands(artifacts[group["model"]], Path(tmp) / "servers" / g,
+                                  list(group["plans"]))
+        runs, failed = _rounds(groups, servers, payloads, Path(tmp))
+        wrk = None
+        if "distml_batched" in servers["digits"]:
+            cmd, port = servers["digits"]["distml_batched"]
+            proc = start(cmd, SERVER_CPUS, port, payloads["json1"][0][0], Path(tmp))
+            try:
+                os.sched_setaffinity(0, {int(LOADGEN_CPUS)})
+                wrk = wrk_check(port, payloads["json1"][0][0], SECONDS, LOADGEN_CPUS)
+            finally:
+                stop(proc)
+    return _summarize(runs, raw_ms, failed, wrk)
 
 
-def _summarize(results: dict[str, dict], raw_ms: float) -> dict:
-    d, u = results["distml_batched"], results["distml_unbatched"]
-    peers = {p: results[p]["json1_c32"] for p in PEER_NAMES if "json1_c32" in results[p]}
-    best = max(peers, key=lambda p: peers[p]["throughput_rps"]) if peers else None
-    ours = d["json1_c32"]
+def _per_round(a: list[dict], b: list[dict], key: str = "throughput_rps") -> dict:
+    """Median and min-max of the per-round ratios a / b."""
+    ratios = [x[key] / y[key] for x, y in zip(a, b, strict=True) if y[key]]
+    return {"median": round(statistics.median(ratios), 3),
+            "min_max": [round(min(ratios), 3), round(max(ratios), 3)]}
+
+
+def _vs_best_peer(runs: dict, level: str, key: str = "throughput_rps",
+                  best_at: str | None = None) -> dict | None:
+    """distml's per-round ratio to the best peer's (highest median throughput at
+    ``best_at``, default ``level``)."""
+    best_at = best_at or level
+    peers = {p: r for p, r in runs.items() if p in PEER_NAMES and best_at in r}
+    if not peers or level not in runs.get("distml_batched", {}):
+        return None
+    best = max(peers, key=lambda p: statistics.median(x["throughput_rps"]
+                                                      for x in peers[p][best_at]))
+    ratio = _per_round(runs["distml_batched"][level], peers[best][level], key)
+    p99 = [round(statistics.median(r["p99_ms"] for r in side[level]), 2)
+           for side in (runs["distml_batched"], peers[best])]
+    return {**ratio, "best_peer": best, "p99_ms_ours_peer": p99}
+
+
+def _replicas(runs: dict) -> dict:
+    """2 replicas (cores 0-1) against 1 (core 0), and against 2 processes of tuned FastAPI,
+    per round, on each model."""
+    out = {}
+    for suffix, group, model in (("", "two_processes", "digits"),
+                                 ("_compute_bound", "two_processes_wide", "wide")):
+        two, one = runs[group], runs[model]
+        both = "distml_replicas2" in two and "distml_batched" in one
+        out[f"replicas_2_speedup{suffix}"] = (_per_round(
+            two["distml_replicas2"]["json1_c32"], one["distml_batched"]["json1_c32"])
+            if both else None)
+        out[f"replicas_2_vs_peer_2_processes{suffix}"] = (_per_round(
+            two["distml_replicas2"]["json1_c32"], two["plain_fastapi_tuned_workers2"]["json1_c32"])
+            if {"distml_replicas2", "plain_fastapi_tuned_workers2"} <= set(two) else None)
+    return out
+
+
+def _summarize(runs: dict, raw_ms: dict, failed: dict, wrk: dict | str | None) -> dict:
+    digits, wide = runs["digits"], runs["wide"]
+    ratios = {
+        "ratio_vs_best_peer_c32": _vs_best_peer(digits, "json1_c32"),
+        "ratio_vs_best_peer_c1": _vs_best_peer(digits, "json1_c1"),
+        "ratio_vs_best_peer_json64_c32": _vs_best_peer(digits, "json64_c32"),
+        "ratio_vs_best_peer_c32_compute_bound": _vs_best_peer(wide, "json1_c32"),
+        # p99 at 80% of each one's own capacity; the best peer: the best at C = 32
+        "p99_at_80pct_load_vs_best_peer": _vs_best_peer(digits, "open80", "p99_ms",
+                                                        best_at="json1_c32"),
+        "batching_speedup_c32_compute_bound": (
+            _per_round(wide["distml_batched"]["json1_c32"], wide["distml_unbatched"]["json1_c32"])
+            if {"distml_batched", "distml_unbatched"} <= set(wide) else None),
+        **_replicas(runs),
+    }
+    c1 = digits.get("distml_batched", {}).get("json1_c1")
+    overhead = (round(statistics.median(r["p50_ms"] for r in c1) - raw_ms["digits"], 3)
+                if c1 else None)
     result = {
-        "model": "digits mlp-wide (64-256-256-10, standardize)",
-        "levels": list(LEVELS), "seconds_per_level": SECONDS, "repeats": REPEATS,
+        "models": {"digits": "digits mlp-wide (64-256-256-10, standardize)",
+                   "wide": "wide MLP (64-3072-3072-3072-10, standardize)"},
+        "seconds_per_level": SECONDS, "warmup_s": WARMUP_S, "rounds": ROUNDS, "quick": QUICK,
         "cpu_count": os.cpu_count(),
-        "ratio_vs_best_peer_c32": (round(ours["throughput_rps"] / peers[best]["throughput_rps"],
-                                         2) if best else None),
-        "best_peer_c32": best,
-        "p99_vs_best_peer_c32_ms": [ours["p99_ms"], peers[best]["p99_ms"]] if best else None,
-        "batching_speedup_c32": round(ours["throughput_rps"] / u["json1_c32"]["throughput_rps"],
-                                      2),
-        "binary_vs_json_64rows": round(d["bin64_c32"]["throughput_rps"]
-                                       / d["json64_c32"]["throughput_rps"], 2),
-        "raw_forward_ms": round(raw_ms, 3),
-        "overhead_vs_raw_forward_c1_ms": round(d["json1_c1"]["p50_ms"] - raw_ms, 3),
-        "overhead_vs_raw_forward_c1_binary_ms": round(d["bin1_c1"]["p50_ms"] - raw_ms, 3),
-        "wrk_check": d.get("wrk_check"),
-        "results": results,
+        "placement": {"server": SERVER_CPUS, "loadgen": LOADGEN_CPUS,
+                      "two_processes_server": TWO_CPUS,
+                      "two_processes_loadgen": TWO_LOADGEN_CPUS,
+                      "two_processes_loadgen_shares_server_cores": TWO_LOADGEN_CPUS == "0,1"},
+        **{k: (v["median"] if v else None) for k, v in ratios.items()},
+        "ratios": ratios,
+        "raw_forward_ms": {m: round(v, 3) for m, v in raw_ms.items()},
+        "overhead_vs_raw_forward_c1_ms": overhead,
+        "wrk_check": wrk, "failed": failed,
+        "results": {g: {s: {lv: summarize(r) for lv, r in levels.items()}
+                        for s, levels in servers.items()} for g, servers in runs.items()},
     }
     save("serve", result)
     return result
 
 
-def _cell(r: dict) -> str:
-    if "throughput_rps" not in r:
-        return "failed"
+def _cell(r: dict | None) -> str:
+    if not r or "throughput_rps" not in r:
+        return "-"
     lo, hi = r["throughput_min_max"]
     return f"{r['throughput_rps']:,.0f} req/s ({lo:,.0f}-{hi:,.0f}), p99 {r['p99_ms']:.1f} ms"
 
 
+def _ratio_cell(r: dict, key: str) -> str:
+    v = r["ratios"].get(key)
+    if not v:
+        return "not measured"
+    peer = f" vs {v['best_peer']}" if "best_peer" in v else ""
+    if "p99_ms_ours_peer" in v:
+        ours, theirs = v["p99_ms_ours_peer"]
+        peer += f" (p99 {ours:.1f} ms against {theirs:.1f} ms)"
+    lo, hi = v["min_max"]
+    return f"{v['median']:.2f} ({lo:.2f}-{hi:.2f} over rounds){peer}"
+
+
+TARGETS = {"ratio_vs_best_peer_c32": ">= 1.2, p99 no worse", "ratio_vs_best_peer_c1": ">= 1.0",
+           "ratio_vs_best_peer_json64_c32": ">= 1.2",
+           "batching_speedup_c32_compute_bound": ">= 4", "replicas_2_speedup": ">= 1.7",
+           "replicas_2_speedup_compute_bound": "reported",
+           "replicas_2_vs_peer_2_processes": "reported",
+           "p99_at_80pct_load_vs_best_peer": "<= 1"}
+
+
 def table_rows(r: dict) -> list[tuple[str, str, str, str]]:
-    res = r["results"]
-    d = res["distml_batched"]
-    best = r["best_peer_c32"]
-    rows = [
-        ("serve, c=32", "ratio_vs_best_peer_c32",
-         f"{r['ratio_vs_best_peer_c32']} (distml {_cell(d['json1_c32'])}; best peer {best} "
-         f"{_cell(res[best]['json1_c32']) if best else '-'})", ">= 1.2, p99 no worse"),
-        ("serve, c=32", "batching_speedup_c32",
-         f"{r['batching_speedup_c32']:.2f} (unbatched "
-         f"{_cell(res['distml_unbatched']['json1_c32'])})",
-         ">= 4"),
-        ("serve, 64 rows, c=32", "binary_vs_json_64rows",
-         f"{r['binary_vs_json_64rows']:.2f} (binary {_cell(d['bin64_c32'])}; JSON "
-         f"{_cell(d['json64_c32'])})", ">= 2"),
-        ("serve, c=1", "overhead_vs_raw_forward_c1_ms",
-         f"{r['overhead_vs_raw_forward_c1_ms']:.2f} ms JSON, "
-         f"{r['overhead_vs_raw_forward_c1_binary_ms']:.2f} ms binary (p50 "
-         f"{d['json1_c1']['p50_ms']:.2f} ms; forward alone {r['raw_forward_ms']:.2f} ms)",
-         "<= 1 ms"),
-    ]
-    for c in r["levels"]:
-        cells = "; ".join(f"{k} {_cell(v[f'json1_c{c}']) if f'json1_c{c}' in v else 'failed'}"
-                          for k, v in res.items())
-        rows.append((f"serve, 1 row, c={c}", "throughput (min-max), p99", cells, "reported"))
-    cells = "; ".join(f"{k} {_cell(v['json64_c32']) if 'json64_c32' in v else 'failed'}"
-                      for k, v in res.items())
-    rows.append(("serve, 64 rows JSON, c=32", "throughput (min-max), p99", cells, "reported"))
-    if r.get("wrk_check"):
-        w = r["wrk_check"]
-        rows.append(("serve, load generator", "ours vs wrk, c=32",
-                     f"{w['ours_over_wrk']:.2f} (ours {w['ours_rps']:,.0f}, wrk "
-                     f"{w['wrk_rps']:,.0f} req/s)", "~1"))
+    rows = [("serve", key, _ratio_cell(r, key), target) for key, target in TARGETS.items()]
+    over = r.get("overhead_vs_raw_forward_c1_ms")
+    rows.append(("serve, c=1", "overhead_vs_raw_forward_c1_ms",
+                 "-" if over is None else f"{over:.2f} ms (forward alone "
+                 f"{r['raw_forward_ms']['digits']:.2f} ms)", "<= 0.3 ms"))
+    for g, levels in (("digits", ("json1_c1", "json1_c8", "json1_c32", "json64_c32", "open50",
+                                  "open80")), ("wide", ("json1_c1", "json1_c32")),
+                      ("two_processes", ("json1_c32",)), ("two_processes_wide", ("json1_c32",))):
+        for level in levels:
+            cells = "; ".join(f"{s} {_cell(v.get(level))}"
+                              for s, v in r["results"][g].items() if level in v)
+            rows.append((f"serve, {g}, {level}", "throughput (min-max), p99", cells,
+                         "reported"))
     return rows
 
 

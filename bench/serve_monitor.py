@@ -1,8 +1,8 @@
 """What drift monitoring costs a served request: ``distml serve`` on the digits artifact with
 monitoring on (the default: each answered request's rows go on a queue that a thread of the
 same process feeds to the detectors) and off (``--no-monitor``), both servers up at once and
-measured in turns (bench/serve.py's load generator, levels and repeats), one JSON row per
-request at c = 1 and c = 32. The drift thread shares the process, and so the interpreter's
+measured in turns (bench/serve.py's load generator, placement, seconds and rounds), one JSON
+row per request at c = 1 and c = 32. The drift thread shares the process, and so the interpreter's
 lock, with the request path: this is where its cost would show.
 """
 
@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from tests.helpers.net import free_port
 
 from bench.common import save
 from bench.loadgen import run_level, summarize
-from bench.serve import PATH, REPEATS, SECONDS, _payloads, _start, _stop, _train
+from bench.serve import LOADGEN_CPUS, ROUNDS, SECONDS, SERVER_CPUS, _payloads
+from bench.serve_servers import PATH, start, stop, train
+
+REPEATS = ROUNDS
 
 LEVELS = (1, 32)
 SERVERS = {"monitored": [], "unmonitored": ["--no-monitor"]}
@@ -26,8 +31,10 @@ SERVERS = {"monitored": [], "unmonitored": ["--no-monitor"]}
 
 def main() -> dict:
     with tempfile.TemporaryDirectory(prefix="distml-bench-") as tmp:
-        artifact, rows = _train(Path(tmp))
-        payload = _payloads(rows)["json1"]
+        from sklearn.datasets import load_digits
+
+        artifact = train(Path(tmp) / "digits", "digits")
+        payload = _payloads(load_digits().data.astype(np.float32))["json1"]
         runs: dict[str, dict[int, list[dict]]] = {name: {c: [] for c in LEVELS}
                                                   for name in SERVERS}
         with contextlib.ExitStack() as stack:
@@ -35,8 +42,9 @@ def main() -> dict:
             for name, flags in SERVERS.items():
                 port = ports[name] = free_port()
                 cmd = [sys.executable, "-m", "distml", "serve", str(artifact), "--port",
-                       str(port), "--max-batch-size", "64", "--max-delay-ms", "2", *flags]
-                stack.callback(_stop, _start(cmd, port, payload[0][0], Path(tmp)))
+                       str(port), *flags]
+                stack.callback(stop, start(cmd, SERVER_CPUS, port, payload[0][0], Path(tmp)))
+            os.sched_setaffinity(0, {int(LOADGEN_CPUS)})
             for repeat in range(REPEATS):
                 order = list(SERVERS) if repeat % 2 == 0 else list(SERVERS)[::-1]
                 for name in order:

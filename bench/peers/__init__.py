@@ -24,6 +24,9 @@ REQUIREMENTS = {
     "evidently": ["evidently==0.7.23", "pandas==2.2.3"],
     "alibi_detect": ["alibi-detect==0.13.0"],
     "nannyml": ["nannyml==0.13.1", "statsmodels==0.15.0", "pandas==2.2.3"],
+    # Ray Serve needs its extras (grpcio-reflection, ...) that the shared environment lacks;
+    # the version is the shared environment's Ray.
+    "rayserve": ["ray[serve]==2.60.0"],
 }
 
 

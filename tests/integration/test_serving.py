@@ -365,3 +365,22 @@ def test_stopping_the_front_stops_its_replicas(trained, stop):
         proc.wait(30)
         _, alive = psutil.wait_procs(replicas, timeout=15)
         assert not alive, [p.pid for p in alive]
+
+
+def test_a_lone_request_under_batching_does_not_wait_for_max_delay(trained):
+    """Batching on with a 1 s max delay: requests sent one at a time (each finds the model
+    idle, nothing queued, nothing on its way) start their forward pass at once, as the
+    server's own queue-wait histogram records, rather than a second later."""
+    root, x = trained
+    with running_server("--registry", str(root / "registry"), "--max-delay-ms", "1000",
+                        cwd=root) as (url, _, _):
+        for i in range(5):
+            resp = httpx.post(f"{url}/v2/models/tiny/infer", json=infer_body(x[i:i + 1]))
+            assert resp.status_code == 200, resp.text
+        text = httpx.get(f"{url}/metrics").text
+    family = next(f for f in text_string_to_metric_families(text)
+                  if f.name == "distml_queue_wait_seconds")
+    samples = {(s.name, s.labels.get("le")): s.value for s in family.samples}
+    assert samples[("distml_queue_wait_seconds_count", None)] == 5
+    # every one of them within 50 ms of arriving: a twentieth of the delay it could have paid
+    assert samples[("distml_queue_wait_seconds_bucket", "0.05")] == 5

@@ -172,8 +172,9 @@ def test_grpc_and_rest_share_metrics_and_idempotency(server, trained):
     again = httpx.post(f"{url}/v2/models/tiny/infer", headers={**AUTH,
                        "Idempotency-Key": "shared-7"}, json=infer_body(x))
     assert again.status_code == 200
-    np.testing.assert_array_equal(np.reshape(again.json()["outputs"][0]["data"], (3, 10)),
-                                  first.as_numpy("probabilities"))
+    # FP32 in JSON: each value's shortest decimal that reads back as the same float32
+    rest = np.asarray(again.json()["outputs"][0]["data"], dtype=np.float32).reshape(3, 10)
+    np.testing.assert_array_equal(rest, first.as_numpy("probabilities"))
     assert batches_run(url) == batches + 1  # one forward pass for the gRPC call and the REST one
     text = httpx.get(f"{url}/metrics").text
     assert re.search(r'distml_requests_total\{route="grpc:ModelInfer",status="OK"\} [1-9]', text)

@@ -62,11 +62,13 @@ class ServeConfig(Strict):
     port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
     replicas: int = Field(1, ge=1, description="Worker processes behind the one port; a dead "
                           "one is replaced.")
-    dynamic_batching: bool = Field(True, description="Gather concurrent requests into one "
-                                   "forward pass.")
+    dynamic_batching: bool = Field(True, description="Gather the requests that arrive while "
+                                   "the model is busy into its next forward pass (continuous "
+                                   "batching; a request that finds it idle runs at once).")
     max_batch_size: int = Field(64, ge=1, description="Most rows in one forward pass.")
-    max_delay_ms: float = Field(2.0, ge=0, description="Longest wait for more requests once "
-                                "one is queued.")
+    max_delay_ms: float = Field(0.0, ge=0, description="With batching: longest wait, once one "
+                                "is queued, for requests whose bodies are still being read (0: "
+                                "none; a lone request never waits).")
     max_queue_rows: int = Field(1024, ge=1, description="Rows waiting per replica; past it, "
                                 "503 with Retry-After.")
     timeout_ms: float = Field(5000.0, gt=0, description="Per-request deadline (a request may "

@@ -1,9 +1,14 @@
 """Dynamic batching with a bounded queue and per-request deadlines.
 
-Requests wait in one queue; a single inference thread takes them. With batching on, it gathers
-queued requests into one forward pass until ``max_batch_size`` rows or until the oldest has
-waited ``max_delay``, whichever comes first; it waits only while more requests are on their
-way (received, not yet queued), so a lone request does not pay the delay. Results are split
+Requests wait in one queue; a single inference thread takes them (a request alone, nothing
+queued or arriving, runs on the event loop's thread instead: the hand-off would cost more than
+it overlaps). Batching is continuous: a request that finds the model idle goes straight to its
+forward pass, and the requests that
+arrive while the model is busy form the next batch (up to ``max_batch_size`` rows), taken as
+soon as the model is free. With ``max_delay`` > 0 the batcher also waits, up to that long
+after the oldest queued request arrived, for requests whose bodies are being read (received,
+not yet queued); with none on their way it never waits, so a lone request never pays the
+delay. Each request's time in the queue is reported (``on_wait``). Results are split
 back; rows are independent in eval mode, so each request gets what it would get alone. The
 queue holds at most ``max_queue_rows`` rows: past that a request is refused at once
 (``OverloadedError``, a 503), so latency never grows without bound. A request past its
@@ -14,6 +19,7 @@ the queue, unrun.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -35,7 +41,13 @@ class DeadlineExceededError(Exception):
 class _Pending:
     x: np.ndarray
     future: asyncio.Future
+    deadline: float = math.inf  # time.monotonic() past which its result is of no use
     arrived: float = field(default_factory=time.monotonic)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceededError())
 
 
 class Batcher:
@@ -50,6 +62,7 @@ class Batcher:
         on_batch: Callable[[int], None] = lambda rows: None,
         on_queue: Callable[[int], None] = lambda rows: None,
         on_drop: Callable[[int], None] = lambda requests: None,
+        on_wait: Callable[[float], None] = lambda seconds: None,
         arriving: Callable[[], int] = lambda: 1,
     ) -> None:
         self.fn = fn
@@ -60,6 +73,7 @@ class Batcher:
         self.on_batch = on_batch
         self.on_queue = on_queue
         self.on_drop = on_drop  # requests dropped unrun, their deadline passed in the queue
+        self.on_wait = on_wait  # seconds each request spent queued before its forward began
         self.arriving = arriving  # requests received but not yet submitted
         self.queue: deque[_Pending] = deque()
         self.queued_rows = 0
@@ -84,15 +98,18 @@ class Batcher:
         """The model's outputs for ``x``; OverloadedError or DeadlineExceededError otherwise."""
         if self.queued_rows + len(x) > self.max_queue_rows and self.queue:
             raise OverloadedError
-        item = _Pending(x, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        item = _Pending(x, loop.create_future(), time.monotonic() + timeout_s)
         self.queue.append(item)
         self._queued(len(x))
         self._wake.set()
+        # The deadline as a timer on the future (cheaper than wait_for and shield): past it
+        # the future fails; not started, the batcher drops it; started, its result is unused.
+        deadline = loop.call_later(timeout_s, _expire, item.future)
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), timeout_s)
-        except TimeoutError:
-            item.future.cancel()  # not started: the batcher drops it; started: result unused
-            raise DeadlineExceededError from None
+            return await item.future
+        finally:
+            deadline.cancel()
 
     def _queued(self, rows: int) -> None:
         self.queued_rows += rows
@@ -104,26 +121,44 @@ class Batcher:
             while not self.queue:
                 self._wake.clear()
                 await self._wake.wait()
-            if self.batching:
+            if self.batching and self.max_delay_s > 0:
                 await self._gather()
             batch = self._take()
             if not batch:
                 continue
+            now = time.monotonic()
+            for p in batch:
+                self.on_wait(now - p.arrived)
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             self.on_batch(len(x))
             try:
-                out = await loop.run_in_executor(self._pool, self.fn, x)
+                if len(batch) == 1 and not self.queue and not self.arriving():
+                    # alone: on this thread, sparing the hand-off to the inference thread and
+                    # back (nothing is waiting to be read meanwhile)
+                    out = self.fn(x)
+                else:  # on the inference thread: the loop reads the next requests meanwhile
+                    out = await loop.run_in_executor(self._pool, self.fn, x)
             except Exception as e:  # noqa: BLE001 - the requests get the error, the loop goes on
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)
                 continue
-            start = 0
-            for p in batch:
-                stop = start + len(p.x)
-                if not p.future.done():
-                    p.future.set_result({k: v[start:stop] for k, v in out.items()})
-                start = stop
+            self._answer(batch, out)
+
+    @staticmethod
+    def _answer(batch: list[_Pending], out: dict[str, np.ndarray]) -> None:
+        """Each request's rows of the outputs; past its deadline (its timer had no turn yet:
+        the forward ran on the loop's thread), a DeadlineExceededError."""
+        start, now = 0, time.monotonic()
+        for p in batch:
+            stop = start + len(p.x)
+            if p.future.done():
+                pass
+            elif now > p.deadline:
+                p.future.set_exception(DeadlineExceededError())
+            else:
+                p.future.set_result({k: v[start:stop] for k, v in out.items()})
+            start = stop
 
     async def _gather(self) -> None:
         """Wait for more requests until the batch is full, the oldest waited long enough, or
@@ -144,9 +179,12 @@ class Batcher:
         batch: list[_Pending] = []
         rows = 0
         limit = self.max_batch_size if self.batching else 1
+        now = time.monotonic()
         while self.queue:
             p = self.queue[0]
-            if p.future.done():  # its deadline passed while it waited
+            if p.future.done() or now > p.deadline:  # its deadline passed while it waited
+                if not p.future.done():
+                    p.future.set_exception(DeadlineExceededError())
                 self.queue.popleft()
                 self._queued(-len(p.x))
                 self.on_drop(1)

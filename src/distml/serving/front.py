@@ -9,6 +9,7 @@ untouched.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,8 @@ from distml.serving.transport import Tls, grpc_address
 
 _FORWARDED = ("content-type", "authorization", "idempotency-key", "x-request-timeout-ms",
               "inference-header-content-length")
+_FORWARDED_BYTES = {k.encode() for k in (*_FORWARDED, "content-length")}
+_INFER = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer")
 _RETURNED = ("content-type", "retry-after", "www-authenticate",
              "inference-header-content-length")
 # To every replica: a repository load or unload; feedback labels (each replica monitors the
@@ -82,35 +85,91 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig, tls: Tls | None = Non
         await replicas.close()
 
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
-    return Starlette(routes=[
+    app = Starlette(routes=[
         Route("/v2/health/live", live), Route("/v2/health/ready", ready),
         Route("/metrics", metrics), Route("/{path:path}", forward, methods=methods),
     ], lifespan=lifespan)
+    return _with_infer_first(app, replicas, settings.max_body_bytes)
 
 
 async def _send(replica: Replica, request: Any, body: bytes, headers: dict[str, str]) -> Any:
     """The replica's response; None when it could not be reached (send to another)."""
-    import httpx
     from starlette.responses import Response
 
-    from distml.serving.app import error_response
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    answer = await _exchange(replica, request.method, target, headers, body)
+    if answer is None:
+        return None
+    status, got, content = answer
+    return Response(content, status_code=status, headers=dict(got))
+
+
+async def _exchange(replica: Replica, method: str, target: str, headers: dict[str, str],
+                    body: bytes) -> tuple[int, list[tuple[str, str]], bytes] | None:
+    """(status, the headers returned to the client, body); None when the replica could not
+    be reached (send to another); a 503 when it went away with the request."""
+    from distml.serving.uds_client import BrokenError, UnreachableError
 
     replica.inflight += 1
     try:
-        r = await replica.client.request(request.method, request.url.path,
-                                         params=request.query_params, content=body,
-                                         headers=headers)
-    except httpx.ConnectError:  # never reached it: safe to send to another
+        status, got, content = await replica.pool.request(method, target, headers, body)
+    except UnreachableError:  # never reached it: safe to send to another
         replica.ready = False
         return None
-    except httpx.TransportError as e:  # it died with the request: that one fails
+    except BrokenError as e:  # it died with the request: that one fails
         replica.ready = False
-        return error_response(503, f"replica {replica.index} stopped while handling this "
-                                   f"request ({type(e).__name__}); retry", {"Retry-After": "1"})
+        return 503, [("content-type", "application/json"), ("retry-after", "1")], json.dumps(
+            {"error": f"replica {replica.index} stopped while handling this request ({e}); "
+                      "retry"}).encode()
     finally:
         replica.inflight -= 1
-    return Response(r.content, status_code=r.status_code,
-                    headers={k: v for k, v in r.headers.items() if k in _RETURNED})
+    return status, [(k, v) for k, v in got if k in _RETURNED], content
+
+
+class _InferFirst:
+    """The infer route forwarded before Starlette's routing and request objects (pure ASGI:
+    the front's cost per request is what limits replicas on few cores); the rest goes on to
+    ``app``."""
+
+    def __init__(self, app: Any, replicas: ReplicaSet, limit: int) -> None:
+        self.app, self.replicas, self.limit = app, replicas, limit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if (scope["type"] != "http" or scope["method"] != "POST"
+                or _INFER.fullmatch(scope["path"]) is None):
+            return await self.app(scope, receive, send)
+        from distml.serving.endpoint import read_body
+        from distml.serving.protocol import ProtocolError
+
+        headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]
+                   if k in _FORWARDED_BYTES}
+        try:
+            body = await read_body(receive, headers.pop("content-length", None), self.limit)
+        except ProtocolError as e:
+            return await _reply(send, e.status, [("content-type", "application/json")],
+                                json.dumps({"error": e.message}).encode())
+        query = scope.get("query_string", b"").decode("latin-1")
+        target = scope["path"] + (f"?{query}" if query else "")
+        while (replica := self.replicas.pick(headers.get("idempotency-key"))) is not None:
+            answer = await _exchange(replica, "POST", target, headers, body)
+            if answer is not None:
+                return await _reply(send, *answer)
+        await _reply(send, 503, [("content-type", "application/json"), ("retry-after", "1")],
+                     b'{"error":"no replica is ready; retry shortly"}')
+
+
+def _with_infer_first(app: Any, replicas: ReplicaSet, limit: int) -> Any:
+    """``app`` with ``_InferFirst`` before its middleware stack."""
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: _InferFirst(build(), replicas, limit)
+    return app
+
+
+async def _reply(send: Any, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [
+        *((k.encode(), v.encode("latin-1")) for k, v in headers),
+        (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _broadcast(replicas: ReplicaSet, request: Any, body: bytes,

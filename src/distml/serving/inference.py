@@ -123,7 +123,8 @@ class Inference:
             model.infer, batching=s.dynamic_batching, max_batch_size=s.max_batch_size,
             max_delay_s=s.max_delay_ms / 1000, max_queue_rows=s.max_queue_rows,
             on_batch=self.metrics.batch.observe, on_queue=self.metrics.queue.set,
-            on_drop=lambda n: self.metrics.dropped.inc(n), arriving=lambda: self.arriving)
+            on_drop=lambda n: self.metrics.dropped.inc(n), on_wait=self.metrics.queue_wait.observe,
+            arriving=lambda: self.arriving)
         drift = DriftFeed(model, s, self.metrics) if DriftFeed.wanted(model, s) else None
         return Slot(model, batcher, drift)
 

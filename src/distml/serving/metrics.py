@@ -16,6 +16,11 @@ class Metrics:
             buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10))
         self.batch = Histogram("distml_batch_rows", "Rows per forward pass", **reg,
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+        self.queue_wait = Histogram(
+            "distml_queue_wait_seconds", "Time a request waited in the batcher's queue before "
+            "its forward pass began", **reg,
+            buckets=(.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1,
+                     2.5))
         self.dropped = Counter("distml_dropped_requests", "Requests dropped from the queue "
                                "unrun because their deadline passed", **reg)
         self.queue = Gauge("distml_queue_rows", "Rows waiting for the model", **reg,

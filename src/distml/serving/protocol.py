@@ -9,6 +9,7 @@ that names the field, the value and what would work; nothing a client sends lead
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import struct
@@ -161,6 +162,7 @@ def decode_bytes(raw: bytes | memoryview, count: int, where: str) -> np.ndarray:
 
 # -- the model's input ---------------------------------------------------------------------
 
+@functools.cache
 def accepted_datatypes(schema_datatype: str) -> list[str]:
     """The datatypes an input declared as ``schema_datatype`` takes: those whose every value
     it holds exactly (numpy's safe casting; e.g. FP32 takes UINT8 and INT16, not INT32)."""
@@ -250,5 +252,8 @@ def _json_type(value: Any) -> str:
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # orjson reads nesting deeper than repr can write
+        return f"a {_json_type(value).removeprefix('a ').removeprefix('an ')} nested too deep"
     return text if len(text) <= 60 else text[:57] + "..."

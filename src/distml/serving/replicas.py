@@ -23,6 +23,7 @@ from typing import Any
 from distml import processes
 from distml.config import ServeConfig
 from distml.serving.transport import uvicorn_server
+from distml.serving.uds_client import ReplicaClient
 from distml.trust import TrustPolicy
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ class Replica:
     index: int
     uds: Path
     process: Any = None
-    client: Any = None
+    client: Any = None  # httpx, for health checks
+    pool: Any = None  # the request path's client (uds_client.ReplicaClient)
     loaded: Any = None  # the queue on which it reports its model once loaded
     started: float = 0.0
     inflight: int = 0
@@ -73,7 +75,7 @@ class ReplicaSet:
         self.ref, self.settings, self.registry, self.token = ref, settings, registry, token
         self.replicas = [Replica(i, folder / f"replica-{i}.sock")
                          for i in range(settings.replicas)]
-        self.threads = max(1, (os.cpu_count() or 1) // settings.replicas)
+        self.threads = max(1, len(os.sched_getaffinity(0)) // settings.replicas)  # pinned too
         self.model: dict[str, str] = {}
         self._supervisor: asyncio.Task | None = None
 
@@ -117,6 +119,7 @@ class ReplicaSet:
         for r in self.replicas:
             r.client = httpx.AsyncClient(transport=httpx.AsyncHTTPTransport(uds=str(r.uds)),
                                          base_url="http://replica", timeout=None)
+            r.pool = ReplicaClient(str(r.uds))
             if self.settings.grpc_port is not None:
                 import grpc
 
@@ -130,6 +133,8 @@ class ReplicaSet:
         for r in self.replicas:
             if r.client is not None:
                 await r.client.aclose()
+            if r.pool is not None:
+                r.pool.close()
             if r.channel is not None:
                 await r.channel.close()
 
@@ -161,6 +166,7 @@ class ReplicaSet:
                 multiprocess.mark_process_dead(r.process.pid)
                 if time.monotonic() - r.started < 5:  # dying at start: do not spin
                     await asyncio.sleep(2)
+                r.pool.close()  # its connections led to the dead process
                 self._spawn(r)
                 await self._wait_ready(r)
 

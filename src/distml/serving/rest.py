@@ -15,6 +15,7 @@ import json
 from typing import Any
 
 import numpy as np
+import orjson
 
 from distml.serving.model import ServedModel
 from distml.serving.protocol import (
@@ -54,9 +55,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 def parse_body(body: bytes, header_length: str | None, model: ServedModel) -> InferRequest:
     header, binary = split_body(body, header_length)
     try:
-        req = json.loads(header)
-    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise bad(f"the request body is not valid JSON: {str(e)[:200]}") from None
+        req = orjson.loads(header)  # ~8x the standard library's speed on numeric data
+    except ValueError:
+        req = _lenient_json(header)
     if not isinstance(req, dict):
         raise bad("the request body must be a JSON object with an 'inputs' list")
     rid = req.get("id")
@@ -72,6 +73,15 @@ def parse_body(body: bytes, header_length: str | None, model: ServedModel) -> In
     x = model_input(tensors, model.input)
     model.check(x, tensors[0].where)
     return InferRequest(rid, x, names, binary_names)
+
+
+def _lenient_json(header: bytes) -> Any:
+    """The standard library's reading, for what orjson refuses: NaN and Infinity (Python's
+    json writes them), then refused with the element named by the finiteness check."""
+    try:
+        return json.loads(header)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise bad(f"the request body is not valid JSON: {str(e)[:200]}") from None
 
 
 def parameters(value: Any, where: str) -> dict[str, Any]:
@@ -158,8 +168,9 @@ def _outputs(outputs: Any, binary_output: bool | None) -> tuple[list[str], set[s
 
 
 def response_body(model_name: str, version: str, req: InferRequest,
-                  outputs: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
-    """(body, JSON header length when some output is binary, else None)."""
+                  outputs: dict[str, np.ndarray]) -> tuple[list[bytes], int | None]:
+    """(the body's parts, to be written in order without joining them; the JSON header's
+    length when some output is binary, else None)."""
     head: dict[str, Any] = {"model_name": model_name, "model_version": version}
     if req.id is not None:
         head["id"] = req.id
@@ -170,11 +181,15 @@ def response_body(model_name: str, version: str, req: InferRequest,
         if n in req.binary:
             raw.append(encode_raw(a))
             t["parameters"] = {"binary_data_size": len(raw[-1])}
-        else:
-            t["data"] = json_values(a)
+        else:  # numeric arrays go to orjson as they are: no Python list in between
+            t["data"] = a.reshape(-1) if a.dtype in _ORJSON_NUMPY else json_values(a)
         tensors.append(t)
     head["outputs"] = tensors
-    header = json.dumps(head, separators=(",", ":")).encode()
-    if not raw:
-        return header, None
-    return b"".join([header, *raw]), len(header)
+    header = orjson.dumps(head, option=orjson.OPT_SERIALIZE_NUMPY)
+    return [header, *raw], (len(header) if raw else None)
+
+
+# The dtypes orjson writes straight from a (C-contiguous) array; others go through lists.
+_ORJSON_NUMPY = {np.dtype(t) for t in (np.float64, np.float32, np.float16, np.int64, np.int32,
+                                       np.int16, np.int8, np.uint64, np.uint32, np.uint16,
+                                       np.uint8, np.bool_)}
