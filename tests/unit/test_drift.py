@@ -88,6 +88,26 @@ def test_fresh_rows_of_the_training_distribution_name_no_column_at_any_size(rows
     assert [r.column for r in feature_drift(ref, new, names) if r.drifted] == ["c1", "c6"]
 
 
+def test_small_reports_keep_false_alarms_a_rate_per_row():
+    """400 stationary reports of 1,000 rows (4 x 10^5 rows, 8 columns): at alpha alone about
+    one report in 70 names a column by noise (about 6 here); at the per-row level (1 per
+    10^6 rows) about 0.4 are expected."""
+    rng = np.random.default_rng(11)
+    names = [f"c{j}" for j in range(8)]
+    cols = [{"name": n, "kind": "numeric", "features": [n]} for n in names]
+    ref = {"columns": sketch_columns(cols, names, rng.normal(size=(20_000, 8)))}
+    assert Gate().level(1000) == pytest.approx(0.001)
+    assert Gate().level(10**6) == Gate().alpha
+    flat = Gate(false_alarms_per_million_rows=1e9)  # alpha at every size
+    named = {"per_row": 0, "flat": 0}
+    for _ in range(400):
+        x = rng.normal(size=(1000, 8)).astype(np.float32)
+        named["per_row"] += any(r.drifted for r in feature_drift(ref, x, names))
+        named["flat"] += any(r.drifted for r in feature_drift(ref, x, names, gate=flat))
+    assert named["per_row"] <= 1
+    assert named["flat"] >= 3
+
+
 def test_a_significant_but_tiny_difference_is_not_drift():
     col = _col(RNG.normal(size=20_000).astype(np.float32))
     new = RNG.normal(0.05, 1.0, (1_000_000, 1)).astype(np.float32)  # 0.05 sd: significant

@@ -43,6 +43,9 @@ def monitor_cmd(
     min_jensen_shannon: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Jensen-Shannon distance a discrete or categorical column "
         "needs to be drifted.")] = 0.1,
+    false_alarms_per_million_rows: Annotated[float, typer.Option(
+        min=1e-6, help="A report of n rows tests at min(alpha, this x n / 10^6): false alarms "
+        "stay a rate per row whatever the file's size.")] = 1.0,
     detector: Annotated[str, typer.Option(
         help="Supervised: window (the error-rate window test alone, calibrated), or it with "
         "adwin, ddm, hddm_a, hddm_w or page_hinkley.")] = "window",
@@ -54,7 +57,7 @@ def monitor_cmd(
     from distml.drift.columns import Gate
     from distml.workflow.drift_report import print_summary, run_monitor
 
-    gate = Gate(alpha, min_wasserstein, min_jensen_shannon)
+    gate = Gate(alpha, min_wasserstein, min_jensen_shannon, false_alarms_per_million_rows)
     print_summary(console, run_monitor(ref, input_, out, registry=registry, labels=labels,
                                        json_out=json_out, gate=gate, detector=detector,
                                        trust=trust_policy(trust_code, trust_module)))

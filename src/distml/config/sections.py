@@ -205,6 +205,10 @@ class DriftConfig(Strict):
         0.1, ge=0, le=1, description="A discrete (at most 64 values) or categorical column is "
         "drifted only if the Jensen-Shannon distance (base 2) of its shares to the "
         "reference's is at least this.")
+    false_alarms_per_million_rows: float = Field(
+        1.0, gt=0, description="A report of n rows tests at min(alpha, this x n / 10^6), so "
+        "data that did not change raises at most this many false alarms per 10^6 rows on "
+        "average, whatever the size of the files it comes in.")
 
 
 class MonitorConfig(Strict):

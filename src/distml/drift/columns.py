@@ -18,9 +18,12 @@ A column is **drifted** when its difference from the reference is both *signific
   reference's and the new shares. The effect must reach ``min_wasserstein`` or
   ``min_jensen_shannon`` (0.1 by default, Evidently's thresholds for the same measures).
 
-With the null hypothesis true for every column, BH keeps the chance of any column being
-*significant* at most ``alpha`` in one report; the effect gate then keeps fresh rows of the
-training distribution from being named at any size (at 10^5-10^6 rows a test finds
+A report of n rows tests at the level ``min(alpha, false_alarms_per_million_rows * n /
+10^6)``: with the null hypothesis true for every column, BH keeps the chance of any column
+being *significant* in one report at most that level, so stationary data cut into reports of
+any size raises at most ``false_alarms_per_million_rows`` false alarms per 10^6 rows on
+average (at 0.05 a 1,000-row report would raise 50). The effect gate then keeps fresh rows
+of the training distribution from being named at any size (at 10^5-10^6 rows a test finds
 differences far too small to matter: the reference is a sample, the data a snapshot).
 PSI (population stability index) over the reference's deciles (or categories) is kept as
 the summary score (PSI < 0.1 stable, 0.1-0.25 moderate, > 0.25 major).
@@ -41,15 +44,23 @@ logger = logging.getLogger(__name__)
 PSI_EPS = 1e-4  # proportions floor: an empty bin would make PSI infinite
 MIN_WASSERSTEIN = 0.1  # normed Wasserstein (reference standard deviations) to be drifted
 MIN_JENSEN_SHANNON = 0.1  # Jensen-Shannon distance (base 2) to be drifted
+FALSE_ALARMS_PER_MILLION_ROWS = 1.0  # expected false alarms per 10^6 stationary rows
 
 
 @dataclass(frozen=True)
 class Gate:
-    """What makes a column drifted: significance after BH, and an effect at least this big."""
+    """What makes a column drifted: significance after BH (at ``level(rows)``), and an effect
+    at least this big."""
 
     alpha: float = 0.05
     min_wasserstein: float = MIN_WASSERSTEIN
     min_jensen_shannon: float = MIN_JENSEN_SHANNON
+    false_alarms_per_million_rows: float = FALSE_ALARMS_PER_MILLION_ROWS
+
+    def level(self, rows: int) -> float:
+        """The significance level of a report of ``rows`` rows: alpha, or less for a small
+        report, so that false alarms stay a rate per row whatever the reports' size."""
+        return min(self.alpha, self.false_alarms_per_million_rows * rows / 1e6)
 
     def minimum(self, measure: str) -> float:
         return self.min_wasserstein if measure == "wasserstein_normed" else \
@@ -170,14 +181,15 @@ def categorical_column(column: dict[str, Any], new: dict[str, int]) -> ColumnDri
 
 
 def correct(results: list[ColumnDrift], gate: Gate) -> list[ColumnDrift]:
-    """Benjamini-Hochberg across the columns, then the effect gate; sets p_adjusted,
-    significant and drifted."""
+    """Benjamini-Hochberg across the columns at the gate's level for the report's size, then
+    the effect gate; sets p_adjusted, significant and drifted."""
     if not results:
         return results
     adjusted = stats.false_discovery_control([r.p_value for r in results], method="bh")
+    level = gate.level(max(r.rows for r in results))
     for r, q in zip(results, adjusted, strict=True):
         r.p_adjusted = float(q)
-        r.significant = bool(q < gate.alpha and r.rows > 0)
+        r.significant = bool(q < level and r.rows > 0)
         r.drifted = r.significant and r.effect >= gate.minimum(r.effect_measure)
     return results
 

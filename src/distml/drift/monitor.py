@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from distml.drift.columns import (
+    FALSE_ALARMS_PER_MILLION_ROWS,
     MIN_JENSEN_SHANNON,
     MIN_WASSERSTEIN,
     Gate,
@@ -59,6 +60,7 @@ class DriftSettings:
     alpha: float = 0.05  # false discovery rate across the columns' tests
     min_wasserstein: float = MIN_WASSERSTEIN  # continuous column: effect to be drifted
     min_jensen_shannon: float = MIN_JENSEN_SHANNON  # discrete/categorical column: the same
+    false_alarms_per_million_rows: float = FALSE_ALARMS_PER_MILLION_ROWS  # columns' level cap
     detector: str = "window"  # the error-rate window test alone, or it and a river detector
     margin_density: float = 0.3  # share of the reference inside the margin: sets the threshold
     margin_window: int = 200  # samples per margin-density window
@@ -74,7 +76,8 @@ class DriftSettings:
 
     @property
     def gate(self) -> Gate:
-        return Gate(self.alpha, self.min_wasserstein, self.min_jensen_shannon)
+        return Gate(self.alpha, self.min_wasserstein, self.min_jensen_shannon,
+                    self.false_alarms_per_million_rows)
 
 
 class _Ring:

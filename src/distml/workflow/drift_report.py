@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +88,7 @@ def settings_for(rows: int, labels: int, *, gate: Gate, detector: str) -> DriftS
     """Windows no longer than the file; at most ``FILE_FALSE_ALARMS`` expected false alarms
     per detector over the file's rows."""
     base = DriftSettings()
-    return replace(base, alpha=gate.alpha, min_wasserstein=gate.min_wasserstein,
-                   min_jensen_shannon=gate.min_jensen_shannon, detector=detector,
+    return replace(base, **asdict(gate), detector=detector,
                    window_rows=rows,
                    margin_window=min(base.margin_window, rows),
                    error_window=min(base.error_window, max(labels, 1)),

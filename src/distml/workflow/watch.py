@@ -208,8 +208,7 @@ class Watcher:
         labels = self.source.label_column if self.cfg.data.task == "classification" else None
         d = self.cfg.monitor.drift
         report = monitor(ref, new, folder / "drift", registry=self.cfg.registry,
-                         label_column=labels, gate=Gate(d.alpha, d.min_wasserstein,
-                                                        d.min_jensen_shannon), trust=self.trust)
+                         label_column=labels, gate=Gate(**d.model_dump()), trust=self.trust)
         drift = bool(report["drifted_features"]) or bool(report["concept_drift"])
         why = (f"drifted columns {report['drifted_features'][:10]}" if report["drifted_features"]
                else f"concept drift (from {report['concept_drift_from']})"
