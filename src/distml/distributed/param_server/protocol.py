@@ -30,6 +30,8 @@ class Kind(IntEnum):
     TAKE = 4  # (server 0) report the finished item (or where its drops begin), take the
     #           next one; flag 1: block
     BYE = 5  # no more requests
+    ROWS = 8  # sparse tables: rows of table `item` (payload: `samples` int64 ids)
+    PUSH_ROWS = 9  # sparse tables: their gradients (payload: the ids, then the rows)
     # server 0 -> another server
     PEEK = 6  # the shard, no gate (evaluation)
     SAVE = 7  # checkpoint your shard for step `version`

@@ -20,6 +20,7 @@ torch.distributed.checkpoint; ``load_state_dict`` takes them back (a restarted s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from distml.distributed.param_server.protocol import Channel, Kind, Msg
 from distml.models.click import ClickModel
 
 _MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
@@ -207,3 +209,56 @@ class SparseClient:
                 grad = torch.zeros(len(uniq), self.model.dim)
             for server, pos in enumerate(part.split(uniq)):
                 self.send(server, f, uniq[pos], grad[pos])
+
+
+# -- over the wire (protocol's ROWS and PUSH_ROWS) -------------------------------------------
+
+
+def channel_transport(channel: Channel, servers: list[int], dim: int) -> tuple[Fetch, Push]:
+    """A worker's ``fetch`` and ``push`` to the servers (ranks ``servers``, by index)."""
+
+    def fetch(server: int, table: int, ids: torch.Tensor) -> torch.Tensor:
+        peer = servers[server]
+        channel.send(peer, Msg(Kind.ROWS, item=table, samples=len(ids)), ids)
+        channel.recv(peer)
+        return channel.recv_into(peer, torch.empty(len(ids), dim))
+
+    def push(server: int, table: int, ids: torch.Tensor, grads: torch.Tensor) -> None:
+        peer = servers[server]
+        channel.send(peer, Msg(Kind.PUSH_ROWS, item=table, samples=len(ids)),
+                     ids if len(ids) else None)  # none: a step all the same (adam's count)
+        if len(ids):
+            channel.send(peer, Msg(Kind.OK), grads.contiguous())
+        channel.recv(peer)
+
+    return fetch, push
+
+
+class TableHost:
+    """A server's row stores, answering ROWS and PUSH_ROWS from its client threads (one lock:
+    a push's rows are updated together)."""
+
+    def __init__(self, stores: list[RowStore], channel: Channel) -> None:
+        self.stores, self.channel = stores, channel
+        self.lock = threading.Lock()
+
+    def answer(self, client: int, msg: Msg, lr: float | None = None) -> None:
+        ch, store = self.channel, self.stores[msg.item]
+        ids = torch.empty(msg.samples, dtype=torch.int64)
+        if msg.samples:
+            ch.recv_into(client, ids)
+        if msg.kind == Kind.ROWS:
+            with self.lock:
+                rows = store.get(ids)
+            ch.send(client, Msg(Kind.OK), rows)
+            return
+        grads = torch.empty(len(ids), store.dim)
+        if len(ids):
+            ch.recv(client)
+            ch.recv_into(client, grads)
+        with self.lock:
+            store.apply(ids, grads, lr)
+        ch.send(client, Msg(Kind.OK))
+
+    def resident_bytes(self) -> int:
+        return sum(s.nbytes() for s in self.stores)
