@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distml.data.sources.clicks import click_rows
 from distml.distributed.param_server.protocol import Channel, Kind, Msg
 from distml.distributed.param_server.sparse import (
     RowPartition,
@@ -18,6 +19,7 @@ from distml.distributed.param_server.sparse import (
     SparseClient,
     TableHost,
     channel_transport,
+    init_rows,
 )
 from distml.models.click import ClickModel
 
@@ -79,3 +81,106 @@ def run(rank: int, port: int, out: str) -> None:
         Path(out).write_text(json.dumps({"max_diff": max(diffs),
                                          "peak_rows": client.peak_rows}))
     dist.destroy_process_group()
+
+
+# -- a table far larger than the worker's memory growth --------------------------------------
+
+BIG = {"cards": [2_000_000, 1000], "dim": 16, "train": 20_000, "val": 5_000, "batch": 256,
+       "epochs": 2, "seed": 11}
+
+
+def click_data(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    dense, ids, y = click_rows(BIG["seed"], start, stop, cardinalities=BIG["cards"])
+    x = torch.cat([torch.from_numpy(dense), torch.from_numpy(ids).float()], dim=1)
+    return x, torch.from_numpy(y)[:, None]
+
+
+def big_stores() -> list[RowStore]:
+    return [RowStore(BIG["dim"], table=t, seed=SEED, scale=SCALE, optimizer="adam", lr=LR)
+            for t in range(len(BIG["cards"]))]
+
+
+def fit(model: ClickModel, opt: list, prepare) -> None:
+    """Both sides' loop: the same batches in the same order."""
+    x, y = click_data(0, BIG["train"])
+    for _ in range(BIG["epochs"]):
+        for b in range(0, len(x), BIG["batch"]):
+            xb, yb = x[b:b + BIG["batch"]], y[b:b + BIG["batch"]]
+            for o in opt:
+                o.zero_grad()
+            prepare(xb)
+            nn.functional.binary_cross_entropy_with_logits(model(xb), yb).backward()
+            for o in opt:
+                o.step()
+
+
+def scores(model: ClickModel, prepare) -> list[float]:
+    x, _ = click_data(BIG["train"], BIG["train"] + BIG["val"])
+    out = []
+    with torch.no_grad():
+        for b in range(0, len(x), BIG["batch"]):
+            prepare(x[b:b + BIG["batch"]])
+            out += torch.sigmoid(model(x[b:b + BIG["batch"]])).flatten().tolist()
+    return out
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_big(rank: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=3)
+    channel = Channel()
+    if rank < 2:
+        host = TableHost(big_stores(), channel)
+        while (msg := channel.recv(2)).kind != Kind.BYE:
+            host.answer(2, msg)
+        Path(out, f"server-{rank}.json").write_text(json.dumps(
+            {"table_bytes": host.resident_bytes(), "rows": sum(map(len, host.stores))}))
+    else:
+        fetch, push = channel_transport(channel, [0, 1], BIG["dim"])
+        torch.manual_seed(0)
+        model = ClickModel(num_dense=4, cardinalities=BIG["cards"], dim=BIG["dim"],
+                           hidden_sizes=[32, 16])
+        client = SparseClient(model, [RowPartition(c, 2, "hash") for c in BIG["cards"]],
+                              fetch=fetch, push=push)
+        dense = torch.optim.Adam(model.top.parameters(), lr=LR)
+        click_data(0, 10)  # warm the generator's code paths before the baseline
+        Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
+        base = _rss("VmRSS")
+
+        class Pusher:
+            def zero_grad(self) -> None: ...
+            def step(self) -> None:
+                client.push()
+
+        fit(model, [dense, Pusher()], client.prepare)
+        growth = _rss("VmHWM") - base
+        got = scores(model, client.prepare)
+        for peer in (0, 1):
+            channel.send(peer, Msg(Kind.BYE))
+        Path(out, "worker.json").write_text(json.dumps(
+            {"rss_growth": growth, "peak_rows": client.peak_rows, "scores": got}))
+    dist.destroy_process_group()
+
+
+def single_process() -> list[float]:
+    """The reference: one process holding each table whole, nn.EmbeddingBag(sparse=True)
+    with SparseAdam (lazy Adam), the same initial rows (by row id) and batches."""
+    torch.manual_seed(0)
+    model = ClickModel(num_dense=4, cardinalities=BIG["cards"], dim=BIG["dim"],
+                       hidden_sizes=[32, 16])
+    with torch.no_grad():
+        for t, bag in enumerate(model.bags):
+            for a in range(0, bag.num_embeddings, 200_000):
+                ids = torch.arange(a, min(a + 200_000, bag.num_embeddings))
+                bag.weight[a:a + len(ids)] = init_rows(ids, BIG["dim"], seed=SEED, table=t,
+                                                       scale=SCALE)
+    opt = [torch.optim.SparseAdam(model.bags.parameters(), lr=LR),
+           torch.optim.Adam(model.top.parameters(), lr=LR)]
+    fit(model, opt, lambda xb: None)
+    return scores(model, lambda xb: None)
