@@ -5,6 +5,7 @@ this module, not the test, holds the process function)."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -89,38 +90,40 @@ BIG = {"cards": [2_000_000, 1000], "dim": 16, "train": 20_000, "val": 5_000, "ba
        "epochs": 2, "seed": 11}
 
 
-def click_data(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    dense, ids, y = click_rows(BIG["seed"], start, stop, cardinalities=BIG["cards"])
+def click_data(start: int, stop: int, big: dict = BIG) -> tuple[torch.Tensor, torch.Tensor]:
+    dense, ids, y = click_rows(big["seed"], start, stop, cardinalities=big["cards"])
     x = torch.cat([torch.from_numpy(dense), torch.from_numpy(ids).float()], dim=1)
     return x, torch.from_numpy(y)[:, None]
 
 
-def big_stores() -> list[RowStore]:
-    return [RowStore(BIG["dim"], table=t, seed=SEED, scale=SCALE, optimizer="adam", lr=LR)
-            for t in range(len(BIG["cards"]))]
+def big_stores(big: dict) -> list[RowStore]:
+    return [RowStore(big["dim"], table=t, seed=SEED, scale=SCALE, optimizer="adam", lr=LR)
+            for t in range(len(big["cards"]))]
 
 
-def fit(model: ClickModel, opt: list, prepare) -> None:
-    """Both sides' loop: the same batches in the same order."""
-    x, y = click_data(0, BIG["train"])
-    for _ in range(BIG["epochs"]):
-        for b in range(0, len(x), BIG["batch"]):
-            xb, yb = x[b:b + BIG["batch"]], y[b:b + BIG["batch"]]
+def fit(model: ClickModel, opt: list, prepare, big: dict) -> float:
+    """Both sides' loop: the same batches in the same order; its seconds."""
+    x, y = click_data(0, big["train"], big)
+    start = time.perf_counter()
+    for _ in range(big["epochs"]):
+        for b in range(0, len(x), big["batch"]):
+            xb, yb = x[b:b + big["batch"]], y[b:b + big["batch"]]
             for o in opt:
                 o.zero_grad()
             prepare(xb)
             nn.functional.binary_cross_entropy_with_logits(model(xb), yb).backward()
             for o in opt:
                 o.step()
+    return time.perf_counter() - start
 
 
-def scores(model: ClickModel, prepare) -> list[float]:
-    x, _ = click_data(BIG["train"], BIG["train"] + BIG["val"])
+def scores(model: ClickModel, prepare, big: dict) -> list[float]:
+    x, _ = click_data(big["train"], big["train"] + big["val"], big)
     out = []
     with torch.no_grad():
-        for b in range(0, len(x), BIG["batch"]):
-            prepare(x[b:b + BIG["batch"]])
-            out += torch.sigmoid(model(x[b:b + BIG["batch"]])).flatten().tolist()
+        for b in range(0, len(x), big["batch"]):
+            prepare(x[b:b + big["batch"]])
+            out += torch.sigmoid(model(x[b:b + big["batch"]])).flatten().tolist()
     return out
 
 
@@ -131,25 +134,26 @@ def _rss(field: str) -> int:
     return 0
 
 
-def run_big(rank: int, port: int, out: str) -> None:
+def run_big(rank: int, port: int, out: str, big: dict = BIG) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=3)
     channel = Channel()
     if rank < 2:
-        host = TableHost(big_stores(), channel)
+        host = TableHost(big_stores(big), channel)
         while (msg := channel.recv(2)).kind != Kind.BYE:
             host.answer(2, msg)
         Path(out, f"server-{rank}.json").write_text(json.dumps(
-            {"table_bytes": host.resident_bytes(), "rows": sum(map(len, host.stores))}))
+            {"table_bytes": host.resident_bytes(), "rows": sum(map(len, host.stores)),
+             "peak_rss": _rss("VmHWM")}))
     else:
-        fetch, push = channel_transport(channel, [0, 1], BIG["dim"])
+        fetch, push = channel_transport(channel, [0, 1], big["dim"])
         torch.manual_seed(0)
-        model = ClickModel(num_dense=4, cardinalities=BIG["cards"], dim=BIG["dim"],
+        model = ClickModel(num_dense=4, cardinalities=big["cards"], dim=big["dim"],
                            hidden_sizes=[32, 16])
-        client = SparseClient(model, [RowPartition(c, 2, "hash") for c in BIG["cards"]],
+        client = SparseClient(model, [RowPartition(c, 2, "hash") for c in big["cards"]],
                               fetch=fetch, push=push)
         dense = torch.optim.Adam(model.top.parameters(), lr=LR)
-        click_data(0, 10)  # warm the generator's code paths before the baseline
+        click_data(0, 10, big)  # warm the generator's code paths before the baseline
         Path("/proc/self/clear_refs").write_text("5")  # peak RSS := current RSS
         base = _rss("VmRSS")
 
@@ -158,29 +162,30 @@ def run_big(rank: int, port: int, out: str) -> None:
             def step(self) -> None:
                 client.push()
 
-        fit(model, [dense, Pusher()], client.prepare)
+        seconds = fit(model, [dense, Pusher()], client.prepare, big)
         growth = _rss("VmHWM") - base
-        got = scores(model, client.prepare)
+        got = scores(model, client.prepare, big)
         for peer in (0, 1):
             channel.send(peer, Msg(Kind.BYE))
         Path(out, "worker.json").write_text(json.dumps(
-            {"rss_growth": growth, "peak_rows": client.peak_rows, "scores": got}))
+            {"rss_growth": growth, "peak_rss": _rss("VmHWM"), "peak_rows": client.peak_rows,
+             "train_s": seconds, "scores": got}))
     dist.destroy_process_group()
 
 
-def single_process() -> list[float]:
+def single_process(big: dict = BIG) -> tuple[list[float], float]:
     """The reference: one process holding each table whole, nn.EmbeddingBag(sparse=True)
     with SparseAdam (lazy Adam), the same initial rows (by row id) and batches."""
     torch.manual_seed(0)
-    model = ClickModel(num_dense=4, cardinalities=BIG["cards"], dim=BIG["dim"],
+    model = ClickModel(num_dense=4, cardinalities=big["cards"], dim=big["dim"],
                        hidden_sizes=[32, 16])
     with torch.no_grad():
         for t, bag in enumerate(model.bags):
             for a in range(0, bag.num_embeddings, 200_000):
                 ids = torch.arange(a, min(a + 200_000, bag.num_embeddings))
-                bag.weight[a:a + len(ids)] = init_rows(ids, BIG["dim"], seed=SEED, table=t,
+                bag.weight[a:a + len(ids)] = init_rows(ids, big["dim"], seed=SEED, table=t,
                                                        scale=SCALE)
     opt = [torch.optim.SparseAdam(model.bags.parameters(), lr=LR),
            torch.optim.Adam(model.top.parameters(), lr=LR)]
-    fit(model, opt, lambda xb: None)
-    return scores(model, lambda xb: None)
+    seconds = fit(model, opt, lambda xb: None, big)
+    return scores(model, lambda xb: None, big), seconds
