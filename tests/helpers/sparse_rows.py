@@ -12,8 +12,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from distml.config import ParameterServerConfig
 from distml.data.sources.clicks import click_rows
 from distml.distributed.param_server.protocol import Channel, Kind, Msg
+from distml.distributed.param_server.server import ServerHost, ShardServer
 from distml.distributed.param_server.sparse import (
     RowPartition,
     RowStore,
@@ -58,14 +60,24 @@ def train(fetch, push) -> tuple[ClickModel, SparseClient]:
     return model, client
 
 
+def serve(channel: Channel, tables: TableHost) -> None:
+    """A parameter server's threads (distml's ServerHost) serving the worker rank 2 the
+    rows of ``tables``, until it says BYE (the dense shard is a placeholder here)."""
+    shard = nn.Parameter(torch.zeros(1))
+    server = ShardServer(shard, torch.optim.SGD([shard], lr=0.0),
+                         ps=ParameterServerConfig(), workers=[2])
+    host = ServerHost(server, channel, workers=[2], peer_clients=[], coordinator=None,
+                      save=lambda step: None, tables=tables)
+    host.start()
+    host.join()
+
+
 def run(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=3)
     channel = Channel()
     if rank < 2:
-        host = TableHost(stores(), channel)
-        while (msg := channel.recv(2)).kind != Kind.BYE:
-            host.answer(2, msg)
+        serve(channel, TableHost(stores(), channel))
     else:
         fetch, push = channel_transport(channel, [0, 1], DIM)
         _, client = train(fetch, push)
@@ -140,8 +152,7 @@ def run_big(rank: int, port: int, out: str, big: dict = BIG) -> None:
     channel = Channel()
     if rank < 2:
         host = TableHost(big_stores(big), channel)
-        while (msg := channel.recv(2)).kind != Kind.BYE:
-            host.answer(2, msg)
+        serve(channel, host)
         Path(out, f"server-{rank}.json").write_text(json.dumps(
             {"table_bytes": host.resident_bytes(), "rows": sum(map(len, host.stores)),
              "peak_rss": _rss("VmHWM")}))

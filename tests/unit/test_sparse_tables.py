@@ -9,10 +9,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from distml.distributed.param_server import checkpoint as ckpt
+from distml.distributed.param_server.protocol import Channel
 from distml.distributed.param_server.sparse import (
     RowPartition,
     RowStore,
     SparseClient,
+    TableHost,
     init_rows,
 )
 from distml.models.click import ClickModel
@@ -159,3 +162,26 @@ def test_a_restarted_store_reloads_its_rows_and_goes_on_bit_for_bit(tmp_path):
     assert torch.equal(a.ids, b.ids)
     assert torch.equal(a.values, b.values)
     assert torch.equal(a.state, b.state)
+
+
+def test_a_servers_tables_ride_in_its_checkpoint_and_come_back(tmp_path):
+    def host() -> TableHost:
+        return TableHost([RowStore(DIM, table=t, seed=SEED, scale=SCALE, optimizer="adagrad")
+                          for t in range(2)], Channel())
+
+    a = host()
+    gen = torch.Generator().manual_seed(4)
+    for t, store in enumerate(a.stores):
+        ids = torch.unique(torch.randint(0, CARDS[t], (30,), generator=gen))
+        store.apply(ids, torch.randn(len(ids), DIM, generator=gen))
+    ckpt.begin(tmp_path, 7)
+    ckpt.save_shard(tmp_path, 7, 0, {"version": torch.tensor(7), **a.state_dict()})
+    path = ckpt.commit(tmp_path, 7, {"progress": {}}, keep=2)
+    b = host()
+    b.load_state_dict(ckpt.load_rows(path, 0))
+    for sa, sb in zip(a.stores, b.stores, strict=True):
+        assert torch.equal(sa.ids, sb.ids)
+        assert torch.equal(sa.values, sb.values)
+        assert torch.equal(sa.state, sb.state)
+        assert sa.steps == sb.steps == 1
+        assert torch.equal(sb.get(sa.ids[:3]), sa.values[:3])  # its slots rebuilt

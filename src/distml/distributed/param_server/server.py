@@ -39,6 +39,7 @@ from torch import nn
 
 from distml.config import ParameterServerConfig
 from distml.distributed.param_server.protocol import STATS, Channel, Kind, Msg
+from distml.distributed.param_server.sparse import TableHost
 from distml.distributed.param_server.work import STOP, Coordinator
 
 logger = logging.getLogger(__name__)
@@ -206,8 +207,10 @@ class ServerHost:
 
     def __init__(self, server: ShardServer, channel: Channel, *, workers: list[int],
                  peer_clients: list[int], coordinator: Coordinator | None,
-                 save: Callable[[int], None], store: Any = None, key: str = "") -> None:
+                 save: Callable[[int], None], store: Any = None, key: str = "",
+                 tables: TableHost | None = None) -> None:
         self.server, self.channel, self.coordinator = server, channel, coordinator
+        self.tables = tables  # sparse tables' rows, if the model has any
         self.workers, self.clients = workers, [*workers, *peer_clients]
         self.save, self.store, self.key = save, store, key
         self.stats: dict[int, dict[str, float]] = {}  # worker -> its last reported stats
@@ -266,6 +269,8 @@ class ServerHost:
                 ch.send(c, answer, shard)
             else:
                 ch.send(c, reply)
+        elif msg.kind in (Kind.ROWS, Kind.PUSH_ROWS) and self.tables is not None:
+            self.tables.answer(c, msg, s.lr_at(s.version) if s.lr_at else None)
         elif msg.kind == Kind.IDLE:
             s.set_idle(c, msg.epoch)
             ch.send(c, Msg(Kind.OK))

@@ -262,3 +262,17 @@ class TableHost:
 
     def resident_bytes(self) -> int:
         return sum(s.nbytes() for s in self.stores)
+
+    def state_dict(self, prefix: str = "tables/") -> dict[str, torch.Tensor]:
+        """Every store's state, flat (``tables/<table>/<name>``), for the server's DCP
+        checkpoint (``checkpoint.load_rows`` reads it back)."""
+        with self.lock:
+            return {f"{prefix}{t}/{k}": v for t, store in enumerate(self.stores)
+                    for k, v in store.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "tables/"
+                        ) -> None:
+        with self.lock:
+            for t, store in enumerate(self.stores):
+                store.load_state_dict({k: state[f"{prefix}{t}/{k}"]
+                                       for k in ("ids", "values", "state", "steps")})
