@@ -2,7 +2,8 @@
 few dense columns, and a label drawn from a hidden model, so AUC and log loss have a known
 ceiling (``click_rows(..., oracle=True)`` gives the hidden model's probability).
 
-Rows are made from (seed, first row): chunks of any size give the same rows. A categorical
+The rows of [start, stop) are a function of (seed, start, stop): the same chunks give the
+same rows (a chunk of rows cut differently is other rows of the same distribution). A categorical
 value's popularity rank r is drawn with P(r) ~ 1/(r+1)^alpha (Zipf) and mapped to an id by
 a seeded hash, so the popular ids are scattered over [0, cardinality), as hashed
 categorical values are. The hidden model: logit = dense @ w + sum over features of
