@@ -231,3 +231,13 @@ def test_a_dropped_gradients_item_resumes_from_that_batch_at_the_back_of_the_que
     acc = coord.queue.accounting()
     assert sorted(i for i, _ in acc["completions"]) == [0, 1, 2]  # each once
     assert acc["dropped"] == [[0, 1, 2]]
+
+
+def test_a_follower_whose_contributor_dies_between_servers_steps_with_what_it_has():
+    follower = _server("sync", [1, 2, 3], backup_workers=1)
+    follower.leader = False
+    follower.push(1, Msg(Kind.PUSH, version=0, samples=2, clock=2), torch.full((4,), 1.0))
+    assert follower.version == 0  # the leader's step took 2
+    follower.lost(2)  # the other one died before reaching this server: no hang
+    assert follower.version == 1
+    assert follower.steps == [(1,)]

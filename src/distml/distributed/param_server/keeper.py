@@ -20,7 +20,8 @@ store) lapses for ``lease_s`` and re-queue its item; a status file untouched for
 death as above (otherwise the agent would wait for the rank for ever).
 
 The child gets SIGKILL if the keeper dies (PR_SET_PDEATHSIG), and the agent's SIGTERM
-reaches both (same process group).
+reaches both (same process group): a child ended by it is not absorbed (the agent is
+stopping the job, e.g. because another rank failed).
 
 A dead worker does not rejoin: a gloo process group takes no new member.
 """
@@ -89,13 +90,19 @@ def keep(rank: int, args: list[str], *, lease_s: float) -> int:
     child = processes.start_child([sys.executable, "-m", "distml.train", *args],
                                   env={**os.environ, STATUS_ENV: status},
                                   signum=signal.SIGKILL)  # the keeper has one thread
-    signal.signal(signal.SIGTERM, lambda sig, _: child.send_signal(sig))
-    signal.signal(signal.SIGINT, lambda sig, _: child.send_signal(sig))
+    stopping: list[int] = []  # the agent ends the job: the child's death is no worker's loss
+
+    def forward(sig: int, _: object) -> None:
+        stopping.append(sig)
+        child.send_signal(sig)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
     code, hung = _wait(child, Path(status), lease_s)
     where = Path(status).read_text()
     with contextlib.suppress(OSError):
         os.unlink(status)
-    if code >= 0 or where != "worker":  # an error (or success) is the job's, as for any rank
+    if code >= 0 or where != "worker" or stopping:  # the job's, as for any rank
         return code if code >= 0 else 128 - code
     how = f"signal {signal.Signals(-code).name}"
     if hung:
