@@ -35,3 +35,15 @@ class Straggler(Worker):
         sleep = max(self.factor * median_compute(self.recent, compute), self.min_sleep_s)
         time.sleep(sleep)
         return sleep
+
+
+class Raiser(Worker):
+    """Worker rank ``bad_rank`` raises after ``after`` batches, as a worker with a bug or a
+    bad batch would: the job must fail with that error, not go on without the worker."""
+
+    bad_rank, after = 2, 3
+
+    def after_gradient(self, compute: float) -> float:
+        if self.rank == self.bad_rank and self.stats["batches"] >= self.after:
+            raise ValueError(f"worker rank {self.rank}: a bad batch (injected)")
+        return 0.0

@@ -1,5 +1,6 @@
 """The parameter server on real processes (gloo on CPU): a SIGKILLed worker and a SIGKILLed
-server, ssp's bound under a straggler, and verify's certificate for sync."""
+server, a worker that raises, a hung (SIGSTOPped) worker, ssp's bound under a straggler,
+sync with backup workers and two servers, and verify's certificate for sync."""
 
 from __future__ import annotations
 
@@ -132,3 +133,60 @@ def test_sync_is_certified_by_verify_and_async_is_not_pretended(tmp_path, tiny_r
                      env=ENV, check=False)
     assert refused.returncode != 0
     assert "ps-async: not deterministic" in refused.stdout + refused.stderr
+
+
+def test_a_worker_that_raises_fails_the_job_with_its_error(tmp_path, tiny_raw):
+    cfg = _ps_config(tmp_path, tiny_raw, world=3, epochs=2, mode="async",
+                     worker="tests.helpers.straggler:Raiser")
+    proc = distml("train", str(cfg), cwd=tmp_path, env=ENV, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out
+    assert "worker rank 2: a bad batch (injected)" in out
+    assert "the job goes on without it" not in out
+
+
+def test_a_hung_worker_loses_its_lease_and_its_item_is_requeued(tmp_path, tiny_raw):
+    tiny_raw["data"] = {"source": "sklearn:digits",
+                        "loader": {"map_fn": "tests.helpers.slow:sleepier"}}
+    cfg = _ps_config(tmp_path, tiny_raw, world=3, epochs=4, mode="async", lease_s=2.0)
+    marker = str(os.getpid())
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "distml", "train", str(cfg)], cwd=tmp_path,
+        env={**os.environ, **ENV, "DISTML_TEST_PARENT": marker},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped, deadline = None, time.time() + 240
+    while proc.poll() is None and time.time() < deadline and stopped is None:
+        if len(_checkpoints(tmp_path, None)) >= 1 and (pid := _child_pid(2, marker)):
+            time.sleep(0.3)
+            os.kill(pid, signal.SIGSTOP)  # alive, holding its connections, silent
+            stopped = pid
+        time.sleep(0.05)
+    out, _ = proc.communicate(timeout=240)
+    assert stopped is not None, out
+    assert proc.returncode == 0, out
+    assert "worker rank 2 lost (no heartbeat for 2 s)" in out
+    assert "parameter-server worker rank 2 died (hung: no heartbeat for 4 s" in out
+    accounting = _result(tmp_path)["parameter_server"]["accounting"]
+    assert [a["epoch"] for a in accounting] == list(range(4))
+    for epoch in accounting:
+        assert sorted(i for i, _ in epoch["completions"]) == list(range(epoch["items"]))
+    requeued = [r for a in accounting for r in a["requeued"]]
+    assert [w for _, w in requeued] == [2]
+    assert _result(tmp_path)["parameter_server"]["dead_workers"] == [2]
+
+
+def test_sync_with_backup_workers_applies_each_batch_once_on_every_shard(tmp_path, tiny_raw):
+    # Two servers, three workers (ranks 2-4); rank 2 a straggler, so usually the backup.
+    cfg = _ps_config(tmp_path, tiny_raw, world=5, epochs=2, mode="sync", num_servers=2,
+                     backup_workers=1, worker="tests.helpers.straggler:Straggler")
+    tiny_raw["train"]["batch_size"] = 48  # 16 rows per worker
+    cfg = write_config(cfg, tiny_raw)
+    distml("train", str(cfg), cwd=tmp_path, env=ENV)
+    ps = _result(tmp_path)["parameter_server"]
+    assert ps["dropped_gradients"] > 0
+    assert ps["step_workers_agree_across_shards"] is True
+    for epoch in ps["accounting"]:
+        assert sorted(i for i, _ in epoch["completions"]) == list(range(epoch["items"]))
+        assert epoch["dropped"], epoch  # items handed back from a dropped batch on
+        batches = epoch["batches"]  # every batch applied, and once
+        assert batches["applied"] == batches["distinct"] == batches["expected"], batches

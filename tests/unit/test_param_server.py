@@ -173,18 +173,71 @@ def test_ssp_holds_a_worker_at_the_bound_until_the_slowest_catches_up():
     assert server.pull(1, 0)[0].kind == Kind.OK
 
 
+def _pushing(server: ShardServer, w: int, version: int, value: float = 1.0, **fields
+             ) -> tuple[threading.Thread, list[Msg]]:
+    """A push in a thread (a sync leader answers it once its step is applied)."""
+    out: list[Msg] = []
+    t = threading.Thread(target=lambda: out.append(server.push(w, Msg(
+        Kind.PUSH, version=version, loss=1.0, samples=2, **fields), torch.full((4,), value))),
+        daemon=True)
+    t.start()
+    t.join(0.2)
+    return t, out
+
+
 def test_sync_steps_on_the_quorum_and_drops_the_backups_late_gradient():
     server = _server("sync", [1, 2, 3], backup_workers=1)
-    _push(server, 1, 0, 1.0)
-    assert server.version == 0
+    first, answer = _pushing(server, 1, 0, 1.0, item=4, clock=0)
+    assert first.is_alive()  # the leader answers once the step is applied: its count
     waiting = _blocked(server.pull, 1, 0, 1)  # the next step's parameters: not yet
     assert waiting.is_alive()
-    _push(server, 2, 0, 3.0)  # 2 of 3: the quorum
+    _, second = _pushing(server, 2, 0, 3.0, item=5, clock=1)  # 2 of 3: the quorum
+    first.join(2)
     waiting.join(2)
     assert server.version == 1
+    assert answer[0].samples == second[0].samples == 2  # what the followers wait for
     assert torch.equal(server.shard.detach(), torch.full((4,), -2.0))  # the mean of 1 and 3
-    _push(server, 3, 0)  # pulled at version 0: late, dropped
-    assert server.dropped == 1
-    _push(server, 1, 1)
+    assert sorted(server.applied) == [(0, 4, 0), (0, 5, 1)]
+    late = _push(server, 3, 0)  # pulled at version 0: late, dropped
+    assert (late.samples, server.dropped) == (0, 1)
+    _pushing(server, 1, 1)
     server.lost(2)  # a dead worker no longer counts: 1 of the 2 left is the quorum
     assert server.version == 2
+    assert server.steps == [(1, 2), (1,)]
+
+
+def test_a_sync_follower_steps_on_the_leaders_count_not_its_own_quorum():
+    follower = _server("sync", [1, 2, 3], backup_workers=1)
+    follower.leader = False
+    follower.push(3, Msg(Kind.PUSH, version=0, samples=2, clock=3), torch.full((4,), 1.0))
+    follower.push(1, Msg(Kind.PUSH, version=0, samples=2, clock=3), torch.full((4,), 2.0))
+    assert follower.version == 0  # its own quorum (2 of 3) would have stepped here
+    follower.push(2, Msg(Kind.PUSH, version=0, samples=2, clock=3), torch.full((4,), 3.0))
+    assert follower.version == 1
+    assert torch.equal(follower.shard.detach(), torch.full((4,), -2.0))
+    assert follower.steps == [(1, 2, 3)]
+
+
+def test_a_dropped_gradients_item_resumes_from_that_batch_at_the_back_of_the_queue():
+    coord = Coordinator(WorkQueue(3, seed=0, shuffle=False), [1, 2])
+    coord.open_epoch(0)
+    assert coord.take(1, None, wait=False)[2] == 0
+    assert coord.take(1, 0, wait=False, undone=2)[2] == 1  # batches 0-1 applied, 2 dropped
+    assert coord.take(2, None, wait=False)[2] == 2
+    assert coord.take(2, 2, wait=False)[2] == 0  # item 0 again, from its batch 2
+    assert coord.queue.resume == {0: 2}
+    coord.take(1, 1, wait=False)
+    coord.take(2, 0, wait=False)
+    acc = coord.queue.accounting()
+    assert sorted(i for i, _ in acc["completions"]) == [0, 1, 2]  # each once
+    assert acc["dropped"] == [[0, 1, 2]]
+
+
+def test_a_follower_whose_contributor_dies_between_servers_steps_with_what_it_has():
+    follower = _server("sync", [1, 2, 3], backup_workers=1)
+    follower.leader = False
+    follower.push(1, Msg(Kind.PUSH, version=0, samples=2, clock=2), torch.full((4,), 1.0))
+    assert follower.version == 0  # the leader's step took 2
+    follower.lost(2)  # the other one died before reaching this server: no hang
+    assert follower.version == 1
+    assert follower.steps == [(1,)]

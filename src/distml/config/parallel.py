@@ -85,6 +85,9 @@ class ParameterServerConfig(Strict):
         None, description="A subclass of distml's parameter-server Worker, as module:Class, "
         "to run the workers as (the tests and the benchmark slow one down with it); null: "
         "distml's own.")
+    lease_s: float = Field(
+        20.0, gt=0, description="A worker whose heartbeat stops for this long (hung, e.g. "
+        "SIGSTOPped) is declared dead: the servers re-queue its item and its keeper kills it.")
 
     @model_validator(mode="after")
     def _mode_reads_it(self) -> ParameterServerConfig:

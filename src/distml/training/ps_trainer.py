@@ -11,6 +11,7 @@ evaluation and checkpoints.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import math
@@ -44,6 +45,11 @@ logger = logging.getLogger(__name__)
 _FITS = itertools.count()  # the same sequence on every rank: a store namespace per fit
 
 
+def _digest(steps: list[tuple[int, ...]]) -> str:
+    """What a sync server's steps took (each step's workers), in a few bytes."""
+    return hashlib.sha256(repr(steps).encode()).hexdigest()
+
+
 class PSTrainer:
     def __init__(self, strategy: ParameterServer, settings: TrainSettings, *, task: str,
                  train_loader: PartitionLoader, val_data: tuple[torch.Tensor, torch.Tensor],
@@ -59,6 +65,7 @@ class PSTrainer:
                                  seed=train_loader.seed, config=train_loader.config)
         batches = sum(math.ceil((i.stop - i.start) / self.reader.batch_size)
                       for i in self.reader.items)
+        self.epoch_batches = batches
         per_step = max(1, workers - self.ps.backup_workers) if self.ps.mode == "sync" else 1
         self.total_steps = settings.epochs * math.ceil(batches / per_step)
         if settings.max_steps is not None:
@@ -70,6 +77,7 @@ class PSTrainer:
         self.dropped = 0
         self.worker_stats: dict[int, dict[str, float]] = {}
         self.peaks: list[int] = []
+        self.shards_agree: bool | None = None  # sync: every shard's steps took the same workers
 
     @property
     def model(self) -> torch.nn.Module:
@@ -98,7 +106,8 @@ class PSTrainer:
         factor = lr_lambda(self.settings, self.total_steps)
         server = ShardServer(s.shard, s.optimizer, ps=self.ps, workers=s.workers,
                              lr_at=lambda v: self.settings.lr * factor(v),
-                             limit=self.settings.max_steps, version=s.version)
+                             limit=self.settings.max_steps, version=s.version,
+                             leader=self.env.rank == 0)
         is_main = self.env.rank == 0
         queue = WorkQueue(len(self.reader.items), seed=self.reader.seed,
                           shuffle=self.reader.config.shuffle)
@@ -112,10 +121,14 @@ class PSTrainer:
             self._coordinate(server, host, coordinator)
             self.peaks = [peak_memory(), *[int(store.get(f"{key}/peak/{r}"))
                                            for r in s.servers[1:]]]
+            if self.ps.mode == "sync":
+                self.shards_agree = all(store.get(f"{key}/steps/{r}").decode()
+                                        == _digest(server.steps) for r in s.servers[1:])
         else:
             host.join()
             if host.lost_peer:
                 raise RuntimeError(f"lost {host.lost_peer}")
+            store.set(f"{key}/steps/{self.env.rank}", _digest(server.steps))
             store.set(f"{key}/peak/{self.env.rank}", str(peak_memory()))
         s.version = server.version
         return self.state
@@ -186,7 +199,11 @@ class PSTrainer:
     def _end_epoch(self, server: ShardServer, coordinator: Coordinator,
                    first: tuple[int, int], seconds: float) -> None:
         """Statistics of the epoch (its updates: from ``first`` on)."""
-        self.accounting.append(coordinator.queue.accounting())
+        applied = [(i, b) for e, i, b in server.applied if e == self.state.epoch]
+        self.accounting.append({**coordinator.queue.accounting(), "batches": {
+            "expected": self.epoch_batches, "applied": len(applied),
+            "distinct": len(set(applied))}})
+        server.applied = [a for a in server.applied if a[0] > self.state.epoch]
         samples = sum(s for _, s, _ in server.losses[first[0]:])
         stats = epoch_stats(self.state.epoch, samples, seconds, self.host.stats,
                             server.updates[first[1]:], system=self.system)
@@ -274,8 +291,9 @@ class PSTrainer:
     def result_extras(self) -> dict[str, Any]:
         server = getattr(self, "server", None)
         updates = self.updates + [list(u) for u in (server.updates if server else [])]
-        return {"parameter_server": ps_summary(
+        return {"parameter_server": {**ps_summary(
             self.ps, servers=self.strategy.servers, workers=self.strategy.workers,
             updates=updates, dropped=self.dropped + (server.dropped if server else 0),
             worker_stats=self.worker_stats, accounting=self.accounting,
-            alive=sorted(server.alive) if server else [])}
+            alive=sorted(server.alive) if server else []),
+            "step_workers_agree_across_shards": self.shards_agree}}

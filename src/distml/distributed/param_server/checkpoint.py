@@ -72,8 +72,21 @@ def load_shard(path: Path, server: int, num_servers: int, template: dict[str, An
             f"checkpoint {path} holds {saved} server shard(s), but "
             f"parallel.parameter_server.num_servers={num_servers}; resume with "
             f"num_servers={saved}")
-    dcp.load(template, checkpoint_id=str(path / f"server-{server}"), no_dist=True)
+    where = str(path / f"server-{server}")
+    dcp.load(template, checkpoint_id=where, no_dist=True)
     return template
+
+
+def load_rows(path: Path, server: int, prefix: str = "tables/") -> dict[str, torch.Tensor]:
+    """A server's sparse-table entries (``prefix``...), whose sizes only the checkpoint knows
+    (rows are created when touched): allocated from its metadata, then loaded."""
+    where = str(path / f"server-{server}")
+    meta = dcp.FileSystemReader(where).read_metadata().state_dict_metadata
+    state = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in meta.items()
+             if k.startswith(prefix)}
+    if state:
+        dcp.load(state, checkpoint_id=where, no_dist=True)
+    return state
 
 
 def read_progress(path: Path) -> dict[str, Any]:

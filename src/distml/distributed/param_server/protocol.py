@@ -27,8 +27,11 @@ class Kind(IntEnum):
     PULL = 1  # the server's shard (after the mode's gate: ssp's bound, sync's step)
     PUSH = 2  # a gradient for the shard; flag 1: reply with the shard too (a pull)
     IDLE = 3  # no work item for now: do not wait for my gradients
-    TAKE = 4  # (server 0) report the finished item, take the next one; flag 1: block
+    TAKE = 4  # (server 0) report the finished item (or where its drops begin), take the
+    #           next one; flag 1: block
     BYE = 5  # no more requests
+    ROWS = 8  # sparse tables: rows of table `item` (payload: `samples` int64 ids)
+    PUSH_ROWS = 9  # sparse tables: their gradients (payload: the ids, then the rows)
     # server 0 -> another server
     PEEK = 6  # the shard, no gate (evaluation)
     SAVE = 7  # checkpoint your shard for step `version`
@@ -44,10 +47,13 @@ class Msg:
     kind: int
     epoch: int = 0
     version: int = 0  # pulled version (push), wanted version (sync pull), server version
-    item: int = -1
-    clock: int = 0  # the worker's pushes this epoch, or an ssp lead
+    item: int = -1  # the work item (take, item, push)
+    # push: the batch's index in its item (to a sync follower: the leader's step count);
+    # take: the first batch of the finished item not applied (-1: all were); item: the
+    # first batch to do; pull reply: the ssp lead
+    clock: int = 0
     loss: float = 0.0
-    samples: int = 0
+    samples: int = 0  # push: the batch's rows; sync leader's reply: its step's count
     flag: int = 0
 
     def tensor(self) -> torch.Tensor:

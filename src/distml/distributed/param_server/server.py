@@ -11,13 +11,19 @@ is a method call here, from that worker's thread:
 - ``sync``: a step averages the gradients pulled at the current version, and is applied when
   ``working workers - backup_workers`` of them have arrived; a gradient pulled at an older
   version arrives late and is dropped (Chen et al. 2016). A pull waits for the step after
-  the worker's last push.
+  the worker's last push. Server 0 (the leader) alone decides who a step takes: a worker
+  pushes to it first, and its reply, once the step is applied, says how many gradients
+  the step averaged (0: this one was dropped). The worker then pushes to the other servers
+  (followers) with that count, and a follower applies its step when that many arrived: every
+  shard of a step averages the same workers' gradients. A dropped gradient is pushed to no
+  follower; its worker hands its item back from that batch on (``WorkQueue.partial``).
 
 A worker with no work item says IDLE and stops counting for ssp's slowest and sync's quorum
 until it pushes again; a dead worker stops counting at once. ``ServerHost`` runs the
 threads: it receives each request, calls the server (and, on server 0, the work-queue
 coordinator), sends the reply, and reports a client whose connection failed as lost. A
-worker that stops renewing its lease in the store (hung, not dead) is lost the same way.
+worker that stops renewing its lease in the store (hung, not dead) for ``lease_s`` is lost
+the same way.
 """
 
 from __future__ import annotations
@@ -33,19 +39,18 @@ from torch import nn
 
 from distml.config import ParameterServerConfig
 from distml.distributed.param_server.protocol import STATS, Channel, Kind, Msg
+from distml.distributed.param_server.sparse import TableHost
 from distml.distributed.param_server.work import STOP, Coordinator
 
 logger = logging.getLogger(__name__)
-
-LEASE_S = 20.0  # a worker whose heartbeat stops this long is declared dead
 
 
 class ShardServer:
     def __init__(self, shard: nn.Parameter, optimizer: torch.optim.Optimizer, *,
                  ps: ParameterServerConfig, workers: list[int],
                  lr_at: Callable[[int], float] | None = None, limit: int | None = None,
-                 version: int = 0) -> None:
-        self.shard, self.optimizer, self.ps = shard, optimizer, ps
+                 version: int = 0, leader: bool = True) -> None:
+        self.shard, self.optimizer, self.ps, self.leader = shard, optimizer, ps, leader
         self.lr_at, self.limit = lr_at, limit
         self.cond = threading.Condition()
         self.version, self.epoch = version, -1
@@ -53,7 +58,12 @@ class ShardServer:
         self.clock = dict.fromkeys(workers, 0)
         self.lead: dict[int, int] = {}
         self.acc: torch.Tensor | None = None  # sync: the step's gradients, summed
-        self.contributors: list[tuple[int, float, int]] = []  # sync: (worker, loss, samples)
+        # sync: the step's (worker, loss, samples, item, batch); a follower's target count
+        self.contributors: list[tuple[int, float, int, int, int]] = []
+        self.target = 0
+        self.step_size: dict[int, int] = {}  # sync leader: version -> gradients it averaged
+        self.steps: list[tuple[int, ...]] = []  # sync: each step's workers
+        self.applied: list[tuple[int, int, int]] = []  # (epoch, item, batch) per gradient
         # One row per applied gradient: (worker, its clock, ssp lead, staleness).
         self.updates: list[tuple[int, int, int, int]] = []
         self.losses: list[tuple[float, int, float]] = []  # per version: (loss, samples, time)
@@ -78,13 +88,19 @@ class ShardServer:
             if w not in self.alive or self.stopped:
                 return Msg(Kind.STOP, version=self.version)
             self.clock[w] += 1
-            if self.ps.mode == "sync":
-                self._contribute(w, msg, grad)
-            else:
-                self._apply(grad, [(w, msg.loss, msg.samples)], staleness=[
-                    (w, self.clock[w], self.lead.get(w, 0), self.version - msg.version)])
+            if self.ps.mode != "sync":
+                self._apply(grad, [(w, msg.loss, msg.samples, msg.item, msg.clock)],
+                            staleness=[(w, self.clock[w], self.lead.get(w, 0),
+                                        self.version - msg.version)])
+                self.cond.notify_all()
+                return Msg(Kind.OK, version=self.version, flag=int(self.stopped))
+            taken = self._contribute(w, msg, grad)
             self.cond.notify_all()
-            return Msg(Kind.OK, version=self.version, flag=int(self.stopped))
+            if taken and self.leader:  # the count the followers wait for, once known
+                self.cond.wait_for(lambda: self.version > msg.version or self.stopped
+                                   or w not in self.alive)
+            return Msg(Kind.OK, version=self.version, flag=int(self.stopped),
+                       samples=self.step_size.get(msg.version, 0) if taken else 0)
 
     def set_idle(self, w: int, epoch: int) -> None:
         with self.cond:
@@ -100,7 +116,7 @@ class ShardServer:
                 return False
             self.alive.discard(w)
             self.idle.discard(w)
-            self._maybe_step()
+            self._maybe_step(short=not self.leader)
             self.cond.notify_all()
             return True
 
@@ -134,36 +150,50 @@ class ShardServer:
             return self._lead(w) <= self.ps.staleness
         return True
 
-    def _contribute(self, w: int, msg: Msg, grad: torch.Tensor) -> None:
+    def _contribute(self, w: int, msg: Msg, grad: torch.Tensor) -> bool:
+        """sync: add a gradient to the step; False if it is late (dropped)."""
         if msg.version != self.version:  # pulled before the current step: late
             self.dropped += 1
-            return
+            return False
         self.acc = grad.clone() if self.acc is None else self.acc.add_(grad)
-        self.contributors.append((w, msg.loss, msg.samples))
+        self.contributors.append((w, msg.loss, msg.samples, msg.item,
+                                  msg.clock if self.leader else -1))
+        if not self.leader:
+            self.target = msg.clock  # a follower's push carries the leader's count
         self._maybe_step()
+        return True
 
-    def _maybe_step(self) -> None:
-        """sync: apply the step once the quorum of working workers has pushed."""
+    def _maybe_step(self, *, short: bool = False) -> None:
+        """sync: apply the step once the quorum of working workers has pushed (the leader),
+        or as many as the leader's step took (a follower; ``short``: what it has)."""
         if self.ps.mode != "sync" or not self.contributors:
             return
-        quorum = max(1, len(self._working()) - self.ps.backup_workers)
-        if len(self.contributors) < quorum:
-            return
+        quorum = (max(1, len(self._working()) - self.ps.backup_workers) if self.leader
+                  else self.target)
         n = len(self.contributors)
+        if n < quorum and not short:
+            return
+        if n < quorum:
+            logger.warning("server step %d averages %d of the %d gradients the leader's "
+                           "took: a worker died between servers", self.version, n, quorum)
+        self.step_size[self.version] = n
+        self.steps.append(tuple(sorted(c[0] for c in self.contributors)))
         self._apply(self.acc.div_(n), self.contributors,
-                    staleness=[(w, self.clock.get(w, 0), 0, 0) for w, _, _ in self.contributors])
+                    staleness=[(c[0], self.clock.get(c[0], 0), 0, 0)
+                               for c in self.contributors])
         self.acc, self.contributors = None, []
 
-    def _apply(self, grad: torch.Tensor, contributors: list[tuple[int, float, int]], *,
-               staleness: list[tuple[int, int, int, int]]) -> None:
+    def _apply(self, grad: torch.Tensor, contributors: list[tuple[int, float, int, int, int]],
+               *, staleness: list[tuple[int, int, int, int]]) -> None:
         self.shard.grad = grad
         if self.lr_at is not None:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(self.version)
         self.optimizer.step()
         self.shard.grad = None
-        samples = sum(s for _, _, s in contributors)
-        loss = sum(v * s for _, v, s in contributors) / max(samples, 1)
+        samples = sum(c[2] for c in contributors)
+        loss = sum(c[1] * c[2] for c in contributors) / max(samples, 1)
+        self.applied.extend((self.epoch, c[3], c[4]) for c in contributors)
         self.losses.append((loss, samples, time.perf_counter()))
         self.updates.extend(staleness)
         self.version += 1
@@ -177,8 +207,10 @@ class ServerHost:
 
     def __init__(self, server: ShardServer, channel: Channel, *, workers: list[int],
                  peer_clients: list[int], coordinator: Coordinator | None,
-                 save: Callable[[int], None], store: Any = None, key: str = "") -> None:
+                 save: Callable[[int], None], store: Any = None, key: str = "",
+                 tables: TableHost | None = None) -> None:
         self.server, self.channel, self.coordinator = server, channel, coordinator
+        self.tables = tables  # sparse tables' rows, if the model has any
         self.workers, self.clients = workers, [*workers, *peer_clients]
         self.save, self.store, self.key = save, store, key
         self.stats: dict[int, dict[str, float]] = {}  # worker -> its last reported stats
@@ -232,9 +264,13 @@ class ServerHost:
             reply = s.push(c, msg, grad)
             if msg.flag and reply.kind == Kind.OK:
                 wanted = msg.version + 1 if s.ps.mode == "sync" else 0
-                ch.send(c, *s.pull(c, msg.epoch, wanted))
+                answer, shard = s.pull(c, msg.epoch, wanted)
+                answer.samples = reply.samples  # sync: the count of the step it joined
+                ch.send(c, answer, shard)
             else:
                 ch.send(c, reply)
+        elif msg.kind in (Kind.ROWS, Kind.PUSH_ROWS) and self.tables is not None:
+            self.tables.answer(c, msg, s.lr_at(s.version) if s.lr_at else None)
         elif msg.kind == Kind.IDLE:
             s.set_idle(c, msg.epoch)
             ch.send(c, Msg(Kind.OK))
@@ -256,14 +292,18 @@ class ServerHost:
         if self.server.stopped:  # max_steps reached: no more work for anyone
             self.coordinator.stop()
         kind, epoch, item = self.coordinator.take(c, None if msg.item < 0 else msg.item,
-                                                  wait=bool(msg.flag))
+                                                  wait=bool(msg.flag), undone=msg.clock)
         if kind == STOP:
             return Msg(Kind.STOP)
-        return Msg(Kind.ITEM, epoch=epoch, item=item) if item >= 0 else Msg(Kind.NONE)
+        if item < 0:
+            return Msg(Kind.NONE)
+        return Msg(Kind.ITEM, epoch=epoch, item=item,
+                   clock=self.coordinator.queue.resume.get(item, 0))
 
     def _watch_leases(self) -> None:
         """Workers add to their heartbeat key every second; one whose count has not moved
-        for LEASE_S is declared dead (its item re-queued)."""
+        for ``lease_s`` is declared dead (its item re-queued)."""
+        lease = self.server.ps.lease_s
         seen = {w: (-1, time.monotonic()) for w in self.workers}
         while not self._done.wait(1.0):
             for w in list(self.server.alive):
@@ -274,5 +314,5 @@ class ServerHost:
                 last, since = seen[w]
                 if count != last:
                     seen[w] = (count, time.monotonic())
-                elif time.monotonic() - since > LEASE_S:
-                    self.lose(w, f"no heartbeat for {LEASE_S:.0f} s")
+                elif time.monotonic() - since > lease:
+                    self.lose(w, f"no heartbeat for {lease:g} s")

@@ -9,7 +9,10 @@ by a seed of (seed, epoch, item): what an item contains never depends on who pro
 and the completions of the epoch. A dead worker's item goes back to the front of the
 queue; an item is complete once, when the worker that holds it reports it done, so every
 item of an epoch is completed exactly once (the gradients of a dead worker's partial item
-were applied already: they are counted as re-done batches, not undone).
+were applied already: they are counted as re-done batches, not undone). A worker whose
+gradient a sync step dropped (a backup worker's, late) stops its item there and hands it
+back (``partial``): it goes to the back of the queue, to be resumed from that batch by
+whoever takes it, so each of its batches is applied once.
 ``Coordinator`` wraps it for the server threads: workers block in it while the epoch's
 last items are still in flight elsewhere (one may come back if its worker dies), and it
 tells the training loop when an epoch is over.
@@ -97,12 +100,15 @@ class WorkQueue:
     completions: list[tuple[int, int]] = field(default_factory=list)  # (item, worker)
     attempts: dict[int, int] = field(default_factory=dict)  # item -> times handed out
     requeued: list[tuple[int, int]] = field(default_factory=list)  # (item, dead worker)
+    resume: dict[int, int] = field(default_factory=dict)  # item -> its first batch to do
+    dropped: list[tuple[int, int, int]] = field(default_factory=list)  # (item, worker, batch)
 
     def open(self, epoch: int) -> None:
         order = (np.random.default_rng([self.seed, epoch, 7]).permutation(self.num_items)
                  if self.shuffle else np.arange(self.num_items))
         self.epoch, self.pending = epoch, deque(int(i) for i in order)
         self.in_flight, self.completions, self.attempts, self.requeued = {}, [], {}, []
+        self.resume, self.dropped = {}, []
 
     def take(self, worker: int) -> int | None:
         assert worker not in self.in_flight, "a worker holds one item at a time"
@@ -114,11 +120,23 @@ class WorkQueue:
         return item
 
     def complete(self, worker: int, item: int) -> None:
+        self._check(worker, item)
+        del self.in_flight[worker]
+        self.completions.append((item, worker))
+
+    def partial(self, worker: int, item: int, batch: int) -> None:
+        """``worker``'s gradients of ``item`` were applied up to ``batch`` (excluded): the
+        rest goes to the back of the queue."""
+        self._check(worker, item)
+        del self.in_flight[worker]
+        self.resume[item] = batch
+        self.pending.append(item)
+        self.dropped.append((item, worker, batch))
+
+    def _check(self, worker: int, item: int) -> None:
         if self.in_flight.get(worker) != item:
             raise ValueError(f"worker {worker} reports item {item} done, but holds "
                              f"{self.in_flight.get(worker)}")
-        del self.in_flight[worker]
-        self.completions.append((item, worker))
 
     def release(self, worker: int) -> int | None:
         """A dead worker's item, back to the front of the queue."""
@@ -141,6 +159,7 @@ class WorkQueue:
                 "completions": [list(c) for c in self.completions],
                 "attempts": {str(k): v for k, v in sorted(self.attempts.items())},
                 "requeued": [list(r) for r in self.requeued],
+                "dropped": [list(d) for d in self.dropped],
                 "items_by_worker": {str(k): v for k, v in sorted(per_worker.items())}}
 
 
@@ -157,13 +176,18 @@ class Coordinator:
         self.stopped = False
         self.cond = threading.Condition()
 
-    def take(self, worker: int, done: int | None, *, wait: bool) -> tuple[str, int, int]:
+    def take(self, worker: int, done: int | None, *, wait: bool, undone: int = -1
+             ) -> tuple[str, int, int]:
         """("item", epoch, item), (NONE, ...) when ``wait`` is False and nothing is pending,
-        or (STOP, ...) at the end of training (or for a worker declared dead)."""
+        or (STOP, ...) at the end of training (or for a worker declared dead). ``done``:
+        the item the worker finished, its batches applied up to ``undone`` (-1: all)."""
         with self.cond:
             if worker not in self.alive:
                 return STOP, -1, -1
-            if done is not None:
+            if done is not None and undone >= 0:
+                self.queue.partial(worker, done, undone)
+                self.cond.notify_all()
+            elif done is not None:
                 self.queue.complete(worker, done)
                 self.cond.notify_all()
             elif worker in self.queue.in_flight:  # stopped midway by the servers

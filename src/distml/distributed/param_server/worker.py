@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -70,46 +71,57 @@ class Worker:
 
     def _loop(self) -> None:
         done: int | None = None
+        undone = -1
         while True:
-            reply = self._take(done, wait=False)
+            reply = self._take(done, undone, wait=False)
             done = None
             if reply.kind == Kind.NONE:  # the epoch's last items are elsewhere: stand by
                 self._request_all([Msg(Kind.IDLE, epoch=self.epoch)] * len(self.servers))
                 for s in self.servers:
                     self.channel.recv(s)
-                reply = self._take(None, wait=True)
+                reply = self._take(None, -1, wait=True)
             if reply.kind == Kind.STOP:
                 return
             self.epoch = reply.epoch
-            if self._work(reply.epoch, reply.item):
+            undone = self._work(reply.epoch, reply.item, reply.clock)
+            if undone is not None:
                 done = reply.item
-                self.stats["items"] += 1
+                self.stats["items"] += undone < 0
 
-    def _take(self, done: int | None, *, wait: bool) -> Msg:
+    def _take(self, done: int | None, undone: int, *, wait: bool) -> Msg:
         self.stats["peak_mem_bytes"] = float(self.peak_memory())
         stats = torch.tensor([self.stats[k] for k in STATS], dtype=torch.float64)
         start = time.perf_counter()
         self.channel.send(self.servers[0], Msg(Kind.TAKE, item=-1 if done is None else done,
-                                               flag=int(wait)), stats)
+                                               clock=undone, flag=int(wait)), stats)
         reply = self.channel.recv(self.servers[0])
         self.stats["wait_s"] += time.perf_counter() - start
         return reply
 
-    def _work(self, epoch: int, item: int) -> bool:
-        """Process one item; False if the servers stopped training midway."""
+    def _work(self, epoch: int, item: int, first: int) -> int | None:
+        """Process one item from its batch ``first``: -1 when all its gradients were
+        applied, the index of the first dropped one (sync: the rest is handed back), or
+        None if the servers stopped training midway."""
         batches = self.reader.batches(epoch, item)
         if not self._pull(epoch):
-            return False
-        for i, (x, y) in enumerate(batches):
+            return None
+        for i in range(first, len(batches)):
+            x, y = batches[i]
             start = time.perf_counter()
             grad, loss = self._gradient(x, y)
             compute = time.perf_counter() - start
             self.stats["compute_s"] += compute
             self.stats["straggle_s"] += self.after_gradient(compute)
-            if not self._push(epoch, grad, loss, len(x), pull=i < len(batches) - 1):
-                return False
+            last = i == len(batches) - 1
+            head = Msg(Kind.PUSH, epoch=epoch, item=item, clock=i, loss=loss, samples=len(x))
+            ok, taken = (self._push_sync(head, grad, pull=not last) if self.mode == "sync"
+                         else (self._push(head, grad, pull=not last), True))
+            if not ok:
+                return None
+            if not taken:
+                return i
             self.stats["batches"] += 1
-        return True
+        return -1
 
     def after_gradient(self, compute: float) -> float:
         """Called after each batch's gradient (``compute``: the seconds it took), before
@@ -131,47 +143,92 @@ class Worker:
 
     def _pull(self, epoch: int) -> bool:
         start = time.perf_counter()
-        self._request_all([Msg(Kind.PULL, epoch=epoch, version=v) for v in self.wanted])
-        ok = self._receive_shards()
+        if self.mode == "sync":  # the leader's step first, then the followers' at least as new
+            self._request_all([Msg(Kind.PULL, epoch=epoch, version=self.wanted[0])], None,
+                              self.servers[:1])
+            lead = self.channel.recv(self.servers[0])
+            ok = lead.kind == Kind.OK
+            if ok:
+                self.channel.recv_into(self.servers[0], self.layout.split(self.flat)[0])
+                self.pulled[0] = self.wanted[0] = lead.version
+                self._request_all([Msg(Kind.PULL, epoch=epoch, version=lead.version)]
+                                  * (len(self.servers) - 1), None, self.servers[1:])
+                ok = self._receive_shards(first=1) and not lead.flag
+        else:
+            self._request_all([Msg(Kind.PULL, epoch=epoch, version=v) for v in self.wanted])
+            ok = self._receive_shards()
         self.stats["wait_s"] += time.perf_counter() - start
         return ok
 
-    def _push(self, epoch: int, grad: torch.Tensor, loss: float, samples: int, *,
-              pull: bool) -> bool:
+    def _push(self, head: Msg, grad: torch.Tensor, *, pull: bool) -> bool:
+        """async, ssp: the gradient to every server at once (and their shards back)."""
         start = time.perf_counter()
-        msgs = [Msg(Kind.PUSH, epoch=epoch, version=v, loss=loss, samples=samples,
-                    flag=int(pull)) for v in self.pulled]
+        msgs = [replace(head, version=v, flag=int(pull)) for v in self.pulled]
         self._request_all(msgs, self.layout.split(grad))
         if pull:
             ok = self._receive_shards()
         else:
             replies = [self.channel.recv(s) for s in self.servers]
             ok = all(r.kind == Kind.OK and not r.flag for r in replies)
-            self.wanted = [v + 1 if self.mode == "sync" else 0 for v in self.pulled]
+            self.wanted = [0] * len(self.servers)
         self.stats["wait_s"] += time.perf_counter() - start
         return ok
 
-    def _receive_shards(self) -> bool:
+    def _push_sync(self, head: Msg, grad: torch.Tensor, *, pull: bool) -> tuple[bool, bool]:
+        """sync: the gradient to the leader first; if its step took it, to the followers
+        with the step's count (so every shard averages the same workers' gradients); then
+        the shards of the next step (the followers' as recent as the leader's). (ok, taken)."""
+        start = time.perf_counter()
+        parts, followers = self.layout.split(grad), self.servers[1:]
+        self.channel.send(self.servers[0],
+                          replace(head, version=self.pulled[0], flag=int(pull)), parts[0])
+        lead = self.channel.recv(self.servers[0])
+        answered = lead.kind == Kind.OK
+        taken, ok = answered and lead.samples > 0, answered and not lead.flag
+        if answered and pull:
+            self.channel.recv_into(self.servers[0], self.layout.split(self.flat)[0])
+            self.pulled[0] = self.wanted[0] = lead.version
+        if taken:
+            self._request_all([replace(head, version=v, clock=lead.samples, flag=int(pull))
+                               for v in self.pulled[1:]], parts[1:], followers)
+        elif answered and pull:
+            self._request_all([Msg(Kind.PULL, epoch=head.epoch, version=lead.version)]
+                              * len(followers), None, followers)
+        if answered and pull:
+            ok = self._receive_shards(first=1) and ok
+        elif taken:
+            ok = all([r.kind == Kind.OK and not r.flag
+                      for r in (self.channel.recv(s) for s in followers)]) and ok
+        if not pull:
+            self.wanted = [max(lead.version, self.pulled[0] + 1)] * len(self.servers)
+        self.stats["wait_s"] += time.perf_counter() - start
+        return ok, taken
+
+    def _receive_shards(self, first: int = 0) -> bool:
+        """The replies of servers ``first``.. to a pull: their shards into the model."""
         ok = True
-        for i, (s, part) in enumerate(zip(self.servers, self.layout.split(self.flat),
-                                          strict=True)):
+        parts = self.layout.split(self.flat)
+        for i in range(first, len(self.servers)):
+            s = self.servers[i]
             reply = self.channel.recv(s)
             if reply.kind != Kind.OK:
                 ok = False
                 continue
-            self.channel.recv_into(s, part)
+            self.channel.recv_into(s, parts[i])
             self.pulled[i] = self.wanted[i] = reply.version
             ok = ok and not reply.flag
         if ok:
             self.layout.copy_into(self.flat, self.params)
         return ok
 
-    def _request_all(self, msgs: list[Msg], payloads: list[torch.Tensor] | None = None
-                     ) -> None:
-        self.channel.request_all(self.servers, msgs, payloads or [None] * len(msgs))
+    def _request_all(self, msgs: list[Msg], payloads: list[torch.Tensor] | None = None,
+                     servers: list[int] | None = None) -> None:
+        self.channel.request_all(self.servers if servers is None else servers, msgs,
+                                 payloads or [None] * len(msgs))
 
     def _heartbeat(self, stop: threading.Event) -> None:
         while self.store is not None and not stop.is_set():
+            keeper.beat()
             try:
                 self.store.add(f"{self.key}/hb/{self.rank}", 1)
             except Exception:  # noqa: BLE001 - the store is gone: the job is ending

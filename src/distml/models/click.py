@@ -1,0 +1,49 @@
+"""A click model for tabular data (DLRM-like): hashed categorical features into embedding
+bags, dense features alongside, into an MLP.
+
+Input (B, num_dense + len(cardinalities)) float: the dense columns first, then one column
+per categorical feature holding its hashed id in [0, cardinality) (exact as float32 below
+2^24, the largest cardinality accepted). Each categorical feature has its own table; its
+bag is the row of the id (``mode`` sum or mean over a bag of one: the same; a multi-hot
+feature would add ids to the bag). Output (B, num_outputs) logits.
+
+The tables are ``bags``: by default ``nn.EmbeddingBag(sparse=True)`` holding every row (one
+process trains it with a sparse optimizer); a parameter-server worker swaps each for a bag
+that holds only the rows its batch touches (``distml.distributed.param_server.sparse``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from distml.models.mlp import MLP
+
+MAX_ROWS = 1 << 24  # ids travel as float32 columns: exact below this
+
+
+class ClickModel(nn.Module):
+    def __init__(self, *, num_dense: int, cardinalities: list[int], dim: int = 16,
+                 hidden_sizes: list[int] | None = None, num_outputs: int = 1,
+                 mode: str = "mean") -> None:
+        super().__init__()
+        too_big = [c for c in cardinalities if not 0 < c <= MAX_ROWS]
+        if too_big:
+            raise ValueError(f"click model: cardinalities {too_big} out of range; a table "
+                             f"holds 1 to {MAX_ROWS} rows (ids travel as float32)")
+        self.num_dense, self.cardinalities, self.dim = num_dense, list(cardinalities), dim
+        self.bags = nn.ModuleList(nn.EmbeddingBag(c, dim, mode=mode, sparse=True)
+                                  for c in cardinalities)
+        self.top = MLP(in_features=num_dense + dim * len(cardinalities),
+                       num_outputs=num_outputs, hidden_sizes=hidden_sizes or [64, 32])
+
+    def ids(self, x: Tensor) -> Tensor:
+        """The categorical columns as int64 ids (B, features)."""
+        return x[:, self.num_dense:].long()
+
+    def forward(self, x: Tensor) -> Tensor:
+        ids = self.ids(x)
+        parts = [x[:, :self.num_dense]]
+        for f, bag in enumerate(self.bags):
+            parts.append(bag(ids[:, f:f + 1]))
+        return self.top(torch.cat(parts, dim=1))
