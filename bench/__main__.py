@@ -1,6 +1,7 @@
 """Run benchmarks: ``python -m bench [ingest] [loader] [loader_parts] [train] [scaling] [serve]
-[drift] [serve_monitor] [param_server] [distill] [search]``; writes
-bench/results/*.json and the README's benchmark table."""
+[drift] [serve_monitor] [param_server] [distill] [search]``; writes bench/results/*.json and
+the README's benchmark table. ``DISTML_BENCH_QUICK=1``: each in a short version that saves
+nothing (a check that it runs)."""
 
 from __future__ import annotations
 

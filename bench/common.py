@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+# DISTML_BENCH_QUICK=1: every benchmark runs a short version, to check that it runs; its
+# figures are not results and nothing is saved.
+QUICK = os.environ.get("DISTML_BENCH_QUICK") == "1"
 README = Path(__file__).parents[1] / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 

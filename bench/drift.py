@@ -19,7 +19,7 @@ on the stationary streams and before the change on the drifting ones, per 20,000
 samples. Time: one detector's whole loop over a 20,000-sample stationary stream, CPU seconds.
 distml's windows were chosen with this harness on seeds 1000-1009
 (``python -m bench.drift --seeds 1000-1009``, never saved); the reported run uses seeds 0-9.
-``python -m bench.drift --quick``: 2 seeds, short column streams, nothing saved.
+``DISTML_BENCH_QUICK=1`` (or ``--quick``): 2 seeds, short column streams, nothing saved.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import README, save
+from bench.common import QUICK, README, save
 
 TRAIN, VAL, PRE, POST, STATIONARY = 1500, 500, 5000, 5000, 20_000
 ABRUPT = ("sea", "agrawal", "rbf")
@@ -247,7 +247,7 @@ def column_targets(columns: dict[str, Any], cbpe: dict[str, Any]) -> dict[str, A
     }
 
 
-def main(seeds: range = SEEDS, *, quick: bool = False) -> dict[str, Any]:
+def main(seeds: range = SEEDS, *, quick: bool = QUICK) -> dict[str, Any]:
     result = evaluate(seeds, quick=quick)
     if seeds == SEEDS and not quick:  # tuning and quick runs are not results
         save("drift", result)
@@ -354,7 +354,7 @@ def _column_tables(r: dict[str, Any]) -> list[str]:
 
 
 if __name__ == "__main__":
-    seeds, quick = SEEDS, "--quick" in sys.argv
+    seeds, quick = SEEDS, QUICK or "--quick" in sys.argv
     if len(sys.argv) > 2 and sys.argv[1] == "--seeds":
         lo, hi = (int(v) for v in sys.argv[2].split("-"))
         seeds = range(lo, hi + 1)

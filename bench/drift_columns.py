@@ -1,5 +1,5 @@
 """Column drift at any size and label-free accuracy, distml against its peers on the same
-data in the same run (bench/drift.py runs it; ``python -m bench.drift --quick`` a short one).
+data in the same run (bench/drift.py runs it; ``DISTML_BENCH_QUICK=1`` a short one).
 
 Data: 8 columns, c0-c3 continuous (standard normal), c4-c7 discrete (5 values with unequal
 shares); the reference is 20,000 rows. Each seed's rows come from a generator seeded apart

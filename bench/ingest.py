@@ -43,9 +43,8 @@ import pyarrow as pa
 import pyarrow.compute  # noqa: F401 - pa.compute in the Ray Data peer
 import pyarrow.parquet as pq
 
-from bench.common import interleaved, ratios, save, show, stats
+from bench.common import QUICK, interleaved, ratios, save, show, stats
 
-QUICK = os.environ.get("DISTML_BENCH_QUICK") == "1"
 ROWS, FEATURES, FILES, REPEATS = (200_000, 32, 16, 1) if QUICK else (2_000_000, 32, 16, 5)
 
 

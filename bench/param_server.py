@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import tempfile
@@ -42,12 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import param_server_sparse
-from bench.common import RESULTS, save
+from bench.common import QUICK, RESULTS, save
 from distml.config.strategies import STRATEGIES
 from distml.distributed.data_parallel import DDP
 from distml.distributed.param_server.worker import Worker
 
-QUICK = os.environ.get("DISTML_BENCH_QUICK") == "1"
 TARGET = 0.95
 WORKERS, BATCH, EPOCHS, EVAL_SAMPLES = 4, 64, 1 if QUICK else 4, 128
 HIDDEN = [512, 512]

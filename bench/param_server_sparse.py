@@ -18,7 +18,6 @@ param_server`` runs it too.
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,8 @@ from sklearn.metrics import roc_auc_score
 from tests.helpers.net import free_port
 from tests.helpers.sparse_rows import BIG, click_data, run_big, single_process
 
+from bench.common import QUICK
+
 
 def sizes(quick: bool) -> dict[str, Any]:
     if quick:
@@ -36,7 +37,7 @@ def sizes(quick: bool) -> dict[str, Any]:
 
 
 def main(quick: bool | None = None) -> dict[str, Any]:
-    quick = os.environ.get("DISTML_BENCH_QUICK") == "1" if quick is None else quick
+    quick = QUICK if quick is None else quick
     big = sizes(quick)
     with tempfile.TemporaryDirectory(prefix="distml-bench-sparse-") as tmp:
         mp.spawn(run_big, args=(free_port(), tmp, big), nprocs=3, join=True)

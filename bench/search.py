@@ -21,7 +21,7 @@ Per seed (the search's and the data split's): wall time until a trial first repo
 validation accuracy >= ``TARGET`` (from each search's start), the best accuracy of all its
 trials, and the epochs its pruner saved (of TRIALS x EPOCHS). Reported: medians over the
 seeds; ``time_to_target_vs_*`` = distml's median time over the peer's. Quick mode
-(``BENCH_QUICK=1``): one seed, fewer trials and epochs, to check that it runs.
+(``DISTML_BENCH_QUICK=1``): one seed, fewer trials and epochs, to check that it runs.
 """
 
 from __future__ import annotations
@@ -38,9 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.common import save
+from bench.common import QUICK, save
 
-QUICK = os.environ.get("BENCH_QUICK") == "1"
 SEEDS = (0,) if QUICK else (0, 1, 2)
 TRIALS = 8 if QUICK else 24
 EPOCHS = 4 if QUICK else 10

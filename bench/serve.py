@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import save
+from bench.common import QUICK, save
 from bench.loadgen import run_level, run_open, summarize
 from bench.serve_servers import (
     JSON_HEADERS,
@@ -55,7 +55,6 @@ from bench.serve_servers import (
     wrk_check,
 )
 
-QUICK = os.environ.get("DISTML_BENCH_QUICK") == "1"
 SECONDS, WARMUP_S, ROUNDS = (1.0, 0.5, 1) if QUICK else (2.0, 0.5, 3)
 SERVER_CPUS, LOADGEN_CPUS = "0", "1"
 TWO_CPUS, TWO_LOADGEN_CPUS = "0,1", ("2" if (os.cpu_count() or 1) > 2 else "0,1")
