@@ -7,6 +7,7 @@ import asyncio
 import copy
 import logging
 import re
+import threading
 import time
 from importlib import resources
 
@@ -97,6 +98,32 @@ def test_batched_results_equal_each_request_alone(served):
     assert sum(batches) == sum(len(x) for x in inputs)
     assert len(batches) < len(inputs)  # gathered
     assert max(batches) <= 16  # and never over the limit
+
+
+def test_a_lone_request_runs_on_the_loop_only_while_its_forward_is_short():
+    """Lone requests' forwards run on the event loop's thread while they are short; once a
+    forward is seen to take 20 ms, the next lone ones go to the inference thread (the loop
+    stays free for health checks, connections and timers)."""
+    threads: list[str] = []
+
+    def model(x: np.ndarray) -> dict[str, np.ndarray]:
+        threads.append(threading.current_thread().name)
+        time.sleep(0.02 if len(threads) > 2 else 0)
+        return {"y": x}
+
+    async def main():
+        b = Batcher(model, arriving=lambda: 0)  # nothing else on its way: each is alone
+        b.start()
+        try:
+            for _ in range(5):
+                await b.submit(np.ones((1, 3)), 5)
+        finally:
+            await b.stop()
+
+    _run(main())
+    loop_thread = threading.current_thread().name
+    assert threads[:3] == [loop_thread] * 3  # short: on the loop's thread
+    assert loop_thread not in threads[4:]  # the third took 20 ms: off the loop from then on
 
 
 def test_without_batching_each_request_runs_alone():

@@ -1,14 +1,14 @@
 """Dynamic batching with a bounded queue and per-request deadlines.
 
 Requests wait in one queue; a single inference thread takes them (a request alone, nothing
-queued or arriving, runs on the event loop's thread instead: the hand-off would cost more than
-it overlaps). Batching is continuous: a request that finds the model idle goes straight to its
-forward pass, and the requests that
-arrive while the model is busy form the next batch (up to ``max_batch_size`` rows), taken as
-soon as the model is free. With ``max_delay`` > 0 the batcher also waits, up to that long
-after the oldest queued request arrived, for requests whose bodies are being read (received,
-not yet queued); with none on their way it never waits, so a lone request never pays the
-delay. Each request's time in the queue is reported (``on_wait``). Results are split
+queued or arriving, runs on the event loop's thread instead while such forwards take under
+``INLINE_MAX_S`` on average: the hand-off would cost more than it overlaps). Batching is
+continuous: a request that finds the model idle goes straight to its forward pass, and the
+requests that arrive while the model is busy form the next batch (up to ``max_batch_size``
+rows), taken as soon as the model is free. With ``max_delay`` > 0 the batcher also waits,
+up to that long after the oldest queued request arrived, for requests whose bodies are being
+read (received, not yet queued); with none on their way it never waits, so a lone request
+never pays the delay. Each request's time in the queue is reported (``on_wait``). Results are split
 back; rows are independent in eval mode, so each request gets what it would get alone. The
 queue holds at most ``max_queue_rows`` rows: past that a request is refused at once
 (``OverloadedError``, a 503), so latency never grows without bound. A request past its
@@ -27,6 +27,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+
+# A lone request's forward runs on the event loop's thread only while lone forwards take less
+# than this on average: a longer one would hold up health checks, new connections and timers.
+INLINE_MAX_S = 0.001
 
 
 class OverloadedError(Exception):
@@ -75,6 +79,7 @@ class Batcher:
         self.on_drop = on_drop  # requests dropped unrun, their deadline passed in the queue
         self.on_wait = on_wait  # seconds each request spent queued before its forward began
         self.arriving = arriving  # requests received but not yet submitted
+        self.lone_forward_s = 0.0  # moving average of a lone request's forward (_timed)
         self.queue: deque[_Pending] = deque()
         self.queued_rows = 0
         self._wake = asyncio.Event()
@@ -131,19 +136,29 @@ class Batcher:
                 self.on_wait(now - p.arrived)
             x = batch[0].x if len(batch) == 1 else np.concatenate([p.x for p in batch])
             self.on_batch(len(x))
+            alone = len(batch) == 1 and not self.queue and not self.arriving()
             try:
-                if len(batch) == 1 and not self.queue and not self.arriving():
-                    # alone: on this thread, sparing the hand-off to the inference thread and
-                    # back (nothing is waiting to be read meanwhile)
-                    out = self.fn(x)
+                if alone and self.lone_forward_s < INLINE_MAX_S:
+                    # a short forward, alone: on this thread, sparing the hand-off to the
+                    # inference thread and back (nothing is waiting to be read meanwhile)
+                    out = self._timed(x, alone)
                 else:  # on the inference thread: the loop reads the next requests meanwhile
-                    out = await loop.run_in_executor(self._pool, self.fn, x)
+                    out = await loop.run_in_executor(self._pool, self._timed, x, alone)
             except Exception as e:  # noqa: BLE001 - the requests get the error, the loop goes on
                 for p in batch:
                     if not p.future.done():
                         p.future.set_exception(e)
                 continue
             self._answer(batch, out)
+
+    def _timed(self, x: np.ndarray, alone: bool) -> dict[str, np.ndarray]:
+        """``fn(x)``; a lone request's forward time goes into ``lone_forward_s`` (a moving
+        average), which decides whether the next lone one may run on the loop's thread."""
+        start = time.perf_counter()
+        out = self.fn(x)
+        if alone:
+            self.lone_forward_s += 0.2 * (time.perf_counter() - start - self.lone_forward_s)
+        return out
 
     @staticmethod
     def _answer(batch: list[_Pending], out: dict[str, np.ndarray]) -> None:
