@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +39,7 @@ from distml.fsutil import append_jsonl, write_json_atomic, write_text_atomic
 PRODUCTION = "production"
 AUDIT = "audit.jsonl"
 _VERSION = re.compile(r"^v(\d+)$")
+STALE_S = 24 * 3600  # a mirror's unpublished version folder this old is a dead upload
 _NAME = re.compile(NAME_PATTERN)
 
 
@@ -188,7 +190,7 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
             return done
         while True:  # os.rename onto a missing name is atomic; retry if a racer took it
-            version = max((v.version for v in self.versions(name)), default=0) + 1
+            version = self._next_version(name)
             target = folder / f"v{version}"
             try:
                 os.rename(tmp, target)
@@ -200,6 +202,11 @@ class Registry:
                          "sha256": digests[WEIGHTS], "by": by or actor(),
                          **({} if source is None else {"source": source})})
         return ModelVersion(name, version, target)
+
+    def _next_version(self, name: str) -> int:
+        """One past every version folder there, complete or not."""
+        return max((int(m.group(1)) for p in (self.root / name).iterdir()
+                    if (m := _VERSION.match(p.name))), default=0) + 1
 
     def _registered(self, name: str, source: str, sha256: str) -> ModelVersion | None:
         """The version these weights from ``source`` were registered as, if still there."""
@@ -300,7 +307,7 @@ class MirroredRegistry(Registry):
             version = super().register(artifact_dir, name, by=by, source=source)
             if version.version in known:  # registered before (idempotent with a source)
                 return version
-            try:
+            try:  # claimed first (a conditional write), uploaded after
                 marker = storage.publish_dir(
                     version.path, f"{self.url}/{name}/v{version.version}", exclusive=True)
             except FileExistsError:  # another writer claimed this number: take the next
@@ -319,13 +326,20 @@ class MirroredRegistry(Registry):
         self._push(name, AUDIT)  # logged before it moves, as on a folder
         self._push(name, "aliases.json")
 
+    def _next_version(self, name: str) -> int:
+        """One past every version folder in the mirror and in the store (claimed ones too)."""
+        remote = (int(m.group(1)) for n in storage.children(f"{self.url}/{name}", "v*")
+                  if (m := _VERSION.match(n)))
+        return max(super()._next_version(name), max(remote, default=0) + 1)
+
     def _push(self, name: str, file: str) -> None:
         storage.put_text(f"{self.url}/{name}/{file}", (self.root / name / file).read_text())
 
     def _pull(self) -> None:
         """Fetch the versions published since, and every model's aliases and audit log."""
         for stale in self.root.glob("*/v*"):  # a registration that never published
-            if _VERSION.match(stale.name) and not (stale / storage.MARKER).is_file():
+            if (_VERSION.match(stale.name) and not (stale / storage.MARKER).is_file()
+                    and time.time() - stale.stat().st_mtime > STALE_S):  # not one uploading
                 shutil.rmtree(stale, ignore_errors=True)
         names = set()
         for url in storage.published(self.url, "*/v*"):

@@ -33,6 +33,7 @@ from typing import Any
 from distml.errors import DistmlError
 
 MARKER = "_distml_published.json"
+CLAIM = "_distml_claimed"  # a folder's first object under exclusive publishing (its owner's)
 _URL = re.compile(r"^([a-z][a-z0-9+.-]+):/+(.*)$")
 # Schemes fsspec serves that are not the local disk (a collapsed 's3:/b/k' from a Path too).
 REMOTE_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "memory", "hdfs", "http",
@@ -118,7 +119,7 @@ def translated(url: str, *, action: str = "access") -> Iterator[None]:
     """Errors of the store -> one StorageError line naming ``url`` and what to set."""
     try:
         yield
-    except StorageError:
+    except (StorageError, FileExistsError):  # FileExistsError: a lost conditional write
         raise
     except FileNotFoundError as e:
         if "bucket" in str(e).lower():
@@ -167,22 +168,24 @@ def file_sha256(path: Path) -> str:
 
 def publish_dir(local: Path, url: str, *, exclusive: bool = False,
                 on_uploaded: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Upload ``local``'s files under ``url``, then its marker (with ``exclusive``, only if
-    no marker is there: FileExistsError otherwise). ``on_uploaded(key)`` runs after each
-    file (a seam for progress, and for tests that kill a publisher half way)."""
+    """Upload ``local``'s files under ``url``, then its marker. With ``exclusive``, the folder
+    is first claimed by a conditional write of its claim object (FileExistsError, with
+    nothing written, if another writer claimed it first). ``on_uploaded(key)`` runs after
+    each file (a seam for progress, and for tests that kill a publisher half way)."""
     fs = filesystem(url)
     files = {p.relative_to(local).as_posix(): p for p in _files(local)}
     marker = {"files": {rel: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
                         for rel, p in files.items()}}
     with translated(url, action="write"):
-        if not exclusive and fs.exists(f"{_key(url)}/{MARKER}"):
+        if exclusive:
+            fs.pipe_file(f"{_key(url)}/{CLAIM}", b"", mode="create")
+        elif fs.exists(f"{_key(url)}/{MARKER}"):
             fs.rm_file(f"{_key(url)}/{MARKER}")  # unpublished while it changes
         for rel, p in files.items():
             fs.put_file(str(p), f"{_key(url)}/{rel}")
             if on_uploaded is not None:
                 on_uploaded(f"{url}/{rel}")
-        fs.pipe_file(f"{_key(url)}/{MARKER}", json.dumps(marker, sort_keys=True).encode(),
-                     mode="create" if exclusive else "overwrite")
+        fs.pipe_file(f"{_key(url)}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
     return marker
 
 
@@ -208,6 +211,14 @@ def published(url: str, pattern: str) -> list[str]:
     return sorted(f"{scheme}://{h.rsplit('/', 1)[0]}" for h in hits)
 
 
+def children(url: str, pattern: str) -> list[str]:
+    """The names of the folders ``url/<pattern>`` holding any object, published or not."""
+    fs = filesystem(url)
+    with translated(url, action="list"):
+        hits = fs.glob(f"{_key(url)}/{pattern}/*")
+    return sorted({h.rstrip("/").rsplit("/", 2)[-2] for h in hits})
+
+
 def fetch_dir(url: str, local: Path) -> bool:
     """Download a published folder into ``local`` (under a temporary name, checked against
     its marker, then renamed); False if it is not published. A ``local`` already holding
@@ -220,14 +231,19 @@ def fetch_dir(url: str, local: Path) -> bool:
     fs = filesystem(url)
     tmp = local.with_name(f".{local.name}.fetch-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    with translated(url, action="read"):
-        for rel, info in marker["files"].items():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            fs.get_file(f"{_key(url)}/{rel}", str(tmp / rel))
-            if file_sha256(tmp / rel) != info["sha256"]:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise StorageError(f"{url}/{rel} does not match its published SHA-256; "
-                                   "it changed after publishing")
+    try:
+        with translated(url, action="read"):
+            for rel, info in marker["files"].items():
+                if rel.startswith("/") or ".." in rel.split("/"):
+                    raise StorageError(f"{url}/{MARKER} names {rel!r}, outside the folder")
+                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f"{_key(url)}/{rel}", str(tmp / rel))
+                if file_sha256(tmp / rel) != info["sha256"]:
+                    raise StorageError(f"{url}/{rel} does not match its published SHA-256; "
+                                       "it changed after publishing")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     (tmp / MARKER).write_text(json.dumps(marker, sort_keys=True))
     old = local.with_name(f".{local.name}.old-{os.getpid()}")
     if local.exists():

@@ -187,7 +187,8 @@ def test_a_kill_during_upload_leaves_nothing_that_loads(s3, tmp_path):
     assert reg.names() == []
     with pytest.raises(Exception, match="no model 'k'"):
         reg.resolve("k")
-    assert reg.register(artifact, "k").version == 1  # the number was never claimed
+    # the dead upload claimed v1 (nobody can tell it from a slow one): never reused
+    assert reg.register(artifact, "k").version == 2
 
     logs = tmp_path / "run" / "logs" / "c"  # a run folder published as its run ends
     logs.mkdir(parents=True)
@@ -266,3 +267,20 @@ def test_a_missing_bucket_and_wrong_credentials_are_one_clear_line(s3, tmp_path)
     assert "s3://locked/runs" in line
     assert "AWS_ACCESS_KEY_ID" in line
     assert "wrong" not in line.split(";")[0].replace("wrong credentials", "")
+
+
+def test_a_writer_that_loses_the_claim_writes_nothing(s3, tmp_path):
+    """Two exclusive publishers of one folder (two registrations of the same version
+    number): the second is refused before it uploads anything, so the first's files stay
+    whole; a registration that finds its number claimed takes the next."""
+    _, first = small_artifact(tmp_path, "first")
+    _, second = small_artifact(tmp_path, "second", seed=1)
+    storage.publish_dir(first, "s3://out/reg-race/m/v1", exclusive=True)
+    with pytest.raises(FileExistsError):
+        storage.publish_dir(second, "s3://out/reg-race/m/v1", exclusive=True)
+    assert storage.fetch_dir("s3://out/reg-race/m/v1", tmp_path / "v1")  # digests still match
+    assert (tmp_path / "v1" / "model.safetensors").read_bytes() == \
+        (first / "model.safetensors").read_bytes()
+    storage.filesystem("s3://out").pipe_file(f"out/reg-race/m/v2/{storage.CLAIM}", b"",
+                                              mode="create")  # a racer's claim, unpublished
+    assert Registry("s3://out/reg-race").register(second, "m").version == 3
