@@ -111,3 +111,26 @@ def test_estimated_accuracy_tracks_the_realised_one_and_falls_under_a_shift(arti
     assert shifted["realised_accuracy"] < same["realised_accuracy"] - 0.05  # it did get worse
     assert shifted["estimated_accuracy"] < same["estimated_accuracy"] - 0.03, shifted
     assert abs(shifted["estimated_accuracy"] - shifted["realised_accuracy"]) <= 0.04, shifted
+
+
+def test_a_refresh_with_labels_alone_keeps_the_data_alarm_as_it_was(artifact):
+    """Labels arriving with no new rows do not re-test the columns at level 0 (which would
+    turn the data alarm off, to be counted a second time when rows come back)."""
+    served = ServedModel(artifact, "sim", "1")
+    clock, metrics = Clock(), Metrics(CollectorRegistry())
+    feed = DriftFeed(served, ServeConfig(monitor_queue_rows=10**5), metrics, clock=clock)
+    assert feed.build()
+    table = rows(20_000, seed=7, categorical=False)
+    table["b"] = table["b"] + 1.0
+    x = _matrix(table)
+    feed.offer(x, {"probabilities": artifact.predict(x)}, "shifted")
+    clock.now += 60
+    assert feed.turn()
+    alarm = metrics.drift_alarm.labels("sim", "data")
+    assert alarm._value.get() == 1
+    keys = [("shifted", j) for j in range(len(x))]
+    feed.ask(lambda m: label_rows(m, [str(v) for v in table["label"]], keys))
+    clock.now += 60
+    assert feed.turn()  # a refresh with labels alone
+    assert alarm._value.get() == 1
+    assert _alarms(metrics, "data") == 1

@@ -125,6 +125,7 @@ class DriftMonitor:
         self._pending: OrderedDict[Hashable, int] = OrderedDict()  # id -> predicted class
         self.labelled = self.unknown_labels = self.num_errors = self._next_label = 0
         self._refreshed = 0  # rows at the last refresh (alpha spending)
+        self._last_tests: dict[str, Any] | None = None  # the last refresh's column tests
         calibration = reference.get("calibration")
         self.temperature = calibration["temperature"] if calibration else None
         self._confidence = _Ring(s.window_rows)  # calibrated top probability per row
@@ -203,6 +204,9 @@ class DriftMonitor:
     def report(self, *, alpha: float | None = None) -> dict[str, Any]:
         """Scores and alarms so far: column tests on the window (at ``alpha``, default the
         settings'), the detectors' history, the estimated accuracy."""
+        return self._report(self._column_tests(alpha))
+
+    def _column_tests(self, alpha: float | None) -> dict[str, Any]:
         s = self.settings
         gate = s.gate if alpha is None else replace(s.gate, alpha=alpha)
         x = self._inputs.values()
@@ -211,6 +215,14 @@ class DriftMonitor:
         outputs = self._outputs.values()
         prediction = None if outputs is None else prediction_drift(
             self.reference, outputs, self.labels or [], gate=gate).to_dict()
+        return {"window_rows": 0 if x is None else len(x), "columns_alpha": gate.alpha,
+                "columns": [c.to_dict() for c in columns],
+                "drifted_features": [c.column for c in columns if c.drifted],
+                "max_psi": max((c.psi for c in columns), default=0.0),
+                "prediction": prediction}
+
+    def _report(self, tests: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
         label_free = self._label_free()
         supervised = self._supervised()
         enough = supervised is not None and self.labelled >= s.error_window
@@ -218,12 +230,7 @@ class DriftMonitor:
         concept = (supervised["drift"] if enough
                    else bool(label_free is not None and label_free["drift"]))
         return {
-            "rows": self.rows, "window_rows": 0 if x is None else len(x),
-            "settings": s.to_dict(), "columns_alpha": gate.alpha,
-            "columns": [c.to_dict() for c in columns],
-            "drifted_features": [c.column for c in columns if c.drifted],
-            "max_psi": max((c.psi for c in columns), default=0.0),
-            "prediction": prediction,
+            "rows": self.rows, "settings": s.to_dict(), **tests,
             "label_free": label_free, "supervised": supervised,
             "performance": self._performance(),
             "concept_drift": concept,
@@ -233,10 +240,15 @@ class DriftMonitor:
     def refresh(self) -> dict[str, Any]:
         """The report a periodic refresh publishes: the column tests at the level the rows
         since the last refresh earned (``false_alarm_rate * new rows / horizon``, at most
-        ``alpha``), so the data alarm keeps its rate per row over any number of refreshes."""
+        ``alpha``), so the data alarm keeps its rate per row over any number of refreshes.
+        With no new rows (labels alone arrived) the last column tests stand: a test at level
+        0 would switch the data alarm off, to be counted again when rows come."""
         s = self.settings
         new, self._refreshed = self.rows - self._refreshed, self.rows
-        return self.report(alpha=min(s.alpha, s.false_alarm_rate * new / s.horizon))
+        if new or self._last_tests is None:
+            self._last_tests = self._column_tests(
+                min(s.alpha, s.false_alarm_rate * new / s.horizon))
+        return self._report(self._last_tests)
 
     def _active(self, alarms: list[int], seen: int) -> bool:
         """An alarm among the last ``window_rows`` positions: on until the stream calms."""
