@@ -271,9 +271,9 @@ def _metric(path: Path) -> dict[str, Any] | None:
 class MirroredRegistry(Registry):
     """A registry under a storage URL, read and written through its local mirror.
 
-    Each version is a published folder (``<url>/<name>/v<N>/`` with its marker, written last
-    and only if absent: S3's conditional write claims the version number, a writer that loses
-    the race takes the next one). A version without its marker (an upload killed half way) is
+    Each version is a published folder (``<url>/<name>/v<N>/``, claimed first by a
+    conditional write of its claim object, its marker written last: a writer that loses the
+    claim uploads nothing and takes the next number). A version without its marker (an upload killed half way) is
     invisible. ``aliases.json`` and ``audit.jsonl`` are single objects, rewritten whole
     (readers see the old or the new one); two writers moving the same model's aliases at
     once may lose one audit line, so promote from one place. Every lookup (``names``,

@@ -10,7 +10,14 @@ import optuna
 import pytest
 
 from distml.errors import ConfigError
-from distml.search.space import decode, distributions, grid_size, make_pruner, make_sampler
+from distml.search.space import (
+    decode,
+    distributions,
+    grid_size,
+    make_pruner,
+    make_sampler,
+    shown_url,
+)
 from tests.helpers.configs import TINY, make_config
 
 
@@ -85,3 +92,8 @@ def test_samplers_pruners_and_the_grid():
                       ("qmc", optuna.samplers.QMCSampler), ("gp", optuna.samplers.GPSampler)]:
         assert isinstance(make_sampler(search.model_copy(update={"sampler": name}), seed=1),
                           cls)
+
+
+def test_a_storage_url_is_written_down_without_its_password():
+    assert shown_url("postgresql://user:secret@db:5432/s") == "postgresql://user:***@db:5432/s"
+    assert shown_url("sqlite:////runs/r/search/c.db") == "sqlite:////runs/r/search/c.db"

@@ -40,6 +40,7 @@ from distml.search.space import (
     make_pruner,
     make_sampler,
     open_storage,
+    shown_url,
     storage_url,
 )
 from distml.search.trial import TrialJob, run_trial, trial_name
@@ -236,7 +237,7 @@ def settle(cfg: Config, cand: Candidate, run: RunDir, study: optuna.Study, url: 
     shutil.rmtree(out.artifact, ignore_errors=True)
     tmp.rename(out.artifact)
     result.update(name=cand.name, artifact=str(out.artifact), search={
-        "study": study.study_name, "storage": url, "best_trial": best.number,
+        "study": study.study_name, "storage": shown_url(url), "best_trial": best.number,
         "best_params": decode(cand.search, best.params), "trials": rows})
     out.write_result(result)
     return result

@@ -20,6 +20,7 @@ from optuna.distributions import (
     FloatDistribution,
     IntDistribution,
 )
+from sqlalchemy.engine import make_url
 
 from distml.config.search import (
     ChoiceSpace,
@@ -109,6 +110,11 @@ def storage_url(search: SearchConfig, run_path: Path, candidate: str) -> str:
     if search.storage is not None:
         return search.storage
     return f"sqlite:///{(run_path / 'search' / f'{candidate}.db').resolve()}"
+
+
+def shown_url(url: str) -> str:
+    """The storage URL as it may be written down: its password masked."""
+    return make_url(url).render_as_string(hide_password=True)
 
 
 @functools.cache

@@ -50,7 +50,8 @@ class ReplicaClient:
                 raise UnreachableError(str(e)) from None
         try:
             return await self._exchange(conn, method, message)
-        except (ConnectionError, asyncio.IncompleteReadError) as e:
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                ValueError) as e:  # ValueError: a malformed status line or length
             self.close()  # the others led to the same process
             raise BrokenError(str(e) or type(e).__name__) from None
 

@@ -240,8 +240,16 @@ class Outcome:
 
 def run_chain(run: Run, chain: Chain) -> Outcome:
     """Ingest, train, then select, register and report, stopping after ``chain.until``;
-    a run folder under a storage URL is published when the chain is done."""
-    out = _run_stages(run, chain)
+    a run folder under a storage URL is published when the chain ends, failed or not (its
+    logs say why; ``--resume`` elsewhere finds it)."""
+    try:
+        out = _run_stages(run, chain)
+    except Exception:
+        try:
+            storage.publish(run.folder.path)
+        except Exception:  # noqa: BLE001 - the run's own error is the one to see
+            logger.exception("publishing the failed run folder %s failed", run.folder.path)
+        raise
     storage.publish(run.folder.path)  # the marker goes last
     return out
 

@@ -51,8 +51,14 @@ def trials_table(search: dict[str, Any]) -> list[str]:
 def plot_study(run: RunDir, candidate: str, search: dict[str, Any]) -> list[str]:
     """Optuna's plots of the study; the report's image lines for those it could draw (the
     importance needs two completed trials, say)."""
-    study = optuna.load_study(study_name=search["study"],
-                              storage=open_storage(search["storage"]))
+    local = run.path / "search" / f"{candidate}.db"  # the default storage, where the run is
+    url = f"sqlite:///{local.resolve()}" if local.is_file() else search["storage"]
+    try:
+        study = optuna.load_study(study_name=search["study"], storage=open_storage(url))
+    except Exception as e:  # noqa: BLE001 - a storage out of reach costs the plots alone
+        logger.warning("no plots of %s's search: its study at %s: %s", candidate,
+                       search["storage"], e)
+        return []
     lines = []
     for key, (title, plot) in PLOTS.items():
         name = f"search-{candidate}-{key}.png"

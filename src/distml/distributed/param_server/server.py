@@ -177,6 +177,7 @@ class ShardServer:
             logger.warning("server step %d averages %d of the %d gradients the leader's "
                            "took: a worker died between servers", self.version, n, quorum)
         self.step_size[self.version] = n
+        self.step_size.pop(self.version - 16, None)  # a sync step's pushers read it at once
         self.steps.append(tuple(sorted(c[0] for c in self.contributors)))
         self._apply(self.acc.div_(n), self.contributors,
                     staleness=[(c[0], self.clock.get(c[0], 0), 0, 0)
