@@ -273,11 +273,12 @@ class MirroredRegistry(Registry):
 
     Each version is a published folder (``<url>/<name>/v<N>/``, claimed first by a
     conditional write of its claim object, its marker written last: a writer that loses the
-    claim uploads nothing and takes the next number). A version without its marker (an upload killed half way) is
-    invisible. ``aliases.json`` and ``audit.jsonl`` are single objects, rewritten whole
-    (readers see the old or the new one); two writers moving the same model's aliases at
-    once may lose one audit line, so promote from one place. Every lookup (``names``,
-    ``resolve``: a server's hot reload) first pulls what was published since.
+    claim uploads nothing and takes the next number). A version without its marker (an
+    upload killed half way) is invisible. ``aliases.json`` and ``audit.jsonl`` are single
+    objects, rewritten whole (readers see the old or the new one); two writers moving the
+    same model's aliases at once may lose one audit line, so promote from one place. Every
+    lookup (``names``, ``resolve``: a server's hot reload) first pulls what was published
+    since.
     """
 
     def __init__(self, root: str | Path) -> None:

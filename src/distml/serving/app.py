@@ -22,12 +22,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from starlette.requests import ClientDisconnect
 
 import distml
 from distml.config import ServeConfig
 from distml.serving.drift_feed import DriftFeed, label_rows, parse_feedback
 from distml.serving.endpoint import InferEndpoint
+from distml.serving.endpoint import read_body as endpoint_read_body
 from distml.serving.inference import Inference, Slot
 from distml.serving.metrics import Metrics
 from distml.serving.model import ServedModel
@@ -82,22 +82,9 @@ class MetricsMiddleware:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused (413) as soon as it is known to be over ``limit``: from its
-    Content-Length, else while it streams in (chunked), never holding more than the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ProtocolError(413, f"the request body is {declared} bytes; the limit is {limit}")
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ProtocolError(413, f"the request body is over the limit of {limit} "
-                                         "bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:  # gone, or cut off by the read deadline: the answer goes nowhere
-        raise ProtocolError(408, "the client went away before its body arrived") from None
-    return b"".join(chunks)
+    """The body of a routed request, under ``limit`` (endpoint.read_body)."""
+    return await endpoint_read_body(request.receive, request.headers.get("content-length"),
+                                    limit)
 
 
 class BearerAuth:
