@@ -70,7 +70,7 @@ def test_a_continuous_column_keeps_a_seeded_sample_and_its_true_size_and_ks_uses
     assert r.effect == pytest.approx(0.3, abs=0.05)  # normed Wasserstein: sds moved
 
 
-@pytest.mark.parametrize("rows", [100_000, 1_000_000])
+@pytest.mark.parametrize("rows", [100_000])  # 10^6: tests/integration/test_drift_at_scale.py
 def test_fresh_rows_of_the_training_distribution_name_no_column_at_any_size(rows):
     rng = np.random.default_rng(rows)
     train = np.concatenate([rng.normal(size=(20_000, 4)), rng.integers(0, 5, (20_000, 4))],
@@ -89,23 +89,24 @@ def test_fresh_rows_of_the_training_distribution_name_no_column_at_any_size(rows
 
 
 def test_small_reports_keep_false_alarms_a_rate_per_row():
-    """400 stationary reports of 1,000 rows (4 x 10^5 rows, 8 columns): at alpha alone about
-    one report in 70 names a column by noise (about 6 here); at the per-row level (1 per
-    10^6 rows) about 0.4 are expected."""
+    """300 stationary reports of 1,000 rows (3 x 10^5 rows, 8 columns): at alpha alone
+    about one report in 70 names a column by noise (about 4 here); at the per-row level (1
+    per 10^6 rows) about 0.3 are expected."""
     rng = np.random.default_rng(11)
     names = [f"c{j}" for j in range(8)]
     cols = [{"name": n, "kind": "numeric", "features": [n]} for n in names]
     ref = {"columns": sketch_columns(cols, names, rng.normal(size=(20_000, 8)))}
-    assert Gate().level(1000) == pytest.approx(0.001)
-    assert Gate().level(10**6) == Gate().alpha
-    flat = Gate(false_alarms_per_million_rows=1e9)  # alpha at every size
+    gate = Gate()
+    assert gate.level(1000) == pytest.approx(0.001)
+    assert gate.level(10**6) == gate.alpha
     named = {"per_row": 0, "flat": 0}
-    for _ in range(400):
-        x = rng.normal(size=(1000, 8)).astype(np.float32)
-        named["per_row"] += any(r.drifted for r in feature_drift(ref, x, names))
-        named["flat"] += any(r.drifted for r in feature_drift(ref, x, names, gate=flat))
+    for _ in range(300):
+        results = feature_drift(ref, rng.normal(size=(1000, 8)).astype(np.float32), names)
+        named["per_row"] += any(r.drifted for r in results)
+        named["flat"] += any(r.p_adjusted < gate.alpha and r.effect >= gate.min_wasserstein
+                             for r in results)  # what alpha alone would have named
     assert named["per_row"] <= 1
-    assert named["flat"] >= 3
+    assert named["flat"] >= 2
 
 
 def test_a_significant_but_tiny_difference_is_not_drift():
