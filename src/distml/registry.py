@@ -38,6 +38,7 @@ from distml.fsutil import append_jsonl, write_json_atomic, write_text_atomic
 
 PRODUCTION = "production"
 AUDIT = "audit.jsonl"
+REGISTERED = "registered.json"  # a version's source run and weights' digest (idempotence)
 _VERSION = re.compile(r"^v(\d+)$")
 STALE_S = 24 * 3600  # a mirror's unpublished version folder this old is a dead upload
 _NAME = re.compile(NAME_PATTERN)
@@ -169,7 +170,8 @@ class Registry:
 
         With a ``source`` (the run that selected it), registering is idempotent: the same
         weights from the same source, registered before, give that version back, so a run
-        resumed after a crash between registering and recording it registers nothing twice.
+        resumed after a crash between registering and recording it registers nothing twice
+        (the source is in the version's ``registered.json``, which appears with the version).
         """
         check_name(name)
         spec = read_spec(artifact_dir)  # refuse anything that is not an artifact
@@ -186,9 +188,13 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if source is not None and (done := self._registered(name, source, digests[WEIGHTS])):
-            shutil.rmtree(tmp, ignore_errors=True)
-            return done
+        if source is not None:
+            if done := self._registered(name, source, digests[WEIGHTS]):
+                shutil.rmtree(tmp, ignore_errors=True)
+                return done
+            # in the folder, so the version and where it came from appear in one rename
+            (tmp / REGISTERED).write_text(json.dumps({"source": source,
+                                                     "sha256": digests[WEIGHTS]}))
         while True:  # os.rename onto a missing name is atomic; retry if a racer took it
             version = self._next_version(name)
             target = folder / f"v{version}"
@@ -210,11 +216,13 @@ class Registry:
 
     def _registered(self, name: str, source: str, sha256: str) -> ModelVersion | None:
         """The version these weights from ``source`` were registered as, if still there."""
-        have = {v.version: v for v in self.versions(name)}
-        for entry in reversed(self.audit(name)):
-            if (entry.get("event") == "register" and entry.get("source") == source
-                    and entry.get("sha256") == sha256 and entry["version"] in have):
-                return have[entry["version"]]
+        for v in reversed(self.versions(name)):
+            try:
+                got = json.loads((v.path / REGISTERED).read_text())
+            except (OSError, ValueError):
+                continue
+            if got == {"source": source, "sha256": sha256}:
+                return v
         return None
 
     def set_alias(self, name: str, alias: str, version: int, *, reason: str = "",
