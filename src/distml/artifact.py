@@ -36,7 +36,7 @@ from torch import nn
 from distml.config import ZOO
 from distml.data import transforms
 from distml.errors import ArtifactError
-from distml.fsutil import write_text_atomic
+from distml.fsutil import file_sha256, write_text_atomic
 from distml.models import build_model
 from distml.trust import TrustPolicy
 
@@ -90,14 +90,6 @@ def save_artifact(model: nn.Module, spec: dict[str, Any], directory: Path) -> Pa
     shutil.rmtree(directory, ignore_errors=True)
     os.replace(tmp, directory)
     return directory
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def spec_sha256(spec: dict[str, Any]) -> str:

@@ -20,7 +20,6 @@ nothing here writes them anywhere.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from distml.errors import DistmlError
+from distml.fsutil import file_sha256
 
 MARKER = "_distml_published.json"
 CLAIM = "_distml_claimed"  # a folder's first object under exclusive publishing (its owner's)
@@ -156,14 +156,6 @@ def _files(local: Path) -> list[Path]:
     return sorted(p for p in local.rglob("*")
                   if p.is_file() and not p.is_symlink() and p.name != MARKER
                   and not any(part.startswith(".") for part in p.relative_to(local).parts))
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def publish_dir(local: Path, url: str, *, exclusive: bool = False,

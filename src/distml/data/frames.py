@@ -19,11 +19,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from distml import storage
 from distml.config import DataConfig
 from distml.data.dataset import Manifest
 from distml.data.ingest import ingest
 from distml.execution import Executor
+from distml.fsutil import file_sha256
 
 
 def stage_dataframe(df: Any, staging: Path | str) -> Path:
@@ -37,7 +37,7 @@ def stage_dataframe(df: Any, staging: Path | str) -> Path:
     digest = hashlib.sha256()
     written = sorted(p for p in tmp.glob("part-*") if p.suffix == ".parquet")
     for i, part in enumerate(written):
-        digest.update(storage.file_sha256(part).encode())
+        digest.update(file_sha256(part).encode())
         part.rename(tmp / f"part-{i:05d}.parquet")
     for other in tmp.iterdir():  # Spark's _SUCCESS and .crc files
         if not other.name.startswith("part-") or other.suffix != ".parquet":

@@ -22,13 +22,14 @@ from distml import storage
 from distml.config import DataConfig
 from distml.data.dataset import MANIFEST, SPLITS
 from distml.errors import DataError
+from distml.fsutil import file_sha256
 
 VERSION_LENGTH = 16  # hex digits of the version: the cache folder is data-<version>
 
 
 @lru_cache(maxsize=4096)
 def _sha256(path: str, stamp: tuple[int, int, int, int]) -> str:
-    return storage.file_sha256(Path(path))
+    return file_sha256(Path(path))
 
 
 def file_checksum(path: Path) -> dict[str, Any]:
