@@ -260,6 +260,12 @@ def get_bytes(url: str) -> bytes:
         return filesystem(url).cat_file(_key(url))
 
 
+def etag(info: dict[str, Any]) -> str:
+    """An object's ETag from an fsspec ``info`` record, as the stores spell it (s3fs: ETag,
+    quoted; gcsfs: etag; adlfs: md5)."""
+    return str(info.get("ETag") or info.get("etag") or info.get("md5") or "").strip('"')
+
+
 def mark_published(url: str) -> dict[str, Any]:
     """Publish a folder whose files were written in place (by several writers: DCP's ranks):
     its marker lists them with their sizes and ETags, and is written last."""
@@ -267,8 +273,7 @@ def mark_published(url: str) -> dict[str, Any]:
     with translated(url, action="write"):
         infos = fs.find(_key(url), detail=True)
         marker = {"files": {
-            name[len(_key(url)) + 1:]: {"bytes": int(i["size"]),
-                                       "etag": str(i.get("ETag", "")).strip('"')}
+            name[len(_key(url)) + 1:]: {"bytes": int(i["size"]), "etag": etag(i)}
             for name, i in sorted(infos.items()) if not name.endswith(f"/{MARKER}")}}
         fs.pipe_file(f"{_key(url)}/{MARKER}", json.dumps(marker, sort_keys=True).encode())
     return marker

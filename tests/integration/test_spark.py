@@ -70,7 +70,7 @@ def test_predict_on_spark_writes_what_local_writes(spark, trained_digits, tmp_pa
 
 
 @pytest.mark.parametrize("launcher", ["spark-local", "spark"])
-def test_torch_distributor_trains_a_ddp_candidate(spark, tmp_path, launcher):
+def test_torch_distributor_trains_a_ddp_candidate(spark, tmp_path, launcher, caplog):
     from distml.workflow.pipeline import train_only
     from tests.helpers.configs import TINY, make_config
 
@@ -78,11 +78,12 @@ def test_torch_distributor_trains_a_ddp_candidate(spark, tmp_path, launcher):
     raw["train"] = {**TINY["train"], "epochs": 1, "candidates": [
         {"name": "ddp", "model": {"type": "mlp", "hidden_sizes": [16]},
          "parallel": {"strategy": "ddp", "world_size": 2, "launcher": launcher}}]}
+    caplog.set_level("INFO", logger="distml.distributed.launch")
     run, results = train_only(make_config(raw))
     (result,) = results
     assert result["world_size"] == 2
     assert (run.folder.candidate("ddp").artifact / "spec.json").is_file()
-    assert (run.folder.logs("ddp") / "spark_entry.py").is_file()  # it went through Spark
+    assert "ddp: started by Spark's TorchDistributor" in caplog.text  # rank 0 said so
 
 
 def test_a_spark_dataframe_is_ingested_with_a_content_version(spark, tmp_path):

@@ -32,7 +32,7 @@ def list_remote(url: str) -> list[dict[str, Any]]:
         else:
             infos = [fs.info(key)]
     found = [{"path": f"{scheme}://{i['name']}", "bytes": int(i["size"]),
-              "etag": str(i.get("ETag") or i.get("etag") or i.get("md5") or "").strip('"')}
+              "etag": storage.etag(i)}
              for i in infos if i.get("type") == "file"
              and Path(i["name"]).suffix.lower() in _FILE_SUFFIXES]
     if not found:

@@ -26,6 +26,7 @@ the same as
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import sys
@@ -42,6 +43,8 @@ from distml.distributed import preflight
 from distml.distributed.spark_launch import launch_on_spark
 from distml.errors import DistmlError
 from distml.rundir import RunDir
+
+logger = logging.getLogger(__name__)
 
 
 def launch_local(
@@ -134,9 +137,10 @@ def launch_training(run: RunDir, candidate: str, *, world_size: int, max_restart
             f"local[{world_size}]"
         if master and not master.startswith("local"):
             master = f"spark://{master}"
-        launch_on_spark(args, world_size=world_size, local_mode=launcher == "spark-local",
-                        master=master, log_dir=run.logs(candidate),
-                        what=f"training {candidate!r}")
+        said = launch_on_spark(args, world_size=world_size, master=master,
+                               local_mode=launcher == "spark-local",
+                               what=f"training {candidate!r}")
+        logger.info("%s: %s (%s)", candidate, said, master)
         return
     launch_local("distml.train", args, world_size=world_size, max_restarts=max_restarts,
                  log_dir=run.logs(candidate), what=f"training {candidate!r}")

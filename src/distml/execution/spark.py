@@ -79,11 +79,12 @@ def _attempt(fn: Callable, item: Any, attempts: int) -> tuple[str, Any]:
     raise AssertionError("unreachable")
 
 
-def session(master: str, *, retries: int) -> SparkSession:
-    """The active SparkSession, or a new one on ``master``."""
+def session(master: str, *, retries: int) -> tuple[SparkSession, bool]:
+    """The active SparkSession, or a new one on ``master``; and whether it is new (then
+    its maker stops it)."""
     active = SparkSession.getActiveSession()
     if active is not None:
-        return active
+        return active, False
     builder = SparkSession.builder.master(master).appName("distml")
     if master.startswith("local"):  # local workers run this interpreter (this venv)
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
@@ -91,13 +92,13 @@ def session(master: str, *, retries: int) -> SparkSession:
             .config("spark.task.maxFailures", str(retries + 1))
             .config("spark.ui.enabled", "false")
             .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-            .getOrCreate())
+            .getOrCreate()), True
 
 
 def make(
     address: str, *, num_workers: int, retries: int, progress: ProgressFactory | None
 ) -> SparkExecutor:
-    owns = SparkSession.getActiveSession() is None
     master = address if address.startswith("local") else f"spark://{address}"
-    return SparkExecutor(session=session(master, retries=retries), owns_session=owns,
+    spark, owns = session(master, retries=retries)
+    return SparkExecutor(session=spark, owns_session=owns,
                          num_workers=num_workers, retries=retries, progress=progress)
