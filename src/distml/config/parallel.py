@@ -31,8 +31,8 @@ class PipelineConfig(Strict):
     """Pipeline parallelism: stages fed with micro-batches."""
 
     degree: int | None = Field(
-        None, description="Stages (pipeline ranks); -1: the rest. Default: the rest of "
-        "world_size.")
+        None, description="Stages (pipeline ranks; 3d: per data replica, each stage on "
+        "tensor_degree ranks); -1: the rest. Default: the rest of world_size.")
     schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = Field(
         "1f1b", description="gpipe (all forwards, then all backwards), 1f1b (one forward, one "
         "backward: fewer activations alive), or interleaved-1f1b (virtual_stages stages per "
@@ -115,11 +115,12 @@ class ParallelConfig(Strict):
         1, ge=1, description="Machines the world_size processes are spread over (torchrun "
         "--nnodes, a Kubernetes TrainJob's numNodes); the local launcher runs them all here.")
     data_degree: int | None = Field(
-        None, description="tensor/pipeline: data-parallel replicas; -1: what the other "
-        "degrees leave. Default: 1, or the rest when tensor_degree/pipeline.degree is set.")
+        None, description="tensor/pipeline/3d: data-parallel replicas; -1: what the other "
+        "degrees leave. Default: 1, or the rest when tensor_degree/pipeline.degree is set "
+        "(3d: give all but one of data_degree, tensor_degree, pipeline.degree).")
     tensor_degree: int | None = Field(
-        None, description="tensor: ranks that split each layer; -1: the rest. Default: the "
-        "rest of world_size.")
+        None, description="tensor/3d: ranks that split each layer; -1: the rest. Default: "
+        "the rest of world_size.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
                                      description=_only("pipeline"))
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description=_only("fsdp"))
