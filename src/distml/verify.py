@@ -174,7 +174,7 @@ def verify(
     from distml.data.tensors import SplitTensors
     from distml.distributed.launch import launch_local
 
-    _check_names(strategies, reshard)
+    check_names(strategies, reshard)
     cand = cfg.train.candidate(candidate)
     base = cfg.train.settings_for(cand)
     tol = tolerance if tolerance is not None else (1e-4 if base.precision == "fp32" else 2e-2)
@@ -223,7 +223,8 @@ def verify(
             "reference": {"strategy": "single", **ref}, "results": results}
 
 
-def _check_names(strategies: list[str], reshard: str | None) -> None:
+def check_names(strategies: list[str], reshard: str | None) -> None:
+    """Refuse what verify cannot certify, before anything runs."""
     for name in strategies:
         if name in NONDETERMINISTIC:
             raise DistmlError(

@@ -209,7 +209,7 @@ def _mlp(*hidden: int) -> dict:
     ({"strategy": "3d", "world_size": 8, "data_degree": 1, "tensor_degree": 2}, _mlp(16, 16),
      r"4 pipeline stages .* is more than the model's 3 layers"),
     ({"strategy": "3d", "world_size": 8, "data_degree": 2, "pipeline": {"degree": 2}}, {},
-     r"'cnn': strategy tensor needs a tensor-parallel plan, and the cnn has none"),
+     r"'cnn': strategy 3d needs a tensor-parallel plan, and the cnn has none"),
 ])
 def test_impossible_model_splits_are_refused_at_load(tiny_raw, parallel, train, match):
     tiny_raw["train"].update(parallel=parallel, **train)

@@ -1,16 +1,20 @@
 """Pieces of model parallelism that need no process group: stage balancing, layer lists,
-tensor-parallel plans, and what activation checkpointing keeps for backward."""
+tensor-parallel plans (a 3d stage's share), what activation checkpointing keeps for
+backward, and what verify --reshard goes through."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from distml.distributed.mesh3d import stage_plan_entries
 from distml.distributed.model_parallel import pipeline_layers, split_stages
 from distml.distributed.strategy import checkpoint_blocks
+from distml.errors import DistmlError
 from distml.models.mlp import MLP
 from distml.models.transformer import Transformer
+from distml.verify import check_names
 
 
 def test_split_stages_minimises_the_slowest_stage():
@@ -59,6 +63,14 @@ def test_a_3d_stage_takes_the_tensor_plan_of_its_own_layers_only():
     by_layer = {str(i): int(i) // 2 for i in range(len(mlp))}  # Linear + activation per stage
     assert sorted(stage_plan_entries(mlp.tensor_plan(), by_layer, [1])) == ["2"]
     assert stage_plan_entries(mlp.tensor_plan(), by_layer, [2]) == {}
+
+
+def test_verify_reshards_only_through_strategies_whose_checkpoints_dcp_reshards():
+    check_names(["3d"], "ddp")
+    for bad in ("ps-sync", "single", "nope"):
+        with pytest.raises(DistmlError, match=rf"--reshard '{bad}': not a strategy whose "
+                                              r"checkpoints .* use one of ddp, zero1, .*3d"):
+            check_names(["3d"], bad)
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:

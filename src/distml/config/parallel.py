@@ -189,7 +189,7 @@ class ParallelDims:
             return cls(p.strategy, p.world_size, p.world_size - servers, servers=servers)
         if not record.model_axes:  # data parallel only (or one process)
             return cls(p.strategy, p.world_size, p.world_size)
-        keys = ["data_degree", *(_DEGREE_KEYS[a] for a in record.model_axes)]
+        keys = ["data_degree", *(DEGREE_KEYS[a] for a in record.model_axes)]
         given = [p.data_degree, *(_degree(p, a) for a in record.model_axes)]
         model = [-1 if d is None else d for d in given[1:]]
         data = given[0] if given[0] is not None else 1 if all(
@@ -237,7 +237,8 @@ class ParallelDims:
                                 mesh_dim_names=("data", axis))
 
 
-_DEGREE_KEYS = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}
+# Each model axis's degree in train.parallel (a record's model_axes name the axes).
+DEGREE_KEYS = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}
 
 
 def _degree(p: ParallelConfig, axis: str) -> int | None:

@@ -138,7 +138,7 @@ class TrainSettings(Strict):
         """Refuse a model split that cannot work, before any process starts."""
         p, dims = self.parallel, self.dims
         if "tensor" in p.record.model_axes:
-            model.check_tensor_degree(dims.tensor)
+            model.check_tensor_degree(dims.tensor, strategy=p.strategy)
         if "pipeline" not in p.record.model_axes:
             return
         stages = dims.pipeline * p.pipeline.stages_per_rank  # the stages to cut the model into
