@@ -10,6 +10,11 @@ Dropout is turned off: random masks differ by construction between one process a
 Workers run ``python -m distml.verify --run-dir ...`` and write, per strategy, the loss of
 every step and (rank 0) the full final parameters; the driver compares them.
 
+With ``reshard``, each strategy's trained state (model and optimizer) also goes through a
+torch.distributed.checkpoint checkpoint into another strategy on the same processes and back
+into a fresh instance of itself: both loads' parameters and the round trip's optimizer state
+are compared with the trained ones, at the same tolerance.
+
 Parameter servers: ``ps-sync`` runs one worker and world_size - 1 servers in lock step
 (``ParameterServer.train_step``), which is one process's step. The asynchronous modes are
 refused with the reason: their result depends on the order gradients arrive in.
@@ -20,8 +25,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +45,7 @@ from distml.config import (
 )
 from distml.config.strategies import NONDETERMINISTIC, STRATEGIES, VARIANTS, variant_names
 from distml.data.dataset import Manifest
+from distml.distributed.checkpoint import load_sharded, save_checkpoint
 from distml.distributed.runtime import DistEnv, run_worker, worker_main
 from distml.distributed.strategy import LossFn, Strategy, make_strategy
 from distml.errors import DistmlError
@@ -137,12 +144,20 @@ def relative_diffs(ref: dict[str, Any], ref_state: dict[str, torch.Tensor],
     (per tensor, ||p - p_ref|| / ||p_ref||)."""
     loss = max(abs(a - b) / max(abs(a), 1e-12)
                for a, b in zip(ref["losses"], got["losses"], strict=True))
+    return loss, param_diff(ref_state, state)
+
+
+def param_diff(ref_state: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> float:
+    """Max over tensors of ||p - p_ref|| / ||p_ref||."""
     if state.keys() != ref_state.keys():
         missing = sorted(set(ref_state) ^ set(state))[:3]
         raise DistmlError(f"the strategy's parameters differ in names from the model's: {missing}")
-    param = max(float((state[k].float() - v.float()).norm() / max(v.float().norm(), 1e-12))
-                for k, v in ref_state.items())
-    return loss, param
+    return max(_rel(state[k], v) for k, v in ref_state.items())
+
+
+def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    got, ref = (getattr(t, "_local_tensor", t).float() for t in (got, ref))  # a DTensor's piece
+    return float((got - ref).norm() / max(ref.norm(), 1e-12))
 
 
 # -- the driver (the CLI process) ----------------------------------------------------------
@@ -151,24 +166,15 @@ def relative_diffs(ref: dict[str, Any], ref_state: dict[str, torch.Tensor],
 def verify(
     cfg: Config, run: RunDir, manifest: Manifest, *, candidate: str, strategies: list[str],
     steps: int, world_size: int, tolerance: float | None = None, separate: bool = False,
+    reshard: str | None = None,
 ) -> dict[str, Any]:
     """Run the reference here and the strategies on ``world_size`` processes; compare.
-    ``separate``: one launch per strategy (peak memory per strategy; slower to start)."""
+    ``separate``: one launch per strategy (peak memory per strategy; slower to start).
+    ``reshard``: a variant each strategy's checkpoint goes through and back (see above)."""
     from distml.data.tensors import SplitTensors
     from distml.distributed.launch import launch_local
 
-    for name in strategies:
-        if name in NONDETERMINISTIC:
-            raise DistmlError(
-                f"--strategies {name}: not deterministic ({NONDETERMINISTIC[name]}), so "
-                "no run of it equals one process and verify cannot certify it; verify "
-                "ps-sync (one worker, no backup workers: each step is the one process's "
-                "step) and judge the asynchronous modes by their accuracy and measured "
-                "staleness")
-    unknown = [n for n in strategies if n not in VARIANTS and ":" not in n]
-    if unknown:
-        raise DistmlError(f"--strategies: unknown {', '.join(map(repr, unknown))}; use "
-                          f"{variant_names()}")
+    check_names(strategies, reshard)
     cand = cfg.train.candidate(candidate)
     base = cfg.train.settings_for(cand)
     tol = tolerance if tolerance is not None else (1e-4 if base.precision == "fp32" else 2e-2)
@@ -192,7 +198,8 @@ def verify(
     for names in ([[n] for n in strategies] if separate else [strategies]):
         launch_local("distml.verify", ["--run-dir", str(run.path), "--candidate", candidate,
                                        "--strategies", ",".join(names), "--steps", str(steps),
-                                       "--out", str(out)],
+                                       "--out", str(out),
+                                       *(["--reshard", reshard] if reshard else [])],
                      world_size=world_size, max_restarts=0, log_dir=out / "logs",
                      what="verify")
     results = []
@@ -200,17 +207,41 @@ def verify(
         got = json.loads((out / f"{_slug(name)}.json").read_text())
         state = load_file(out / f"{_slug(name)}.safetensors")
         ref, ref_state = references[settings_for(name, base, world_size).dims.data]
-        loss_diff, param_diff = relative_diffs(ref, ref_state, got, state)
+        loss_diff, params = relative_diffs(ref, ref_state, got, state)
+        trip = got.get("reshard")  # {through, max_rel_param_diff, max_rel_optim_diff}
         results.append({
-            "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": param_diff,
+            "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": params,
             "peak_mem_bytes": got["peak_mem_bytes"], "step_seconds": got["step_seconds"],
             "state_bytes_per_rank": got["state_bytes"],  # [{params, grads, optimizer}] by rank
             "held_bytes_per_rank": got["held_bytes"],  # [{moment: {params, grads, ...}}]
-            "passed": loss_diff <= tol and param_diff <= tol,
+            **({"reshard": trip} if trip else {}),
+            "passed": loss_diff <= tol and params <= tol and (trip is None or max(
+                trip["max_rel_param_diff"], trip["max_rel_optim_diff"]) <= tol),
         })
     return {"candidate": candidate, "world_size": world_size, "steps": steps,
             "tolerance": tol, "separate_launches": separate,
             "reference": {"strategy": "single", **ref}, "results": results}
+
+
+def check_names(strategies: list[str], reshard: str | None) -> None:
+    """Refuse what verify cannot certify, before anything runs."""
+    for name in strategies:
+        if name in NONDETERMINISTIC:
+            raise DistmlError(
+                f"--strategies {name}: not deterministic ({NONDETERMINISTIC[name]}), so "
+                "no run of it equals one process and verify cannot certify it; verify "
+                "ps-sync (one worker, no backup workers: each step is the one process's "
+                "step) and judge the asynchronous modes by their accuracy and measured "
+                "staleness")
+    unknown = [n for n in strategies if n not in VARIANTS and ":" not in n]
+    if unknown:
+        raise DistmlError(f"--strategies: unknown {', '.join(map(repr, unknown))}; use "
+                          f"{variant_names()}")
+    into = [n for n, v in VARIANTS.items()
+            if STRATEGIES[v["strategy"]].distributed and not STRATEGIES[v["strategy"]].servers]
+    if reshard is not None and reshard not in into:
+        raise DistmlError(f"--reshard {reshard!r}: not a strategy whose checkpoints "
+                          f"torch.distributed.checkpoint reshards; use one of {', '.join(into)}")
 
 
 def _slug(name: str) -> str:
@@ -230,11 +261,13 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
     base = cfg.train.settings_for(cand)
     val_x = SplitTensors.load(manifest, "val").x[:2]
     distiller = distiller_for(cand, run.candidate(cand.name), env.device)
+    def build(name: str) -> Strategy:
+        s = settings_for(name, base, env.world_size, own=cfg.train.parallel_for(cand))
+        return make_strategy(name if ":" in name else s.parallel.strategy,
+                             _model(cfg, cand, manifest, val_x), s, env, sample=val_x)
+
     for name in args.strategies.split(","):
-        s = settings_for(name, base, env.world_size,
-                         own=cfg.train.parallel_for(cand))
-        strategy = make_strategy(name if ":" in name else s.parallel.strategy,
-                                 _model(cfg, cand, manifest, val_x), s, env, sample=val_x)
+        strategy = build(name)
         if env.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         held = _probe_held_bytes(strategy, manifest.task)
@@ -245,13 +278,63 @@ def _worker(args: argparse.Namespace, env: DistEnv) -> None:
         per_rank: list[Any] = [None] * env.world_size
         dist.all_gather_object(per_rank, (peak_memory(), strategy.local_bytes(), held))
         full = _full_state(strategy)
+        trip = args.reshard and round_trip(strategy, name, args.reshard, build,
+                                           args.out / "reshard" / _slug(name), env)
         if env.is_main:
             save_file(full, args.out / f"{_slug(name)}.safetensors")
             (args.out / f"{_slug(name)}.json").write_text(json.dumps(
                 {**trace, "peak_mem_bytes": max(p for p, _, _ in per_rank),
                  "state_bytes": [b for _, b, _ in per_rank],
-                 "held_bytes": [h for _, _, h in per_rank]}))
+                 "held_bytes": [h for _, _, h in per_rank],
+                 **({"reshard": trip} if trip else {})}))
         dist.barrier()
+
+
+def round_trip(strategy: Strategy, name: str, through: str,
+               build: Callable[[str], Strategy], folder: Path, env: DistEnv
+               ) -> dict[str, Any]:
+    """The trained ``strategy``'s state saved as a checkpoint (DCP, as training saves it),
+    loaded into a fresh ``through`` on the same ranks, saved again and loaded back into a
+    fresh ``name``: both loads' whole parameters against the trained ones, and the round
+    trip's optimizer state against the trained optimizer's (piece by piece: the same
+    strategy holds the same pieces)."""
+    trained = _full_state(strategy)
+    via = _reload(build(through), _save(strategy, folder / "there", env))
+    there = _full_state(via)
+    back = _reload(build(name), _save(via, folder / "back", env))
+    returned = _full_state(back)  # every rank takes part; rank 0 gets it
+    params = max(param_diff(trained, there), param_diff(trained, returned)) \
+        if env.is_main else 0.0
+    optim = _optim_diff(strategy, back)  # an all-reduce: every rank has loaded
+    if env.is_main:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"through": through, "max_rel_param_diff": params, "max_rel_optim_diff": optim}
+
+
+def _save(strategy: Strategy, folder: Path, env: DistEnv) -> Path:
+    return save_checkpoint(folder, 0, sharded=strategy.state_dict(), rank_state={},
+                           extra=strategy.extra_state(), env=env, keep=1)
+
+
+def _reload(strategy: Strategy, path: Path) -> Strategy:
+    loaded = load_sharded(path, strategy.state_template())
+    strategy.load_state_dict(loaded)
+    if loaded["extra"] is not None:
+        strategy.load_extra_state(loaded["extra"])
+    return strategy
+
+
+def _optim_diff(a: Strategy, b: Strategy) -> float:
+    """Max relative difference of the optimizer state tensors this rank holds, over ranks."""
+    sa, sb = a.state_dict()["optim"]["state"], b.state_dict()["optim"]["state"]
+    worst = 0.0 if sa.keys() == sb.keys() else float("inf")
+    for key, state in sa.items():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor) and key in sb:
+                worst = max(worst, _rel(sb[key][k], v))
+    t = torch.tensor(worst, dtype=torch.float64, device=a.env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
 
 
 def _probe_held_bytes(strategy: Strategy, task: str) -> dict[str, dict[str, int]]:
@@ -292,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--strategies", required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--reshard")
     args = p.parse_args(argv)
     worker_main(lambda env: _worker(args, env))
 

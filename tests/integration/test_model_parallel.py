@@ -104,3 +104,27 @@ def test_a_one_process_checkpoint_resumes_as_a_pipeline_with_tied_weights(tmp_pa
     result = resume_with_no_more_steps(tmp_path, cfg, "{strategy: pipeline, world_size: 2}",
                                        "gpt")
     assert result["strategy"] == "pipeline"
+
+
+def test_3d_matches_one_process_and_its_checkpoint_reshards_into_ddp_and_back(
+        tmp_path, tiny_raw):
+    # 2 x 2 x 2 on 8 processes: each of 2 replicas is 2 pipeline stages (interleaved: 2 of
+    # the 4 layers' stages per rank, the tied head and embedding on different ranks) whose
+    # blocks are split over 2 tensor ranks. Clipping is on and active (the norm counts each
+    # piece once: replicas, and tensor ranks holding the same whole tensor), activation
+    # checkpointing too. The trained state goes through a DCP checkpoint into ddp on the
+    # same 8 processes and back into 3d: parameters and optimizer state come back.
+    _, report = verify(tmp_path, small_lm_config(tmp_path, tiny_raw), "--strategies", "3d",
+                        "--world-size", "8", "--steps", "6", "--reshard", "ddp",
+                        "--set", "train.grad_clip=0.05",
+                        "--set", "train.activation_checkpointing=true",
+                        "--set", "train.parallel.pipeline.schedule=interleaved-1f1b")
+    _passed(report, ["3d"])
+    (result,) = report["results"]
+    assert result["reshard"]["through"] == "ddp"
+    assert result["reshard"]["max_rel_param_diff"] < 1e-4
+    assert result["reshard"]["max_rel_optim_diff"] < 1e-4
+    # Each rank holds one stage's share of its blocks, under half of the whole model.
+    (whole,) = (tmp_path / "runs").glob("tiny/2*/verify/3d.safetensors")
+    full = sum(t.numel() * t.element_size() for t in load_file(whole).values())
+    assert max(b["params"] for b in result["state_bytes_per_rank"]) < 0.5 * full

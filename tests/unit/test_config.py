@@ -187,15 +187,29 @@ def _mlp(*hidden: int) -> dict:
     ({"strategy": "ddp", "world_size": 2},
      {"candidates": [{"name": "m", "model": {"type": "mlp"}, "parallel": {
          "pipeline": {"degree": 2}}}]},
-     r"parallel\.pipeline applies to strategy pipeline, not 'ddp'"),
+     r"parallel\.pipeline applies to strategy pipeline or 3d, not 'ddp'"),
     ({"strategy": "ddp", "world_size": 2},
      {"candidates": [{"name": "m", "model": {"type": "mlp"}, "parallel": {
          "tensor_degree": 2}}]},
-     r"parallel\.tensor_degree applies to strategy tensor, not 'ddp'"),
+     r"parallel\.tensor_degree applies to strategy tensor or 3d, not 'ddp'"),
     ({"strategy": "tensor", "world_size": 2}, _mlp(15),
      r"hidden_sizes=\[15\] cannot be split over tensor_degree=2"),
     ({"strategy": "pipeline", "world_size": 2, "pipeline": {"stage_split": [1, 1]}}, _mlp(8, 8),
      r"stage_split=\[1, 1\] must give 2 positive layer counts that sum to the model's 3"),
+    # 3d: all three degrees, one of them at most left to the rest; the pipeline and tensor
+    # checks both apply.
+    ({"strategy": "3d", "world_size": 8, "tensor_degree": 2}, _mlp(16, 16),
+     r"strategy 3d: data_degree and pipeline\.degree are both left to 'the rest'; give all "
+     r"but one of data_degree, pipeline\.degree, tensor_degree"),
+    ({"strategy": "3d", "world_size": 8, "data_degree": 2, "tensor_degree": 3}, _mlp(16, 16),
+     r"data_degree x pipeline\.degree x tensor_degree = 2 x the rest x 3 does not multiply "
+     r"to world_size=8"),
+    ({"strategy": "3d", "world_size": 8, "data_degree": 2, "tensor_degree": 2}, _mlp(15, 16),
+     r"hidden_sizes=\[15, 16\] cannot be split over tensor_degree=2"),
+    ({"strategy": "3d", "world_size": 8, "data_degree": 1, "tensor_degree": 2}, _mlp(16, 16),
+     r"4 pipeline stages .* is more than the model's 3 layers"),
+    ({"strategy": "3d", "world_size": 8, "data_degree": 2, "pipeline": {"degree": 2}}, {},
+     r"'cnn': strategy 3d needs a tensor-parallel plan, and the cnn has none"),
 ])
 def test_impossible_model_splits_are_refused_at_load(tiny_raw, parallel, train, match):
     tiny_raw["train"].update(parallel=parallel, **train)
@@ -208,7 +222,11 @@ def test_degrees_resolve_against_the_world_size(tiny_raw):
     cases = [({"strategy": "tensor", "world_size": 2}, (1, 2, 1)),
              ({"strategy": "tensor", "world_size": 4, "data_degree": 2}, (2, 2, 1)),
              ({"strategy": "pipeline", "world_size": 4, "pipeline": {"degree": 2}}, (2, 1, 2)),
-             ({"strategy": "ddp", "world_size": 4}, (4, 1, 1))]
+             ({"strategy": "ddp", "world_size": 4}, (4, 1, 1)),
+             ({"strategy": "3d", "world_size": 8, "data_degree": 2, "tensor_degree": 2},
+              (2, 2, 2)),
+             ({"strategy": "3d", "world_size": 4, "tensor_degree": 2,
+               "pipeline": {"degree": 2}}, (1, 2, 2))]
     for parallel, (data, tensor, pipeline) in cases:
         raw = {**tiny_raw, "train": {**tiny_raw["train"], "parallel": parallel}}
         dims = make_config(raw).train.dims
@@ -224,7 +242,7 @@ def test_candidates_deep_merge_the_parallel_settings(tiny_raw):
         {"name": "b", "model": {"type": "mlp", "hidden_sizes": [8]},
          "parallel": {"strategy": "ddp", "pipeline": {"schedule": "interleaved-1f1b"}}}]
     with pytest.raises(ConfigError, match=r"candidate 'b': parallel\.pipeline applies to "
-                                          r"strategy pipeline, not 'ddp'"):
+                                          r"strategy pipeline or 3d, not 'ddp'"):
         make_config(tiny_raw)
     del tiny_raw["train"]["candidates"][1]["parallel"]["pipeline"]
     cfg = make_config(tiny_raw)
@@ -247,7 +265,7 @@ def test_a_parameter_server_student_is_refused_at_load(tiny_raw):
         parallel={"strategy": "parameter_server", "world_size": 2})
     with pytest.raises(ConfigError, match=r"candidate 'cnn': distill with strategy "
                                           r"'parameter_server'.*use strategy single, ddp, "
-                                          r"zero1, fsdp, tensor or pipeline for the student"):
+                                          r"zero1, fsdp, tensor, pipeline or 3d for the student"):
         make_config(tiny_raw)
 
 

@@ -1,15 +1,20 @@
 """Pieces of model parallelism that need no process group: stage balancing, layer lists,
-tensor-parallel plans, and what activation checkpointing keeps for backward."""
+tensor-parallel plans (a 3d stage's share), what activation checkpointing keeps for
+backward, and what verify --reshard goes through."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
+from distml.distributed.mesh3d import stage_plan_entries
 from distml.distributed.model_parallel import pipeline_layers, split_stages
 from distml.distributed.strategy import checkpoint_blocks
+from distml.errors import DistmlError
 from distml.models.mlp import MLP
 from distml.models.transformer import Transformer
+from distml.verify import check_names
 
 
 def test_split_stages_minimises_the_slowest_stage():
@@ -45,6 +50,27 @@ def test_tensor_plans_cover_the_pairs():
         "blocks.0.attn.q": "ColwiseParallel", "blocks.0.attn.k": "ColwiseParallel",
         "blocks.0.attn.v": "ColwiseParallel", "blocks.0.attn.out": "RowwiseParallel",
         "blocks.0.mlp.0": "ColwiseParallel", "blocks.0.mlp.2": "RowwiseParallel"}
+
+
+def test_a_3d_stage_takes_the_tensor_plan_of_its_own_layers_only():
+    gpt = Transformer(context_length=8, num_layers=3, num_heads=2, dim=16)
+    stage_of = {"tok_emb": 0, "pos_emb": 0, "drop": 0, "blocks.0": 0, "blocks.1": 1,
+                "blocks.2": 2, "norm": 2, "head": 2}
+    mine = stage_plan_entries(gpt.tensor_plan(), stage_of, [1])
+    assert sorted(mine) == [f"blocks.1.{m}" for m in
+                            ("attn.k", "attn.out", "attn.q", "attn.v", "mlp.0", "mlp.2")]
+    mlp = MLP(in_features=8, num_outputs=3, hidden_sizes=[16, 16])
+    by_layer = {str(i): int(i) // 2 for i in range(len(mlp))}  # Linear + activation per stage
+    assert sorted(stage_plan_entries(mlp.tensor_plan(), by_layer, [1])) == ["2"]
+    assert stage_plan_entries(mlp.tensor_plan(), by_layer, [2]) == {}
+
+
+def test_verify_reshards_only_through_strategies_whose_checkpoints_dcp_reshards():
+    check_names(["3d"], "ddp")
+    for bad in ("ps-sync", "single", "nope"):
+        with pytest.raises(DistmlError, match=rf"--reshard '{bad}': not a strategy whose "
+                                              r"checkpoints .* use one of ddp, zero1, .*3d"):
+            check_names(["3d"], bad)
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:

@@ -133,6 +133,10 @@ def verify_cmd(
         help="Launch each strategy on its own processes, so that its peak memory is its "
         "own (one launch runs them in turn: the peak is the launch's running maximum).")
     ] = False,
+    reshard: Annotated[str | None, typer.Option(
+        help="Also save each strategy's trained state as a checkpoint, load it into this "
+        "strategy (e.g. ddp) on the same processes and back: parameters and optimizer state "
+        "must come back within the tolerance.")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -153,7 +157,7 @@ def verify_cmd(
         report = verify(cfg, run_.folder, manifest, candidate=cand.name,
                         strategies=[s.strip() for s in strategies.split(",") if s.strip()],
                         steps=steps, world_size=world_size or max(configured, 2),
-                        tolerance=tolerance, separate=separate)
+                        tolerance=tolerance, separate=separate, reshard=reshard)
     if json_out is not None:
         write_json_atomic(json_out, report)
     if not quiet:
@@ -173,6 +177,12 @@ def verify_cmd(
                           f"{r['step_seconds']:.4f}",
                           "[green]pass[/]" if r["passed"] else "[red]FAIL[/]")
         console.print(table)
+        for r in report["results"]:
+            if trip := r.get("reshard"):
+                console.print(f"{r['strategy']} -> {trip['through']} -> {r['strategy']} "
+                              f"through checkpoints: max rel param diff "
+                              f"{trip['max_rel_param_diff']:.2e}, optimizer state "
+                              f"{trip['max_rel_optim_diff']:.2e}")
     if not all(r["passed"] for r in report["results"]):
         raise typer.Exit(1)
 

@@ -34,9 +34,9 @@ class ModelSpecBase(Strict):
         """Layers a pipeline can cut the model into (0: none; None: unknown until built)."""
         return 0
 
-    def check_tensor_degree(self, degree: int) -> None:
+    def check_tensor_degree(self, degree: int, *, strategy: str = "tensor") -> None:
         """Refuse a tensor-parallel split the model cannot take."""
-        raise ValueError(f"strategy tensor needs a tensor-parallel plan, and the {self.type} "
+        raise ValueError(f"strategy {strategy} needs a tensor-parallel plan, and the {self.type} "
                          "has none; plans exist for mlp and transformer (a user model may "
                          "define tensor_plan()), or use ddp or fsdp")
 
@@ -77,7 +77,7 @@ class MLPSpec(ModelSpecBase):
     def pipeline_layer_count(self) -> int | None:
         return len(self.hidden_sizes) + 1  # each Linear with its activation
 
-    def check_tensor_degree(self, degree: int) -> None:
+    def check_tensor_degree(self, degree: int, *, strategy: str = "tensor") -> None:
         _check_divisible("hidden_sizes", self.hidden_sizes, degree)
 
 
@@ -138,7 +138,7 @@ class TransformerSpec(ModelSpecBase):
     def pipeline_layer_count(self) -> int | None:
         return self.num_layers + 2  # the embeddings, each block, the norm and head
 
-    def check_tensor_degree(self, degree: int) -> None:
+    def check_tensor_degree(self, degree: int, *, strategy: str = "tensor") -> None:
         _check_divisible("num_heads", [self.num_heads], degree)
 
     def resolve(self, *, task: str, num_features: int, num_outputs: int, where: str
@@ -176,7 +176,7 @@ class CustomModelSpec(Strict):
     def pipeline_layer_count(self) -> int | None:
         return None  # known once built: the strategy checks its pipeline_layers()
 
-    def check_tensor_degree(self, degree: int) -> None:
+    def check_tensor_degree(self, degree: int, *, strategy: str = "tensor") -> None:
         pass  # its tensor_plan(), if any, is checked when the strategy applies it
 
     def resolve(self, *, task: str, num_features: int, num_outputs: int, where: str

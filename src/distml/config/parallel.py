@@ -31,8 +31,8 @@ class PipelineConfig(Strict):
     """Pipeline parallelism: stages fed with micro-batches."""
 
     degree: int | None = Field(
-        None, description="Stages (pipeline ranks); -1: the rest. Default: the rest of "
-        "world_size.")
+        None, description="Stages (pipeline ranks; 3d: per data replica, each stage on "
+        "tensor_degree ranks); -1: the rest. Default: the rest of world_size.")
     schedule: Literal["gpipe", "1f1b", "interleaved-1f1b"] = Field(
         "1f1b", description="gpipe (all forwards, then all backwards), 1f1b (one forward, one "
         "backward: fewer activations alive), or interleaved-1f1b (virtual_stages stages per "
@@ -115,11 +115,12 @@ class ParallelConfig(Strict):
         1, ge=1, description="Machines the world_size processes are spread over (torchrun "
         "--nnodes, a Kubernetes TrainJob's numNodes); the local launcher runs them all here.")
     data_degree: int | None = Field(
-        None, description="tensor/pipeline: data-parallel replicas; -1: what the other "
-        "degrees leave. Default: 1, or the rest when tensor_degree/pipeline.degree is set.")
+        None, description="tensor/pipeline/3d: data-parallel replicas; -1: what the other "
+        "degrees leave. Default: 1, or the rest when tensor_degree/pipeline.degree is set "
+        "(3d: give all but one of data_degree, tensor_degree, pipeline.degree).")
     tensor_degree: int | None = Field(
-        None, description="tensor: ranks that split each layer; -1: the rest. Default: the "
-        "rest of world_size.")
+        None, description="tensor/3d: ranks that split each layer; -1: the rest. Default: "
+        "the rest of world_size.")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig,
                                      description=_only("pipeline"))
     fsdp: FsdpConfig = Field(default_factory=FsdpConfig, description=_only("fsdp"))
@@ -186,26 +187,30 @@ class ParallelDims:
                     f"world_size={p.world_size}; use at most {p.world_size - 1} servers or a "
                     "larger world_size")
             return cls(p.strategy, p.world_size, p.world_size - servers, servers=servers)
-        if record.model_axis is None:  # data parallel only (or one process)
+        if not record.model_axes:  # data parallel only (or one process)
             return cls(p.strategy, p.world_size, p.world_size)
-        axis = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}[record.model_axis]
-        model_given = p.tensor_degree if record.model_axis == "tensor" else p.pipeline.degree
-        data, model = p.data_degree, model_given
-        if data is None:
-            data = 1 if model is None else -1
-        if model is None:
-            model = -1
-        if data == -1 and model == -1:
-            raise ValueError(f"only one of data_degree and {axis} may be -1 ('the rest')")
-        known = math.prod(v for v in (data, model) if v != -1)
+        keys = ["data_degree", *(DEGREE_KEYS[a] for a in record.model_axes)]
+        given = [p.data_degree, *(_degree(p, a) for a in record.model_axes)]
+        model = [-1 if d is None else d for d in given[1:]]
+        data = given[0] if given[0] is not None else 1 if all(
+            d is None for d in given[1:]) else -1
+        degrees = [data, *model]
+        if degrees.count(-1) > 1:
+            rest = [k for k, d in zip(keys, degrees, strict=True) if d == -1]
+            raise ValueError(f"only one of {' and '.join(rest)} may be -1 ('the rest')"
+                             if len(keys) == 2 else
+                             f"strategy {p.strategy}: {' and '.join(rest)} are both left to "
+                             "'the rest'; give all but one of " + ", ".join(keys))
+        known = math.prod(d for d in degrees if d != -1)
         rest = p.world_size // known if p.world_size % known == 0 else 0
-        data, model = (rest if data == -1 else data), (rest if model == -1 else model)
-        if data < 1 or model < 1 or data * model != p.world_size:
+        degrees = [rest if d == -1 else d for d in degrees]
+        if min(degrees) < 1 or math.prod(degrees) != p.world_size:
             raise ValueError(
-                f"data_degree x {axis} = {_shown(p.data_degree)} x {_shown(model_given)} does "
-                f"not multiply to world_size={p.world_size}; choose degrees whose product is "
+                f"{' x '.join(keys)} = {' x '.join(_shown(d) for d in given)} does not "
+                f"multiply to world_size={p.world_size}; choose degrees whose product is "
                 f"{p.world_size} (one may be -1)")
-        return cls(p.strategy, p.world_size, data, **{record.model_axis: model})
+        return cls(p.strategy, p.world_size, degrees[0],
+                   **dict(zip(record.model_axes, degrees[1:], strict=True)))
 
     @property
     def model_axis(self) -> str | None:
@@ -214,17 +219,30 @@ class ParallelDims:
             STRATEGIES[self.strategy].model_axis
 
     def build_mesh(self, device_type: str) -> DeviceMesh | None:
-        """The one device mesh: ("data",) or ("data", model axis); None for parameter
-        servers, whose ranks exchange tensors point to point."""
+        """The one device mesh: ("data",), ("data", model axis) or, for 3d, ("data",
+        "pipeline", "tensor"); None for parameter servers, whose ranks exchange tensors point
+        to point."""
         from torch.distributed.device_mesh import init_device_mesh
 
         if self.servers:
             return None
+        axes = STRATEGIES[self.strategy].model_axes
+        if len(axes) > 1:  # ("data", "pipeline", "tensor"): tensor ranks are neighbours
+            return init_device_mesh(device_type, (self.data, *(getattr(self, a) for a in axes)),
+                                    mesh_dim_names=("data", *axes))
         axis = self.model_axis
         if axis is None:
             return init_device_mesh(device_type, (self.data,), mesh_dim_names=("data",))
         return init_device_mesh(device_type, (self.data, self.tensor * self.pipeline),
                                 mesh_dim_names=("data", axis))
+
+
+# Each model axis's degree in train.parallel (a record's model_axes name the axes).
+DEGREE_KEYS = {"tensor": "tensor_degree", "pipeline": "pipeline.degree"}
+
+
+def _degree(p: ParallelConfig, axis: str) -> int | None:
+    return p.tensor_degree if axis == "tensor" else p.pipeline.degree
 
 
 def _shown(degree: int | None) -> str:

@@ -26,7 +26,9 @@ class StrategyRecord:
     trainer: str = SYNC_TRAINER  # the training loop that drives it ("module:Class")
     # The parallel settings it reads; given for another strategy, they are refused.
     reads: tuple[str, ...] = ()
-    model_axis: str | None = None  # the mesh axis its model is split over ("tensor"...)
+    # The mesh axes its model is split over, outermost first ("tensor"; "pipeline", "tensor");
+    # each has a degree (tensor_degree, pipeline.degree) and follows the "data" axis.
+    model_axes: tuple[str, ...] = ()
     servers: bool = False  # ranks are servers and workers talking point to point, no mesh
     distributed: bool = True  # False: one process only
     fp16: bool = False  # fp16 loss scaling works (gradients are not sharded)
@@ -37,6 +39,11 @@ class StrategyRecord:
     verify_keeps: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # Determinism: the variants no run reproduces, so verify refuses them, and why.
     nondeterministic: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def model_axis(self) -> str | None:
+        """The innermost model axis (its ranks are neighbours), None for data parallelism."""
+        return self.model_axes[-1] if self.model_axes else None
 
 
 _DDP = "distml.distributed.data_parallel"
@@ -60,19 +67,29 @@ STRATEGIES: dict[str, StrategyRecord] = {r.name: r for r in [
     StrategyRecord(
         "tensor", f"{_MP}:TensorParallel",
         "matrix multiplications split across ranks, fsdp over data_degree replicas",
-        reads=("tensor_degree", "data_degree"), model_axis="tensor",
+        reads=("tensor_degree", "data_degree"), model_axes=("tensor",),
         variants={"tensor": {}, "data-x-tensor": {"data_degree": 2}}),
     StrategyRecord(
         "pipeline", f"{_MP}:PipelineParallel",
         "layers split into stages fed with micro-batches, gradients averaged over "
         "data_degree replicas",
-        reads=("data_degree", "pipeline"), model_axis="pipeline",
+        reads=("data_degree", "pipeline"), model_axes=("pipeline",),
         verify_keeps={"pipeline": ("schedule", "num_microbatches", "virtual_stages",
                                    "stage_split")},
         variants={"pipeline": {}, "pipeline-gpipe": {"pipeline": {"schedule": "gpipe"}},
                   "pipeline-1f1b": {"pipeline": {"schedule": "1f1b"}},
                   "pipeline-interleaved": {"pipeline": {"schedule": "interleaved-1f1b"}},
                   "data-x-pipeline": {"data_degree": 2}}),
+    StrategyRecord(
+        "3d", "distml.distributed.mesh3d:ThreeD",
+        "data x pipeline x tensor on one 3-D mesh: pipeline stages (pipeline.degree, "
+        "pipeline.* settings) whose layers are split tensor_degree ways, replicated over "
+        "data_degree groups whose gradients are all-reduced",
+        reads=("data_degree", "tensor_degree", "pipeline"), model_axes=("pipeline", "tensor"),
+        verify_keeps={"pipeline": ("schedule", "num_microbatches", "virtual_stages",
+                                   "stage_split")},
+        # 2 x 2 x 2 on verify's world size 8 (pipeline.degree: the rest).
+        variants={"3d": {"data_degree": 2, "tensor_degree": 2}}),
     StrategyRecord(
         "parameter_server", "distml.distributed.param_server.strategy:ParameterServer",
         "servers hold the parameters and apply the optimizer, workers push gradients, "

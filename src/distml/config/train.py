@@ -137,14 +137,14 @@ class TrainSettings(Strict):
     def check_model(self, model: Any) -> None:
         """Refuse a model split that cannot work, before any process starts."""
         p, dims = self.parallel, self.dims
-        if p.record.model_axis == "tensor":
-            model.check_tensor_degree(dims.tensor)
-        if p.record.model_axis != "pipeline":
+        if "tensor" in p.record.model_axes:
+            model.check_tensor_degree(dims.tensor, strategy=p.strategy)
+        if "pipeline" not in p.record.model_axes:
             return
         stages = dims.pipeline * p.pipeline.stages_per_rank  # the stages to cut the model into
         layers = model.pipeline_layer_count()
         if layers == 0:
-            raise ValueError(f"strategy pipeline needs a model that is a sequence of blocks "
+            raise ValueError(f"strategy {p.strategy} needs a model that is a sequence of blocks "
                              "(mlp, transformer, an nn.Sequential or a model with "
                              f"pipeline_layers()); the {model.type} is not; use ddp or fsdp")
         if layers is not None and stages > layers:

@@ -13,6 +13,7 @@
 Parameter names stay canonical: a stage keeps the whole model object with the other stages'
 layers replaced by empty ``nn.Identity`` modules, so checkpoints (torch.distributed.checkpoint)
 load under any strategy and world size, and ``full_state_dict`` gathers a normal model.
+Both on one 3-D mesh (data x pipeline x tensor): distml.distributed.mesh3d.
 """
 
 from __future__ import annotations
@@ -77,12 +78,7 @@ class TensorParallel(Strategy):
     def parallelize(self, model: nn.Module) -> nn.Module:
         from torch.distributed.tensor.parallel import parallelize_module
 
-        plan = getattr(model, "tensor_plan", None)
-        if plan is None:
-            raise DistmlError(f"strategy tensor: {type(model).__name__} has no tensor_plan(); "
-                              "define one (a dict of module path -> ColwiseParallel / "
-                              "RowwiseParallel) or use ddp or fsdp")
-        return parallelize_module(model, self.mesh["tensor"], plan())
+        return parallelize_module(model, self.mesh["tensor"], tensor_plan(model, self.name))
 
     def wrap(self, model: nn.Module) -> nn.Module:
         if self.mesh["data"].size() == 1:
@@ -99,6 +95,15 @@ class TensorParallel(Strategy):
         world = self.env.world_size
         global_norm_clip(list(self.model.parameters()), max_norm,
                          lambda p: _replication(p, world))
+
+
+def tensor_plan(model: nn.Module, strategy: str) -> dict[str, Any]:
+    """The model's tensor-parallel plan (module path -> ColwiseParallel / RowwiseParallel)."""
+    if not hasattr(model, "tensor_plan"):
+        raise DistmlError(f"strategy {strategy}: {type(model).__name__} has no tensor_plan(); "
+                          "define one (a dict of module path -> ColwiseParallel / "
+                          "RowwiseParallel) or use ddp or fsdp")
+    return model.tensor_plan()
 
 
 # -- pipeline ---------------------------------------------------------------------------------
@@ -239,11 +244,27 @@ def _tie_groups(model: nn.Module, stage_of: dict[str, int], mesh: Any, ranks: in
             aliases[local] = ns[0]
         if len(holders) < 2:
             continue
-        for d in range(mesh["data"].size()):
-            group = dist.new_group([d * ranks + r for r in holders])
-            if local is not None and d == mesh["data"].get_local_rank():
-                tied.append((params[key], group, pp_rank == holders[0]))
+        grid = rank_grid(mesh)
+        me = (mesh["data"].get_local_rank(), local_rank(mesh, "tensor"))
+        for d in range(grid.shape[0]):
+            for t in range(grid.shape[2]):  # one group per data replica and tensor rank
+                group = dist.new_group([int(grid[d, r, t]) for r in holders])
+                if local is not None and (d, t) == me:
+                    tied.append((params[key], group, pp_rank == holders[0]))
     return tied, aliases
+
+
+def rank_grid(mesh: Any) -> torch.Tensor:
+    """The mesh's global ranks as (data, pipeline, tensor): tensor is 1 on a 2-D mesh."""
+    return mesh.mesh.reshape(mesh["data"].size(), mesh["pipeline"].size(), -1)
+
+
+def local_rank(mesh: Any, axis: str) -> int:
+    return mesh[axis].get_local_rank() if axis in mesh.mesh_dim_names else 0
+
+
+def axis_size(mesh: Any, axis: str) -> int:
+    return mesh[axis].size() if axis in mesh.mesh_dim_names else 1
 
 
 class PipelineParallel(Strategy):
@@ -340,14 +361,16 @@ class PipelineParallel(Strategy):
         self.step_optimizer()
         local = torch.stack(losses).detach().float().mean() if last else torch.zeros(())
         total = local.to(self.env.device, torch.float64)
-        dist.all_reduce(total)  # each replica's last stage holds its loss
-        return float(total) / self.mesh["data"].size()
+        dist.all_reduce(total)  # each replica's last stage (each of its tensor ranks) has it
+        return float(total) / (self.env.world_size // self.plan.ranks)
 
     def clip_gradients(self, max_norm: float) -> None:
-        data = self.mesh["data"].size()
+        # A piece of a stage's parameter is held by each data replica and, unless it is
+        # split, by each tensor rank of the stage (3d).
+        data, tensor = self.mesh["data"].size(), axis_size(self.mesh, "tensor")
         copies = {id(p) for p, _, counted in self.plan.tied if not counted}  # counted once
         global_norm_clip([p for p in self.model.parameters() if id(p) not in copies],
-                         max_norm, lambda p: data,
+                         max_norm, lambda p: data * _replication(p, tensor),
                          also=[p for p, _, counted in self.plan.tied if not counted])
 
     # -- evaluation and state ------------------------------------------------------------------
@@ -393,12 +416,19 @@ class PipelineParallel(Strategy):
 
         out = self.forward_all(x)
         result = [metrics_from_outputs(task, out, y) if out is not None else None]
-        dist.broadcast_object_list(result, src=self.plan.ranks - 1)  # replica 0's last stage
+        last = int(rank_grid(self.mesh)[0, -1, 0])  # replica 0's last stage (tensor rank 0)
+        dist.broadcast_object_list(result, src=last)
         return result[0]
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        mine = {k: v.detach().cpu() for k, v in get_model_state_dict(self.model).items()}
-        parts = gather_objects(mine if self.mesh["data"].get_local_rank() == 0 else {},
+        """Each stage's parameters from replica 0 (whole: 3d's tensor ranks gather theirs),
+        put together on rank 0."""
+        mine: dict[str, torch.Tensor] = {}
+        if self.mesh["data"].get_local_rank() == 0:
+            for k, v in get_model_state_dict(self.model).items():
+                v = v.full_tensor() if isinstance(v, DTensor) else v  # tensor ranks all call
+                mine[k] = v.detach().cpu()
+        parts = gather_objects(mine if local_rank(self.mesh, "tensor") == 0 else {},
                                self.env)
         if not self.env.is_main:
             return None
@@ -426,8 +456,10 @@ def _owner(param: str, paths: dict[str, int]) -> str:
 
 
 def _average(model: nn.Module, group: Any) -> None:
-    """Average every gradient over the data-parallel replicas, in one flat all-reduce."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    """Average every gradient over the data-parallel replicas, in one flat all-reduce (of
+    this rank's pieces, for 3d's tensor-parallel parameters)."""
+    grads = [getattr(p.grad, "_local_tensor", p.grad) for p in model.parameters()
+             if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])

@@ -53,7 +53,8 @@ class Strategy:
     """One process trains the whole model (``strategy: single``); the base of the others.
 
     ``mesh`` is the job's one device mesh, built from the settings' ParallelDims: a "data"
-    axis, and the model's axis ("tensor" or "pipeline") innermost; None in one process.
+    axis, and the model's axis ("tensor" or "pipeline"; 3d: "pipeline", then "tensor")
+    innermost; None in one process.
     """
 
     name = "single"
