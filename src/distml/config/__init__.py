@@ -44,6 +44,7 @@ from distml.config.models import (
     MODELS,
     VOCAB_SIZE,
     ZOO,
+    ClickSpec,
     CNNSpec,
     CustomModelSpec,
     MLPSpec,
@@ -70,7 +71,8 @@ from distml.config.train import Candidate, TrainConfig, TrainSettings, deep_merg
 
 __all__ = [
     "METRIC_HIGHER_IS_BETTER", "MODELS", "SOURCES", "TASK_METRICS", "TRANSFORMS", "VOCAB_SIZE",
-    "ZOO", "CNNSpec", "Candidate", "ClipSpec", "Config", "CustomModelSpec", "DataConfig",
+    "ZOO", "CNNSpec", "Candidate", "ClickSpec", "ClipSpec", "Config", "CustomModelSpec",
+    "DataConfig",
     "DigitsSource", "DistillConfig", "DriftConfig", "ExecutionConfig", "FileSource", "FsdpConfig",
     "ImputeSpec", "LoaderConfig",
     "MLPSpec", "MinMaxSpec", "MlflowConfig", "ModelSpec", "MonitorConfig", "OneHotSpec",

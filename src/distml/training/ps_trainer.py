@@ -98,12 +98,16 @@ class PSTrainer:
                 servers=s.servers, reader=self.reader,
                 loss_fn=lambda out, y: loss_fn(self.task, out, y), mode=self.ps.mode,
                 device=self.env.device, autocast=s.autocast, grad_clip=self.settings.grad_clip,
-                peak_memory=peak_memory, store=store, key=key)
+                peak_memory=peak_memory, store=store, key=key,
+                tables=s.tables.client if s.tables is not None else None)
             worker.run()
             return self.state
         if resume:
             self._restore()
         factor = lr_lambda(self.settings, self.total_steps)
+        if s.tables is not None:  # the rows' lr follows the same schedule
+            table_lr = self.ps.table_lr or self.settings.lr
+            s.tables.host.lr_at = lambda v: table_lr * factor(v)
         server = ShardServer(s.shard, s.optimizer, ps=self.ps, workers=s.workers,
                              lr_at=lambda v: self.settings.lr * factor(v),
                              limit=self.settings.max_steps, version=s.version,
@@ -115,7 +119,8 @@ class PSTrainer:
         host = ServerHost(server, s.channel, workers=s.workers,
                           peer_clients=[] if is_main else [0], coordinator=coordinator,
                           save=lambda step: self._save_shard(server, step),
-                          store=store, key=key)
+                          store=store, key=key,
+                          tables=s.tables.host if s.tables is not None else None)
         host.start()
         if is_main:
             self._coordinate(server, host, coordinator)
@@ -172,10 +177,16 @@ class PSTrainer:
         for peer in self.strategy.servers[1:]:
             self.strategy.channel.send(peer, Msg(Kind.BYE))
         self.worker_stats = dict(host.stats)
-        if self.settings.restore_best:
-            self.best.restore(self.strategy)
+        self._restore_best()
         for cb in self.callbacks:
             cb.on_train_end(self)
+
+    def _restore_best(self) -> None:
+        if self.settings.restore_best and self.strategy.tables is None:
+            self.best.restore(self.strategy)
+        elif self.settings.restore_best:
+            logger.info("restore_best: a model with sparse tables ends with its last weights "
+                        "(the servers keep no copy of the best rows)")
 
     def _next_eval(self, version: int) -> float:
         every = self.settings.eval_every_steps
@@ -270,8 +281,10 @@ class PSTrainer:
             return
         path = paths[-1]
         s = self.strategy
-        state = ckpt.load_shard(path, self.env.rank, len(s.servers), s.state_dict())
+        state = ckpt.load_shard(path, self.env.rank, len(s.servers), s.state_dict(tables=False))
         s.load_state_dict(state)
+        if s.tables is not None:  # the rows this server held, as many as it had
+            s.tables.load_state_dict(ckpt.load_rows(path, self.env.rank))
         if self.env.rank == 0:
             saved = ckpt.read_progress(path)
             self.state = TrainState(**saved["progress"])
