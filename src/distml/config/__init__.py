@@ -15,10 +15,12 @@ from distml.config.base import METRIC_HIGHER_IS_BETTER, TASK_METRICS, Strict, Ta
 from distml.config.data import (
     SOURCES,
     TRANSFORMS,
+    ClicksSource,
     ClipSpec,
     DataConfig,
     DigitsSource,
     FileSource,
+    HashSpec,
     ImputeSpec,
     LoaderConfig,
     MinMaxSpec,
@@ -72,7 +74,7 @@ from distml.config.train import Candidate, TrainConfig, TrainSettings, deep_merg
 __all__ = [
     "METRIC_HIGHER_IS_BETTER", "MODELS", "SOURCES", "TASK_METRICS", "TRANSFORMS", "VOCAB_SIZE",
     "ZOO", "CNNSpec", "Candidate", "ClickSpec", "ClipSpec", "Config", "CustomModelSpec",
-    "DataConfig",
+    "ClicksSource", "DataConfig", "HashSpec",
     "DigitsSource", "DistillConfig", "DriftConfig", "ExecutionConfig", "FileSource", "FsdpConfig",
     "ImputeSpec", "LoaderConfig",
     "MLPSpec", "MinMaxSpec", "MlflowConfig", "ModelSpec", "MonitorConfig", "OneHotSpec",

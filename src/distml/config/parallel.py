@@ -100,7 +100,7 @@ class ParameterServerConfig(Strict):
         "range (contiguous ranges).")
     table_init_scale: float = Field(
         0.05, gt=0, description="A table row is created when first touched, uniform in "
-        "[-scale, scale), a pure function of (train.seed, table, row id).")
+        "[-scale, scale), a pure function of (the config's seed, table, row id).")
 
     @model_validator(mode="after")
     def _mode_reads_it(self) -> ParameterServerConfig:
