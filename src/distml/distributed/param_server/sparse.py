@@ -203,6 +203,11 @@ class SparseClient:
         self.touched = []
         for f, (bag, part) in enumerate(zip(self.model.bags, self.partitions, strict=True)):
             uniq, inverse = torch.unique(ids[:, f], return_inverse=True)
+            if len(uniq) and not 0 <= uniq[0] <= uniq[-1] < part.num_rows:
+                raise ValueError(
+                    f"click model: categorical column {f} holds ids {uniq[0]}..{uniq[-1]}, "
+                    f"outside its table's [0, {part.num_rows}); make the hash transform's "
+                    f"buckets the model's cardinalities")
             rows = torch.empty(len(uniq), self.model.dim)
             for server, pos in enumerate(part.split(uniq)):
                 if len(pos):
