@@ -33,6 +33,7 @@ from distml.distributed.param_server.protocol import Channel, Kind, Msg
 from distml.distributed.param_server.tables import Fetching, tables_of
 from distml.distributed.runtime import DistEnv
 from distml.distributed.strategy import Batch, LossFn, Strategy
+from distml.errors import DistmlError
 
 
 class Shard(nn.Module):
@@ -100,6 +101,10 @@ class ParameterServer(Strategy):
     # -- lock step (verify) ------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> float:
+        if self.tables is not None:
+            raise DistmlError("the lock-step parameter-server step (distml verify) does not "
+                              "cover a click model's sparse tables; verify a dense model, or "
+                              "train this one with distml train")
         if self.is_server:
             return self._serve_step()
         self.model.train()
