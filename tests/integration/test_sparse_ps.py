@@ -87,7 +87,7 @@ def test_click_model_on_row_servers_survives_a_killed_server_and_serves(tmp_path
 
     # the artifact holds each table whole: the servers' rows where touched, elsewhere the
     # initial rows (a pure function of seed, table and row id), never stored on a server
-    last = complete(_candidate(tmp_path / "clean") / "checkpoints")[-1]
+    last, held_rows = complete(_candidate(tmp_path / "clean") / "checkpoints")[-1], []
     for t, card in enumerate(CARDS):
         weight, held = a[f"bags.{t}.weight"], []
         for server in (0, 1):
@@ -97,6 +97,7 @@ def test_click_model_on_row_servers_survives_a_killed_server_and_serves(tmp_path
             assert set((ids % 2).tolist()) <= {server}  # hash partition: row mod servers
             held += ids.tolist()
         assert 0 < len(held) < card
+        held_rows += held
         untouched = torch.tensor(sorted(set(range(card)) - set(held)))
         assert torch.equal(weight[untouched], init_rows(untouched, 4, seed=0, table=t,
                                                        scale=SCALE))
@@ -104,6 +105,10 @@ def test_click_model_on_row_servers_survives_a_killed_server_and_serves(tmp_path
     # server 0's evaluations (rows peeked from both servers) are the exported model's
     result = json.loads((_candidate(tmp_path / "clean") / "result.json").read_text())
     assert result["history"]["evals"][-1]["loss"] == result["val"]["loss"]
+    tables = result["parameter_server"]["tables"]
+    assert tables["table_bytes"] == sum(CARDS) * 4 * 4
+    assert sum(tables["rows_held_per_server"]) == len(held_rows)
+    assert 0 < max(tables["bytes_held_per_server"]) < tables["table_bytes"]
 
     # serving hashes as ingestion did: raw text ids or the same ids as numbers
     art = load_artifact(_candidate(tmp_path / "clean") / "artifact")

@@ -78,6 +78,7 @@ class PSTrainer:
         self.worker_stats: dict[int, dict[str, float]] = {}
         self.peaks: list[int] = []
         self.shards_agree: bool | None = None  # sync: every shard's steps took the same workers
+        self.tables_summary: dict[str, Any] | None = None  # a click model's tables' rows held
 
     @property
     def model(self) -> torch.nn.Module:
@@ -135,8 +136,27 @@ class PSTrainer:
                 raise RuntimeError(f"lost {host.lost_peer}")
             store.set(f"{key}/steps/{self.env.rank}", _digest(server.steps))
             store.set(f"{key}/peak/{self.env.rank}", str(peak_memory()))
+        self._tables_held(store, key)
         s.version = server.version
         return self.state
+
+    def _tables_held(self, store: Any, key: str) -> None:
+        """Server 0: the rows (and bytes, with their optimizer state) each server holds."""
+        host = self.strategy.tables.host if self.strategy.tables is not None else None
+        if host is None:
+            return
+        mine = [sum(map(len, host.stores)), host.resident_bytes()]
+        if self.env.rank != 0:
+            store.set(f"{key}/held/{self.env.rank}", f"{mine[0]},{mine[1]}")
+            return
+        held = [mine, *[[int(v) for v in store.get(f"{key}/held/{r}").decode().split(",")]
+                        for r in self.strategy.servers[1:]]]
+        t = self.strategy.tables
+        self.tables_summary = {
+            "cardinalities": t.cardinalities, "dim": t.dim,
+            "table_bytes": sum(c * t.dim * 4 for c in t.cardinalities),
+            "rows_held_per_server": [h[0] for h in held],
+            "bytes_held_per_server": [h[1] for h in held]}
 
     # -- server 0 --------------------------------------------------------------------------------
 
@@ -309,4 +329,5 @@ class PSTrainer:
             updates=updates, dropped=self.dropped + (server.dropped if server else 0),
             worker_stats=self.worker_stats, accounting=self.accounting,
             alive=sorted(server.alive) if server else []),
-            "step_workers_agree_across_shards": self.shards_agree}}
+            "step_workers_agree_across_shards": self.shards_agree,
+            "tables": self.tables_summary}}
