@@ -18,7 +18,7 @@ from distml.distributed.param_server.sparse import (
     TableHost,
     init_rows,
 )
-from distml.models.click import ClickModel
+from distml.models.click import ClickModel, tables_elsewhere
 
 CARDS, DIM, SEED, SCALE = [5000, 300], 8, 3, 0.05
 
@@ -199,3 +199,12 @@ def test_peek_creates_no_row_and_ids_outside_a_table_are_refused():
                           push=lambda *a: None)
     with pytest.raises(ValueError, match=r"ids 2\.\.12, outside its table's \[0, 10\)"):
         client.prepare(torch.tensor([[0.5, 2.0], [0.1, 12.0]]))
+
+
+def test_a_click_model_built_for_row_servers_holds_no_table():
+    with tables_elsewhere():
+        model = ClickModel(num_dense=2, cardinalities=[10_000_000, 5], dim=16)
+    assert sum(p.numel() for p in model.parameters()) < 10_000  # the MLP alone
+    assert model(torch.tensor([[0.1, 0.2, 9_999_999.0, 4.0]])).shape == (1, 1)
+    assert isinstance(ClickModel(num_dense=2, cardinalities=[5], dim=4).bags[0],
+                      nn.EmbeddingBag)  # outside it, the tables are whole
