@@ -102,7 +102,8 @@ class ClickSpec(ModelSpecBase):
             raise ConfigError(f"{where}: a click model with {len(self.cardinalities)} "
                               f"cardinalities needs as many categorical columns, but the data "
                               f"has {num_features} features")
-        return {"num_dense": dense}
+        # Dense gradients outside parameter servers: train.optimizer and grad_clip take them.
+        return {"num_dense": dense, "sparse": False}
 
 
 class CNNSpec(ModelSpecBase):

@@ -8,8 +8,10 @@ bag is the row of the id (``mode`` sum or mean over a bag of one: the same; a mu
 feature would add ids to the bag). Output (B, num_outputs) logits.
 
 The tables are ``bags``: by default ``nn.EmbeddingBag(sparse=True)`` holding every row (one
-process trains it with a sparse optimizer); a parameter-server worker swaps each for a bag
-that holds only the rows its batch touches (``distml.distributed.param_server.sparse``).
+process trains it with a sparse optimizer; ``sparse=False``, what the zoo's ``click`` builds,
+gives dense gradients for distml's other strategies and optimizers); a parameter-server
+worker swaps each for a bag that holds only the rows its batch touches
+(``distml.distributed.param_server.sparse``).
 Built inside ``tables_elsewhere()`` (what a parameter-server job does), the bags are
 ``AbsentBag``s: no rank allocates a table it would only throw away.
 """
@@ -55,7 +57,7 @@ class AbsentBag(nn.Module):
 class ClickModel(nn.Module):
     def __init__(self, *, num_dense: int, cardinalities: list[int], dim: int = 16,
                  hidden_sizes: list[int] | None = None, num_outputs: int = 1,
-                 mode: str = "mean") -> None:
+                 mode: str = "mean", sparse: bool = True) -> None:
         super().__init__()
         too_big = [c for c in cardinalities if not 0 < c <= MAX_ROWS]
         if too_big:
@@ -63,7 +65,7 @@ class ClickModel(nn.Module):
                              f"holds 1 to {MAX_ROWS} rows (ids travel as float32)")
         self.num_dense, self.cardinalities, self.dim = num_dense, list(cardinalities), dim
         bag = AbsentBag if _ELSEWHERE.get() else \
-            (lambda c, d, mode: nn.EmbeddingBag(c, d, mode=mode, sparse=True))
+            (lambda c, d, mode: nn.EmbeddingBag(c, d, mode=mode, sparse=sparse))
         self.bags = nn.ModuleList(bag(c, dim, mode) for c in cardinalities)
         self.top = MLP(in_features=num_dense + dim * len(cardinalities),
                        num_outputs=num_outputs, hidden_sizes=hidden_sizes or [64, 32])
