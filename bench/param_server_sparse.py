@@ -24,10 +24,9 @@ from typing import Any
 
 import torch.multiprocessing as mp
 from sklearn.metrics import roc_auc_score
-from tests.helpers.net import free_port
-from tests.helpers.sparse_rows import BIG, click_data, run_big, single_process
 
 from bench.common import QUICK
+from bench.sparse_procs import BIG, click_data, free_port, run_big, single_process
 
 
 def sizes(quick: bool) -> dict[str, Any]:

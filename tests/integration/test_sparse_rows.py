@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 
 import torch.multiprocessing as mp
+from bench.sparse_procs import BIG, click_data, run_big, single_process
 from sklearn.metrics import roc_auc_score
 
 from tests.helpers.net import free_port
-from tests.helpers.sparse_rows import BIG, click_data, run, run_big, single_process
+from tests.helpers.sparse_rows import run
 
 
 def test_a_worker_trains_through_two_row_servers(tmp_path):

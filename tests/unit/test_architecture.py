@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from distml.config import MODELS, CNNSpec, MLPSpec, TransformerSpec
+from distml.config import MODELS, ClickSpec, CNNSpec, MLPSpec, TransformerSpec
 from distml.models import build_model
 
 PACKAGE = Path(__file__).parents[2] / "src" / "distml"
@@ -152,6 +152,7 @@ def test_the_config_loads_without_torch():
     (CNNSpec(type="cnn", channels=[4]), "classification", 16),
     (TransformerSpec(type="transformer", num_layers=3, num_heads=2, dim=16),
      "language_modeling", 16),
+    (ClickSpec(type="click", cardinalities=[50, 7], dim=4), "classification", 5),
 ], ids=lambda v: getattr(v, "type", None))
 def test_declared_pipeline_layers_match_the_built_model(spec, task, features):
     # Every zoo model is listed here; the config refuses pipeline splits by the declared
@@ -167,4 +168,5 @@ def test_declared_pipeline_layers_match_the_built_model(spec, task, features):
 
 
 def test_the_zoo_is_covered_by_the_layer_count_test():
-    assert {m.__name__ for m in MODELS.members} == {"MLPSpec", "CNNSpec", "TransformerSpec"}
+    assert {m.__name__ for m in MODELS.members} == {"MLPSpec", "CNNSpec", "TransformerSpec",
+                                                      "ClickSpec"}

@@ -4,9 +4,14 @@ model whose probability (the oracle) bounds the AUC any model can reach."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 
+from distml.data.sources import open_source
 from distml.data.sources.clicks import click_rows
+from distml.data.transforms import apply
+from tests.helpers.configs import data_config
 
 
 def test_ids_follow_a_power_law_and_the_oracle_bounds_the_auc():
@@ -26,3 +31,27 @@ def test_ids_follow_a_power_law_and_the_oracle_bounds_the_auc():
     assert 0.7 < ceiling < 1.0
     again = click_rows(5, 0, 20_000, cardinalities=cards, num_dense=3)
     assert all(np.array_equal(a, b) for a, b in zip(again, (dense, ids, y), strict=True))
+
+
+def test_the_source_gives_categorical_text_and_hashing_maps_text_and_numbers_alike():
+    data = data_config(source={"type": "synthetic:clicks", "n_samples": 50,
+                               "cardinalities": [1000, 30], "num_dense": 2},
+                       transforms=[{"type": "hash", "columns": ["c0", "c1"],
+                                    "buckets": [1000, 30]}])
+    source = open_source(data.source)
+    (chunk,) = source.plan_chunks(100)
+    raw = source.load_chunk(chunk)
+    assert list(raw.columns) == ["d0", "d1", "c0", "c1"]
+    assert raw.columns["c0"].dtype.kind == "U"  # categorical, as such
+    params = [{"type": "hash", "columns": ["c0", "c1"], "buckets": [1000, 30]}]
+    hashed = apply(params, raw.columns)
+    numeric = apply(params, {**raw.columns, "c0": raw.columns["c0"].astype(np.float32),
+                             "c1": raw.columns["c1"].astype(np.float32)})
+    assert np.array_equal(hashed["c0"], numeric["c0"])
+    assert np.array_equal(hashed["c1"], numeric["c1"])
+    assert hashed["c0"].min() >= 0
+    assert hashed["c0"].max() < 1000
+    assert hashed["c1"].max() < 30
+    with pytest.raises(ValidationError, match=r"hash buckets=\[10, 20, 30\] for columns"):
+        data_config(source="sklearn:digits",
+                    transforms=[{"type": "hash", "columns": ["a", "b"], "buckets": [10, 20, 30]}])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distml.config import CNNSpec, CustomModelSpec, MLPSpec, TransformerSpec
+from distml.config import ClickSpec, CNNSpec, CustomModelSpec, MLPSpec, TransformerSpec
 from distml.errors import ConfigError
 from distml.models import build_model, check_fits, resolve_spec
 
@@ -85,3 +85,15 @@ def test_check_fits_reports_a_wrong_output_shape():
         check_fits(model, torch.randn(2, 64), (10,), "m")
     with pytest.raises(ConfigError, match=r"forward pass on inputs of shape \(2, 5\) failed"):
         check_fits(model, torch.randn(2, 5), (3,), "m")
+
+
+def test_the_zoo_click_model_takes_a_dense_optimizer_and_gradient_clipping():
+    spec = ClickSpec(type="click", cardinalities=[100, 7], dim=4, hidden_sizes=[8])
+    model = build_model(spec.resolve(task="classification", num_features=5, num_outputs=2,
+                                     where="model"))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    x = torch.tensor([[0.1, 0.2, 0.3, 42.0, 6.0], [0.0, 1.0, 0.0, 99.0, 0.0]])
+    model(x).sum().backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # sparse gradients would raise
+    opt.step()
+    assert model.num_dense == 3

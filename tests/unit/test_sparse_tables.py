@@ -18,7 +18,7 @@ from distml.distributed.param_server.sparse import (
     TableHost,
     init_rows,
 )
-from distml.models.click import ClickModel
+from distml.models.click import ClickModel, tables_elsewhere
 
 CARDS, DIM, SEED, SCALE = [5000, 300], 8, 3, 0.05
 
@@ -185,3 +185,26 @@ def test_a_servers_tables_ride_in_its_checkpoint_and_come_back(tmp_path):
         assert torch.equal(sa.state, sb.state)
         assert sa.steps == sb.steps == 1
         assert torch.equal(sb.get(sa.ids[:3]), sa.values[:3])  # its slots rebuilt
+
+
+def test_peek_creates_no_row_and_ids_outside_a_table_are_refused():
+    store = RowStore(4, table=0, seed=1, scale=0.1)
+    store.apply(torch.tensor([3]), torch.ones(1, 4))
+    got = store.peek(torch.tensor([3, 7]))
+    assert len(store) == 1  # row 7 was only looked at
+    assert torch.equal(got[0], store.get(torch.tensor([3]))[0])
+    assert torch.equal(got[1], init_rows(torch.tensor([7]), 4, seed=1, table=0, scale=0.1)[0])
+    model = ClickModel(num_dense=1, cardinalities=[10], dim=4)
+    client = SparseClient(model, [RowPartition(10, 2)], fetch=lambda s, t, ids: store.peek(ids),
+                          push=lambda *a: None)
+    with pytest.raises(ValueError, match=r"ids 2\.\.12, outside its table's \[0, 10\)"):
+        client.prepare(torch.tensor([[0.5, 2.0], [0.1, 12.0]]))
+
+
+def test_a_click_model_built_for_row_servers_holds_no_table():
+    with tables_elsewhere():
+        model = ClickModel(num_dense=2, cardinalities=[10_000_000, 5], dim=16)
+    assert sum(p.numel() for p in model.parameters()) < 10_000  # the MLP alone
+    assert model(torch.tensor([[0.1, 0.2, 9_999_999.0, 4.0]])).shape == (1, 1)
+    assert isinstance(ClickModel(num_dense=2, cardinalities=[5], dim=4).bags[0],
+                      nn.EmbeddingBag)  # outside it, the tables are whole

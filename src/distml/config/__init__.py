@@ -15,10 +15,12 @@ from distml.config.base import METRIC_HIGHER_IS_BETTER, TASK_METRICS, Strict, Ta
 from distml.config.data import (
     SOURCES,
     TRANSFORMS,
+    ClicksSource,
     ClipSpec,
     DataConfig,
     DigitsSource,
     FileSource,
+    HashSpec,
     ImputeSpec,
     LoaderConfig,
     MinMaxSpec,
@@ -44,6 +46,7 @@ from distml.config.models import (
     MODELS,
     VOCAB_SIZE,
     ZOO,
+    ClickSpec,
     CNNSpec,
     CustomModelSpec,
     MLPSpec,
@@ -70,7 +73,8 @@ from distml.config.train import Candidate, TrainConfig, TrainSettings, deep_merg
 
 __all__ = [
     "METRIC_HIGHER_IS_BETTER", "MODELS", "SOURCES", "TASK_METRICS", "TRANSFORMS", "VOCAB_SIZE",
-    "ZOO", "CNNSpec", "Candidate", "ClipSpec", "Config", "CustomModelSpec", "DataConfig",
+    "ZOO", "CNNSpec", "Candidate", "ClickSpec", "ClipSpec", "Config", "CustomModelSpec",
+    "ClicksSource", "DataConfig", "HashSpec",
     "DigitsSource", "DistillConfig", "DriftConfig", "ExecutionConfig", "FileSource", "FsdpConfig",
     "ImputeSpec", "LoaderConfig",
     "MLPSpec", "MinMaxSpec", "MlflowConfig", "ModelSpec", "MonitorConfig", "OneHotSpec",

@@ -75,6 +75,25 @@ class SyntheticRegressionSource(_SyntheticSource):
     task: ClassVar[Task] = "regression"
 
 
+class ClicksSource(SourceSpec):
+    """A synthetic click log: categorical columns c0.. (ids as text, power-law frequent),
+    dense columns d0.., a 0/1 label from a hidden model (AUC has a known ceiling)."""
+
+    type: Literal["synthetic:clicks"]
+    task: ClassVar[Task] = "classification"
+    n_samples: int = Field(10_000, ge=1, description="Number of rows.")
+    cardinalities: list[int] = Field(
+        [100_000, 10_000, 1_000], min_length=1, description="Distinct values of each "
+        "categorical column (its ids are in [0, cardinality)).")
+    num_dense: int = Field(4, ge=0, description="Number of dense (numeric) columns.")
+    alpha: float = Field(1.1, gt=0, description="Power-law exponent of the categorical "
+                         "values' frequencies (P(rank r) ~ (r+1)^-alpha).")
+    seed: int = Field(0, description="Seed of the generator.")
+
+    def grown(self, factor: int) -> SourceSpec | None:
+        return self.model_copy(update={"n_samples": self.n_samples * factor})
+
+
 class TextSource(SourceSpec):
     """Byte-level token sequences cut from local text files (for the transformer)."""
 
@@ -127,8 +146,8 @@ class FileSource(SourceSpec):
 
 
 SOURCES = TaggedUnion(
-    [DigitsSource, SyntheticClassificationSource, SyntheticRegressionSource, TextSource,
-     FileSource],
+    [DigitsSource, SyntheticClassificationSource, SyntheticRegressionSource, ClicksSource,
+     TextSource, FileSource],
     default="file", what="source", hint=" (or give a path to a CSV/Parquet file or folder)")
 Source = SOURCES.annotation
 
@@ -202,6 +221,32 @@ class OneHotSpec(Strict):
     columns: list[str] = Field(min_length=1, description="Categorical columns to encode.")
 
 
+class HashSpec(Strict):
+    """Categorical columns -> their hashed ids in [0, buckets), in place (the text of a
+    value is hashed: a number is hashed as its integer text, so 42 and "42" agree)."""
+
+    type: Literal["hash"]
+    columns: list[str] = Field(min_length=1, description="Categorical columns to hash.")
+    buckets: list[int] = Field(
+        min_length=1, description="Ids per column (one number for all, or one per column): "
+        "a click model's table sizes (cardinalities).")
+
+    @field_validator("buckets", mode="before")
+    @classmethod
+    def _one_for_all(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) else value
+
+    @model_validator(mode="after")
+    def _one_per_column(self) -> HashSpec:
+        if len(self.buckets) == 1:
+            self.buckets = self.buckets * len(self.columns)
+        if len(self.buckets) != len(self.columns) or not 0 < min(self.buckets) \
+                <= max(self.buckets) <= 1 << 24:
+            raise ValueError(f"hash buckets={self.buckets} for columns={self.columns}: give "
+                             "one number in [1, 2^24] (ids travel as float32), or one per column")
+        return self
+
+
 class UserTransformSpec(Strict):
     """A user function 'module:function' (or 'file.py:function') taking and returning a dict
     of column name -> numpy array; it runs on every partition."""
@@ -215,8 +260,8 @@ class UserTransformSpec(Strict):
 
 
 TRANSFORMS = TaggedUnion(
-    [StandardizeSpec, MinMaxSpec, ImputeSpec, ClipSpec, OneHotSpec], user=UserTransformSpec,
-    what="transform", hint=", or 'module:function' for a user function")
+    [StandardizeSpec, MinMaxSpec, ImputeSpec, ClipSpec, OneHotSpec, HashSpec],
+    user=UserTransformSpec, what="transform", hint=", or 'module:function' for a user function")
 TransformSpec = TRANSFORMS.annotation
 
 
@@ -252,6 +297,7 @@ class DataConfig(Strict):
 
     source: Source = Field(
         description="'sklearn:digits', 'synthetic:classification', 'synthetic:regression', "
+        "'synthetic:clicks', "
         "a path to a CSV/Parquet file or folder, or a mapping with 'type' and its options."
     )
     split: SplitConfig = Field(default_factory=SplitConfig, description="Split fractions.")
@@ -262,7 +308,7 @@ class DataConfig(Strict):
     transforms: list[TransformSpec] | None = Field(
         None,
         description="Feature transforms in order, fitted on the training split and stored in "
-        "the artifact: standardize, minmax, impute, clip, onehot, or 'module:function'. "
+        "the artifact: standardize, minmax, impute, clip, onehot, hash, or 'module:function'. "
         "Default: [standardize] for numeric features, none for text.",
     )
     drop_invalid: bool = Field(

@@ -81,6 +81,31 @@ class MLPSpec(ModelSpecBase):
         _check_divisible("hidden_sizes", self.hidden_sizes, degree)
 
 
+class ClickSpec(ModelSpecBase):
+    """A click model (DLRM-like): the last len(cardinalities) input columns are hashed ids
+    (data.transforms' hash), each into its embedding table; the dense columns before them
+    alongside, into an MLP. Under parameter_server the tables live on the servers."""
+
+    type: Literal["click"]
+    factory: ClassVar[str] = "distml.models.click:ClickModel"
+    cardinalities: list[Annotated[int, Field(ge=1, le=1 << 24)]] = Field(
+        min_length=1, description="Rows of each categorical column's embedding table (the "
+        "hash transform's buckets).")
+    dim: int = Field(16, ge=1, description="Embedding width.")
+    hidden_sizes: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [64, 32], description="Width of each hidden layer of the MLP.")
+    mode: Literal["mean", "sum"] = Field("mean", description="How a bag combines its rows.")
+
+    def _data_kwargs(self, num_features: int, where: str) -> dict[str, Any]:
+        dense = num_features - len(self.cardinalities)
+        if dense < 0:
+            raise ConfigError(f"{where}: a click model with {len(self.cardinalities)} "
+                              f"cardinalities needs as many categorical columns, but the data "
+                              f"has {num_features} features")
+        # Dense gradients outside parameter servers: train.optimizer and grad_clip take them.
+        return {"num_dense": dense, "sparse": False}
+
+
 class CNNSpec(ModelSpecBase):
     """A small convolutional net for image-shaped inputs (e.g. digits' 8x8)."""
 
@@ -187,7 +212,7 @@ class CustomModelSpec(Strict):
                            "input_shape": [num_features]}}
 
 
-MODELS = TaggedUnion([MLPSpec, CNNSpec, TransformerSpec], user=CustomModelSpec, what="model",
-                     hint=", or 'module:factory' for a user model")
+MODELS = TaggedUnion([MLPSpec, CNNSpec, TransformerSpec, ClickSpec], user=CustomModelSpec,
+                     what="model", hint=", or 'module:factory' for a user model")
 ModelSpec = MODELS.annotation
 ZOO: dict[str, str] = {type_name(cls): cls.factory for cls in MODELS.members}

@@ -88,6 +88,19 @@ class ParameterServerConfig(Strict):
     lease_s: float = Field(
         20.0, gt=0, description="A worker whose heartbeat stops for this long (hung, e.g. "
         "SIGSTOPped) is declared dead: the servers re-queue its item and its keeper kills it.")
+    table_optimizer: Literal["adagrad", "adam"] = Field(
+        "adagrad", description="A model's sparse embedding tables (distml.models.click:"
+        "ClickModel) live on the servers, rows spread over them: the row-wise optimizer "
+        "they apply (row-wise Adagrad or lazy Adam, torch's SparseAdam rule).")
+    table_lr: float | None = Field(
+        None, gt=0, description="The tables' learning rate (following the LR schedule); "
+        "null: train.lr.")
+    table_partition: Literal["hash", "range"] = Field(
+        "hash", description="Which server holds a table row: hash (row id mod servers) or "
+        "range (contiguous ranges).")
+    table_init_scale: float = Field(
+        0.05, gt=0, description="A table row is created when first touched, uniform in "
+        "[-scale, scale), a pure function of (the config's seed, table, row id).")
 
     @model_validator(mode="after")
     def _mode_reads_it(self) -> ParameterServerConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from distml.distributed.runtime import DistEnv, init_distributed
 from distml.distributed.strategy import make_strategy
 from distml.imports import load_object
 from distml.models import VOCAB_SIZE, build_model, check_fits, count_parameters, resolve_spec
+from distml.models.click import tables_elsewhere
 from distml.rundir import CandidateDir, RunDir
 from distml.tasks import evaluate, output_shape
 from distml.training.distill import Distiller
@@ -53,7 +55,11 @@ def build_candidate_model(
         num_outputs=num_outputs(manifest), where=where,
     )
     torch.manual_seed(cfg.seed)
-    model = build_model(spec)
+    # Under parameter servers a click model's tables live on the row servers: no rank
+    # builds them whole.
+    servers = cfg.train.settings_for(candidate).parallel.record.servers
+    with tables_elsewhere() if servers else contextlib.nullcontext():
+        model = build_model(spec)
     expected = output_shape(manifest.task, num_outputs=num_outputs(manifest),
                             sequence_length=manifest.sequence_length)
     check_fits(model, sample, expected, where)

@@ -78,6 +78,7 @@ class PSTrainer:
         self.worker_stats: dict[int, dict[str, float]] = {}
         self.peaks: list[int] = []
         self.shards_agree: bool | None = None  # sync: every shard's steps took the same workers
+        self.tables_summary: dict[str, Any] | None = None  # a click model's tables' rows held
 
     @property
     def model(self) -> torch.nn.Module:
@@ -98,12 +99,16 @@ class PSTrainer:
                 servers=s.servers, reader=self.reader,
                 loss_fn=lambda out, y: loss_fn(self.task, out, y), mode=self.ps.mode,
                 device=self.env.device, autocast=s.autocast, grad_clip=self.settings.grad_clip,
-                peak_memory=peak_memory, store=store, key=key)
+                peak_memory=peak_memory, store=store, key=key,
+                tables=s.tables.client if s.tables is not None else None)
             worker.run()
             return self.state
         if resume:
             self._restore()
         factor = lr_lambda(self.settings, self.total_steps)
+        if s.tables is not None:  # the rows' lr follows the same schedule
+            table_lr = self.ps.table_lr or self.settings.lr
+            s.tables.host.lr_at = lambda v: table_lr * factor(v)
         server = ShardServer(s.shard, s.optimizer, ps=self.ps, workers=s.workers,
                              lr_at=lambda v: self.settings.lr * factor(v),
                              limit=self.settings.max_steps, version=s.version,
@@ -115,7 +120,8 @@ class PSTrainer:
         host = ServerHost(server, s.channel, workers=s.workers,
                           peer_clients=[] if is_main else [0], coordinator=coordinator,
                           save=lambda step: self._save_shard(server, step),
-                          store=store, key=key)
+                          store=store, key=key,
+                          tables=s.tables.host if s.tables is not None else None)
         host.start()
         if is_main:
             self._coordinate(server, host, coordinator)
@@ -130,8 +136,27 @@ class PSTrainer:
                 raise RuntimeError(f"lost {host.lost_peer}")
             store.set(f"{key}/steps/{self.env.rank}", _digest(server.steps))
             store.set(f"{key}/peak/{self.env.rank}", str(peak_memory()))
+        self._tables_held(store, key)
         s.version = server.version
         return self.state
+
+    def _tables_held(self, store: Any, key: str) -> None:
+        """Server 0: the rows (and bytes, with their optimizer state) each server holds."""
+        host = self.strategy.tables.host if self.strategy.tables is not None else None
+        if host is None:
+            return
+        mine = [sum(map(len, host.stores)), host.resident_bytes()]
+        if self.env.rank != 0:
+            store.set(f"{key}/held/{self.env.rank}", f"{mine[0]},{mine[1]}")
+            return
+        held = [mine, *[[int(v) for v in store.get(f"{key}/held/{r}").decode().split(",")]
+                        for r in self.strategy.servers[1:]]]
+        t = self.strategy.tables
+        self.tables_summary = {
+            "cardinalities": t.cardinalities, "dim": t.dim,
+            "table_bytes": sum(c * t.dim * 4 for c in t.cardinalities),
+            "rows_held_per_server": [h[0] for h in held],
+            "bytes_held_per_server": [h[1] for h in held]}
 
     # -- server 0 --------------------------------------------------------------------------------
 
@@ -172,10 +197,16 @@ class PSTrainer:
         for peer in self.strategy.servers[1:]:
             self.strategy.channel.send(peer, Msg(Kind.BYE))
         self.worker_stats = dict(host.stats)
-        if self.settings.restore_best:
-            self.best.restore(self.strategy)
+        self._restore_best()
         for cb in self.callbacks:
             cb.on_train_end(self)
+
+    def _restore_best(self) -> None:
+        if self.settings.restore_best and self.strategy.tables is None:
+            self.best.restore(self.strategy)
+        elif self.settings.restore_best:
+            logger.info("restore_best: a model with sparse tables ends with its last weights "
+                        "(the servers keep no copy of the best rows)")
 
     def _next_eval(self, version: int) -> float:
         every = self.settings.eval_every_steps
@@ -270,8 +301,10 @@ class PSTrainer:
             return
         path = paths[-1]
         s = self.strategy
-        state = ckpt.load_shard(path, self.env.rank, len(s.servers), s.state_dict())
+        state = ckpt.load_shard(path, self.env.rank, len(s.servers), s.state_dict(tables=False))
         s.load_state_dict(state)
+        if s.tables is not None:  # the rows this server held, as many as it had
+            s.tables.load_state_dict(ckpt.load_rows(path, self.env.rank))
         if self.env.rank == 0:
             saved = ckpt.read_progress(path)
             self.state = TrainState(**saved["progress"])
@@ -296,4 +329,5 @@ class PSTrainer:
             updates=updates, dropped=self.dropped + (server.dropped if server else 0),
             worker_stats=self.worker_stats, accounting=self.accounting,
             alive=sorted(server.alive) if server else []),
-            "step_workers_agree_across_shards": self.shards_agree}}
+            "step_workers_agree_across_shards": self.shards_agree,
+            "tables": self.tables_summary}}

@@ -22,6 +22,7 @@ SOURCES: dict[str, str] = {
     "sklearn:digits": "distml.data.sources.digits:Digits",
     "synthetic:classification": "distml.data.sources.synthetic:SyntheticClassification",
     "synthetic:regression": "distml.data.sources.synthetic:SyntheticRegression",
+    "synthetic:clicks": "distml.data.sources.clicks:Clicks",
     "text": "distml.data.sources.text:Text",
     "file": "distml.data.sources.files:Files",
 }

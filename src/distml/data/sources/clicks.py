@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from distml.data.sources.base import Chunk, RawChunk, Source
+from distml.data.sources.synthetic import row_chunks
+
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -75,3 +78,20 @@ def _coprime(n: int, salt: int) -> int:
     while np.gcd(m, n) != 1:
         m = m + 1 if m + 1 < n else 1
     return m
+
+
+class Clicks(Source):
+    """``synthetic:clicks``: dense columns d0.., categorical columns c0.. (each id as its
+    decimal text: categorical values as such, hashed by preprocessing), a 0/1 label."""
+
+    def plan_chunks(self, rows_per_partition: int) -> list[Chunk]:
+        return row_chunks(self.spec.n_samples, rows_per_partition)
+
+    def load_chunk(self, chunk: Chunk) -> RawChunk:
+        src = self.spec
+        dense, ids, label = click_rows(src.seed, chunk.start, chunk.stop,
+                                       cardinalities=src.cardinalities,
+                                       num_dense=src.num_dense, alpha=src.alpha)
+        columns = {f"d{j}": dense[:, j] for j in range(src.num_dense)}
+        columns.update({f"c{f}": ids[:, f].astype(str) for f in range(ids.shape[1])})
+        return RawChunk(columns, label.astype(np.int64))

@@ -26,6 +26,7 @@ TRANSFORMS: dict[str, str] = {
     "impute": "distml.data.transforms.impute:Impute",
     "clip": "distml.data.transforms.clip:Clip",
     "onehot": "distml.data.transforms.onehot:OneHot",
+    "hash": "distml.data.transforms.hashing:Hash",
     "user": "distml.data.transforms.user:UserFunction",
 }
 

@@ -271,7 +271,8 @@ class ServerHost:
             else:
                 ch.send(c, reply)
         elif msg.kind in (Kind.ROWS, Kind.PUSH_ROWS) and self.tables is not None:
-            self.tables.answer(c, msg, s.lr_at(s.version) if s.lr_at else None)
+            lr_at = self.tables.lr_at or s.lr_at
+            self.tables.answer(c, msg, lr_at(s.version) if lr_at else None)
         elif msg.kind == Kind.IDLE:
             s.set_idle(c, msg.epoch)
             ch.send(c, Msg(Kind.OK))

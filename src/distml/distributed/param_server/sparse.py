@@ -120,6 +120,15 @@ class RowStore:
         slots = self.slots(ids)  # first: it may grow ``values``
         return self.values[slots]
 
+    def peek(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows ``ids`` as they are, creating none (an untouched row: its initial values)."""
+        out = init_rows(ids, self.dim, seed=self.seed, table=self.table, scale=self.scale)
+        held = [k for k, i in enumerate(ids.tolist()) if i in self.slot]
+        if held:
+            pos = torch.tensor(held, dtype=torch.int64)
+            out[pos] = self.values[torch.tensor([self.slot[i] for i in ids[pos].tolist()])]
+        return out
+
     def apply(self, ids: torch.Tensor, grads: torch.Tensor, lr: float | None = None) -> None:
         """One step on rows ``ids`` (distinct) with their summed gradients."""
         lr = self.lr if lr is None else lr
@@ -194,6 +203,11 @@ class SparseClient:
         self.touched = []
         for f, (bag, part) in enumerate(zip(self.model.bags, self.partitions, strict=True)):
             uniq, inverse = torch.unique(ids[:, f], return_inverse=True)
+            if len(uniq) and not 0 <= uniq[0] <= uniq[-1] < part.num_rows:
+                raise ValueError(
+                    f"click model: categorical column {f} holds ids {uniq[0]}..{uniq[-1]}, "
+                    f"outside its table's [0, {part.num_rows}); make the hash transform's "
+                    f"buckets the model's cardinalities")
             rows = torch.empty(len(uniq), self.model.dim)
             for server, pos in enumerate(part.split(uniq)):
                 if len(pos):
@@ -202,11 +216,14 @@ class SparseClient:
             self.touched.append(uniq)
         self.peak_rows = max(self.peak_rows, sum(len(u) for u in self.touched))
 
-    def push(self) -> None:
+    def push(self, scale: float = 1.0) -> None:
+        """The rows' gradients (times ``scale``: sync averages a step's workers)."""
         for f, (bag, part) in enumerate(zip(self.model.bags, self.partitions, strict=True)):
             uniq, grad = self.touched[f], bag.rows.grad
             if grad is None:
                 grad = torch.zeros(len(uniq), self.model.dim)
+            elif scale != 1.0:
+                grad = grad * scale
             for server, pos in enumerate(part.split(uniq)):
                 self.send(server, f, uniq[pos], grad[pos])
 
@@ -214,12 +231,14 @@ class SparseClient:
 # -- over the wire (protocol's ROWS and PUSH_ROWS) -------------------------------------------
 
 
-def channel_transport(channel: Channel, servers: list[int], dim: int) -> tuple[Fetch, Push]:
-    """A worker's ``fetch`` and ``push`` to the servers (ranks ``servers``, by index)."""
+def channel_transport(channel: Channel, servers: list[int], dim: int, *, peek: bool = False
+                      ) -> tuple[Fetch, Push]:
+    """A worker's ``fetch`` and ``push`` to the servers (ranks ``servers``, by index);
+    ``peek``: fetch rows without creating them (evaluation)."""
 
     def fetch(server: int, table: int, ids: torch.Tensor) -> torch.Tensor:
         peer = servers[server]
-        channel.send(peer, Msg(Kind.ROWS, item=table, samples=len(ids)), ids)
+        channel.send(peer, Msg(Kind.ROWS, item=table, samples=len(ids), flag=int(peek)), ids)
         channel.recv(peer)
         return channel.recv_into(peer, torch.empty(len(ids), dim))
 
@@ -241,6 +260,7 @@ class TableHost:
     def __init__(self, stores: list[RowStore], channel: Channel) -> None:
         self.stores, self.channel = stores, channel
         self.lock = threading.Lock()
+        self.lr_at: Callable[[int], float] | None = None  # the rows' lr at a server version
 
     def answer(self, client: int, msg: Msg, lr: float | None = None) -> None:
         ch, store = self.channel, self.stores[msg.item]
@@ -249,7 +269,7 @@ class TableHost:
             ch.recv_into(client, ids)
         if msg.kind == Kind.ROWS:
             with self.lock:
-                rows = store.get(ids)
+                rows = store.peek(ids) if msg.flag else store.get(ids)
             ch.send(client, Msg(Kind.OK), rows)
             return
         grads = torch.empty(len(ids), store.dim)

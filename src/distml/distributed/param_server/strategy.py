@@ -30,8 +30,10 @@ from torch.distributed.device_mesh import DeviceMesh
 from distml.config import TrainSettings
 from distml.distributed.param_server.layout import ShardLayout
 from distml.distributed.param_server.protocol import Channel, Kind, Msg
+from distml.distributed.param_server.tables import Fetching, tables_of
 from distml.distributed.runtime import DistEnv
 from distml.distributed.strategy import Batch, LossFn, Strategy
+from distml.errors import DistmlError
 
 
 class Shard(nn.Module):
@@ -52,16 +54,19 @@ class ParameterServer(Strategy):
         self.servers = list(range(self.ps.num_servers))
         self.workers = list(range(self.ps.num_servers, env.world_size))
         self.is_server = env.rank in self.servers
-        self.layout = ShardLayout.of(model, self.ps.num_servers)
-        self.full_model: nn.Module | None = None
-        self.final: dict[str, torch.Tensor] | None = None  # what export gives, if set
-        self.version = 0
-        # Parameter traffic goes over gloo on CPU (see protocol); a gloo group is made for
-        # it when the job's backend is another (nccl).
         group = None
         if env.distributed and dist.get_backend() != "gloo":
             group = dist.new_group(backend="gloo")
         self.channel = Channel(group)
+        # A model's sparse tables go to the row servers, before the dense layout is cut.
+        self.tables = tables_of(model, self.ps, rank=env.rank, servers=self.servers,
+                                channel=self.channel, lr=settings.lr)
+        self.layout = ShardLayout.of(model, self.ps.num_servers)
+        self.full_model: nn.Module | None = None
+        self.final: dict[str, torch.Tensor] | None = None  # what export gives, if set
+        self.version = 0
+        # Parameter traffic goes over gloo on CPU (see protocol): the group made above
+        # when the job's backend is another (nccl).
         super().__init__(model, settings, env, mesh=mesh, sample=sample)
 
     def wrap(self, model: nn.Module) -> nn.Module:
@@ -96,6 +101,10 @@ class ParameterServer(Strategy):
     # -- lock step (verify) ------------------------------------------------------------------
 
     def train_step(self, micro_batches: list[Batch], loss_fn: LossFn) -> float:
+        if self.tables is not None:
+            raise DistmlError("the lock-step parameter-server step (distml verify) does not "
+                              "cover a click model's sparse tables; verify a dense model, or "
+                              "train this one with distml train")
         if self.is_server:
             return self._serve_step()
         self.model.train()
@@ -161,7 +170,7 @@ class ParameterServer(Strategy):
         self.layout.copy_into(flat, params)
         return self.full_model
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+    def _dense_state_dict(self) -> dict[str, torch.Tensor] | None:
         flat = self.gather_flat()
         if flat is None:
             return None
@@ -170,6 +179,15 @@ class ParameterServer(Strategy):
         self.load_full(flat)
         return {k: v.detach().clone() for k, v in self.full_model.state_dict().items()}
 
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model on server 0 (None elsewhere): the dense part, and the tables
+        gathered from the row servers."""
+        state = self._dense_state_dict()
+        tables = self.tables.gather() if self.tables is not None else None
+        if state is None or tables is None:
+            return state
+        return {**state, **tables}
+
     def evaluate(self, task: str, x: torch.Tensor, y: torch.Tensor
                  ) -> tuple[dict[str, float], Any]:
         """Server 0's whole model (as last loaded with ``load_full``); {} elsewhere."""
@@ -177,6 +195,8 @@ class ParameterServer(Strategy):
 
         if self.full_model is None:
             return {}, None
+        if self.tables is not None:
+            return evaluate(task, Fetching(self.full_model, self.tables.client), x, y)
         return evaluate(task, self.full_model, x, y)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
@@ -187,13 +207,15 @@ class ParameterServer(Strategy):
 
     # -- state ---------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
-        """A server's own state (workers have none)."""
+    def state_dict(self, *, tables: bool = True) -> dict[str, Any]:
+        """A server's own state (workers have none): its shard, optimizer and version, and
+        (``tables``) the rows it holds (``tables/...``: sizes only its checkpoint knows)."""
         if not self.is_server:
             return {}
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        rows = self.tables.state_dict() if tables and self.tables is not None else {}
         return {"model": model_sd, "optim": optim_sd,
-                "version": torch.tensor(self.version, dtype=torch.int64)}
+                "version": torch.tensor(self.version, dtype=torch.int64), **rows}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.is_server:

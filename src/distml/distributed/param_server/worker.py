@@ -25,6 +25,7 @@ from torch import nn
 from distml.distributed.param_server import keeper
 from distml.distributed.param_server.layout import ShardLayout
 from distml.distributed.param_server.protocol import STATS, Channel, Kind, Msg
+from distml.distributed.param_server.sparse import SparseClient
 from distml.distributed.param_server.work import ItemReader
 
 logger = logging.getLogger(__name__)
@@ -40,11 +41,14 @@ class Worker:
     def __init__(self, *, rank: int, model: nn.Module, layout: ShardLayout, channel: Channel,
                  servers: list[int], reader: ItemReader, loss_fn: LossFn, mode: str,
                  device: torch.device, autocast: Callable[[], Any], grad_clip: float | None,
-                 peak_memory: Callable[[], int], store: Any = None, key: str = "") -> None:
+                 peak_memory: Callable[[], int], store: Any = None, key: str = "",
+                 tables: SparseClient | None = None) -> None:
         self.rank, self.model, self.layout, self.channel = rank, model, layout, channel
         self.servers, self.reader, self.loss_fn, self.mode = servers, reader, loss_fn, mode
         self.device, self.autocast, self.grad_clip = device, autocast, grad_clip
         self.peak_memory, self.store, self.key = peak_memory, store, key
+        self.tables = tables  # the model's sparse tables' rows, on the row servers
+        self.step_size = 1  # sync: how many gradients the last step taken averaged
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.flat = torch.empty(layout.numel, dtype=layout.dtype)
         self.pulled = [0] * len(servers)  # the version of each shard this worker holds
@@ -116,6 +120,8 @@ class Worker:
             head = Msg(Kind.PUSH, epoch=epoch, item=item, clock=i, loss=loss, samples=len(x))
             ok, taken = (self._push_sync(head, grad, pull=not last) if self.mode == "sync"
                          else (self._push(head, grad, pull=not last), True))
+            if taken and self.tables is not None:  # the rows' gradients follow the dense one
+                self.tables.push(1.0 / max(self.step_size, 1))
             if not ok:
                 return None
             if not taken:
@@ -133,6 +139,8 @@ class Worker:
         self.model.train()
         for p in self.params:
             p.grad = None
+        if self.tables is not None:
+            self.tables.prepare(x)  # the rows this batch touches, from their servers
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         with self.autocast():
             loss = self.loss_fn(self.model(x), y)
@@ -185,6 +193,7 @@ class Worker:
         lead = self.channel.recv(self.servers[0])
         answered = lead.kind == Kind.OK
         taken, ok = answered and lead.samples > 0, answered and not lead.flag
+        self.step_size = lead.samples if taken else 1
         if answered and pull:
             self.channel.recv_into(self.servers[0], self.layout.split(self.flat)[0])
             self.pulled[0] = self.wanted[0] = lead.version
