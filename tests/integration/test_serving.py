@@ -89,6 +89,9 @@ def _bad(x):
         ("wrong shape", with_input(shape=[2, 63]), 400, "does not match this model's"),
         ("wrong element count", with_input(shape=[3, 64]), 400, "128 elements in data"),
         ("not a number", with_input(data=["a"] * 128), 400, "'a' is not a FP32 value"),
+        # among numbers (numpy alone would read true as 1.0: the JSON fast path's guard)
+        ("boolean", with_input(data=[*x[:2].ravel().tolist()[:127], True]), 400,
+         "True is not a FP32 value"),
         ("NaN", json.dumps(infer_body(nan_rows)), 400, "element [1, 3] is nan"),
         ("missing input", json.dumps({"inputs": []}), 400, "inputs: must be a non-empty"),
         ("unknown input", with_input(name="pixels"), 400, "unknown input 'pixels'"),
@@ -97,8 +100,9 @@ def _bad(x):
     ]
 
 
-@pytest.mark.parametrize("case", range(9), ids=lambda i: ["malformed", "datatype", "shape",
-                         "count", "string", "nan", "missing", "unknown-in", "unknown-out"][i])
+@pytest.mark.parametrize("case", range(10), ids=lambda i: [
+    "malformed", "datatype", "shape", "count", "string", "boolean", "nan", "missing",
+    "unknown-in", "unknown-out"][i])
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, trained, case):
     url, _ = server
     name, body, status, message = _bad(trained[1])[case]

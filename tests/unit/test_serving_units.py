@@ -255,6 +255,28 @@ def test_wrong_tensor_data_is_a_400_naming_it(data, datatype, raw, message):
     assert e.value.status == 400
 
 
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_the_json_fast_path_decodes_exactly_what_the_checked_path_does(datatype):
+    # numpy's one-pass conversion (numbers_only: no JSON boolean in the text) against the
+    # element-wise checks: the same array for numbers; for anything else the same error.
+    rng = np.random.default_rng(0)
+    good = [rng.normal(size=(8, 5)).tolist(), [[1, 2.5], [3, 4]], [1, 2, 3, 4],
+            [[2**70, 1.0]], [[0.1, 1e-45], [3.4e38, -0.0]], []]
+    for data in good:
+        shape = list(np.shape(data)) if data else [0, 2]
+        fast = decode_json(data, datatype, shape, "t", numbers_only=True)
+        checked = decode_json(data, datatype, shape, "t")
+        assert fast.dtype == checked.dtype
+        assert fast.shape == checked.shape
+        np.testing.assert_array_equal(fast, checked)
+    bad = [([["a", 1.0]], [1, 2], "'a' is not a"), ([[None, 1.0]], [1, 2], "None is not a"),
+           ([[1.0], 2.0], [2], "mixes lists and values"),
+           ([[1.0, 2.0]], [1, 3], "2 elements in data"), ([{"a": 1}, 2], [2], "is not a")]
+    for data, shape, message in bad:
+        with pytest.raises(ProtocolError, match=re.escape(message)):
+            decode_json(data, datatype, shape, "t", numbers_only=True)
+
+
 def test_a_model_input_takes_the_datatypes_it_holds_exactly():
     assert accepted_datatypes("FP32") == ["BOOL", "UINT8", "UINT16", "INT8", "INT16", "FP16",
                                           "FP32"]

@@ -144,7 +144,9 @@ def _float_array(data: list, datatype: str, shape: list[int]) -> np.ndarray | No
     if arr.dtype.kind not in "fi" or arr.size != math.prod(shape):
         return None
     # float64 -> float32 rounds as Python float -> float32 does: the same values either way
-    return arr.astype(NUMERIC[datatype], copy=False).reshape(shape)
+    # (past FP16's range: inf, as there, without numpy's warning)
+    with np.errstate(over="ignore"):
+        return arr.astype(NUMERIC[datatype], copy=False).reshape(shape)
 
 
 _JSON_NAMES = {bool: "true/false", str: "strings", int: "integers", float: "numbers"}
