@@ -14,19 +14,23 @@ Placement: every server is pinned with taskset to core 0 (it and every process i
 the load generator (this process) to core 1; the same for every server. The two-process run
 (``distml serve --replicas 2`` against tuned FastAPI under uvicorn's ``--workers 2``) pins the
 server to cores 0-1 and the load generator to core 2 when there is one; with 2 cores it
-shares cores 0-1 with the server (said in the result).
+shares cores 0-1 with the server (said in the result). One distml replica is measured there
+too (``replicas_2_vs_1_same_cores``: what the second replica adds on the same cores).
 
 Load (bench/loadgen.py): closed loop, C connections with one request each in flight (C = 1,
 8, 32; one JSON row per request, and 64 rows at C = 32), and open loop: Poisson arrivals at
 50% and 80% of the server's capacity as measured at C = 32 in the same round (p50, p99 from
-each request's scheduled arrival). Every level: a warm-up, then SECONDS of measurement. ROUNDS
+each request's scheduled arrival); and once per round distml and the round's best peer at
+C = 32, each started afresh, open loop at one rate, 80% of that peer's capacity
+(``p99_at_same_rate_vs_best_peer``: at 80% of its own capacity a server five times faster is
+offered five times the rate). Every level: a warm-up, then SECONDS of measurement. ROUNDS
 rounds each measure every server's levels, the servers' order rotating between rounds; a
 server is started for its turn and stopped after it, so that no idle server takes CPU from
 the one measured (an idle Ray cluster keeps several processes busy). Ratios are taken within
 each round (ours / the peer's, measured minutes apart at most) and reported as the median and
 min-max of the rounds' ratios; the best peer of a level is the peer with the highest median there.
 
-    python -m bench serve                      # the full run: ~16 min on 2 cores
+    python -m bench serve                      # the full run: ~14 min on 2 cores
     DISTML_BENCH_QUICK=1 python -m bench serve # 1 round of 1 s levels, to check it runs
     DISTML_BENCH_SERVE_PEERS=plain_fastapi_tuned,rayserve ...  # a subset of the peers
 """
@@ -55,7 +59,7 @@ from bench.serve_servers import (
     wrk_check,
 )
 
-SECONDS, WARMUP_S, ROUNDS = (1.0, 0.5, 1) if QUICK else (2.0, 0.5, 3)
+SECONDS, WARMUP_S, ROUNDS = (1.0, 0.5, 1) if QUICK else (1.5, 0.4, 3)
 SERVER_CPUS, LOADGEN_CPUS = "0", "1"
 TWO_CPUS, TWO_LOADGEN_CPUS = "0,1", ("2" if (os.cpu_count() or 1) > 2 else "0,1")
 LOAD_FRACTIONS = (0.5, 0.8)
