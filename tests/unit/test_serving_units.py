@@ -126,6 +126,31 @@ def test_a_lone_request_runs_on_the_loop_only_while_its_forward_is_short():
     assert loop_thread not in threads[4:]  # the third took 20 ms: off the loop from then on
 
 
+def test_a_closed_loop_settles_into_full_batches_not_one_and_the_rest():
+    """Eight clients, each sending again once answered, to a model whose forward takes
+    10 ms: the one request queued during a big batch waits (at most half a forward) for the
+    big batch's clients to come back instead of running alone, so batches settle at eight
+    rows rather than alternating one and seven."""
+    model = Model(delay=0.01)
+
+    async def client(b: Batcher) -> None:
+        for _ in range(12):
+            await b.submit(np.ones((1, 3)), 5)
+
+    async def main():
+        b = Batcher(model, max_delay_s=0, arriving=lambda: 0)
+        b.start()
+        try:
+            first = asyncio.ensure_future(client(b))  # alone at first: the model idle
+            await asyncio.sleep(0.002)
+            await asyncio.gather(first, *[client(b) for _ in range(7)])
+        finally:
+            await b.stop()
+
+    _run(main())
+    assert model.calls[2:].count(8) >= 8, model.calls  # without the wait: 1, 7, 1, 7, ...
+
+
 def test_without_batching_each_request_runs_alone():
     model = Model()
 

@@ -1,7 +1,7 @@
 """The HTTP/1.1 client to one replica over its Unix socket (the front's, and each replica's
 to the others when they share the port), with what both forward and return: keep-alive
-connections kept idle between requests, one request at a time on each. It replaces httpx on the request
-path, whose connection pool under 32 concurrent requests held each for tens of
+connections kept idle between requests, one request at a time on each. It replaces httpx on
+the request path, whose connection pool under 32 concurrent requests held each for tens of
 milliseconds (the front at half a core, the replicas idle, 300 req/s); this one costs a
 write and two reads. The replica is distml's own uvicorn, so its responses are plain:
 a Content-Length on every one that has a body.
