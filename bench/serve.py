@@ -14,19 +14,23 @@ Placement: every server is pinned with taskset to core 0 (it and every process i
 the load generator (this process) to core 1; the same for every server. The two-process run
 (``distml serve --replicas 2`` against tuned FastAPI under uvicorn's ``--workers 2``) pins the
 server to cores 0-1 and the load generator to core 2 when there is one; with 2 cores it
-shares cores 0-1 with the server (said in the result).
+shares cores 0-1 with the server (said in the result). One distml replica is measured there
+too (``replicas_2_vs_1_same_cores``: what the second replica adds on the same cores).
 
 Load (bench/loadgen.py): closed loop, C connections with one request each in flight (C = 1,
 8, 32; one JSON row per request, and 64 rows at C = 32), and open loop: Poisson arrivals at
 50% and 80% of the server's capacity as measured at C = 32 in the same round (p50, p99 from
-each request's scheduled arrival). Every level: a warm-up, then SECONDS of measurement. ROUNDS
+each request's scheduled arrival); and once per round distml and the round's best peer at
+C = 32, each started afresh, open loop at one rate, 80% of that peer's capacity
+(``p99_at_same_rate_vs_best_peer``: at 80% of its own capacity a server five times faster is
+offered five times the rate). Every level: a warm-up, then SECONDS of measurement. ROUNDS
 rounds each measure every server's levels, the servers' order rotating between rounds; a
 server is started for its turn and stopped after it, so that no idle server takes CPU from
 the one measured (an idle Ray cluster keeps several processes busy). Ratios are taken within
 each round (ours / the peer's, measured minutes apart at most) and reported as the median and
 min-max of the rounds' ratios; the best peer of a level is the peer with the highest median there.
 
-    python -m bench serve                      # the full run: ~16 min on 2 cores
+    python -m bench serve                      # the full run: ~14 min on 2 cores
     DISTML_BENCH_QUICK=1 python -m bench serve # 1 round of 1 s levels, to check it runs
     DISTML_BENCH_SERVE_PEERS=plain_fastapi_tuned,rayserve ...  # a subset of the peers
 """
@@ -55,10 +59,11 @@ from bench.serve_servers import (
     wrk_check,
 )
 
-SECONDS, WARMUP_S, ROUNDS = (1.0, 0.5, 1) if QUICK else (2.0, 0.5, 3)
+SECONDS, WARMUP_S, ROUNDS = (1.0, 0.5, 1) if QUICK else (1.5, 0.4, 3)
 SERVER_CPUS, LOADGEN_CPUS = "0", "1"
 TWO_CPUS, TWO_LOADGEN_CPUS = "0,1", ("2" if (os.cpu_count() or 1) > 2 else "0,1")
 LOAD_FRACTIONS = (0.5, 0.8)
+LOAD_SAME = 0.8  # the same-rate comparison: this share of the best peer's capacity
 
 
 def _peers() -> list[str]:
@@ -81,7 +86,7 @@ def _groups() -> dict[str, dict]:
                            for n in ["distml_batched", "distml_unbatched", *peers]}},
         **{f"two_processes{suffix}": {
             "model": model, "cpus": TWO_CPUS, "loadgen": TWO_LOADGEN_CPUS,
-            "plans": {n: ["json1_c32"] for n in ["distml_replicas2"] + (
+            "plans": {n: ["json1_c32"] for n in ["distml_replicas2", "distml_batched"] + (
                 ["plain_fastapi_tuned_workers2"] if "plain_fastapi_tuned" in peers else [])}}
            for suffix, model in (("", "digits"), ("_wide", "wide"))},
     }
@@ -125,15 +130,18 @@ def _turn(g: str, group: dict, name: str, server: tuple, payloads: dict, r: int,
     return done
 
 
-def _rounds(groups: dict, servers: dict, payloads: dict, tmp: Path) -> tuple[dict, dict]:
-    """runs[group][server][level]: one run per round (see the module's docstring), and the
-    servers that failed (each is not tried again)."""
+def _rounds(groups: dict, servers: dict, payloads: dict, tmp: Path
+            ) -> tuple[dict, dict, list[dict]]:
+    """runs[group][server][level]: one run per round (see the module's docstring), the
+    servers that failed (each is not tried again), and each round's same-rate comparison."""
     runs: dict = {g: {s: {} for s in servers[g]} for g in groups}
     failed: dict[str, str] = {}
+    same_rate: list[dict] = []
     for r in range(ROUNDS):
         for g, group in groups.items():
             os.sched_setaffinity(0, {int(c) for c in group["loadgen"].split(",")})
             names = list(servers[g])
+            this_round: dict[str, dict] = {}
             for name in names[r % len(names):] + names[:r % len(names)]:
                 if f"{g}/{name}" in failed:
                     continue
@@ -144,9 +152,38 @@ def _rounds(groups: dict, servers: dict, payloads: dict, tmp: Path) -> tuple[dic
                     failed[f"{g}/{name}"] = f"{type(e).__name__}: {str(e)[-500:]}"
                     print(g, name, "failed:", e, flush=True)
                     continue
+                this_round[name] = done
                 for level, run in done.items():
                     runs[g][name].setdefault(level, []).append(run)
-    return {g: {s: v for s, v in by.items() if v} for g, by in runs.items()}, failed
+            if g == "digits":
+                same_rate += _same_rate(group, servers[g], this_round, payloads, r,
+                                        tmp / "servers" / g)
+    return {g: {s: v for s, v in by.items() if v} for g, by in runs.items()}, failed, same_rate
+
+
+def _same_rate(group: dict, servers: dict, done: dict[str, dict], payloads: dict, r: int,
+               folder: Path) -> list[dict]:
+    """distml and this round's best peer at C = 32, both open loop at one absolute rate (80%
+    of that peer's capacity): at 80% of each one's own capacity a server five times faster
+    is offered five times the rate, and the latencies compare different loads (and the load
+    generator's own lag grows with the rate)."""
+    peers = {n: d["json1_c32"]["throughput_rps"] for n, d in done.items()
+             if n in PEER_NAMES and "json1_c32" in d}
+    if "distml_batched" not in done or not peers:
+        return []
+    best = max(peers, key=peers.__getitem__)
+    out = {"round": r, "peer": best, "rate_rps": round(LOAD_SAME * peers[best], 1)}
+    for side, name in (("ours", "distml_batched"), ("theirs", best)):
+        cmd, port = servers[name]
+        proc = start(cmd, group["cpus"], port, payloads["json1"][0][0], folder)
+        try:
+            out[side] = run_open(port, PATH, payloads["json1"], out["rate_rps"],
+                                 seconds=SECONDS, warmup_s=WARMUP_S, seed=r)
+        finally:
+            stop(proc)
+        print(f"[{r + 1}/{ROUNDS}] digits {name} open at {out['rate_rps']:.0f} req/s (80% of "
+              f"{best}'s capacity): p99 {out[side]['p99_ms']:.1f} ms", flush=True)
+    return [out]
 
 
 def main() -> dict:
@@ -163,7 +200,7 @@ def main() -> dict:
             (Path(tmp) / "servers" / g).mkdir(parents=True)
             servers[g] = commands(artifacts[group["model"]], Path(tmp) / "servers" / g,
                                   list(group["plans"]))
-        runs, failed = _rounds(groups, servers, payloads, Path(tmp))
+        runs, failed, same_rate = _rounds(groups, servers, payloads, Path(tmp))
         wrk = None
         if "distml_batched" in servers["digits"]:
             cmd, port = servers["digits"]["distml_batched"]
@@ -173,7 +210,7 @@ def main() -> dict:
                 wrk = wrk_check(port, payloads["json1"][0][0], SECONDS, LOADGEN_CPUS)
             finally:
                 stop(proc)
-    return _summarize(runs, raw_ms, failed, wrk)
+    return _summarize(runs, raw_ms, failed, wrk, same_rate)
 
 
 def _per_round(a: list[dict], b: list[dict], key: str = "throughput_rps") -> dict:
@@ -200,8 +237,8 @@ def _vs_best_peer(runs: dict, level: str, key: str = "throughput_rps",
 
 
 def _replicas(runs: dict) -> dict:
-    """2 replicas (cores 0-1) against 1 (core 0), and against 2 processes of tuned FastAPI,
-    per round, on each model."""
+    """2 replicas (cores 0-1) against 1 (core 0), against 1 on the same cores 0-1, and
+    against 2 processes of tuned FastAPI, per round, on each model."""
     out = {}
     for suffix, group, model in (("", "two_processes", "digits"),
                                  ("_compute_bound", "two_processes_wide", "wide")):
@@ -210,13 +247,34 @@ def _replicas(runs: dict) -> dict:
         out[f"replicas_2_speedup{suffix}"] = (_per_round(
             two["distml_replicas2"]["json1_c32"], one["distml_batched"]["json1_c32"])
             if both else None)
+        # the same cores for both (and the load generator): what the second replica adds
+        out[f"replicas_2_vs_1_same_cores{suffix}"] = (_per_round(
+            two["distml_replicas2"]["json1_c32"], two["distml_batched"]["json1_c32"])
+            if {"distml_replicas2", "distml_batched"} <= set(two) else None)
         out[f"replicas_2_vs_peer_2_processes{suffix}"] = (_per_round(
             two["distml_replicas2"]["json1_c32"], two["plain_fastapi_tuned_workers2"]["json1_c32"])
             if {"distml_replicas2", "plain_fastapi_tuned_workers2"} <= set(two) else None)
     return out
 
 
-def _summarize(runs: dict, raw_ms: dict, failed: dict, wrk: dict | str | None) -> dict:
+def _same_rate_ratio(same_rate: list[dict]) -> dict | None:
+    """distml's p99 over the best peer's, both at the same rate, per round."""
+    if not same_rate:
+        return None
+    ratios = [s["ours"]["p99_ms"] / s["theirs"]["p99_ms"] for s in same_rate]
+    return {"median": round(statistics.median(ratios), 3),
+            "min_max": [round(min(ratios), 3), round(max(ratios), 3)],
+            "best_peer": statistics.mode(s["peer"] for s in same_rate),
+            "rate_rps": [s["rate_rps"] for s in same_rate],
+            "p99_ms_ours_peer": [round(statistics.median(s[k]["p99_ms"] for s in same_rate), 2)
+                                 for k in ("ours", "theirs")],
+            **{f"{key}_ours_peer": [round(statistics.median(s[k][key] for s in same_rate), 3)
+                                    for k in ("ours", "theirs")]
+               for key in ("client_lag_p99_ms", "p99_less_client_lag_ms")}}
+
+
+def _summarize(runs: dict, raw_ms: dict, failed: dict, wrk: dict | str | None,
+               same_rate: list[dict]) -> dict:
     digits, wide = runs["digits"], runs["wide"]
     ratios = {
         "ratio_vs_best_peer_c32": _vs_best_peer(digits, "json1_c32"),
@@ -226,6 +284,7 @@ def _summarize(runs: dict, raw_ms: dict, failed: dict, wrk: dict | str | None) -
         # p99 at 80% of each one's own capacity; the best peer: the best at C = 32
         "p99_at_80pct_load_vs_best_peer": _vs_best_peer(digits, "open80", "p99_ms",
                                                         best_at="json1_c32"),
+        "p99_at_same_rate_vs_best_peer": _same_rate_ratio(same_rate),
         "batching_speedup_c32_compute_bound": (
             _per_round(wide["distml_batched"]["json1_c32"], wide["distml_unbatched"]["json1_c32"])
             if {"distml_batched", "distml_unbatched"} <= set(wide) else None),
@@ -247,7 +306,7 @@ def _summarize(runs: dict, raw_ms: dict, failed: dict, wrk: dict | str | None) -
         "ratios": ratios,
         "raw_forward_ms": {m: round(v, 3) for m, v in raw_ms.items()},
         "overhead_vs_raw_forward_c1_ms": overhead,
-        "wrk_check": wrk, "failed": failed,
+        "wrk_check": wrk, "failed": failed, "same_rate": same_rate,
         "results": {g: {s: {lv: summarize(r) for lv, r in levels.items()}
                         for s, levels in servers.items()} for g, servers in runs.items()},
     }
@@ -279,7 +338,9 @@ TARGETS = {"ratio_vs_best_peer_c32": ">= 1.2, p99 no worse", "ratio_vs_best_peer
            "batching_speedup_c32_compute_bound": ">= 4", "replicas_2_speedup": ">= 1.7",
            "replicas_2_speedup_compute_bound": "reported",
            "replicas_2_vs_peer_2_processes": "reported",
-           "p99_at_80pct_load_vs_best_peer": "<= 1"}
+           "replicas_2_vs_1_same_cores": "reported",
+           "p99_at_80pct_load_vs_best_peer": "<= 1",
+           "p99_at_same_rate_vs_best_peer": "<= 1"}
 
 
 def table_rows(r: dict) -> list[tuple[str, str, str, str]]:

@@ -89,6 +89,9 @@ def _bad(x):
         ("wrong shape", with_input(shape=[2, 63]), 400, "does not match this model's"),
         ("wrong element count", with_input(shape=[3, 64]), 400, "128 elements in data"),
         ("not a number", with_input(data=["a"] * 128), 400, "'a' is not a FP32 value"),
+        # among numbers (numpy alone would read true as 1.0: the JSON fast path's guard)
+        ("boolean", with_input(data=[*x[:2].ravel().tolist()[:127], True]), 400,
+         "True is not a FP32 value"),
         ("NaN", json.dumps(infer_body(nan_rows)), 400, "element [1, 3] is nan"),
         ("missing input", json.dumps({"inputs": []}), 400, "inputs: must be a non-empty"),
         ("unknown input", with_input(name="pixels"), 400, "unknown input 'pixels'"),
@@ -97,8 +100,9 @@ def _bad(x):
     ]
 
 
-@pytest.mark.parametrize("case", range(9), ids=lambda i: ["malformed", "datatype", "shape",
-                         "count", "string", "nan", "missing", "unknown-in", "unknown-out"][i])
+@pytest.mark.parametrize("case", range(10), ids=lambda i: [
+    "malformed", "datatype", "shape", "count", "string", "boolean", "nan", "missing",
+    "unknown-in", "unknown-out"][i])
 def test_bad_requests_get_a_4xx_that_names_the_problem(server, trained, case):
     url, _ = server
     name, body, status, message = _bad(trained[1])[case]
@@ -276,10 +280,14 @@ def _replicas(front: subprocess.Popen) -> list[psutil.Process]:
     return replicas
 
 
-def test_killing_a_replica_fails_only_its_requests_with_503(trained):
+@pytest.mark.parametrize("routing", ["front", "shared_port"])
+def test_killing_a_replica_fails_only_its_requests(trained, routing):
+    # front: the requests in flight on the dead replica get 503; shared_port: the
+    # connections it held drop (nothing stands between them and the client), and a new
+    # replica takes the port with the other.
     root, x = trained
     with running_server("--registry", str(root / "registry"), "--replicas", "2",
-                        cwd=root) as (url, proc, lines):
+                        "--replica-routing", routing, cwd=root) as (url, proc, lines):
         replicas = _replicas(proc)
         # Outcomes are collected and checked here, on the test's thread: an assertion in a
         # client thread would only end that thread.
@@ -313,8 +321,10 @@ def test_killing_a_replica_fails_only_its_requests_with_503(trained):
         assert "died with exit code -9; starting a new one" in "".join(lines)
         assert httpx.get(f"{url}/v2/health/ready").json()["replicas_ready"] == 2
     statuses = [s for _, s, _ in results]
-    assert set(statuses) <= {200, 503}, set(statuses)  # no dropped connection, no 500
-    assert statuses.count(503) <= 6  # at most the requests in flight on the dead replica
+    # front: no dropped connection; shared_port: only those of the dead replica; no 500
+    failed = {503} if routing == "front" else {"ReadError", "RemoteProtocolError"}
+    assert set(statuses) <= {200, *failed}, set(statuses)
+    assert sum(statuses.count(f) for f in failed) <= 6  # at most one per client
     assert all("replica" in json.loads(text)["error"] for _, s, text in results if s == 503)
     assert sum(1 for t, s, _ in results if t > killed_at and s == 200) > 20  # the other served
 

@@ -126,6 +126,31 @@ def test_a_lone_request_runs_on_the_loop_only_while_its_forward_is_short():
     assert loop_thread not in threads[4:]  # the third took 20 ms: off the loop from then on
 
 
+def test_a_closed_loop_settles_into_full_batches_not_one_and_the_rest():
+    """Eight clients, each sending again once answered, to a model whose forward takes
+    10 ms: the one request queued during a big batch waits (at most half a forward) for the
+    big batch's clients to come back instead of running alone, so batches settle at eight
+    rows rather than alternating one and seven."""
+    model = Model(delay=0.01)
+
+    async def client(b: Batcher) -> None:
+        for _ in range(12):
+            await b.submit(np.ones((1, 3)), 5)
+
+    async def main():
+        b = Batcher(model, max_delay_s=0, arriving=lambda: 0)
+        b.start()
+        try:
+            first = asyncio.ensure_future(client(b))  # alone at first: the model idle
+            await asyncio.sleep(0.002)
+            await asyncio.gather(first, *[client(b) for _ in range(7)])
+        finally:
+            await b.stop()
+
+    _run(main())
+    assert model.calls[2:].count(8) >= 8, model.calls  # without the wait: 1, 7, 1, 7, ...
+
+
 def test_without_batching_each_request_runs_alone():
     model = Model()
 
@@ -253,6 +278,28 @@ def test_wrong_tensor_data_is_a_400_naming_it(data, datatype, raw, message):
     with pytest.raises(ProtocolError, match=re.escape(message)) as e:
         decode()
     assert e.value.status == 400
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "FP32", "FP64"])
+def test_the_json_fast_path_decodes_exactly_what_the_checked_path_does(datatype):
+    # numpy's one-pass conversion (numbers_only: no JSON boolean in the text) against the
+    # element-wise checks: the same array for numbers; for anything else the same error.
+    rng = np.random.default_rng(0)
+    good = [rng.normal(size=(8, 5)).tolist(), [[1, 2.5], [3, 4]], [1, 2, 3, 4],
+            [[2**70, 1.0]], [[0.1, 1e-45], [3.4e38, -0.0]], []]
+    for data in good:
+        shape = list(np.shape(data)) if data else [0, 2]
+        fast = decode_json(data, datatype, shape, "t", numbers_only=True)
+        checked = decode_json(data, datatype, shape, "t")
+        assert fast.dtype == checked.dtype
+        assert fast.shape == checked.shape
+        np.testing.assert_array_equal(fast, checked)
+    bad = [([["a", 1.0]], [1, 2], "'a' is not a"), ([[None, 1.0]], [1, 2], "None is not a"),
+           ([[1.0], 2.0], [2], "mixes lists and values"),
+           ([[1.0, 2.0]], [1, 3], "2 elements in data"), ([{"a": 1}, 2], [2], "is not a")]
+    for data, shape, message in bad:
+        with pytest.raises(ProtocolError, match=re.escape(message)):
+            decode_json(data, datatype, shape, "t", numbers_only=True)
 
 
 def test_a_model_input_takes_the_datatypes_it_holds_exactly():

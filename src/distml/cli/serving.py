@@ -38,6 +38,9 @@ def serve(
     host: Annotated[str | None, _opt("Address to bind (127.0.0.1: this machine only).")] = None,
     port: Annotated[int | None, _opt("Port (0: a free one).")] = None,
     replicas: Annotated[int | None, _opt("Worker processes behind the port.")] = None,
+    replica_routing: Annotated[str | None, _opt(
+        "shared_port (each replica accepts on the port) or front (one process forwards).")
+    ] = None,
     batching: Annotated[bool | None, _opt("Dynamic batching.", show_default=False)] = None,
     max_batch_size: Annotated[int | None, _opt("Most rows in one forward pass.")] = None,
     max_delay_ms: Annotated[float | None, _opt("Longest wait to fill a batch.")] = None,
@@ -77,7 +80,8 @@ def serve(
 
     setup_logging(console, quiet=False)
     cfg = load_config(config) if config is not None else None
-    flags = {"host": host, "port": port, "replicas": replicas, "dynamic_batching": batching,
+    flags = {"host": host, "port": port, "replicas": replicas,
+             "replica_routing": replica_routing, "dynamic_batching": batching,
              "max_batch_size": max_batch_size, "max_delay_ms": max_delay_ms,
              "max_queue_rows": max_queue_rows, "timeout_ms": timeout_ms, "quantize": quantize,
              "grpc_port": grpc_port, "ssl_certfile": ssl_certfile, "ssl_keyfile": ssl_keyfile,

@@ -62,6 +62,14 @@ class ServeConfig(Strict):
     port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
     replicas: int = Field(1, ge=1, description="Worker processes behind the one port; a dead "
                           "one is replaced.")
+    replica_routing: Literal["shared_port", "front"] = Field(
+        "shared_port", description="With replicas > 1, how requests reach them. shared_port: "
+        "every replica accepts on the one port itself (SO_REUSEPORT: the kernel spreads the "
+        "connections; nothing between client and replica), idempotency keys, model loads and "
+        "feedback passed between replicas over Unix sockets; a dying replica drops the "
+        "connections it held. front: one front process forwards each request to a replica "
+        "over a Unix socket (a request in flight on a dying replica gets 503, at the front's "
+        "CPU cost on every request).")
     dynamic_batching: bool = Field(True, description="Gather the requests that arrive while "
                                    "the model is busy into its next forward pass (continuous "
                                    "batching; a request that finds it idle runs at once).")

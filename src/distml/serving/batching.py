@@ -8,7 +8,10 @@ requests that arrive while the model is busy form the next batch (up to ``max_ba
 rows), taken as soon as the model is free. With ``max_delay`` > 0 the batcher also waits,
 up to that long after the oldest queued request arrived, for requests whose bodies are being
 read (received, not yet queued); with none on their way it never waits, so a lone request
-never pays the delay. Each request's time in the queue is reported (``on_wait``). Results are split
+never pays the delay. After a long forward (``REBOUND_MAX_S``), requests queued during it
+wait a little for the rows just answered to come back, so that a closed loop's batches stay
+whole instead of alternating one row and the rest. Each request's time in the queue is
+reported (``on_wait``). Results are split
 back; rows are independent in eval mode, so each request gets what it would get alone. The
 queue holds at most ``max_queue_rows`` rows: past that a request is refused at once
 (``OverloadedError``, a 503), so latency never grows without bound. A request past its
@@ -31,6 +34,13 @@ import numpy as np
 # A lone request's forward runs on the event loop's thread only while lone forwards take less
 # than this on average: a longer one would hold up health checks, new connections and timers.
 INLINE_MAX_S = 0.001
+# After a forward of at least INLINE_MAX_S, when what is queued is under half the rows just
+# answered, the batcher waits up to half that forward (at most this) for those rows' clients
+# to send again: otherwise a closed loop of C clients settles into alternating batches of
+# 1 and C - 1 (the one queued while the big batch ran goes alone), paying a whole forward
+# for one row every other time. Only when something was queued during the forward: a request
+# that finds the model idle and nothing queued never waits.
+REBOUND_MAX_S = 0.005
 
 
 class OverloadedError(Exception):
@@ -80,6 +90,7 @@ class Batcher:
         self.on_wait = on_wait  # seconds each request spent queued before its forward began
         self.arriving = arriving  # requests received but not yet submitted
         self.lone_forward_s = 0.0  # moving average of a lone request's forward (_timed)
+        self.last = (0, 0.0)  # the last batch: (rows, seconds of its forward)
         self.queue: deque[_Pending] = deque()
         self.queued_rows = 0
         self._wake = asyncio.Event()
@@ -150,15 +161,36 @@ class Batcher:
                         p.future.set_exception(e)
                 continue
             self._answer(batch, out)
+            if self.batching and self.queue:  # queued during the forward: not alone
+                await self._rebound()
 
     def _timed(self, x: np.ndarray, alone: bool) -> dict[str, np.ndarray]:
         """``fn(x)``; a lone request's forward time goes into ``lone_forward_s`` (a moving
         average), which decides whether the next lone one may run on the loop's thread."""
         start = time.perf_counter()
         out = self.fn(x)
+        took = time.perf_counter() - start
         if alone:
-            self.lone_forward_s += 0.2 * (time.perf_counter() - start - self.lone_forward_s)
+            self.lone_forward_s += 0.2 * (took - self.lone_forward_s)
+        self.last = (len(x), took)
         return out
+
+    async def _rebound(self) -> None:
+        """Wait (see REBOUND_MAX_S) for the rows of the last long forward to come back, while
+        what is queued is under half of them and the batch is not full."""
+        rows, took = self.last
+        if took < INLINE_MAX_S or 2 * self.queued_rows >= rows:
+            return
+        until = time.monotonic() + min(0.5 * took, REBOUND_MAX_S)
+        while self.queued_rows < min(rows, self.max_batch_size):
+            left = until - time.monotonic()
+            if left <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                return
 
     @staticmethod
     def _answer(batch: list[_Pending], out: dict[str, np.ndarray]) -> None:

@@ -10,23 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 from contextlib import asynccontextmanager
 from typing import Any
 
 from distml.config import ServeConfig
 from distml.serving.replicas import Replica, ReplicaSet
 from distml.serving.transport import Tls, grpc_address
-
-_FORWARDED = ("content-type", "authorization", "idempotency-key", "x-request-timeout-ms",
-              "inference-header-content-length")
-_FORWARDED_BYTES = {k.encode() for k in (*_FORWARDED, "content-length")}
-_INFER = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/infer")
-_RETURNED = ("content-type", "retry-after", "www-authenticate",
-             "inference-header-content-length")
-# To every replica: a repository load or unload; feedback labels (each replica monitors the
-# requests it served, so each matches the labels of its own predictions).
-_BROADCAST = re.compile(r"^/v2/(repository/models/[^/]+/(load|unload)|models/[^/]+/feedback)$")
+from distml.serving.uds_client import (
+    BROADCAST,
+    FORWARDED,
+    FORWARDED_BYTES,
+    INFER,
+    exchange,
+    reply,
+)
 
 
 def front_app(replicas: ReplicaSet, settings: ServeConfig, tls: Tls | None = None) -> Any:
@@ -61,8 +58,8 @@ def front_app(replicas: ReplicaSet, settings: ServeConfig, tls: Tls | None = Non
             body = await read_body(request, settings.max_body_bytes)
         except ProtocolError as e:
             return error_response(e.status, e.message)
-        headers = {k: v for k, v in request.headers.items() if k in _FORWARDED}
-        if request.method == "POST" and _BROADCAST.match(request.url.path):
+        headers = {k: v for k, v in request.headers.items() if k in FORWARDED}
+        if request.method == "POST" and BROADCAST.match(request.url.path):
             return await _broadcast(replicas, request, body, headers)
         while (replica := replicas.pick(request.headers.get("idempotency-key"))) is not None:
             response = await _send(replica, request, body, headers)
@@ -97,33 +94,11 @@ async def _send(replica: Replica, request: Any, body: bytes, headers: dict[str, 
     from starlette.responses import Response
 
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    answer = await _exchange(replica, request.method, target, headers, body)
+    answer = await exchange(replica, request.method, target, headers, body)
     if answer is None:
         return None
     status, got, content = answer
     return Response(content, status_code=status, headers=dict(got))
-
-
-async def _exchange(replica: Replica, method: str, target: str, headers: dict[str, str],
-                    body: bytes) -> tuple[int, list[tuple[str, str]], bytes] | None:
-    """(status, the headers returned to the client, body); None when the replica could not
-    be reached (send to another); a 503 when it went away with the request."""
-    from distml.serving.uds_client import BrokenError, UnreachableError
-
-    replica.inflight += 1
-    try:
-        status, got, content = await replica.pool.request(method, target, headers, body)
-    except UnreachableError:  # never reached it: safe to send to another
-        replica.ready = False
-        return None
-    except BrokenError as e:  # it died with the request: that one fails
-        replica.ready = False
-        return 503, [("content-type", "application/json"), ("retry-after", "1")], json.dumps(
-            {"error": f"replica {replica.index} stopped while handling this request ({e}); "
-                      "retry"}).encode()
-    finally:
-        replica.inflight -= 1
-    return status, [(k, v) for k, v in got if k in _RETURNED], content
 
 
 class _InferFirst:
@@ -136,25 +111,25 @@ class _InferFirst:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if (scope["type"] != "http" or scope["method"] != "POST"
-                or _INFER.fullmatch(scope["path"]) is None):
+                or INFER.fullmatch(scope["path"]) is None):
             return await self.app(scope, receive, send)
         from distml.serving.endpoint import read_body
         from distml.serving.protocol import ProtocolError
 
         headers = {k.decode(): v.decode("latin-1") for k, v in scope["headers"]
-                   if k in _FORWARDED_BYTES}
+                   if k in FORWARDED_BYTES}
         try:
             body = await read_body(receive, headers.pop("content-length", None), self.limit)
         except ProtocolError as e:
-            return await _reply(send, e.status, [("content-type", "application/json")],
+            return await reply(send, e.status, [("content-type", "application/json")],
                                 json.dumps({"error": e.message}).encode())
         query = scope.get("query_string", b"").decode("latin-1")
         target = scope["path"] + (f"?{query}" if query else "")
         while (replica := self.replicas.pick(headers.get("idempotency-key"))) is not None:
-            answer = await _exchange(replica, "POST", target, headers, body)
+            answer = await exchange(replica, "POST", target, headers, body)
             if answer is not None:
-                return await _reply(send, *answer)
-        await _reply(send, 503, [("content-type", "application/json"), ("retry-after", "1")],
+                return await reply(send, *answer)
+        await reply(send, 503, [("content-type", "application/json"), ("retry-after", "1")],
                      b'{"error":"no replica is ready; retry shortly"}')
 
 
@@ -163,13 +138,6 @@ def _with_infer_first(app: Any, replicas: ReplicaSet, limit: int) -> Any:
     build = app.build_middleware_stack
     app.build_middleware_stack = lambda: _InferFirst(build(), replicas, limit)
     return app
-
-
-async def _reply(send: Any, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [
-        *((k.encode(), v.encode("latin-1")) for k, v in headers),
-        (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _broadcast(replicas: ReplicaSet, request: Any, body: bytes,

