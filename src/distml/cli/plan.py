@@ -165,6 +165,8 @@ def _check(cfg: Any, run_: Any, manifest: Any, out: dict[str, Any], world: int, 
            reporter: Any, *, only: list[str] | None) -> list[dict[str, Any]]:
     """Each candidate's plans at ``world`` that verify can run, each on its own processes:
     predicted against measured per-rank memory and step time."""
+    import torch
+
     from distml.plan.planner import compare, measured_step
     from distml.verify import verify
 
@@ -181,7 +183,7 @@ def _check(cfg: Any, run_: Any, manifest: Any, out: dict[str, Any], world: int, 
             report = verify(cfg, run_.folder, manifest, candidate=name,
                             strategies=list(runnable), steps=steps, world_size=world,
                             separate=True, tolerance=1.0)
-        cuda = False  # verify's workers run on the run's device; held bytes on CPU
+        cuda = torch.cuda.is_available()  # verify's workers run on it: its allocator's peak
         for r in report["results"]:
             rows.append({"candidate": name, **compare(runnable[r["strategy"]], r, cuda=cuda)})
         if single is not None:

@@ -85,7 +85,7 @@ def _real_batch(sample: tuple[torch.Tensor, ...], batch: int) -> list[torch.Tens
 
 
 def op_seconds(at: Callable[[int], ModelTrace], sample: tuple[torch.Tensor, ...],
-               batch: int, m: Machine, *, steps: int = 6) -> float:
+               batch: int, m: Machine, *, steps: int = 8) -> float:
     """Seconds per operator that make the traced step's price match the fastest of a few
     real steps of the model in this process: what Python, autograd and the optimizer add
     around each operator (far more than a bare operator call costs). The measured bare call
@@ -97,6 +97,19 @@ def op_seconds(at: Callable[[int], ModelTrace], sample: tuple[torch.Tensor, ...]
     step = at.step  # type: ignore[attr-defined]
     opt = step["make_optimizer"](list(model.parameters()))
     x, y = _real_batch(sample, batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(m.threads)  # as a rank that shares the cores runs
+    try:
+        times = _timed_steps(model, opt, step, x, y, steps)
+    finally:
+        torch.set_num_threads(threads)
+    work = trace.step + trace.optimizer_step
+    rest = min(times[1:]) - work.flops / m.flops_per_s - work.bytes / m.memory_bytes_per_s
+    return max(rest / max(work.ops, 1), m.op_seconds)
+
+
+def _timed_steps(model: torch.nn.Module, opt: torch.optim.Optimizer, step: dict[str, Any],
+                 x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
     times = []
     for _ in range(steps):
         start = time.perf_counter()
@@ -109,10 +122,7 @@ def op_seconds(at: Callable[[int], ModelTrace], sample: tuple[torch.Tensor, ...]
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
-    work = trace.step + trace.optimizer_step
-    rest = min(times[1:]) - work.flops / m.flops_per_s - \
-        work.bytes / m.memory_bytes_per_s
-    return max(rest / max(work.ops, 1), m.op_seconds)
+    return times
 
 
 def plan_candidates(cfg: Config, manifest: Manifest, sample: tuple[torch.Tensor, ...], *,
@@ -129,7 +139,7 @@ def plan_candidates(cfg: Config, manifest: Manifest, sample: tuple[torch.Tensor,
         per_op = None
         if target.flops_per_s is None:  # this machine: price operators as the model runs
             per_op = op_seconds(at, sample, s.batch_size // s.grad_accum_steps,
-                                target.machine(1)[0])
+                                target.machine(target.cores)[0])
 
         def machine_for(world: int, per_op: float | None = per_op) -> tuple[Machine, float]:
             m, slowdown = target.machine(world)
@@ -169,8 +179,9 @@ def compare(plan: Plan, result: dict[str, Any], *, cuda: bool = False) -> dict[s
     if plan.degrees.get("servers") and not cuda:
         return timing  # verify probes a worker after forward only: no full picture
     if cuda:
-        predicted = [m["total"] for m in plan.memory_per_rank]
-        measured = [result["peak_mem_bytes"]] * len(predicted)
+        # verify reports the largest rank's allocator peak
+        predicted = [max(m["total"] for m in plan.memory_per_rank)]
+        measured = [result["peak_mem_bytes"]]
     else:
         predicted = [m["total"] - m["activations"] for m in plan.memory_per_rank]
         measured = measured_state(result)
