@@ -12,7 +12,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from distml.cli.app import ConfigArg, QuietOpt, SetOpt, app, console, load, mib, user_errors
+from distml.cli.app import ConfigArg, QuietOpt, SetOpt, app, console, load, user_errors
 from distml.errors import DistmlError
 
 GIB = 2**30
@@ -119,19 +119,16 @@ def _machine_info(target: Any, world_size: int) -> dict[str, Any]:
 def _print(out: dict[str, Any], top: int) -> None:
     limit = out["memory_bytes"]
     for name, c in out["candidates"].items():
-        fit = f", fits {limit / GIB:g} GiB" if limit else ""
+        fit = f", fits {limit / GIB:.3g} GiB" if limit else ""
         table = Table(title=f"plans for {name} (world size <= {out['world_size']}{fit})")
-        for col in ("#", "plan", "peak mem/rank", "params+grads+opt", "activations",
-                    "step s", "compute", "comm", "bubble", "fits"):
-            table.add_column(col, justify="left" if col in ("plan", "fits") else "right")
+        for col in ("#", "plan", "MiB/rank", "of it act.", "step ms", "comm ms", "fits"):
+            table.add_column(col, justify="left" if col in ("plan", "fits") else "right",
+                             no_wrap=col == "plan")
         for i, p in enumerate(c["plans"][:top], 1):
             worst = max(p.memory_per_rank, key=lambda m: m["total"])
-            table.add_row(str(i), p.label, mib(p.peak_bytes),
-                          mib(worst["total"] - worst["activations"]),
-                          mib(worst["activations"]), f"{p.step_seconds:.5f}",
-                          f"{p.compute_s:.5f}", f"{p.communication_s:.5f}",
-                          f"{p.bubble_s:.5f}",
-                          "yes" if p.fits else f"[red]no[/]: {escape(p.why_not or '')}")
+            table.add_row(str(i), p.label, f"{p.peak_bytes / 2**20:.2f}",
+                          f"{worst['activations'] / 2**20:.2f}", f"{p.step_seconds * 1e3:.3f}",
+                          f"{p.communication_s * 1e3:.3f}", "yes" if p.fits else "[red]no[/]")
         console.print(table)
         rejected = [p for p in c["plans"] if not p.fits]
         for p in rejected[:top]:
@@ -199,15 +196,17 @@ def _check(cfg: Any, run_: Any, manifest: Any, out: dict[str, Any], world: int, 
 def _print_check(rows: list[dict[str, Any]]) -> None:
     table = Table(title="predicted vs measured (memory: params+grads+optimizer held per "
                   "rank on CPU)")
-    for col in ("candidate", "plan", "predicted mem/rank", "measured mem/rank", "mem err",
-                "predicted step s", "measured step s", "time err"):
+    for col in ("candidate", "plan", "MiB/rank predicted", "measured", "error",
+                "step ms predicted", "measured", "error"):
         table.add_column(col, justify="left" if col in ("candidate", "plan") else "right")
     for r in rows:
         has_mem = "memory_error" in r
         table.add_row(
             r["candidate"], r["plan"],
-            " / ".join(mib(b) for b in r["predicted_bytes_per_rank"]) if has_mem else "",
-            " / ".join(mib(b) for b in r["measured_bytes_per_rank"]) if has_mem else "",
-            f"{r['memory_error']:.1%}" if has_mem else "", f"{r['predicted_step_s']:.5f}",
-            f"{r['measured_step_s']:.5f}", f"{r['step_time_error']:.1%}")
+            " / ".join(f"{b / 2**20:.2f}" for b in r["predicted_bytes_per_rank"])
+            if has_mem else "",
+            " / ".join(f"{b / 2**20:.2f}" for b in r["measured_bytes_per_rank"])
+            if has_mem else "",
+            f"{r['memory_error']:.1%}" if has_mem else "", f"{r['predicted_step_s'] * 1e3:.3f}",
+            f"{r['measured_step_s'] * 1e3:.3f}", f"{r['step_time_error']:.1%}")
     console.print(table)
