@@ -169,6 +169,7 @@ def make_plans(cand: Candidate, base: TrainSettings, model: nn.Module, *, world_
             try:
                 s = settings_of(base, parallel, ckpt)
                 s.check_model(cand.model)
+                _check_built(model, s.dims)
             except ValueError as e:
                 if not ckpt:
                     invalid.append({"plan": f"{name} w{parallel['world_size']}",
@@ -183,6 +184,25 @@ def make_plans(cand: Candidate, base: TrainSettings, model: nn.Module, *, world_
             plans.append(plan)
     plans.sort(key=lambda p: (not p.fits, p.step_seconds))
     return plans, invalid
+
+
+def _check_built(model: nn.Module, dims: ParallelDims) -> None:
+    """What the config cannot know of a user's model: whether it has a tensor plan, or
+    layers a pipeline can cut (the strategies would refuse it when they start)."""
+    from distml.distributed.model_parallel import pipeline_layers
+    from distml.errors import DistmlError
+
+    if dims.tensor > 1 and getattr(model, "tensor_plan", None) is None:
+        raise ValueError(f"strategy tensor: {type(model).__name__} has no tensor_plan(); "
+                         "define one or use ddp or fsdp")
+    if dims.pipeline > 1:
+        try:
+            layers = len(pipeline_layers(model))
+        except DistmlError as e:
+            raise ValueError(str(e)) from None
+        if layers < dims.pipeline:
+            raise ValueError(f"{dims.pipeline} pipeline stages is more than the model's "
+                             f"{layers} layers")
 
 
 def _degrees(d: ParallelDims) -> dict[str, int]:
