@@ -133,7 +133,7 @@ def trace_step(model: nn.Module, sample: tuple[torch.Tensor, torch.Tensor], *, b
                make_optimizer: Callable[[Any], torch.optim.Optimizer],
                grad_clip: float | None, autocast: torch.dtype | None = None) -> ModelTrace:
     """Trace one training step of ``model`` (left untouched) at ``batch`` samples."""
-    meta = copy.deepcopy(model).to("meta")
+    meta = to_meta(model)
     x, y = meta_batch(sample, batch)
     params = _unique_params(meta)
     exclude = _storage_ids(meta)
@@ -163,6 +163,26 @@ def trace_step(model: nn.Module, sample: tuple[torch.Tensor, torch.Tensor], *, b
         tensor=_tensor_modules(model, x, autocast))
 
 
+def to_meta(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device, tied parameters still tied (``Module.to``
+    makes a new parameter per module when the device changes, so an embedding tied to the
+    head would count twice)."""
+    meta = copy.deepcopy(model)
+    made: dict[int, nn.Parameter] = {}
+    for module in meta.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            if id(p) not in made:
+                made[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"),
+                                           requires_grad=p.requires_grad)
+            module._parameters[name] = made[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = b.to("meta")
+    return meta
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -189,7 +209,7 @@ def _checkpointed_activations(model: nn.Module, x: torch.Tensor, y: torch.Tensor
                               loss: Callable, autocast: torch.dtype | None) -> int:
     """Saved activations with each block checkpointed (what backward then recomputes is
     transient: one block's at a time, which this leaves out)."""
-    meta = copy.deepcopy(model).to("meta")
+    meta = to_meta(model)
     checkpoint_blocks(meta)
     with _autocast(autocast):
         _, acts = _saved_storages(lambda: loss(meta(x), y), _storage_ids(meta))
@@ -215,7 +235,7 @@ def _layers(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | None
     """Each pipeline layer run in turn on the meta batch (empty: not a sequence of layers)."""
     from distml.distributed.model_parallel import pipeline_layers
 
-    meta = copy.deepcopy(model).to("meta")
+    meta = to_meta(model)
     try:
         layers = pipeline_layers(meta)
     except Exception:  # noqa: BLE001 - not a pipeline-able model: no per-layer view
@@ -236,7 +256,7 @@ def _tensor_modules(model: nn.Module, x: torch.Tensor, autocast: torch.dtype | N
     plan_of = getattr(model, "tensor_plan", None)
     if plan_of is None:
         return []
-    meta = copy.deepcopy(model).to("meta")
+    meta = to_meta(model)
     plan, found = plan_of(), {}
 
     def hook(path: str) -> Callable:
