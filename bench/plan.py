@@ -124,9 +124,12 @@ import json, sys
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 params, largest, ranks = (int(v) for v in sys.argv[1:4])
-z2 = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=ranks, num_nodes=1)
+# no offload (the estimators' default offloads the optimizer state to CPU memory)
+z2 = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=ranks, num_nodes=1,
+                                           cpu_offload=False)
 z3 = estimate_zero3_model_states_mem_needs(params, largest, num_gpus_per_node=ranks,
-                                           num_nodes=1)
+                                           num_nodes=1, cpu_offload=False,
+                                           cpu_offload_params=False)
 print(json.dumps({"zero2": z2[1], "zero3": z3[1]}))
 """
 
