@@ -37,7 +37,7 @@ from bench.common import QUICK, save
 from bench.peers import ROOT, VENVS
 
 USER_MODEL = Path(__file__).with_name("plan_user_model.py")
-STEPS = 4 if QUICK else 12
+STEPS = 4 if QUICK else 10
 DEEPSPEED = "deepspeed==0.19.8"
 # verify's plan -> the ZeRO stage whose DeepSpeed estimator it is set beside
 ZERO_STAGE = {"zero1": 1, "fsdp-zero2": 2, "fsdp": 3}
