@@ -1,7 +1,8 @@
 """The machine the planner prices a step on: compute rate, memory bandwidth, the cost of one
 operator call, and the network's bandwidth and latency between ranks. Measured here in a
 few seconds (matrix products, a large copy, tiny operators, and a two-process gloo
-all-reduce on loopback), or given for a target machine (an H100's numbers, say).
+all-reduce on loopback), or given for a target machine (an H100's numbers, say); see
+``distml.plan.planner.Target``.
 """
 
 from __future__ import annotations
@@ -90,26 +91,3 @@ def measure_network(port: int, scratch: str) -> tuple[float, float]:
     with open(scratch) as f:
         bw, lat = (float(v) for v in f.read().split())
     return bw, lat
-
-
-def machine(*, flops: float | None = None, bandwidth: float | None = None,
-            memory_bandwidth: float | None = None, latency: float | None = None,
-            op_seconds: float | None = None, cores: int | None = None, threads: int = 1,
-            port: int | None = None, scratch: str | None = None) -> Machine:
-    """The machine: given numbers win, the others are measured (the network only when a
-    port and scratch file are given; else a loopback default)."""
-    cores = cores or os.cpu_count() or 1
-    given = [v is not None for v in (flops, bandwidth)]
-    m_flops, m_mem, m_op = (flops, memory_bandwidth, op_seconds) if flops is not None and \
-        memory_bandwidth is not None and op_seconds is not None else measure_compute(threads)
-    if bandwidth is None and port is not None and scratch is not None:
-        net_bw, net_lat = measure_network(port, scratch)
-    else:
-        net_bw, net_lat = bandwidth or 1e9, 50e-6
-    return Machine(
-        flops_per_s=flops or m_flops, memory_bytes_per_s=memory_bandwidth or m_mem,
-        op_seconds=op_seconds if op_seconds is not None else m_op,
-        network_bytes_per_s=bandwidth or net_bw,
-        network_latency_s=latency if latency is not None else net_lat,
-        cores=cores, threads=threads,
-        source="given" if all(given) else "measured" if not any(given) else "mixed")
