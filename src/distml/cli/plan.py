@@ -91,7 +91,7 @@ def _data(cfg: Any, reporter: Any) -> tuple[Any, Any, tuple[Any, Any]]:
 
 def _target(flops: float | None, bandwidth: float | None, latency: float | None,
             scratch: Path) -> Any:
-    from distml.plan.calibrate import measure_network
+    from distml.plan.calibrate import measure_network, measure_wrappers
     from distml.plan.planner import Target
 
     lat = (latency if latency is not None else 50.0) * 1e-6
@@ -100,8 +100,10 @@ def _target(flops: float | None, bandwidth: float | None, latency: float | None,
         lat = lat if latency is not None else lat_m
     else:
         bw = bandwidth * 1e9
-    return Target(bw, lat, flops_per_s=None if flops is None else flops * 1e12,
-                  cores=os.cpu_count() or 1)
+    if flops is not None:  # a target machine: its devices hide such overheads
+        return Target(bw, lat, flops_per_s=flops * 1e12, cores=os.cpu_count() or 1)
+    wrappers = measure_wrappers(_free_port(), str(scratch / "wrappers.txt"))
+    return Target(bw, lat, cores=os.cpu_count() or 1, wrappers=wrappers)
 
 
 def _free_port() -> int:

@@ -29,6 +29,8 @@ class Machine:
     cores: int  # per node: ranks beyond it share them
     threads: int = 1  # threads of the rank these rates were measured with
     source: str = "measured"
+    tensor_module_s: float = 0.0  # what a tensor-parallel module adds to a fwd+bwd
+    fsdp_unit_s: float = 0.0  # what an FSDP unit adds to a fwd+bwd (besides messages)
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -91,3 +93,55 @@ def measure_network(port: int, scratch: str) -> tuple[float, float]:
     with open(scratch) as f:
         bw, lat = (float(v) for v in f.read().split())
     return bw, lat
+
+
+def _wrapper_worker(rank: int, port: int, out: str) -> None:
+    """On a one-rank gloo world: the extra seconds per fwd+bwd of a module under tensor
+    parallelism (DTensor dispatch) and of a unit under fully_shard (hooks, copies,
+    collectives), over the same plain modules."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        parallelize_module,
+    )
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        x = torch.randn(8, 32)
+
+        def model() -> nn.Module:
+            torch.manual_seed(0)
+            return nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
+
+        def step(m: nn.Module) -> float:
+            return _best(lambda: [m(x).sum().backward() for _ in range(10)], 7) / 10
+
+        plain = step(model())
+        tp = parallelize_module(model(), mesh, {str(i): ColwiseParallel() if i % 2 == 0
+                                                else RowwiseParallel() for i in range(4)})
+        sharded = model()
+        for unit in sharded:
+            fully_shard(unit, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        with open(out, "w") as f:
+            f.write(f"{max(step(tp) - plain, 0) / 4} {max(step(sharded) - plain, 0) / 4}")
+    finally:
+        dist.destroy_process_group()
+
+
+def measure_wrappers(port: int, scratch: str) -> tuple[float, float]:
+    """Seconds a tensor-parallel module and an FSDP unit add to one forward and backward."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_wrapper_worker, args=(port, scratch), nprocs=1, join=True,
+                       start_method="spawn")
+    with open(scratch) as f:
+        tp, unit = (float(v) for v in f.read().split())
+    return tp, unit

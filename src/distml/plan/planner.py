@@ -41,6 +41,7 @@ class Target:
     memory_bytes_per_s: float | None = None
     op_seconds: float | None = None
     cores: int = 1
+    wrappers: tuple[float, float] = (0.0, 0.0)  # measure_wrappers: tensor module, FSDP unit
 
     @functools.cache  # noqa: B019 - one measurement per thread count, for this target only
     def machine(self, world: int) -> tuple[Machine, float]:
@@ -54,7 +55,8 @@ class Target:
         threads = max(1, self.cores // world)
         flops, mem, op = measure_compute(threads)
         return Machine(flops, mem, op, self.network_bytes_per_s, self.network_latency_s,
-                       self.cores, threads), max(1.0, world / self.cores)
+                       self.cores, threads, tensor_module_s=self.wrappers[0],
+                       fsdp_unit_s=self.wrappers[1]), max(1.0, world / self.cores)
 
 
 def tracer(cfg: Config, name: str, manifest: Manifest, sample: tuple[torch.Tensor, ...]

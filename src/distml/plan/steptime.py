@@ -93,8 +93,8 @@ def step_time(trace: ModelTrace, settings: TrainSettings, dims: ParallelDims,
         dims.data if DATA_AXIS.get(dims.strategy) in ("optimizer", "full") else 1)
     if dims.servers:
         opt_fraction = 0.0  # the servers step the optimizer
-    compute = micro_steps * seconds(micro, m) + seconds(
-        trace.optimizer_step.scaled(opt_fraction), m)
+    compute = micro_steps * (seconds(micro, m) + _wrappers(trace, dims, share, m, forwards)) \
+        + seconds(trace.optimizer_step.scaled(opt_fraction), m)
     bubble = 0.0
     if dims.pipeline > 1:
         pp = settings.parallel.pipeline
@@ -103,6 +103,18 @@ def step_time(trace: ModelTrace, settings: TrainSettings, dims: ParallelDims,
     comm = _data_axis_comm(trace, settings, dims, share, m) + micro_steps * (
         _tensor_axis_comm(trace, dims, share, m, forwards) + _pipeline_comm(trace, dims, m))
     return StepTime(compute, comm, bubble)
+
+
+def _wrappers(trace: ModelTrace, dims: ParallelDims, share: RankShare, m: Machine,
+              forwards: int) -> float:
+    """What the wrappers add to a micro-batch's forward and backward: DTensor dispatch in
+    each tensor-parallel module, hooks and copies of each FSDP unit (measured on one rank)."""
+    extra = 0.0
+    if dims.tensor > 1:
+        extra += len(trace.tensor) * share.params * m.tensor_module_s * (1 + (forwards - 1) / 2)
+    if dims.data > 1 and DATA_AXIS.get(dims.strategy) == "full":
+        extra += len(trace.units) * share.params * m.fsdp_unit_s
+    return extra
 
 
 def _pipeline_comm(trace: ModelTrace, dims: ParallelDims, m: Machine) -> float:
