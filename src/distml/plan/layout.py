@@ -51,7 +51,8 @@ def pipeline_shares(trace: ModelTrace, settings: TrainSettings, dims: ParallelDi
     per_rank = settings.parallel.pipeline.stages_per_rank
     sizes = stage_sizes(trace, settings, dims.pipeline * per_rank)
     starts = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
-    total_p = sum(layer.param_bytes for layer in trace.layers) or 1
+    # of the whole model: a tied weight is in two stages, and each holds a copy
+    total_p = trace.param_bytes or 1
     total_f = sum(layer.forward_flops for layer in trace.layers) or 1
     shares = []
     for r in range(dims.pipeline):
