@@ -130,7 +130,9 @@ def run_steps(strategy: Strategy, groups: Iterator[Group], task: str, steps: int
         losses.append(strategy.train_step(group, loss))
         sched.step()
         seconds.append(time.perf_counter() - start)
-    return {"losses": losses, "step_seconds": sum(seconds[1:]) / max(len(seconds) - 1, 1)}
+    timed = seconds[1:] or seconds  # the first step warms up
+    return {"losses": losses, "step_seconds": sum(timed) / len(timed),
+            "step_seconds_median": sorted(timed)[len(timed) // 2]}
 
 
 def _full_state(strategy: Strategy) -> dict[str, torch.Tensor] | None:
@@ -212,6 +214,7 @@ def verify(
         results.append({
             "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": params,
             "peak_mem_bytes": got["peak_mem_bytes"], "step_seconds": got["step_seconds"],
+            "step_seconds_median": got["step_seconds_median"],
             "state_bytes_per_rank": got["state_bytes"],  # [{params, grads, optimizer}] by rank
             "held_bytes_per_rank": got["held_bytes"],  # [{moment: {params, grads, ...}}]
             **({"reshard": trip} if trip else {}),

@@ -93,6 +93,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("trust", "artifact", "registry"),
     ("distributed",),
     ("training",),
+    ("plan",),
     ("search",),
     ("drift",),
     ("serving",),

@@ -8,6 +8,7 @@ from distml.cli import (  # noqa: F401 - they register commands
     kubernetes,
     monitor,
     pipeline,
+    plan,
     serving,
 )
 from distml.cli.app import app, data_app, models_app, runs_app

@@ -1,0 +1,127 @@
+"""A step's time on one rank: compute from the traced work (FLOPs at the machine's rate,
+bytes at its memory bandwidth, a fixed cost per operator), communication from the messages
+the strategy sends (ring collectives at the network's bandwidth and latency), and the
+pipeline's bubble from its schedule. Compute and communication are added, not overlapped:
+on CPU ranks share the cores that gloo's copies run on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distml.config import ParallelDims, TrainSettings
+from distml.plan.calibrate import Machine
+from distml.plan.layout import DATA_AXIS, RankShare, tensor_fraction
+from distml.plan.trace import ModelTrace, Work
+
+
+@dataclass(frozen=True)
+class StepTime:
+    compute_s: float
+    communication_s: float
+    bubble_s: float
+
+    @property
+    def total_s(self) -> float:
+        return self.compute_s + self.communication_s + self.bubble_s
+
+
+def seconds(work: Work, m: Machine) -> float:
+    return work.flops / m.flops_per_s + work.bytes / m.memory_bytes_per_s + \
+        work.ops * m.op_seconds
+
+
+def _ring(nbytes: float, ranks: int, m: Machine, *, all_reduce: bool) -> float:
+    """A ring all-reduce moves 2(n-1)/n of the bytes, an all-gather or reduce-scatter
+    (n-1)/n; each in 2(n-1) or n-1 messages."""
+    if ranks <= 1:
+        return 0.0
+    hops = 2 * (ranks - 1) if all_reduce else ranks - 1
+    return hops / ranks * nbytes / m.network_bytes_per_s + hops * m.network_latency_s
+
+
+def _data_axis_comm(trace: ModelTrace, settings: TrainSettings, dims: ParallelDims,
+                    share: RankShare, m: Machine) -> float:
+    f = share.params * tensor_fraction(trace, dims.tensor)
+    grads, params = trace.grad_bytes * f, trace.param_bytes * f
+    if dims.servers:  # a worker pushes its gradient and pulls the parameters
+        workers_per_server = max(dims.data / dims.servers, 1)
+        return 2 * params / m.network_bytes_per_s * workers_per_server + \
+            2 * dims.servers * m.network_latency_s
+    how = DATA_AXIS.get(dims.strategy, "replicate")
+    if how == "replicate":
+        return _ring(grads, dims.data, m, all_reduce=True)
+    if how == "optimizer":  # gradients all-reduced, then each owner broadcasts its params
+        return _ring(grads, dims.data, m, all_reduce=True) + \
+            _ring(params, dims.data, m, all_reduce=False) + \
+            len(trace.params) * m.network_latency_s
+    gathers = 1 if not settings.parallel.fsdp.reshard_after_forward and \
+        dims.strategy == "fsdp" else 2
+    units = max(len(trace.units), 1)
+    return gathers * _ring(params, dims.data, m, all_reduce=False) + \
+        _ring(grads, dims.data, m, all_reduce=False) + \
+        (gathers + 1) * units * (dims.data - 1) * m.network_latency_s
+
+
+def _tensor_axis_comm(trace: ModelTrace, dims: ParallelDims, share: RankShare,
+                      m: Machine, forwards: int) -> float:
+    """Row-wise modules all-reduce their output in forward, column-wise ones their
+    input's gradient in backward."""
+    if dims.tensor == 1:
+        return 0.0
+    total = 0.0
+    for mod in trace.tensor:
+        if mod.style == "RowwiseParallel":
+            total += forwards * _ring(mod.output_bytes, dims.tensor, m, all_reduce=True)
+        elif mod.style == "ColwiseParallel":
+            total += _ring(mod.input_bytes, dims.tensor, m, all_reduce=True)
+    return total * share.params
+
+
+def step_time(trace: ModelTrace, settings: TrainSettings, dims: ParallelDims,
+              share: RankShare, m: Machine, *, micro_steps: int) -> StepTime:
+    """``trace`` is of one micro-batch of this rank (a pipeline's micro-batch, or a data
+    rank's batch / grad_accum_steps); ``micro_steps`` of them make the step."""
+    forwards = 2 if settings.activation_checkpointing else 1
+    fwd_share = trace.forward_flops / max(trace.step.flops, 1)
+    per_micro = trace.step + trace.step.scaled(fwd_share * (forwards - 1))
+    t_fraction = tensor_fraction(trace, dims.tensor)
+    flops_share = share.flops * t_fraction
+    micro = Work(round(per_micro.ops * (share.flops if dims.pipeline > 1 else 1)),
+                 round(per_micro.flops * flops_share), round(per_micro.bytes * flops_share))
+    opt_fraction = share.params * t_fraction / (
+        dims.data if DATA_AXIS.get(dims.strategy) in ("optimizer", "full") else 1)
+    if dims.servers:
+        opt_fraction = 0.0  # the servers step the optimizer
+    compute = micro_steps * (seconds(micro, m) + _wrappers(trace, dims, share, m, forwards)) \
+        + seconds(trace.optimizer_step.scaled(opt_fraction), m)
+    bubble = 0.0
+    if dims.pipeline > 1:
+        pp = settings.parallel.pipeline
+        v = pp.stages_per_rank
+        bubble = (dims.pipeline - 1) / v * seconds(micro, m)
+    comm = _data_axis_comm(trace, settings, dims, share, m) + micro_steps * (
+        _tensor_axis_comm(trace, dims, share, m, forwards) + _pipeline_comm(trace, dims, m))
+    return StepTime(compute, comm, bubble)
+
+
+def _wrappers(trace: ModelTrace, dims: ParallelDims, share: RankShare, m: Machine,
+              forwards: int) -> float:
+    """What the wrappers add to a micro-batch's forward and backward: DTensor dispatch in
+    each tensor-parallel module, hooks and copies of each FSDP unit (measured on one rank)."""
+    extra = 0.0
+    if dims.tensor > 1:
+        extra += len(trace.tensor) * share.params * m.tensor_module_s * (1 + (forwards - 1) / 2)
+    if dims.data > 1 and DATA_AXIS.get(dims.strategy) == "full":
+        extra += len(trace.units) * share.params * m.fsdp_unit_s
+    return extra
+
+
+def _pipeline_comm(trace: ModelTrace, dims: ParallelDims, m: Machine) -> float:
+    """Per micro-batch: a stage's output forward and its gradient back, at each boundary
+    the rank touches (at most two)."""
+    if dims.pipeline == 1 or not trace.layers:
+        return 0.0
+    boundary = max(layer.output_bytes for layer in trace.layers[:-1]) if \
+        len(trace.layers) > 1 else 0
+    return 2 * 2 * (boundary / m.network_bytes_per_s + m.network_latency_s)
