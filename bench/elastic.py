@@ -20,6 +20,7 @@ the loader (a stand-in for decoding), so a step's time follows the rows per rank
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -145,10 +146,8 @@ def _kill_tree(pid: int) -> None:
         found.append(p)
         todo += children.get(p, [])
     for p in found:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def run(root: Path, name: str, port: int, *, elastic: bool) -> dict[str, Any]:
