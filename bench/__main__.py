@@ -1,7 +1,7 @@
 """Run benchmarks: ``python -m bench [ingest] [loader] [loader_parts] [train] [scaling] [serve]
-[drift] [serve_monitor] [param_server] [distill] [search]``; writes bench/results/*.json and
-the README's benchmark table. ``DISTML_BENCH_QUICK=1``: each in a short version that saves
-nothing (a check that it runs)."""
+[drift] [serve_monitor] [param_server] [distill] [search] [elastic]``; writes
+bench/results/*.json and the README's benchmark table. ``DISTML_BENCH_QUICK=1``: each in a short
+version that saves nothing (a check that it runs)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from bench import (
     distill,
     drift,
+    elastic,
     ingest,
     loader,
     loader_parts,
@@ -27,7 +28,7 @@ BENCHMARKS = {"ingest": ingest, "loader": loader, "loader_parts": loader_parts,
               "train": train, "scaling": scaling, "serve": serve,
               "serve_monitor": serve_monitor,
               "drift": drift, "param_server": param_server, "distill": distill,
-              "search": search}
+              "search": search, "elastic": elastic}
 
 
 def main(names: list[str]) -> None:

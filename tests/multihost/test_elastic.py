@@ -32,7 +32,7 @@ from tests.helpers.multihost.netns import Cluster, Node, kill_group
 
 pytestmark = pytest.mark.multihost
 
-RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=2"
+RDZV_CONF = "keep_alive_interval=1,keep_alive_max_attempt=3"
 
 
 def _config(root: Path, name: str, strategy: str, nodes: tuple[int, int]) -> Path:
