@@ -54,13 +54,13 @@ def three() -> Iterator[Cluster]:
 
 class Job:
     def __init__(self, root: Path, name: str, port: int, nodes: tuple[int, int],
-                 strategy: str) -> None:
+                 strategy: str, rdzv_conf: str = RDZV_CONF) -> None:
         self.root, self.name = root, name
         _config(root, name, strategy, nodes)
         self.argv = lambda a: [
             sys.executable, "-m", "distml", "train", f"{name}.yaml", "--quiet",
             "--rdzv-endpoint", f"{a.addr}:{port}", "--nnodes", f"{nodes[0]}:{nodes[1]}",
-            "--rdzv-id", name, "--rdzv-conf", RDZV_CONF]
+            "--rdzv-id", name, "--rdzv-conf", rdzv_conf]
         self.port = port
         self.agents: dict[str, subprocess.Popen] = {}
         self.pace_file = root / f"{name}.pace"
@@ -129,7 +129,8 @@ def _assert_counted(job: Job, sizes: list[tuple[int, int]]) -> None:
 def test_ddp_2_3_2_and_fsdp_2_1_2_use_every_sample_once(three: Cluster, tmp_path: Path):
     a, b, c = three["node-a"], three["node-b"], three["node-c"]
     ddp = Job(tmp_path, "ddp", 29410, (2, 3), "ddp")
-    fsdp = Job(tmp_path, "fsdp", 29411, (1, 2), "fsdp")
+    # (at 1 node the job could start without node-b: it waits 8 s for more first)
+    fsdp = Job(tmp_path, "fsdp", 29411, (1, 2), "fsdp", f"{RDZV_CONF},last_call_timeout=8")
     reference = _reference(tmp_path)
     try:
         for job in (ddp, fsdp):
