@@ -6,7 +6,7 @@ are killed (SIGKILL, as a preempted machine):
 
 - elastic (``distml train --nnodes 2:3``): the two others re-form at the next rendezvous
   and go on from the newest checkpoint at world size 2;
-- fixed restart (``--nnodes 3``, torchrun's restart-everything behaviour): the job waits for
+- fixed restart (``--nnodes 3:3``, torchrun's restart-everything behaviour): the job waits for
   3 nodes again; the lost one is replaced after ``REPLACE_AFTER_S`` (a machine rescheduled),
   then all ranks restart from the checkpoint.
 
@@ -151,7 +151,8 @@ def _kill_tree(pid: int) -> None:
 
 
 def run(root: Path, name: str, port: int, *, elastic: bool) -> dict[str, Any]:
-    job = Job(root, name, port, "2:3" if elastic else "3")
+    # (the fixed job is 3:3: torchrun's fixed size, with the same deal and records)
+    job = Job(root, name, port, "2:3" if elastic else "3:3")
     start = time.time()
     try:
         for _ in range(3):
