@@ -64,7 +64,7 @@ class Job:
         self.port = port
         self.agents: dict[str, subprocess.Popen] = {}
         self.pace_file = root / f"{name}.pace"
-        self.pace(0.0)
+        self.pace(0.3)  # slow enough for the test to act mid-run; fast once it is done
 
     def pace(self, seconds: float) -> None:
         """Seconds each batch takes (tests.helpers.slow:paced): slow while a node joins."""
@@ -140,13 +140,14 @@ def test_ddp_2_3_2_and_fsdp_2_1_2_use_every_sample_once(three: Cluster, tmp_path
         ddp.wait_for(lambda s: s["step"] >= 6, "step 6")
         ddp.pace(1.0)  # (so that the job is still running when node-c's agent is up)
         ddp.start(c, a)  # node-c joins: the ranks checkpoint, leave, re-form at 3
-        fsdp.wait_for(lambda s: s["step"] >= 6, "step 6")
+        fsdp.wait_for(lambda s: s["step"] >= 6 and s["world_size"] == 2, "step 6")
         fsdp.pace(1.0)
         kill_tree(fsdp.agents.pop("node-b").pid)  # node-b leaves the fsdp job: 2 -> 1
         ddp.wait_for(lambda s: s["world_size"] == 3, "3 ranks")
-        ddp.pace(0.0)
+        ddp.pace(0.3)
         ddp.wait_for(lambda s: s["step"] >= 20, "step 20 on 3 ranks")
         c.kill_all()  # node-c is gone: 3 -> 2
+        ddp.pace(0.0)
         fsdp.wait_for(lambda s: s["world_size"] == 1, "1 rank")
         fsdp.start(b, a)  # node-b is back: 1 -> 2
         fsdp.wait_for(lambda s: s["world_size"] == 2 and s["step"] > 6, "2 ranks again")
