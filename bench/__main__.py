@@ -1,5 +1,5 @@
 """Run benchmarks: ``python -m bench [ingest] [loader] [loader_parts] [train] [scaling] [serve]
-[drift] [serve_monitor] [param_server] [distill] [search] [plan]``; writes
+[drift] [serve_monitor] [param_server] [distill] [search] [plan] [elastic]``; writes
 bench/results/*.json and the README's benchmark table. ``DISTML_BENCH_QUICK=1``: each in
 a short version that saves nothing (a check that it runs)."""
 
@@ -11,6 +11,7 @@ import sys
 from bench import (
     distill,
     drift,
+    elastic,
     ingest,
     loader,
     loader_parts,
@@ -28,7 +29,7 @@ BENCHMARKS = {"ingest": ingest, "loader": loader, "loader_parts": loader_parts,
               "train": train, "scaling": scaling, "serve": serve,
               "serve_monitor": serve_monitor,
               "drift": drift, "param_server": param_server, "distill": distill,
-              "search": search, "plan": plan}
+              "search": search, "plan": plan, "elastic": elastic}
 
 
 def main(names: list[str]) -> None:

@@ -82,8 +82,11 @@ def _train(args: argparse.Namespace, cfg: Config, run: RunDir, env: DistEnv, *,
             barrier(env)  # the others wait for the teachers' outputs
 
     def train(cand: Candidate) -> dict[str, Any] | None:
-        world = cfg.train.settings_for(cand).parallel.world_size
-        if world != env.world_size:
+        parallel = cfg.train.settings_for(cand).parallel
+        world = parallel.world_size
+        if parallel.elastic and env.world_size in parallel.world_sizes:
+            pass  # an elastic job runs at whatever size its nodes make
+        elif world != env.world_size:
             raise DistmlError(
                 f"candidate {cand.name!r} has train.parallel.world_size={world}, but "
                 f"{env.world_size} processes were started; start {world} or set "
@@ -117,6 +120,9 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
     cfg = load_config(args.config, args.overrides)
     if check_shared:
         preflight.check_output_shared(cfg.output_dir, env)
+    if not restarted and _elastic(cfg):  # re-formed after a join: not a failure, no count
+        restarted = bool(broadcast_object(env.is_main and _rejoining(cfg), env))
+        resume = args.resume or restarted
 
     def train(run: Run | None, manifest: Manifest | None = None) -> list[dict[str, Any] | None]:
         folder = RunDir(Path(broadcast_object(str(run.folder.path) if run else None, env)))
@@ -128,6 +134,19 @@ def _main(args: argparse.Namespace, env: DistEnv, *, across_nodes: bool) -> None
                   Chain(until="train", train=train))
     else:
         train(None)
+
+
+def _elastic(cfg: Config) -> bool:
+    return any(cfg.train.settings_for(c).parallel.elastic for c in cfg.train.candidates)
+
+
+def _rejoining(cfg: Config) -> bool:
+    """Whether this elastic job (torchrun's ``--rdzv-id``) already has a run in progress:
+    the ranks re-formed after a node joined, which torchrun does not count as a restart."""
+    job = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    run = Project.of(cfg).job_run(job) if job != "none" else None
+    return run is not None and any(not run.candidate(c.name).result.is_file()
+                                   for c in cfg.train.candidates)
 
 
 def _job_run(cfg: Config, *, resume: bool, restarted: bool) -> Run:

@@ -20,6 +20,7 @@ from distml.cli.app import (
     user_errors,
 )
 from distml.config.strategies import variant_names
+from distml.errors import DistmlError
 
 
 @app.command()
@@ -80,9 +81,11 @@ def train(
         help="Join a job on several machines: HOST:PORT of node 0, which serves the "
         "rendezvous (run this command on every node; the output folder must be shared).",
         show_default=False)] = None,
-    nnodes: Annotated[int | None, typer.Option(
+    nnodes: Annotated[str | None, typer.Option(
         help="Machines in the job (with --rdzv-endpoint); default: the config's "
-        "train.parallel.num_nodes.", min=1, show_default=False)] = None,
+        "train.parallel.num_nodes. MIN:MAX: an elastic job (ddp, zero1, fsdp) that nodes "
+        "may leave and join mid-run (sets train.parallel.min_nodes and max_nodes).",
+        show_default=False)] = None,
     rdzv_id: Annotated[str, typer.Option(
         help="The job's id, the same on every node; a node restarted with it rejoins "
         "the job.")] = "distml",
@@ -93,6 +96,8 @@ def train(
 ) -> None:
     """Ingest (cached) and train candidates, without selection; with --rdzv-endpoint, this
     machine's part of a job on several (run on each, with the same options)."""
+    num_nodes, elastic = parse_nnodes(nnodes)
+    set_ = [*(set_ or []), *elastic]
     cfg, reporter = load(config, set_, quiet)
     if rdzv_endpoint is not None:
         from distml.distributed import preflight
@@ -103,7 +108,7 @@ def train(
         from distml.distributed.launch import launch_training_nodes
 
         launch_training_nodes(cfg, config, set_ or [], candidate=candidate, resume=resume,
-                              num_nodes=nnodes, node=node, job_id=rdzv_id,
+                              num_nodes=num_nodes, node=node, job_id=rdzv_id,
                               rdzv_conf=rdzv_conf)
         return
     from distml.workflow.pipeline import train_only
@@ -112,6 +117,23 @@ def train(
     if not quiet:
         print_candidates(results, cfg.metric, None)
         console.print(f"run folder: {run_.folder.path}")
+
+
+def parse_nnodes(text: str | None) -> tuple[int | None, list[str]]:
+    """--nnodes N, or MIN:MAX (elastic): the node count and the overrides it implies."""
+    if text is None:
+        return None, []
+    lo, sep, hi = text.partition(":")
+    try:
+        nums = [int(v) for v in ((lo, hi) if sep else (lo,))]
+    except ValueError:
+        nums = []
+    if not nums or min(nums) < 1 or nums[0] > nums[-1]:
+        raise DistmlError(f"--nnodes={text!r}: give a number of machines (e.g. 2) or MIN:MAX "
+                          "for an elastic job (e.g. 1:3, MIN <= MAX, both at least 1)")
+    if not sep:
+        return nums[0], []
+    return None, [f"train.parallel.min_nodes={nums[0]}", f"train.parallel.max_nodes={nums[1]}"]
 
 
 @app.command("verify")

@@ -127,6 +127,13 @@ class ParallelConfig(Strict):
     num_nodes: int = Field(
         1, ge=1, description="Machines the world_size processes are spread over (torchrun "
         "--nnodes, a Kubernetes TrainJob's numNodes); the local launcher runs them all here.")
+    min_nodes: int | None = Field(
+        None, ge=1, description="Elastic training (ddp, zero1, fsdp): the fewest machines the "
+        "job runs on (torchrun --nnodes MIN:MAX); with max_nodes, nodes may leave and join "
+        "mid-run and the ranks re-form at the new size. null: not elastic.")
+    max_nodes: int | None = Field(
+        None, ge=1, description="Elastic training: the most machines the job runs on; each "
+        "runs world_size / num_nodes processes. null: not elastic.")
     data_degree: int | None = Field(
         None, description="tensor/pipeline/3d: data-parallel replicas; -1: what the other "
         "degrees leave. Default: 1, or the rest when tensor_degree/pipeline.degree is set "
@@ -159,6 +166,23 @@ class ParallelConfig(Strict):
     @property
     def procs_per_node(self) -> int:
         return self.world_size // self.num_nodes
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nodes is not None or self.max_nodes is not None
+
+    @property
+    def node_range(self) -> tuple[int, int]:
+        """(fewest, most) machines: both num_nodes unless elastic."""
+        if not self.elastic:
+            return self.num_nodes, self.num_nodes
+        return self.min_nodes or 1, self.max_nodes or self.num_nodes
+
+    @property
+    def world_sizes(self) -> list[int]:
+        """Every world size the job may run at."""
+        lo, hi = self.node_range
+        return [n * self.procs_per_node for n in range(lo, hi + 1)]
 
 
 def applicable(parallel: dict[str, Any], strategy: str) -> dict[str, Any]:

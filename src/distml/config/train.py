@@ -3,6 +3,7 @@ which may override any setting (nested sections are deep-merged)."""
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, create_model, model_validator
@@ -14,6 +15,8 @@ from distml.config.parallel import ParallelConfig, ParallelDims, applicable
 from distml.config.search import SearchConfig, set_dotted
 from distml.config.strategies import listed
 from distml.errors import ConfigError
+
+ELASTIC = ("ddp", "zero1", "fsdp")  # strategies whose ranks re-form at another world size
 
 
 class TrainSettings(Strict):
@@ -86,6 +89,8 @@ class TrainSettings(Strict):
                 f"batch_size={self.batch_size} is not divisible by data-parallel ranks x "
                 f"grad_accum_steps={dims.data} x {self.grad_accum_steps}={per_step}; "
                 "use a batch size that is a multiple of it")
+        if p.elastic:
+            self._check_elastic()
         if "pipeline" in record.reads:
             self._check_pipeline(dims)
         if "parameter_server" in record.reads:
@@ -100,6 +105,27 @@ class TrainSettings(Strict):
                 f"max_restarts={self.max_restarts} needs checkpoints to restart from; set "
                 "checkpoints: true (or max_restarts: 0)")
         return self
+
+    def _check_elastic(self) -> None:
+        """An elastic job keeps its global batch at every size it may run at."""
+        p = self.parallel
+        lo, hi = p.node_range
+        if p.strategy not in ELASTIC:
+            raise ValueError(f"parallel.min_nodes/max_nodes (elastic training) with strategy "
+                             f"{p.strategy!r}: use {', '.join(ELASTIC)}, or remove them")
+        if not lo <= hi:
+            raise ValueError(f"parallel.min_nodes={lo} is more than max_nodes={hi}; give "
+                             "min_nodes <= max_nodes")
+        if not self.checkpoints:
+            raise ValueError("elastic training (parallel.min_nodes/max_nodes) resumes from "
+                             "checkpoints at every membership change; set checkpoints: true")
+        for world in p.world_sizes:
+            if self.batch_size % (world * self.grad_accum_steps):
+                raise ValueError(
+                    f"batch_size={self.batch_size} is the global batch at every size of an "
+                    f"elastic job, but {world} ranks x grad_accum_steps="
+                    f"{self.grad_accum_steps} do not divide it; use a multiple of "
+                    f"{math.lcm(*p.world_sizes) * self.grad_accum_steps}")
 
     def _check_pipeline(self, dims: ParallelDims) -> None:
         pp = self.parallel.pipeline

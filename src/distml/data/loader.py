@@ -16,6 +16,12 @@ an optional map function runs on each batch in the pool, and a background thread
 about ``prefetch_batches`` ready, a window at a time. Because the plan is pure, the
 loader's state is only (epoch, batch index): a resumed run sees exactly the batches an
 uninterrupted run would.
+
+Elastic jobs (``train.parallel.min_nodes``/``max_nodes``) deal another way, so that the
+world size may change mid-epoch (``distml.data.elastic``): the epoch's order is one global
+sequence of row ids, the same at every world size, and optimizer step ``s`` takes its rows
+``[s*G, (s+1)*G)`` (``G`` the global batch), split evenly among the ranks there are. After a
+resize the rest of the epoch is simply the rest of that sequence, dealt among the new ranks.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import torch
 
 from distml.config import LoaderConfig
 from distml.data.dataset import Manifest, read_partition
+from distml.data.elastic import ElasticDeal
 from distml.data.teacher_logits import aligned_logits, pack_targets, read_row_ids
 from distml.errors import DataError
 from distml.imports import load_object
@@ -105,6 +112,7 @@ class PartitionLoader:
         config: LoaderConfig | None = None,
         drop_last: bool = False,
         teacher_logits: Path | None = None,
+        elastic: ElasticDeal | None = None,
     ) -> None:
         self.manifest = manifest
         # A store of teacher outputs (distml.data.teacher_logits): each row's targets then
@@ -136,9 +144,17 @@ class PartitionLoader:
                           if self.config.cache == "disk" else None)
         self._disk_cache = Path(self._disk_dir.name) if self._disk_dir else None
         self.wait_seconds = 0.0  # time the consumer spent blocked on the next batch
+        self.elastic = elastic
+        if elastic is not None:
+            elastic.check(sum(self.sizes), world_size)
+        # Elastic jobs count how often each row of the split was yielded (this epoch, this
+        # process): the trainer sums it over ranks to show each row is used once an epoch.
+        self.seen = np.zeros(sum(self.sizes), np.int32) if elastic is not None else None
 
     def __len__(self) -> int:
         """Batches per epoch on this rank (the last one may be short unless drop_last)."""
+        if self.elastic is not None:
+            return self.elastic.steps(sum(self.sizes)) * self.elastic.accum
         whole = self.rows_per_epoch / self.batch_size
         return math.floor(whole) if self.drop_last else math.ceil(whole)
 
@@ -157,6 +173,9 @@ class PartitionLoader:
         The background thread works a window at a time (decode, gather, map) and wakes once
         per window: waking it for every batch would preempt the training step's own threads.
         """
+        if self.elastic is not None:
+            yield from self._elastic_batches(epoch, start)
+            return
         per_window = self.window_rows // self.batch_size
         windows = self.plan(epoch)[start // per_window :]
         skip = start % per_window
@@ -175,6 +194,37 @@ class PartitionLoader:
                     if self.drop_last and len(x) < self.batch_size:
                         return
                     yield torch.from_numpy(x), torch.from_numpy(y)
+
+    def _elastic_batches(self, epoch: int, start: int
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """An elastic job's batches: this rank's share of each step's global rows, from
+        micro-batch ``start`` (a step boundary) on; no read-ahead."""
+        deal = self.elastic
+        ids = deal.epoch_ids(self.sizes, epoch=epoch, seed=self.seed,
+                             shuffle=self.config.shuffle, window_rows=self.window_rows)
+        for part in deal.rank_batches(ids, start=start, rank=self.rank,
+                                      world_size=self.world_size):
+            t = time.perf_counter()
+            x, y = self._rows_of(part)
+            if self.map_fn is not None:
+                x, y = self.map_fn(x, y)
+            self.wait_seconds += time.perf_counter() - t
+            self.seen[part] += 1  # ids within a step are distinct
+            yield torch.from_numpy(x), torch.from_numpy(y)
+
+    def _rows_of(self, ids: np.ndarray) -> Batch:
+        """The split's rows ``ids`` (indices into the partitions laid end to end), in order."""
+        pids = np.searchsorted(self._offsets, ids, side="right") - 1
+        x = y = None
+        for pid in np.unique(pids):
+            px, py = self._decode(int(pid))
+            sel = pids == pid
+            local = ids[sel] - self._offsets[pid]
+            if x is None:
+                x = np.empty((len(ids), *px.shape[1:]), px.dtype)
+                y = np.empty((len(ids), *py.shape[1:]), py.dtype)
+            x[sel], y[sel] = np.take(px, local, axis=0), np.take(py, local, axis=0)
+        return x, y
 
     def _produce(self, windows: list[Window], skip: int, pool: ThreadPoolExecutor
                  ) -> Iterator[list[Batch]]:

@@ -67,22 +67,29 @@ def launch_local(
 def launch_node(
     module: str, args: list[str], *, node: preflight.Prepared, num_nodes: int,
     nproc_per_node: int, job_id: str, max_restarts: int, what: str, rdzv_conf: str = "",
+    max_nodes: int | None = None,
 ) -> None:
     """This node's part of a job on ``num_nodes`` machines, each running this with the
     same node 0 (``node.route.master``, which serves the rendezvous on ``node.port``) and
-    ``job_id``. ``node`` comes from ``preflight.prepare_node``, which checked this node."""
+    ``job_id``. ``node`` comes from ``preflight.prepare_node``, which checked this node.
+    With ``max_nodes`` the job is elastic: ``num_nodes`` to ``max_nodes`` machines, the
+    ranks re-formed whenever one leaves or joins (torchrun ``--nnodes MIN:MAX``); a round
+    waits ``last_call_timeout`` (default 2 s) for more nodes once it has ``num_nodes``."""
     route, port = node.route, node.port
     # torch's agents share the rendezvous store with the ranks by default; then a new agent
     # (a node restarted after its agent died) waits forever for the store address, which
     # the surviving rank-0 agent publishes only once (torch 2.13). Unshared, every round
     # publishes it, and rank 0's process serves the ranks' store at this node's address.
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    elastic = {"last_call_timeout": "2"} if max_nodes else {}
     config = LaunchConfig(
-        min_nodes=num_nodes, max_nodes=num_nodes, nproc_per_node=nproc_per_node,
+        min_nodes=num_nodes, max_nodes=max_nodes or num_nodes, nproc_per_node=nproc_per_node,
         run_id=job_id, rdzv_backend="c10d", rdzv_endpoint=f"{route.master}:{port}",
         # Whether this node serves the rendezvous, from its addresses rather than torch's
         # guess from the hostname; and the address it shows the others.
-        rdzv_configs={**parse_rdzv_conf(rdzv_conf), "is_host": route.master_is_here},
+        # (--rdzv-conf is_host=0 overrides it: agents sharing one host, as in a benchmark)
+        rdzv_configs={**elastic, "is_host": route.master_is_here,
+                      **parse_rdzv_conf(rdzv_conf)},
         local_addr=route.own_addr,
         max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn",
         logs_specs=DefaultLogsSpecs(tee=Std.ALL),
@@ -174,10 +181,28 @@ def launch_training_nodes(
 ) -> None:
     """``distml train --rdzv-endpoint``: this node's agent of a job training the config's
     candidates on several machines (``python -m distml.train CONFIG`` in every rank)."""
-    nodes, per_node, restarts = node_shape(cfg, [candidate] if candidate else None,
-                                           num_nodes=num_nodes)
+    chosen = [candidate] if candidate else None
+    elastic = elastic_range(cfg, chosen)
+    nodes, per_node, restarts = node_shape(cfg, chosen, num_nodes=num_nodes)
+    if elastic is not None:
+        nodes = elastic[0]
     args = [str(config.absolute()), *(a for o in overrides for a in ("--set", o)),
             *(["--candidate", candidate] if candidate else []), *(["--resume"] * resume)]
     launch_node("distml.train", args, node=node, num_nodes=nodes, nproc_per_node=per_node,
                 job_id=job_id, max_restarts=restarts, what=f"training job {job_id!r}",
-                rdzv_conf=rdzv_conf)
+                rdzv_conf=rdzv_conf, max_nodes=elastic[1] if elastic else None)
+
+
+def elastic_range(cfg: Config, candidates: list[str] | None) -> tuple[int, int] | None:
+    """(min, max) nodes of an elastic job (``train.parallel.min_nodes``/``max_nodes``);
+    None when it is not elastic."""
+    chosen = [cfg.train.candidate(n) for n in candidates] if candidates else cfg.train.candidates
+    ranges = {cfg.train.settings_for(c).parallel.node_range
+              for c in chosen if cfg.train.settings_for(c).parallel.elastic}
+    if not ranges:
+        return None
+    if len(ranges) > 1 or len(ranges) < len(chosen):
+        raise DistmlError("the candidates have different train.parallel.min_nodes/max_nodes; "
+                          "one elastic job trains them all on one set of nodes: give "
+                          "--candidate to train them one at a time")
+    return ranges.pop()

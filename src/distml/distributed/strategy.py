@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -275,5 +276,7 @@ def make_strategy(name: str, model: nn.Module, settings: TrainSettings, env: Dis
     'module:Class', on the device mesh that the settings' degrees describe."""
     record = STRATEGIES.get(name)
     cls = load_object(record.implementation if record else name, what="strategy")
-    mesh = settings.dims.build_mesh(env.device.type) if env.distributed else None
+    # An elastic job down to one rank keeps its process group (and fsdp its 1-rank mesh)
+    grouped = env.distributed or (settings.parallel.elastic and dist.is_initialized())
+    mesh = settings.dims.build_mesh(env.device.type) if grouped else None
     return cls(model, settings, env, mesh=mesh, sample=sample)

@@ -15,6 +15,7 @@ from torch import nn
 from distml.artifact import git_revision, io_schema, save_artifact
 from distml.config import Candidate, Config, TrainSettings
 from distml.data.dataset import Manifest
+from distml.data.elastic import ElasticDeal
 from distml.data.loader import PartitionLoader
 from distml.data.tensors import SplitTensors
 from distml.data.versions import lineage
@@ -77,7 +78,25 @@ def train_loader(cfg: Config, manifest: Manifest, settings: TrainSettings, *, ra
         manifest, "train", seed=cfg.seed, rank=rank, world_size=replicas,
         batch_size=settings.batch_size // (replicas * settings.grad_accum_steps),
         config=cfg.data.loader, drop_last=drop_last,
-        teacher_logits=distiller.logits_dir if distiller is not None else None)
+        teacher_logits=distiller.logits_dir if distiller is not None else None,
+        elastic=elastic_deal(settings))
+
+
+def at_world_size(settings: TrainSettings, world: int) -> TrainSettings:
+    """An elastic job's settings at the size its nodes made (the config's, otherwise)."""
+    p = settings.parallel
+    if not p.elastic or world == p.world_size:
+        return settings
+    parallel = p.model_copy(update={"world_size": world, "num_nodes": world // p.procs_per_node})
+    return settings.model_copy(update={"parallel": parallel})
+
+
+def elastic_deal(settings: TrainSettings) -> ElasticDeal | None:
+    """An elastic job's deal (the global batch kept at every size), else None."""
+    p = settings.parallel
+    if not p.elastic:
+        return None
+    return ElasticDeal(settings.batch_size, settings.grad_accum_steps, max(p.world_sizes))
 
 
 def distiller_for(candidate: Candidate, folder: CandidateDir, device: torch.device
@@ -106,7 +125,7 @@ def train_candidate(
     them. Returns the result on rank 0, None on the others.
     """
     env = env or init_distributed()
-    settings = cfg.train.settings_for(candidate)
+    settings = at_world_size(cfg.train.settings_for(candidate), env.world_size)
     folder = run.candidate(candidate.name)
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
     strategy = make_strategy(settings.parallel.strategy, model, settings, env,
@@ -168,6 +187,9 @@ def _progress(state: TrainState, peaks: list[int]) -> dict[str, Any]:
         "peak_mem_bytes_per_rank": peaks,
         "epochs": state.epochs,
         "history": {"train_loss": state.train_loss, "evals": state.evals},
+        **({"elastic": {"membership_changes": state.membership_changes,
+                        "epoch_samples": state.epoch_samples}}
+           if state.epoch_samples or state.membership_changes else {}),
     }
 
 

@@ -33,6 +33,7 @@ from distml.distributed.strategy import Batch, LossFn, Strategy
 from distml.tasks import loss_fn
 from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
+from distml.training.elastic import ElasticBook
 from distml.training.telemetry.system import SystemSampler
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class TrainState:
     epochs: list[dict[str, float]] = field(default_factory=list)  # throughput, data stall
     seconds: float = 0.0  # time in optimizer steps
     elapsed: float = 0.0  # wall time of training at the last evaluation, pauses excluded
+    world_size: int = 0  # of the ranks that saved it
+    membership_changes: list[dict] = field(default_factory=list)  # elastic jobs' restarts
+    epoch_samples: list[dict] = field(default_factory=list)  # elastic: each row's uses
 
 
 class Trainer:
@@ -92,7 +96,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             strategy.optimizer, lr_lambda(settings, self.total_steps)
         )
-        self.state = TrainState()
+        self.state = TrainState(world_size=self.env.world_size)
+        # An elastic job's restarts and sample counts (distml.training.elastic)
+        self.elastic = (ElasticBook(train_loader, self.env, checkpoint_dir)
+                        if train_loader.elastic is not None else None)
         self.best = BestSoFar(metric, patience=settings.early_stopping_patience)
         # A callback sets it (in on_eval_end, on rank 0 of a one-process run: a search's
         # pruner) to end training after this evaluation, as early stopping would.
@@ -156,6 +163,8 @@ class Trainer:
         if self.system is not None:  # every rank's, gathered: a collective on all ranks
             stats["system"] = gather_objects(self.system.summary(), self.env)
         self.state.epochs.append(stats)
+        if self.elastic is not None:
+            self.elastic.end_epoch(self.state)
         self.state.epoch, self.state.position = self.state.epoch + 1, 0
         for cb in self._listeners:
             cb.on_epoch_end(self, stats)
@@ -170,6 +179,11 @@ class Trainer:
         s, step = self.settings, self.state.step
         last = step >= self.total_steps
         stop = last
+        if self.elastic is not None:
+            self.elastic.step_done(self.state)
+            if self.elastic.stop_requested():  # a node waits to join: save, then leave
+                self.save()
+                raise SystemExit(0)
         if last or (epoch_end if s.eval_every_steps is None else step % s.eval_every_steps == 0):
             stop = self._evaluate() or last
         due = epoch_end if s.checkpoint_every_steps is None else (
@@ -205,6 +219,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "progress": asdict(self.state),
         }
+        if self.elastic is not None:
+            rank_state["samples"] = self.elastic.checkpoint_state()
         return save_checkpoint(
             self.checkpoint_dir, self.state.step, sharded=sharded, rank_state=rank_state,
             extra=self.strategy.extra_state(), env=self.env, keep=self.settings.keep_checkpoints,
@@ -236,6 +252,8 @@ class Trainer:
         self.scheduler.load_state_dict(rank_state["scheduler"])
         torch.set_rng_state(rank_state["rng"])
         self.state = TrainState(**rank_state["progress"])
+        if self.elastic is not None:
+            self.elastic.restored(rank_state.get("samples"), self.state)
         logger.info("resumed from %s (step %d)", path, self.state.step)
 
     def _model_copy(self) -> dict[str, torch.Tensor]:

@@ -325,6 +325,7 @@ def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> di
             for r in selection["ranked"]
         ],
         "search": {r["name"]: r["search"] for r in selection["ranked"] if r.get("search")},
+        "elastic": {r["name"]: r["elastic"] for r in selection["ranked"] if r.get("elastic")},
         "test": selection["test"],
         "data": {"rows": {s: manifest.rows(s) for s in manifest.splits},
                  "dropped_invalid_rows": manifest.dropped_invalid_rows,

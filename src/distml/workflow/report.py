@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -240,6 +241,7 @@ def write_report(
                        run.plot("confusion_matrix.png"))
         lines += ["", "![confusion matrix](confusion_matrix.png)"]
     lines += parameter_server_lines(selection["ranked"])
+    lines += elastic_lines(summary.get("elastic", {}))
     lines += search_lines(run, summary.get("search", {}))
     if scaling:
         lines += _scaling_lines(run, scaling)
@@ -247,3 +249,22 @@ def write_report(
     lines += [f"| {s['name']} | {s['seconds']:.2f} |" for s in summary["stages"]]
     write_text_atomic(run.report, "\n".join(lines) + "\n")
     return run.report
+
+
+def elastic_lines(elastic: dict[str, Any]) -> list[str]:
+    """Elastic jobs: each membership change, and each epoch's row uses."""
+    if not elastic:
+        return []
+    lines = ["", "## Elastic training", "",
+             "| candidate | time (UTC) | world size | resumed at step | steps lost | "
+             "recovery s |", "|---|---|---|---|---|---|"]
+    for name, e in elastic.items():
+        for c in e["membership_changes"]:
+            when = datetime.fromtimestamp(c["time"], UTC).strftime("%H:%M:%S")
+            lines.append(f"| {name} | {when} | {c['old_world_size']} -> {c['new_world_size']} "
+                         f"| {c['resumed_step']} | {c['steps_lost']} | "
+                         f"{_fmt(c.get('recovery_seconds'))} |")
+        uses = "; ".join(f"epoch {s['epoch']}: {s['rows']} rows, used {s['min_uses']}-"
+                         f"{s['max_uses']} times" for s in e["epoch_samples"])
+        lines += ["", f"{name}: {uses}."]
+    return lines
