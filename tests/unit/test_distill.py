@@ -209,7 +209,7 @@ def test_teachers_train_before_their_students(tiny_raw):
     s = cfg.train.candidates[0]
     assert s.distill.teachers == ["t1", "reg@prod"]
     assert s.distill.registered_teachers() == ["reg@prod"]
-    assert (s.distill.temperature, s.distill.alpha) == (4.0, 0.9)
+    assert (s.distill.temperature, s.distill.alpha) == (2.0, 0.5)
     assert "distill" not in s.overrides()  # not a training setting
     assert make_config(cfg.to_dict()) == cfg  # the resolved config loads back
 

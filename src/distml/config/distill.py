@@ -61,10 +61,11 @@ class DistillConfig(Strict):
         "model as name@alias or name:version, or a list of them (an ensemble: their logits "
         "are averaged).")
     temperature: float = Field(
-        4.0, gt=0, description="Softens both distributions (T); the soft term is scaled by "
-        "T^2 so its gradients keep their size as T changes.")
+        2.0, gt=0, description="Softens both distributions (T); the soft term is scaled by "
+        "T^2 so its gradients keep their size as T changes. Default chosen on tuning seeds "
+        "(README).")
     alpha: float = Field(
-        0.9, ge=0, le=1, description="Weight of the teacher's soft targets: L = (1 - alpha) * "
+        0.5, ge=0, le=1, description="Weight of the teacher's soft targets: L = (1 - alpha) * "
         "CE(labels) + alpha * T^2 * KL(teacher || student); 0 is plain training.")
     transfer: TransferConfig | None = Field(
         None, description="Learn the teachers' answers on a transfer set: the data's "
