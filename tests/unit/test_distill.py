@@ -26,7 +26,7 @@ from distml.training.distill import (
     pack,
     unpack,
 )
-from distml.workflow.distill import Teacher, check_fits, teacher_logits
+from distml.workflow.distill import Teacher, check_fits, student_splits, teacher_logits
 from tests.helpers.configs import make_config
 
 
@@ -287,3 +287,18 @@ def test_a_teacher_must_fit_the_task_classes_and_inputs(data):
         check_fits({**spec, "labels": ["a", "b"]}, manifest, "t")
     with pytest.raises(ConfigError, match=r"differently prepared inputs"):
         check_fits({**spec, "feature_names": ["z"]}, manifest, "t")
+
+
+def test_a_transfer_set_with_nothing_to_read_is_refused(data, tiny_raw):
+    manifest, _ = data  # no unlabelled split
+    tiny_raw["train"]["candidates"][0]["distill"] = {"teacher": "cnn",
+                                                     "transfer": {"labelled": False}}
+    cfg = make_config(tiny_raw)
+    with pytest.raises(ConfigError, match=r"train\.candidates\[0\]\.distill\.transfer\."
+                                          r"labelled=false, and the data has no unlabelled "
+                                          r"rows \(data\.split\.unlabelled=0\.0\).*set "
+                                          r"data\.split\.unlabelled"):
+        student_splits(cfg, cfg.train.candidates[0], manifest)
+    tiny_raw["train"]["candidates"][0]["distill"]["transfer"]["labelled"] = True
+    cfg = make_config(tiny_raw)
+    assert student_splits(cfg, cfg.train.candidates[0], manifest) == ["train"]
