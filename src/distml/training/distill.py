@@ -10,9 +10,11 @@ also divide by the number of classes, the most common distillation bug in public
 
 Where the teacher's logits come from:
 
-- classification: computed once, before the student trains, over the training partitions
-  on the executors, and stored next to the data (``distml.data.teacher_logits``); the
-  loader packs them into each row's targets.
+- classification: computed once, before the student trains, over the training and
+  unlabelled partitions on the executors, and stored next to the data
+  (``distml.data.teacher_logits``); the loader packs them into each row's targets. With a
+  transfer set's jittered copies (or a loader map function) the teacher answers online,
+  as below, on the very rows the student gets.
 - language modeling: online, the teacher's forward on each micro-batch in inference mode on
   the student's device, packed the same way (a (B, T, V) store per epoch would be larger
   than the data), under whatever strategy trains the student.

@@ -1,6 +1,8 @@
 """Distillation in the pipeline: find each student's teachers, check that they fit this run's
-data, compute the teachers' outputs for classification once (in parallel over the training
-partitions, on the executors), and measure teacher, student and twin for the report.
+data, calibrate them on the validation split if asked, compute their outputs for
+classification once (in parallel over the training and unlabelled partitions, on the
+executors), and measure teacher, student and twin for the report. Which splits a student
+reads (``student_splits``: its transfer set) and the calibration go to its teacher.json.
 
 A student's teachers are written to its candidate folder (``CandidateDir.teacher``), which
 the training processes read (``distml.training.distill.Distiller``).
