@@ -14,7 +14,7 @@ the gain's divided by the mean gap).
    ingestion), 10% validation, 10% test. The teacher, a CNN trained on the labelled rows
    only; the student, a 16-unit MLP, learns the teacher's answers on the labelled and
    unlabelled rows (``distill.transfer``), its twin from the labelled rows alone.
-2. hinton: digits, 70% labelled; a CNN teacher (about 98-99%), an 8-unit MLP student
+2. hinton: digits, 70% labelled; a CNN teacher (97-99% by seed), an 8-unit MLP student
    whose transfer set is the training rows plus a jittered copy of each batch
    (Gaussian noise of 0.5 standard deviations, answered online by the teacher: function
    matching, Beyer et al. 2022).
