@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,6 +77,67 @@ def test_alpha_zero_trains_bit_for_bit_like_the_student_alone(tmp_path, tiny_raw
     spec = json.loads((run.folder.path / "candidates/kd/artifact/spec.json").read_text())
     assert [t["ref"] for t in spec["distilled_from"]["teachers"]] == ["teacher", "user"]
     assert spec["distilled_from"]["temperature"] == 2
+
+
+ORACLE = """import torch
+CENTRES = (0.5, 1.5, 2.5)
+class Rings(torch.nn.Module):
+    # the rule itself: class k is the ring of radius k..k+1; over-confident (x 40)
+    def __init__(self, *, in_features, num_outputs):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(num_outputs))  # something to train
+    def forward(self, x):
+        r = x.norm(dim=-1, keepdim=True)
+        return -40 * (r - torch.tensor(CENTRES)) ** 2 + 0 * self.unused
+"""
+
+
+def _rings(path: Path, n: int = 800) -> None:
+    rng = np.random.default_rng(0)
+    r, angle = rng.uniform(0, 3, n), rng.uniform(0, 2 * np.pi, n)
+    rows = np.column_stack([r * np.cos(angle), r * np.sin(angle), np.floor(r)])
+    np.savetxt(path, rows, delimiter=",", header="a,b,label", comments="", fmt="%.5f")
+
+
+def test_a_transfer_set_teaches_a_student_what_its_few_labels_cannot(tmp_path, tiny_raw):
+    # 16 labelled rows of three rings: too few for a small MLP to find them; 540 unlabelled
+    # rows that only the teacher (the rule) labels. The students learn the rings from the
+    # teacher's answers alone (the hard term skips unlabelled rows: with label -1 in it,
+    # the cross entropy would fail), stored, or online on jittered copies; the twin, from
+    # the labels alone, cannot.
+    (tmp_path / "oracle.py").write_text(ORACLE)
+    _rings(tmp_path / "rings.csv")
+    kd = {"teacher": "rule", "temperature": 2.0, "alpha": 0.9}
+    small = {"type": "mlp", "hidden_sizes": [32]}
+    tiny_raw["data"] = {"source": "rings.csv", "transforms": [],
+                        "split": {"train": 0.02, "val": 0.1, "test": 0.2, "unlabelled": 0.68}}
+    tiny_raw["train"].update(epochs=12, lr=0.02, checkpoints=False)
+    tiny_raw["train"]["candidates"] = [
+        {"name": "rule", "model": {"type": "oracle.py:Rings"}, "epochs": 1},
+        {"name": "twin", "model": small},
+        {"name": "stored", "model": small,
+         "distill": {**kd, "transfer": {"labelled": True}}},
+        {"name": "jittered", "model": small,
+         "distill": {**kd, "transfer": {"labelled": False, "copies": 1, "noise": 0.1}}},
+    ]
+    run, summary = run_pipeline(make_config(_quiet(tiny_raw), base_dir=tmp_path))
+    rows = {r["student"]: r for r in summary["distillation"]}
+    assert rows["stored"]["teacher"]["test"] == 1.0  # the rule
+    twin = rows["stored"]["alone"]["test"]
+    assert twin < 0.85
+    for name in ("stored", "jittered"):
+        assert rows[name]["twin"] == "twin"
+        assert rows[name]["distilled"]["test"] > twin + 0.1, (name, rows[name], twin)
+    info = {n: json.loads((run.folder.path / f"candidates/{n}/teacher.json").read_text())
+            for n in ("stored", "jittered")}
+    assert info["stored"]["splits"] == ["train", "unlabelled"]
+    assert Path(info["stored"]["logits_dir"]).is_dir()
+    assert info["jittered"]["splits"] == ["unlabelled"]
+    assert info["jittered"]["logits_dir"] is None  # copies: the teacher answers online
+    manifest = json.loads((run.folder.path / "data/manifest.json").read_text())
+    part = manifest["splits"]["unlabelled"]["partitions"][0]["path"]
+    labels = pq.read_table(run.folder.path / "data" / part, columns=["label"])["label"]
+    assert set(labels.to_pylist()) == {-1}  # ingestion dropped them
 
 
 def test_a_student_matches_its_one_process_twin_under_each_strategy(tmp_path, tiny_raw):

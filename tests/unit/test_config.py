@@ -17,9 +17,10 @@ def test_example_configs_load():
     assert [c.name for c in digits.train.candidates] == ["mlp", "mlp-wide", "cnn"]
     assert digits.metric == "accuracy"
     kd = load_config(root / "distill.yaml")
-    assert [c.name for c in kd.train.training_order()] == [
-        "wide-a", "wide-b", "small-distilled", "small"]
-    assert kd.train.candidate("small-distilled").distill.teachers == ["wide-a", "wide-b"]
+    assert [c.name for c in kd.train.training_order()] == ["cnn", "small-distilled", "small"]
+    assert kd.train.candidate("small-distilled").distill.teachers == ["cnn"]
+    assert kd.train.candidate("small-distilled").distill.transfer.labelled
+    assert kd.data.split.unlabelled == 0.72
     lm = load_config(root / "transformer.yaml")
     assert lm.data.task == "language_modeling"
     assert lm.metric == "perplexity"

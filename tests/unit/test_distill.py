@@ -17,8 +17,16 @@ from distml.data.loader import PartitionLoader
 from distml.data.teacher_logits import aligned_logits, read_row_ids, write_logits
 from distml.errors import ConfigError, DataError
 from distml.models import build_model
-from distml.training.distill import Distiller, Ensemble, kd_loss, pack, unpack
-from distml.workflow.distill import Teacher, check_fits, teacher_logits
+from distml.training.distill import (
+    UNLABELLED,
+    Distiller,
+    Ensemble,
+    calibration_scale,
+    kd_loss,
+    pack,
+    unpack,
+)
+from distml.workflow.distill import Teacher, check_fits, student_splits, teacher_logits
 from tests.helpers.configs import make_config
 
 
@@ -104,6 +112,41 @@ def test_online_teacher_packs_its_logits_and_the_loss_can_backpropagate():
     assert teacher[0].weight.grad is None  # the teacher is not trained by the student's loss
 
 
+def test_unlabelled_rows_take_the_soft_term_alone():
+    s, t = torch.randn(6, 5), torch.randn(6, 5)
+    y = torch.tensor([3, UNLABELLED, 1, UNLABELLED, UNLABELLED, 0])
+    got = kd_loss(s, t, y, temperature=2.0, alpha=0.3, masked=True)
+    labelled = y != UNLABELLED
+    ce = F.cross_entropy(s[labelled], y[labelled])
+    soft = kd_loss(s, t, y.clamp(min=0), temperature=2.0, alpha=1.0)  # over all six rows
+    torch.testing.assert_close(got, 0.7 * ce + 0.3 * soft)
+    none = torch.full((6,), UNLABELLED)  # a batch of transfer rows only: no hard term
+    torch.testing.assert_close(kd_loss(s, t, none, temperature=2.0, alpha=0.3, masked=True),
+                               0.3 * soft)
+
+
+def test_jittered_copies_join_the_batch_labelled_by_the_teacher_alone():
+    teacher = torch.nn.Linear(4, 3)
+    d = Distiller(2.0, 0.5, teacher=teacher.eval(), masked=True, copies=2, noise=0.5,
+                  generator=torch.Generator().manual_seed(0))
+    x, y = torch.randn(5, 4), torch.arange(5) % 3
+    x2, targets = d.attach((x, y))
+    labels, logits = unpack(targets)
+    assert x2.shape == (15, 4)
+    torch.testing.assert_close(x2[:5], x)
+    assert 0.3 < (x2[5:] - x.repeat(2, 1)).std() < 0.7  # the noise named
+    assert labels.tolist() == y.tolist() + [UNLABELLED] * 10
+    torch.testing.assert_close(logits, teacher(x2))
+
+
+def test_calibration_undoes_an_over_confident_teachers_scale():
+    torch.manual_seed(0)
+    honest = torch.randn(4000, 4)  # logits whose softmax is the labels' distribution
+    labels = torch.distributions.Categorical(logits=honest).sample()
+    assert calibration_scale(honest, labels) == pytest.approx(1.0, abs=0.1)
+    assert calibration_scale(6 * honest, labels) == pytest.approx(6.0, rel=0.1)
+
+
 # -- config ---------------------------------------------------------------------------------
 
 
@@ -126,6 +169,10 @@ def _with_distill(raw, distill, index=1):
     ({"teacher": "small", "alpha": 1.5}, r"distill\.alpha = 1\.5: .*less than or equal to 1"),
     ({"teacher": "small", "temperature": 0}, r"distill\.temperature = 0: .*greater than 0"),
     ({"teacher": "small", "beta": 1}, r"distill\.beta = 1: unknown key"),
+    ({"teacher": "small", "transfer": {"copies": -1}},
+     r"distill\.transfer\.copies = -1: .*greater than or equal to 0"),
+    ({"teacher": "small", "transfer": {"noise": "inf"}},
+     r"distill\.transfer\.noise = 'inf': .*not a finite number"),
 ])
 def test_bad_teachers_are_refused_naming_key_value_and_fix(tiny_raw, distill, match):
     with pytest.raises(ConfigError, match=match):
@@ -162,7 +209,7 @@ def test_teachers_train_before_their_students(tiny_raw):
     s = cfg.train.candidates[0]
     assert s.distill.teachers == ["t1", "reg@prod"]
     assert s.distill.registered_teachers() == ["reg@prod"]
-    assert (s.distill.temperature, s.distill.alpha) == (4.0, 0.9)
+    assert (s.distill.temperature, s.distill.alpha) == (2.0, 0.5)
     assert "distill" not in s.overrides()  # not a training setting
     assert make_config(cfg.to_dict()) == cfg  # the resolved config loads back
 
@@ -240,3 +287,18 @@ def test_a_teacher_must_fit_the_task_classes_and_inputs(data):
         check_fits({**spec, "labels": ["a", "b"]}, manifest, "t")
     with pytest.raises(ConfigError, match=r"differently prepared inputs"):
         check_fits({**spec, "feature_names": ["z"]}, manifest, "t")
+
+
+def test_a_transfer_set_with_nothing_to_read_is_refused(data, tiny_raw):
+    manifest, _ = data  # no unlabelled split
+    tiny_raw["train"]["candidates"][0]["distill"] = {"teacher": "cnn",
+                                                     "transfer": {"labelled": False}}
+    cfg = make_config(tiny_raw)
+    with pytest.raises(ConfigError, match=r"train\.candidates\[0\]\.distill\.transfer\."
+                                          r"labelled=false, and the data has no unlabelled "
+                                          r"rows \(data\.split\.unlabelled=0\.0\).*set "
+                                          r"data\.split\.unlabelled"):
+        student_splits(cfg, cfg.train.candidates[0], manifest)
+    tiny_raw["train"]["candidates"][0]["distill"]["transfer"]["labelled"] = True
+    cfg = make_config(tiny_raw)
+    assert student_splits(cfg, cfg.train.candidates[0], manifest) == ["train"]

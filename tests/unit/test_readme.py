@@ -24,6 +24,7 @@ SECTIONS: list[type[BaseModel]] = [
     config.StandardizeSpec, config.MinMaxSpec, config.ImputeSpec, config.ClipSpec,
     config.OneHotSpec, config.MonitorConfig, config.MlflowConfig, config.ServeConfig,
     config.ParallelConfig, config.PipelineConfig, config.FsdpConfig, config.DistillConfig,
+    config.TransferConfig,
     config.ParameterServerConfig, config.WatchConfig, config.DriftConfig, config.ClicksSource,
     config.ClickSpec, config.HashSpec,
 ]

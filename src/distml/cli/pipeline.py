@@ -38,12 +38,23 @@ def run(
     run_, summary = run_pipeline(cfg, reporter=reporter, resume=resume)
     if not quiet:
         print_candidates(summary["candidates"], summary["metric"], summary["selected"])
+        _print_distillation(summary.get("distillation") or [])
         test = ", ".join(f"{k} {v:.4f}" for k, v in summary["test"].items())
         reg = summary["registry"]
         console.print(f"selected [bold]{summary['selected']}[/]: test {test}")
         console.print(f"registered {reg['name']}:{reg['version']}"
                       + (" → production" if reg["promoted"] else "")
                       + f"\nreport: {run_.folder.report}")
+
+
+def _print_distillation(rows: list[dict]) -> None:
+    """Per distilled student: its test metric against its twin's and its teachers'."""
+    for r in rows:
+        line = (f"distilled [bold]{r['student']}[/]: test {r['metric']} "
+                f"{r['distilled']['test']:.4f}, teachers {r['teacher']['test']:.4f}")
+        if r["twin"] is not None:
+            line += f", twin {r['twin']} trained alone {r['alone']['test']:.4f}"
+        console.print(line)
 
 
 @app.command()

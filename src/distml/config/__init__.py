@@ -34,7 +34,7 @@ from distml.config.data import (
     TransformSpec,
     UserTransformSpec,
 )
-from distml.config.distill import DistillConfig
+from distml.config.distill import DistillConfig, TransferConfig
 from distml.config.loading import (
     Config,
     apply_override,
@@ -82,7 +82,8 @@ __all__ = [
     "ServeConfig", "Source",
     "SplitConfig", "StandardizeSpec", "Strict", "SyntheticClassificationSource",
     "SyntheticRegressionSource", "Task", "TextSource", "TrainConfig", "TrainSettings",
-    "TransformSpec", "TransformerSpec", "UserTransformSpec", "WatchConfig", "apply_override",
+    "TransferConfig", "TransformSpec", "TransformerSpec", "UserTransformSpec", "WatchConfig",
+    "apply_override",
     "deep_merge",
     "format_validation_error", "load_config", "parse_config",
 ]

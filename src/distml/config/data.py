@@ -158,14 +158,18 @@ class SplitConfig(Strict):
     train: float = Field(0.7, gt=0, lt=1, description="Fraction for training.")
     val: float = Field(0.15, gt=0, lt=1, description="Fraction for validation (selection).")
     test: float = Field(0.15, gt=0, lt=1, description="Fraction for the final test.")
+    unlabelled: float = Field(
+        0.0, ge=0, lt=1, description="Fraction whose labels are dropped at ingestion (written "
+        "as -1): a transfer set for distilled students (distill.transfer), unseen by every "
+        "other candidate.")
 
     @model_validator(mode="after")
     def _sums_to_one(self) -> SplitConfig:
-        total = self.train + self.val + self.test
+        total = self.train + self.val + self.test + self.unlabelled
         if not math.isclose(total, 1.0, abs_tol=1e-6):
             raise ValueError(
-                f"train + val + test = {total:g}; the fractions must add up to 1 "
-                "(e.g. 0.7, 0.15, 0.15)"
+                f"train + val + test{' + unlabelled' if self.unlabelled else ''} = "
+                f"{total:g}; the fractions must add up to 1 (e.g. 0.7, 0.15, 0.15)"
             )
         return self
 

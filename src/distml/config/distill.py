@@ -29,6 +29,29 @@ REGISTERED = re.compile(rf"^{_NAME}(@{_NAME}|:\d+)$")  # name@alias or name:vers
 CANDIDATE = re.compile(rf"^{_NAME}$")
 
 
+class TransferConfig(Strict):
+    """The rows a student learns its teachers' answers on (the transfer set): the data's
+    unlabelled split (data.split.unlabelled), the labelled training rows, and jittered copies
+    of them. Unlabelled rows and copies carry the soft term alone."""
+
+    labelled: bool = Field(
+        True, description="The labelled training rows join (hard and soft terms); false: "
+        "the student learns from the teachers alone.")
+    copies: int = Field(
+        0, ge=0, le=16, description="Jittered copies of each batch's rows, labelled by the "
+        "teachers only (function matching); the teachers then answer online.")
+    noise: float = Field(
+        0.0, ge=0, description="Standard deviation of the Gaussian noise added to the copies' "
+        "features (in their transformed units: standard deviations after standardize).")
+
+    @field_validator("noise")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if value != value or value == float("inf"):
+            raise ValueError(f"noise={value} is not a finite number; use e.g. 0.5")
+        return value
+
+
 class DistillConfig(Strict):
     """Knowledge distillation: train this candidate on a teacher's softened outputs as well
     as on the labels."""
@@ -38,11 +61,20 @@ class DistillConfig(Strict):
         "model as name@alias or name:version, or a list of them (an ensemble: their logits "
         "are averaged).")
     temperature: float = Field(
-        4.0, gt=0, description="Softens both distributions (T); the soft term is scaled by "
-        "T^2 so its gradients keep their size as T changes.")
+        2.0, gt=0, description="Softens both distributions (T); the soft term is scaled by "
+        "T^2 so its gradients keep their size as T changes. Default chosen on tuning seeds "
+        "(README).")
     alpha: float = Field(
-        0.9, ge=0, le=1, description="Weight of the teacher's soft targets: L = (1 - alpha) * "
+        0.5, ge=0, le=1, description="Weight of the teacher's soft targets: L = (1 - alpha) * "
         "CE(labels) + alpha * T^2 * KL(teacher || student); 0 is plain training.")
+    transfer: TransferConfig | None = Field(
+        None, description="Learn the teachers' answers on a transfer set: the data's "
+        "unlabelled split, the labelled rows (transfer.labelled) and jittered copies "
+        "(transfer.copies, transfer.noise); null: on the labelled training rows only.")
+    calibrate: bool = Field(
+        False, description="Temperature-scale the teachers' logits on the validation split "
+        "(one scalar, minimizing their log loss) before the soft targets are taken, so an "
+        "over-confident teacher's targets carry information (classification).")
 
     @field_validator("teacher")
     @classmethod
@@ -92,6 +124,12 @@ def check_teachers(candidates: list[Candidate], *, task: str | None = None) -> N
                 f"{where}: distillation matches a teacher's class or token distribution, and "
                 "a regression model has none; remove distill or use a classification or "
                 "language-modeling task")
+        if task == "language_modeling" and (c.distill.transfer or c.distill.calibrate):
+            key = "transfer" if c.distill.transfer else "calibrate"
+            raise ValueError(
+                f"{where}.{key}: transfer sets and calibration are for classification; a "
+                "language model's teacher answers online on every token the student reads "
+                f"(remove {key})")
         for ref in c.distill.candidate_teachers():
             if ref not in names:
                 raise ValueError(

@@ -52,10 +52,11 @@ class Manifest:
         return self.num_features - 1 if self.task == "language_modeling" else None
 
     def rows(self, split: str) -> int:
-        return self.splits[split]["rows"]
+        return self.splits[split]["rows"] if split in self.splits else 0
 
     def partitions(self, split: str) -> list[dict[str, Any]]:
-        return self.splits[split]["partitions"]
+        """A split's partitions; none for a split the data set lacks (unlabelled)."""
+        return self.splits[split]["partitions"] if split in self.splits else []
 
     def write(self, root: Path) -> None:
         data = asdict(self)

@@ -107,6 +107,9 @@ def _collect(chunks: list[Chunk], written: list[dict[str, Any]]
             raise DataError(f"{_describe(chunk)} yields features {w['feature_names']}, "
                             f"but {_describe(chunks[0])} yields {names}")
     splits: dict[str, dict[str, Any]] = {s: {"rows": 0, "partitions": []} for s in SPLITS}
+    if not any(w["parts"] and any(p["split"] == "unlabelled" for p in w["parts"])
+               for w in written):
+        del splits["unlabelled"]  # a data set without one keeps its manifest as it was
     for w in written:
         for part in w["parts"]:
             entry = splits[part.pop("split")]
@@ -147,7 +150,7 @@ def _check_scans(data: DataConfig, chunks: list[Chunk], scans: list[dict[str, An
     if invalid == total:
         raise DataError("every row has NaN or infinite values; nothing is left")
     per_split = np.sum([s["split_rows"] for s in scans], axis=0)
-    if per_split.min() < 1:
+    if per_split[:3].min() < 1 or (data.split.unlabelled and per_split[3] < 1):
         frac = data.split
         raise DataError(
             f"{total - invalid} rows are too few to split into train/val/test with fractions "

@@ -98,12 +98,13 @@ def plan_epoch(
 
 
 class PartitionLoader:
-    """Batches of one split for one rank; ``batches(epoch, start)`` is all a trainer needs."""
+    """Batches of one split (or several, read as one) for one rank; ``batches(epoch,
+    start)`` is all a trainer needs."""
 
     def __init__(
         self,
         manifest: Manifest,
-        split: str,
+        split: str | tuple[str, ...],
         *,
         batch_size: int,
         seed: int,
@@ -119,8 +120,11 @@ class PartitionLoader:
         # carry its teacher's logits, so shuffling and sharding keep them together.
         self.teacher_logits = teacher_logits
         self.drop_last = drop_last  # no short last batch (a pipeline needs fixed shapes)
-        self.parts = [p["path"] for p in manifest.partitions(split)]
-        self.sizes = [p["rows"] for p in manifest.partitions(split)]
+        # Several splits read as one (a distilled student's training and unlabelled rows).
+        parts = [p for name in ((split,) if isinstance(split, str) else split)
+                 for p in manifest.partitions(name)]
+        self.parts = [p["path"] for p in parts]
+        self.sizes = [p["rows"] for p in parts]
         self.batch_size = batch_size
         self.seed = seed
         self.rank, self.world_size = rank, world_size

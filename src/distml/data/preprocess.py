@@ -25,7 +25,7 @@ from distml.data.dataset import partition_table, write_partition
 from distml.data.sources import Chunk, RawChunk, open_source
 from distml.errors import DataError
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "unlabelled")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Prepared:
     columns: dict[str, np.ndarray]
     labels: np.ndarray | None
     tokens: np.ndarray | None
-    split: np.ndarray  # (n,) int8: 0 train, 1 val, 2 test
+    split: np.ndarray  # (n,) int8: 0 train, 1 val, 2 test, 3 unlabelled
     row_index: np.ndarray  # (n,) int64: index of each kept row within the raw chunk
     raw_rows: int
     invalid_rows: np.ndarray  # raw indices of rows with invalid values
@@ -89,8 +89,10 @@ def assign_splits(
         rank = np.empty(n, dtype=np.int64)
         rank[order] = np.arange(n) - np.repeat(starts, counts)
         position = (rank + 0.5) / counts[group_ids]
-    return np.where(position < frac.train, 0, np.where(position < frac.train + frac.val, 1, 2)
-                    ).astype(np.int8)
+    split = np.where(position < frac.train, 0, np.where(position < frac.train + frac.val, 1, 2))
+    if frac.unlabelled:  # the last cut, so with none the other splits are as they were
+        split[position >= 1 - frac.unlabelled] = 3
+    return split.astype(np.int8)
 
 
 def _group_ids(groups: np.ndarray | None, n: int) -> np.ndarray:
@@ -137,7 +139,7 @@ def fit_chunk(job: FitJob, chunk: Chunk) -> dict[str, Any]:
         out["raw_rows"] = p.raw_rows
         out["invalid_rows"] = p.invalid_rows[:5].tolist()
         out["invalid_count"] = int(len(p.invalid_rows))
-        out["split_rows"] = np.bincount(p.split, minlength=3).tolist()
+        out["split_rows"] = np.bincount(p.split, minlength=4).tolist()
         out["columns"] = {k: ("numeric" if transforms.is_numeric(v) else "categorical")
                           for k, v in p.columns.items()}
         if p.labels is not None and job.data.task == "classification":
@@ -196,6 +198,8 @@ def write_chunk(job: WriteJob, chunk: Chunk) -> dict[str, Any]:
             rel = f"{split}/part-{chunk.index:05d}-{k:03d}.parquet"
             part = (features[sel] if isinstance(features, np.ndarray)
                     else {n: v[sel] for n, v in features.items()})
-            table = partition_table(part, None if y is None else y[sel], row_ids[sel])
+            labels = None if y is None else (y[sel] if split != "unlabelled"
+                                             else np.full(len(sel), -1, y.dtype))
+            table = partition_table(part, labels, row_ids[sel])
             parts.append({"split": split, **write_partition(Path(job.out_dir), rel, table)})
     return {"parts": parts, "feature_names": names}

@@ -1,12 +1,14 @@
 """Teacher outputs stored next to the data, keyed by row id.
 
-A store is a folder beside the training partitions it describes::
+A store is a folder beside the training (and unlabelled) partitions it describes::
 
     <data root>/teachers/<key>/manifest.json
     <data root>/teachers/<key>/train/part-CCCCC-KKK.parquet    row_id, logits (float32 list)
+    <data root>/teachers/<key>/unlabelled/part-CCCCC-KKK.parquet   (a transfer set's rows)
 
-with one file per data partition, of the same name. ``key`` hashes the teachers' weights,
-so a store is computed once per set of teachers and reused by every run on the data. Rows
+with one file per data partition, of the same name. ``key`` hashes the teachers' weights
+(and their calibration), so a store is computed once per set of teachers and data version
+(the data root is the version's) and reused by every run on the data. Rows
 are matched by ``row_id``, never by position: whatever order a store's file holds its rows
 in, each data row meets its own teacher's logits.
 

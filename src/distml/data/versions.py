@@ -50,6 +50,8 @@ def checksums(files: list[Path]) -> list[dict[str, Any]]:
 def data_version(data: DataConfig, seed: int, fingerprint: dict[str, Any]) -> str:
     """The version of the data set ``data`` makes of inputs ``fingerprint`` (a Source's)."""
     config = data.model_dump(mode="json", exclude={"loader"})
+    if not data.split.unlabelled:  # so versions from before the key stay the same
+        del config["split"]["unlabelled"]
     blob = json.dumps([config, seed, fingerprint], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:VERSION_LENGTH]
 

@@ -73,9 +73,10 @@ def train_loader(cfg: Config, manifest: Manifest, settings: TrainSettings, *, ra
     """The training batches of data-parallel replica ``rank`` of ``replicas`` (every rank of
     one replica reads the same ones): each optimizer step's global batch is split among the
     replicas, then among the accumulated micro-batches. A distilled student's targets carry
-    its teacher's stored logits."""
+    its teacher's stored logits, and with a transfer set it reads the unlabelled split too."""
     return PartitionLoader(
-        manifest, "train", seed=cfg.seed, rank=rank, world_size=replicas,
+        manifest, distiller.splits if distiller is not None else "train", seed=cfg.seed,
+        rank=rank, world_size=replicas,
         batch_size=settings.batch_size // (replicas * settings.grad_accum_steps),
         config=cfg.data.loader, drop_last=drop_last,
         teacher_logits=distiller.logits_dir if distiller is not None else None,
@@ -99,12 +100,12 @@ def elastic_deal(settings: TrainSettings) -> ElasticDeal | None:
     return ElasticDeal(settings.batch_size, settings.grad_accum_steps, max(p.world_sizes))
 
 
-def distiller_for(candidate: Candidate, folder: CandidateDir, device: torch.device
-                  ) -> Distiller | None:
+def distiller_for(candidate: Candidate, folder: CandidateDir, device: torch.device, *,
+                  seed: int = 0) -> Distiller | None:
     """The candidate's distillation (its teachers prepared in ``folder``), if it has one."""
     if candidate.distill is None:
         return None
-    return Distiller.for_candidate(candidate.distill, folder, device=device)
+    return Distiller.for_candidate(candidate.distill, folder, device=device, seed=seed)
 
 
 def train_candidate(
@@ -130,7 +131,7 @@ def train_candidate(
     model, spec = build_candidate_model(cfg, candidate, manifest, val.x[:2])
     strategy = make_strategy(settings.parallel.strategy, model, settings, env,
                              sample=val.x[:16])
-    distiller = distiller_for(candidate, folder, env.device)
+    distiller = distiller_for(candidate, folder, env.device, seed=cfg.seed)
     loader = train_loader(cfg, manifest, settings, rank=strategy.data_rank,
                           replicas=strategy.data_size, drop_last=strategy.needs_full_batches,
                           distiller=distiller)

@@ -1,6 +1,8 @@
 """Distillation in the pipeline: find each student's teachers, check that they fit this run's
-data, compute the teachers' outputs for classification once (in parallel over the training
-partitions, on the executors), and measure teacher, student and twin for the report.
+data, calibrate them on the validation split if asked, compute their outputs for
+classification once (in parallel over the training and unlabelled partitions, on the
+executors), and measure teacher, student and twin for the report. Which splits a student
+reads (``student_splits``: its transfer set) and the calibration go to its teacher.json.
 
 A student's teachers are written to its candidate folder (``CandidateDir.teacher``), which
 the training processes read (``distml.training.distill.Distiller``).
@@ -41,7 +43,7 @@ from distml.registry import Registry
 from distml.rundir import RunDir
 from distml.tasks import evaluate, predict
 from distml.training.distill import TEACHERS_TRUSTED as OWN  # this run's own artifacts
-from distml.training.distill import load_ensemble
+from distml.training.distill import calibration_scale, load_ensemble
 
 logger = logging.getLogger(__name__)
 
@@ -126,15 +128,48 @@ def prepare_teachers(cfg: Config, cand: Candidate, run: RunDir, manifest: Manife
     Stored outputs are the teachers' answers to the stored rows. A loader ``map_fn`` (an
     augmentation, say) changes the rows the student sees, so then the teachers answer
     online, on the very inputs the student gets, as they do for language models."""
-    assert cand.distill is not None
+    spec = cand.distill
+    assert spec is not None
     teachers = resolve_teachers(cfg, cand, run, manifest)
+    splits = student_splits(cfg, cand, manifest)
+    scale = calibrate(teachers, manifest) if spec.calibrate else 1.0
     logits_dir = None
-    if manifest.task == "classification" and cfg.data.loader.map_fn is None:
-        logits_dir = str(teacher_logits(manifest, teachers, cfg.execution, progress=progress))
+    if (manifest.task == "classification" and cfg.data.loader.map_fn is None
+            and not (spec.transfer and spec.transfer.copies)):
+        logits_dir = str(teacher_logits(manifest, teachers, cfg.execution, scale=scale,
+                                        progress=progress))
     info = {"teachers": [asdict(t) for t in teachers], "logits_dir": logits_dir,
-            "temperature": cand.distill.temperature, "alpha": cand.distill.alpha}
+            "temperature": spec.temperature, "alpha": spec.alpha, "splits": splits,
+            "calibration": scale}
     run.candidate(cand.name).write_teacher(info)
     return info
+
+
+def student_splits(cfg: Config, cand: Candidate, manifest: Manifest) -> list[str]:
+    """The splits a student reads: the training rows, and with a transfer set the data's
+    unlabelled rows too (or those alone, with transfer.labelled: false)."""
+    transfer = cand.distill.transfer if cand.distill else None
+    if transfer is None:
+        return ["train"]
+    splits = (["train"] if transfer.labelled else []) + (
+        ["unlabelled"] if manifest.rows("unlabelled") else [])
+    if not splits:
+        where = f"train.candidates[{cfg.train.candidates.index(cand)}].distill.transfer"
+        raise ConfigError(f"{where}.labelled=false, and the data has no unlabelled rows "
+                          f"(data.split.unlabelled={cfg.data.split.unlabelled}): the student "
+                          "would read nothing; set data.split.unlabelled (e.g. 0.5) or "
+                          "transfer.labelled: true")
+    return splits
+
+
+def calibrate(teachers: list[Teacher], manifest: Manifest) -> float:
+    """The teachers' (mean) logits' temperature scale, fitted on the validation split."""
+    val = SplitTensors.load(manifest, "val")
+    logits = predict(load_ensemble([t.artifact for t in teachers]), val.x)
+    scale = calibration_scale(logits, val.y)
+    logger.info("teachers %s calibrated on %d validation rows: logits / %.3f",
+                [t.ref for t in teachers], len(val.y), scale)
+    return scale
 
 
 # -- the teachers' outputs, over the training partitions ------------------------------------
@@ -145,11 +180,13 @@ class LogitsJob:
     artifacts: tuple[str, ...]
     data_root: str
     out_root: str
+    scale: float = 1.0
 
 
-def _store_key(teachers: list[Teacher]) -> str:
-    """Hash of the teachers' weights and specs, in order (the mean is taken in that order)."""
-    digest = hashlib.sha256()
+def _store_key(teachers: list[Teacher], scale: float = 1.0) -> str:
+    """Hash of the teachers' weights and specs, in order (the mean is taken in that order),
+    and of their calibration."""
+    digest = hashlib.sha256(b"" if scale == 1.0 else repr(scale).encode())
     for t in teachers:
         for name in (WEIGHTS, SPEC):
             with open(Path(t.artifact) / name, "rb") as f:
@@ -158,17 +195,19 @@ def _store_key(teachers: list[Teacher]) -> str:
 
 
 def teacher_logits(manifest: Manifest, teachers: list[Teacher], execution: ExecutionConfig,
-                   *, progress: ProgressFactory | None = None) -> Path:
-    """The store of the teachers' (mean) logits for every training row; computed once per
-    set of teachers, one work item per partition."""
-    root = store_root(manifest, _store_key(teachers))
+                   *, scale: float = 1.0,
+                   progress: ProgressFactory | None = None) -> Path:
+    """The store of the teachers' (mean, divided by ``scale``) logits for every row of the
+    training and unlabelled splits; computed once per set of teachers and data version
+    (the store lives in the data's folder), one work item per partition."""
+    root = store_root(manifest, _store_key(teachers, scale))
     if is_complete(root):
         logger.info("teacher outputs already computed at %s", root)
         return root
-    parts = [p["path"] for p in manifest.partitions("train")]
+    parts = [p["path"] for s in ("train", "unlabelled") for p in manifest.partitions(s)]
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    job = LogitsJob(tuple(t.artifact for t in teachers), str(manifest.root), str(tmp))
+    job = LogitsJob(tuple(t.artifact for t in teachers), str(manifest.root), str(tmp), scale)
     workers = min(execution.num_workers or os.cpu_count() or 1, len(parts))
     try:
         with make_executor(execution.executor, num_workers=workers, retries=execution.retries,
@@ -192,11 +231,12 @@ _ENSEMBLES: dict[tuple[str, ...], torch.nn.Module] = {}  # per worker: loaded on
 
 def logits_part(job: LogitsJob, rel_path: str) -> int:
     """One work item: the teachers' mean logits for one partition, keyed by row id."""
-    if job.artifacts not in _ENSEMBLES:
-        _ENSEMBLES[job.artifacts] = load_ensemble(list(job.artifacts))
+    key = (*job.artifacts, str(job.scale))
+    if key not in _ENSEMBLES:
+        _ENSEMBLES[key] = load_ensemble(list(job.artifacts), scale=job.scale)
     manifest = Manifest.read(Path(job.data_root))
     x, _ = read_partition(manifest, rel_path)
-    logits = predict(_ENSEMBLES[job.artifacts], torch.from_numpy(x))
+    logits = predict(_ENSEMBLES[key], torch.from_numpy(x))
     write_logits(Path(job.out_root), rel_path, read_row_ids(manifest, rel_path), logits.numpy())
     return len(x)
 
