@@ -50,15 +50,13 @@ def test_tensor_and_pipeline_match_one_process_on_the_digits_mlp(tmp_path):
     _passed(report, names)
 
 
-@pytest.mark.parametrize("model", ["transformer", "mlp"])
-def test_hybrids_on_a_2d_mesh_match_one_process(tmp_path, tiny_raw, model):
+def test_hybrids_on_a_2d_mesh_match_one_process(tmp_path):
+    # (the transformer: on the 3-D mesh, test_3d_matches_one_process_...)
     names = ["data-x-tensor", "data-x-pipeline"]
-    cfg = (small_lm_config(tmp_path, tiny_raw), ()) if model == "transformer" else (
-        ROOT / "examples" / "digits.yaml",
-        ("--candidate", "mlp-wide", "--set", f"output_dir={tmp_path / 'runs'}",
-         "--set", "train.parallel.pipeline.stage_split=[2, 1]"))  # stages given explicitly
-    _, report = verify(tmp_path, cfg[0], *cfg[1], "--strategies", ",".join(names),
-                        "--world-size", "4")
+    _, report = verify(tmp_path, ROOT / "examples" / "digits.yaml", "--candidate", "mlp-wide",
+                        "--set", f"output_dir={tmp_path / 'runs'}",
+                        "--set", "train.parallel.pipeline.stage_split=[2, 1]",  # given stages
+                        "--strategies", ",".join(names), "--world-size", "4")
     assert report["world_size"] == 4
     _passed(report, names)
 

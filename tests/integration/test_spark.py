@@ -69,15 +69,15 @@ def test_predict_on_spark_writes_what_local_writes(spark, trained_digits, tmp_pa
     assert local == on_spark
 
 
-@pytest.mark.parametrize("launcher", ["spark-local", "spark"])
-def test_torch_distributor_trains_a_ddp_candidate(spark, tmp_path, launcher, caplog):
+def test_torch_distributor_trains_a_ddp_candidate(spark, tmp_path, caplog):
+    # barrier mode; spark-local differs only by the flag TorchDistributor is given
     from distml.workflow.pipeline import train_only
     from tests.helpers.configs import TINY, make_config
 
     raw = {**TINY, "output_dir": str(tmp_path / "runs"), "registry": str(tmp_path / "reg")}
     raw["train"] = {**TINY["train"], "epochs": 1, "candidates": [
         {"name": "ddp", "model": {"type": "mlp", "hidden_sizes": [16]},
-         "parallel": {"strategy": "ddp", "world_size": 2, "launcher": launcher}}]}
+         "parallel": {"strategy": "ddp", "world_size": 2, "launcher": "spark"}}]}
     caplog.set_level("INFO", logger="distml.distributed.launch")
     run, results = train_only(make_config(raw))
     (result,) = results
