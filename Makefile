@@ -25,10 +25,10 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 
-# Two workers: most tests wait on processes they start (ranks, servers, clusters), so two
-# at a time keep both cores busy; tests that share a machine-wide resource are grouped onto
-# one worker (tests/conftest.py).
-TEST_WORKERS ?= 2
+# Three workers on two cores: most tests wait on processes they start (ranks, servers,
+# clusters, paced jobs), so with two at a time the cores sat idle a third of the time;
+# tests that share a machine-wide resource are grouped onto one worker (tests/conftest.py).
+TEST_WORKERS ?= 3
 test: lint
 	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
