@@ -52,7 +52,9 @@ def overlap(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a["start"] < b["end"] and b["start"] < a["end"]
 
 
-@pytest.mark.parametrize("executor", ["local", "dask://local", "ray://local"])
+# (dask://local runs trials through the same Executor interface; its executor is tested by
+# test_engines.py and test_ingest_parallel.py)
+@pytest.mark.parametrize("executor", ["local", "ray://local"])
 def test_trials_run_two_at_a_time_pruned_and_the_best_registered(tmp_path, executor):
     cfg = search_config(tmp_path, executor)
     run_cli = distml_on_ray if executor.startswith("ray") else distml
