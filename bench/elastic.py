@@ -116,7 +116,7 @@ class Job:
 
     def kill(self, i: int) -> float:
         """Kill agent ``i`` and its ranks (the machine is gone); returns the time."""
-        _kill_tree(self.agents[i].pid)
+        kill_tree(self.agents[i].pid)
         t = time.time()
         self.agents[i].wait()
         return t
@@ -124,7 +124,7 @@ class Job:
     def stop(self) -> None:
         for a in self.agents:
             if a.poll() is None:
-                _kill_tree(a.pid)
+                kill_tree(a.pid)
                 a.wait()
 
     def result(self) -> dict[str, Any]:
@@ -141,7 +141,7 @@ def _wait_listening(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"nothing listens on port {port} after {timeout:g} s")
 
 
-def _kill_tree(pid: int) -> None:
+def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and its descendants (torch's agent starts each rank in a session of
     its own, so the agent's process group does not hold them)."""
     children: dict[int, list[int]] = {}

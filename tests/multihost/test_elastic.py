@@ -24,10 +24,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bench.elastic import kill_tree
 from safetensors.torch import load_file
 
 from tests.helpers.multihost.engines import node_env
-from tests.helpers.multihost.jobs import CONFIG, ENV, kill_tree, start_agent, wait_all
+from tests.helpers.multihost.jobs import CONFIG, ENV, start_agent, wait_all
 from tests.helpers.multihost.netns import Cluster, Node, kill_group
 
 pytestmark = pytest.mark.multihost

@@ -182,15 +182,8 @@ class Batcher:
         if took < INLINE_MAX_S or 2 * self.queued_rows >= rows:
             return
         until = time.monotonic() + min(0.5 * took, REBOUND_MAX_S)
-        while self.queued_rows < min(rows, self.max_batch_size):
-            left = until - time.monotonic()
-            if left <= 0:
-                return
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), left)
-            except TimeoutError:
-                return
+        await self._wait(lambda: self.queued_rows < min(rows, self.max_batch_size),
+                         lambda: until)
 
     @staticmethod
     def _answer(batch: list[_Pending], out: dict[str, np.ndarray]) -> None:
@@ -210,8 +203,14 @@ class Batcher:
     async def _gather(self) -> None:
         """Wait for more requests until the batch is full, the oldest waited long enough, or
         no more are on their way."""
-        while self.queued_rows < self.max_batch_size and self.arriving() > 0:
-            left = self.queue[0].arrived + self.max_delay_s - time.monotonic()
+        await self._wait(
+            lambda: self.queued_rows < self.max_batch_size and self.arriving() > 0,
+            lambda: self.queue[0].arrived + self.max_delay_s)
+
+    async def _wait(self, more: Callable[[], bool], until: Callable[[], float]) -> None:
+        """Wake on each arrival while ``more()`` holds, until the monotonic time ``until()``."""
+        while more():
+            left = until() - time.monotonic()
             if left <= 0:
                 return
             self._wake.clear()

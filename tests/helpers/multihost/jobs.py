@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -45,23 +42,3 @@ def wait_all(procs: list[subprocess.Popen], work: Path, timeout: float = 240) ->
             logs = "\n".join(f"--- {f.name}\n{f.read_text()[-4000:]}"
                              for f in sorted(work.glob("*.log")))
             raise AssertionError(f"an agent ended with {code}:\n{logs}")
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and its descendants: one job's agent and ranks on a node (torch's
-    agent starts each rank in a session of its own, out of the agent's process group)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, found = [pid], []
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        todo += children.get(p, [])
-    for p in found:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
