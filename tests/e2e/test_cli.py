@@ -192,6 +192,7 @@ def test_main_job_digits_reaches_95_percent(tmp_path):
 
 
 def test_runs_list_and_compare(tmp_path, tiny_raw):
+    tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]  # (two runs of one)
     cfg = write_config(tmp_path / "c.yaml", tiny_raw)
     distml("run", str(cfg), "-q", cwd=tmp_path)
     distml("run", str(cfg), "-q", "--set", "train.lr=0.02", "--set", "train.cnn.lr=0",
