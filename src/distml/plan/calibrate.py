@@ -86,13 +86,19 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
 
 def measure_network(port: int, scratch: str) -> tuple[float, float]:
     """Bandwidth (bytes/s) and latency (s) of gloo between two processes on this machine."""
+    return _spawned(_allreduce_worker, 2, port, scratch)
+
+
+def _spawned(worker, nprocs: int, port: int, scratch: str) -> tuple[float, float]:  # noqa: ANN001
+    """Run ``worker(rank, port, scratch)`` on ``nprocs`` fresh processes; the two numbers
+    rank 0 wrote to ``scratch``."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_allreduce_worker, args=(port, scratch), nprocs=2, join=True,
+    mp.start_processes(worker, args=(port, scratch), nprocs=nprocs, join=True,
                        start_method="spawn")
     with open(scratch) as f:
-        bw, lat = (float(v) for v in f.read().split())
-    return bw, lat
+        first, second = (float(v) for v in f.read().split())
+    return first, second
 
 
 def _wrapper_worker(rank: int, port: int, out: str) -> None:
@@ -138,10 +144,4 @@ def _wrapper_worker(rank: int, port: int, out: str) -> None:
 
 def measure_wrappers(port: int, scratch: str) -> tuple[float, float]:
     """Seconds a tensor-parallel module and an FSDP unit add to one forward and backward."""
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_wrapper_worker, args=(port, scratch), nprocs=1, join=True,
-                       start_method="spawn")
-    with open(scratch) as f:
-        tp, unit = (float(v) for v in f.read().split())
-    return tp, unit
+    return _spawned(_wrapper_worker, 1, port, scratch)
