@@ -17,11 +17,13 @@ Trust: an artifact naming code (a user transform or model factory) loads only un
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,10 +192,16 @@ class Artifact:
             return torch.as_tensor(np.asarray(x), dtype=torch.int64)
         names = list(self.spec["input_columns"])
         if not isinstance(x, dict):
+            if self._matrix_form is not None:  # numeric columns, column transforms only
+                return torch.from_numpy(self._matrix_form(x))
             x = np.asarray(x, dtype=np.float32)
             x = {n: x[:, j] for j, n in enumerate(names)}
         cols = transforms.apply(self.spec["preprocessing"], {n: np.asarray(x[n]) for n in names})
         return torch.from_numpy(transforms.to_matrix(cols))
+
+    @functools.cached_property
+    def _matrix_form(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        return transforms.matrix_form(self.spec["preprocessing"], list(self.spec["input_columns"]))
 
     @torch.no_grad()
     def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:

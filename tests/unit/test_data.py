@@ -186,3 +186,28 @@ def test_inspect_reports_partitions_and_column_statistics(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"holds no \.parquet file"):
         inspect(tmp_path / "empty")
+
+
+def test_the_matrix_form_of_column_transforms_equals_their_column_by_column_application():
+    from distml.data import transforms
+
+    rng = np.random.default_rng(0)
+    names = ["a", "b", "c"]
+    x = rng.normal(size=(5, 3)).astype(np.float32) * 10
+    x[1, 0] = x[3, 2] = np.nan
+    params = [
+        {"type": "impute", "columns": ["a", "c"], "fill": [0.5, -2.0]},
+        {"type": "clip", "columns": ["b"], "min": -3.0, "max": None},
+        {"type": "minmax", "columns": ["c", "a"], "min": [-9.0, -4.0], "scale": [20.0, 7.0]},
+        {"type": "standardize", "columns": None, "mean": [1.0, 2.0, 3.0], "std": [2.0, 4.0, 8.0]},
+    ]
+    by_column = transforms.to_matrix(transforms.apply(params, {n: x[:, j] for j, n in
+                                                               enumerate(names)}))
+    matrix = transforms.matrix_form(params, names)
+    np.testing.assert_array_equal(matrix(x), by_column)
+    assert not np.isnan(by_column).any()
+    assert np.isnan(x).sum() == 2  # the input is untouched
+    with pytest.raises(ValueError, match=r"expected \(rows, 3\)"):
+        matrix(x[:, :1])
+    # a transform that changes the columns has no matrix form
+    assert transforms.matrix_form([{"type": "onehot", "columns": ["a"]}], names) is None

@@ -252,10 +252,13 @@ def requested_outputs(wanted: list[str], known: list[str]) -> list[str]:
 
 # -- encoding ------------------------------------------------------------------------------
 
+_NAMES = {v: k for k, v in NUMERIC.items()}
+
+
 def datatype_of(a: np.ndarray) -> str:
     if a.dtype == object:
         return "BYTES"
-    return next(k for k, v in NUMERIC.items() if v == a.dtype.newbyteorder("<"))
+    return _NAMES[a.dtype.newbyteorder("<")]
 
 
 def encode_raw(a: np.ndarray) -> bytes:

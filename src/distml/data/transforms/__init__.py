@@ -11,6 +11,7 @@ from distml.data.transforms.base import (
     encodes,
     fills_nan,
     is_numeric,
+    matrix_form,
     merge,
     needs_fit,
     partial_stats,
@@ -19,4 +20,4 @@ from distml.data.transforms.base import (
 )
 
 __all__ = ["TRANSFORMS", "Columns", "Transform", "apply", "encodes", "fills_nan", "is_numeric",
-           "merge", "needs_fit", "partial_stats", "to_matrix", "unfitted_params"]
+           "matrix_form", "merge", "needs_fit", "partial_stats", "to_matrix", "unfitted_params"]

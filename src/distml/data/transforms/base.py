@@ -11,6 +11,7 @@ path, so this module imports none of them; a user's 'module:function' is the ``u
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from distml.imports import load_object
 
 Columns = dict[str, np.ndarray]
+Block = Callable[[np.ndarray], np.ndarray]
 
 # The config's ``data.transforms[].type`` -> import path of its Transform class.
 TRANSFORMS: dict[str, str] = {
@@ -77,6 +79,12 @@ class ColumnTransform(Transform):
     def apply_column(self, p: dict[str, Any], j: int, x: np.ndarray) -> np.ndarray:
         """Column ``j`` of ``p["columns"]``, float32 in and out."""
         raise NotImplementedError
+
+    def block(self, p: dict[str, Any]) -> Block:
+        """The transform of the (N, k) float32 block of its k columns at once, elementwise as
+        ``apply_column`` (a kind overrides it with one vectorised expression)."""
+        return lambda x: np.column_stack([self.apply_column(p, j, x[:, j])
+                                          for j in range(x.shape[1])])
 
 
 @functools.cache
@@ -160,6 +168,36 @@ def apply(params: list[dict[str, Any]], cols: Columns) -> Columns:
     for p in params:
         out = implementation(p["type"]).apply(p, out)
     return out
+
+
+def matrix_form(params: list[dict[str, Any]], names: list[str]) -> Block | None:
+    """The fitted transforms as one function of the (N, C) float32 matrix of the columns
+    ``names`` in order, equal to ``to_matrix(apply(params, columns))``, when every step is a
+    column transform (the columns stay as they are); None when one is not (one-hot, hashing
+    and user functions change the columns: use ``apply``). A request of a few rows then
+    costs a few array operations, not a few per column."""
+    steps: list[tuple[np.ndarray | None, Block]] = []
+    for p in params:
+        kind = implementation(p["type"])
+        columns = p["columns"] or names  # none named: every (numeric) column
+        if not isinstance(kind, ColumnTransform) or not set(columns) <= set(names):
+            return None
+        index = None if columns == names else np.array([names.index(c) for c in columns])
+        steps.append((index, kind.block(p)))
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.array(x, dtype=np.float32)  # a copy: the caller's array is not modified
+        if x.ndim != 2 or x.shape[1] != len(names):
+            raise ValueError(f"inputs of shape {x.shape}; expected (rows, {len(names)}): "
+                             f"the columns {names}")
+        for index, block in steps:
+            if index is None:
+                x = block(x)
+            else:
+                x[:, index] = block(x[:, index])
+        return x
+
+    return run
 
 
 def to_matrix(cols: Columns) -> np.ndarray:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from distml.data.transforms.base import ColumnTransform
+from distml.data.transforms.base import Block, ColumnTransform
 
 
 class Clip(ColumnTransform):
@@ -20,3 +20,6 @@ class Clip(ColumnTransform):
 
     def apply_column(self, p: dict[str, Any], j: int, x: np.ndarray) -> np.ndarray:
         return np.clip(x, p["min"], p["max"]).astype(np.float32, copy=False)
+
+    def block(self, p: dict[str, Any]) -> Block:
+        return lambda x: self.apply_column(p, 0, x)  # the same bounds for every column

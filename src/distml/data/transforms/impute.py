@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from distml.data.transforms.base import ColumnTransform, column_stats
+from distml.data.transforms.base import Block, ColumnTransform, column_stats
 
 
 class Impute(ColumnTransform):
@@ -33,3 +33,7 @@ class Impute(ColumnTransform):
     def apply_column(self, p: dict[str, Any], j: int, x: np.ndarray) -> np.ndarray:
         fill = p["fill"][j] if "fill" in p else p["value"]
         return np.where(np.isnan(x), np.float32(fill), x)
+
+    def block(self, p: dict[str, Any]) -> Block:
+        fill = np.float32(p["fill"] if "fill" in p else p["value"])
+        return lambda x: np.where(np.isnan(x), fill, x)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from distml.data.transforms.base import ColumnTransform, column_stats
+from distml.data.transforms.base import Block, ColumnTransform, column_stats
 
 _EPS = 1e-12
 
@@ -42,6 +42,9 @@ class Standardize(ColumnTransform):
     def apply_column(self, p: dict[str, Any], j: int, x: np.ndarray) -> np.ndarray:
         return (x - np.float32(p["mean"][j])) / np.float32(p["std"][j])
 
+    def block(self, p: dict[str, Any]) -> Block:
+        return _affine(p["mean"], p["std"])
+
 
 class MinMax(ColumnTransform):
     """(x - min) / (max - min); a constant column is only shifted."""
@@ -58,3 +61,12 @@ class MinMax(ColumnTransform):
 
     def apply_column(self, p: dict[str, Any], j: int, x: np.ndarray) -> np.ndarray:
         return (x - np.float32(p["min"][j])) / np.float32(p["scale"][j])
+
+    def block(self, p: dict[str, Any]) -> Block:
+        return _affine(p["min"], p["scale"])
+
+
+def _affine(shift: list[float], scale: list[float]) -> Block:
+    """(x - shift) / scale per column, in float32 as ``apply_column`` computes it."""
+    shift_, scale_ = np.float32(shift), np.float32(scale)
+    return lambda x: (x - shift_) / scale_
