@@ -190,4 +190,7 @@ def summarize(runs: list[dict]) -> dict:
                 "p99_less_client_lag_ms"):  # open loop: the client's own backlog
         if key in runs[0]:
             out[key] = round(statistics.median(r[key] for r in runs), 3)
+    if "cpu_us_per_request" in runs[0]:  # bench/serve.py: the server's and the client's
+        out["cpu_us_per_request"] = {side: round(statistics.median(
+            r["cpu_us_per_request"][side] for r in runs), 1) for side in ("server", "client")}
     return out

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import tempfile
 from pathlib import Path
@@ -52,6 +53,7 @@ from bench.serve_servers import (
     PATH,
     PEER_NAMES,
     commands,
+    cpu_seconds,
     raw_forward_ms,
     start,
     stop,
@@ -122,12 +124,23 @@ def _turn(g: str, group: dict, name: str, server: tuple, payloads: dict, r: int,
     done: dict[str, dict] = {}
     try:
         for level in group["plans"][name]:
+            server0, client0 = cpu_seconds(proc), _own_cpu_seconds()
             done[level] = _measure(port, level, payloads, done, seed=r)
+            served = done[level]["throughput_rps"] * (SECONDS + WARMUP_S)  # with the warm-up
+            done[level]["cpu_us_per_request"] = {
+                side: round(1e6 * used / max(served, 1), 1)
+                for side, used in (("server", cpu_seconds(proc) - server0),
+                                   ("client", _own_cpu_seconds() - client0))}
             print(f"[{r + 1}/{ROUNDS}] {g} {name} {level} {done[level]['throughput_rps']:.0f} "
                   f"req/s, p99 {done[level]['p99_ms']:.1f} ms", flush=True)
     finally:
         stop(proc)
     return done
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _rounds(groups: dict, servers: dict, payloads: dict, tmp: Path

@@ -121,6 +121,17 @@ def start(cmd: list[str], cpus: str, port: int, body: bytes, folder: Path) -> su
     raise RuntimeError(f"{cmd} did not answer within 240 s")
 
 
+def cpu_seconds(proc: subprocess.Popen) -> float:
+    """CPU time (user + system) used so far by the live processes of the server's session."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[3]) == proc.pid:  # the process group: start()'s session
+                total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
 def stop(proc: subprocess.Popen) -> None:
     """The server and every process of its session."""
     for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -203,7 +203,7 @@ class Artifact:
     def _matrix_form(self) -> Callable[[np.ndarray], np.ndarray] | None:
         return transforms.matrix_form(self.spec["preprocessing"], list(self.spec["input_columns"]))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(self, x: np.ndarray | dict[str, np.ndarray]) -> np.ndarray:
         """Raw inputs -> class probabilities, regression values, or next-token logits."""
         out = self.model(self.preprocess(x)).float()

@@ -126,6 +126,27 @@ def test_a_lone_request_runs_on_the_loop_only_while_its_forward_is_short():
     assert loop_thread not in threads[4:]  # the third took 20 ms: off the loop from then on
 
 
+def test_a_request_that_finds_the_model_idle_runs_at_once_without_a_turn_of_the_loop():
+    """No hand-off to the batcher's task and back: the answer comes before anything else
+    the loop had scheduled runs."""
+    model, order = Model(), []
+
+    async def main():
+        b = Batcher(model, arriving=lambda: 0)
+        b.start()
+        try:
+            await asyncio.sleep(0)  # the batcher's task is waiting for work
+            asyncio.get_running_loop().call_soon(order.append, "scheduled before")
+            await b.submit(np.ones((1, 3)), 5)
+            order.append("answered")
+        finally:
+            await b.stop()
+
+    _run(main())
+    assert model.calls == [1]
+    assert order == ["answered", "scheduled before"]
+
+
 def test_a_closed_loop_settles_into_full_batches_not_one_and_the_rest():
     """Eight clients, each sending again once answered, to a model whose forward takes
     10 ms: the one request queued during a big batch waits (at most half a forward) for the

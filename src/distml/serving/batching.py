@@ -2,7 +2,8 @@
 
 Requests wait in one queue; a single inference thread takes them (a request alone, nothing
 queued or arriving, runs on the event loop's thread instead while such forwards take under
-``INLINE_MAX_S`` on average: the hand-off would cost more than it overlaps). Batching is
+``INLINE_MAX_S`` on average: the hand-off would cost more than it overlaps; one that finds
+the model idle too runs at once, in ``submit``, without passing through the queue). Batching is
 continuous: a request that finds the model idle goes straight to its forward pass, and the
 requests that arrive while the model is busy form the next batch (up to ``max_batch_size``
 rows), taken as soon as the model is free. With ``max_delay`` > 0 the batcher also waits,
@@ -96,6 +97,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="distml-infer")
         self._task: asyncio.Task | None = None
+        self.busy = False  # a forward of the batcher's task is running (on its thread)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve())
@@ -114,6 +116,9 @@ class Batcher:
         """The model's outputs for ``x``; OverloadedError or DeadlineExceededError otherwise."""
         if self.queued_rows + len(x) > self.max_queue_rows and self.queue:
             raise OverloadedError
+        if (not self.queue and not self.busy and not self.arriving()
+                and self.lone_forward_s < INLINE_MAX_S):
+            return self._alone(x, timeout_s)
         loop = asyncio.get_running_loop()
         item = _Pending(x, loop.create_future(), time.monotonic() + timeout_s)
         self.queue.append(item)
@@ -126,6 +131,18 @@ class Batcher:
             return await item.future
         finally:
             deadline.cancel()
+
+    def _alone(self, x: np.ndarray, timeout_s: float) -> dict[str, np.ndarray]:
+        """A request that finds the model idle, nothing queued and nothing on its way: its
+        short forward right here, on the loop's thread, with no hand-off to the batcher's
+        task and back (two turns of the event loop) and no deadline timer."""
+        self.on_wait(0.0)
+        self.on_batch(len(x))
+        start = time.monotonic()
+        out = self._timed(x, True)
+        if time.monotonic() > start + timeout_s:
+            raise DeadlineExceededError
+        return out
 
     def _queued(self, rows: int) -> None:
         self.queued_rows += rows
@@ -154,7 +171,11 @@ class Batcher:
                     # inference thread and back (nothing is waiting to be read meanwhile)
                     out = self._timed(x, alone)
                 else:  # on the inference thread: the loop reads the next requests meanwhile
-                    out = await loop.run_in_executor(self._pool, self._timed, x, alone)
+                    self.busy = True
+                    try:
+                        out = await loop.run_in_executor(self._pool, self._timed, x, alone)
+                    finally:
+                        self.busy = False
             except Exception as e:  # noqa: BLE001 - the requests get the error, the loop goes on
                 for p in batch:
                     if not p.future.done():

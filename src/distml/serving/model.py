@@ -4,6 +4,7 @@ probabilities and labels (or predictions) out."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -58,11 +59,15 @@ class ServedModel:
                 raise ProtocolError(400, f"{where}: token ids must be in [0, {vocab}); got "
                                          f"{low if low < 0 else high}")
 
+    @functools.cached_property
+    def _labels(self) -> np.ndarray:
+        return np.asarray(self.artifact.labels, dtype=object)
+
     def infer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Raw rows (n, columns) -> each output tensor by name."""
         out = self.artifact.predict(x)
         if self.artifact.task == "classification":
-            labels = np.asarray(self.artifact.labels, dtype=object)[out.argmax(-1)]
+            labels = self._labels[out.argmax(-1)]
             return {"probabilities": out.astype(np.float32), "label": labels}
         if self.artifact.task == "regression":
             return {"prediction": out.astype(np.float32)}
