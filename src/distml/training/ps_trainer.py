@@ -15,6 +15,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -28,11 +29,14 @@ from distml.data.loader import PartitionLoader
 from distml.distributed.param_server import checkpoint as ckpt
 from distml.distributed.param_server.protocol import Kind, Msg
 from distml.distributed.param_server.server import ServerHost, ShardServer
+from distml.distributed.param_server.sockets import connect
 from distml.distributed.param_server.strategy import ParameterServer
 from distml.distributed.param_server.work import Coordinator, ItemReader, WorkQueue
 from distml.distributed.param_server.worker import Worker
 from distml.distributed.runtime import job_store
+from distml.fsutil import write_json_atomic
 from distml.imports import load_object
+from distml.rundir import CandidateDir
 from distml.tasks import loss_fn
 from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
@@ -101,7 +105,7 @@ class PSTrainer:
                 device=self.env.device, autocast=s.autocast, grad_clip=self.settings.grad_clip,
                 peak_memory=peak_memory, store=store, key=key,
                 tables=s.tables.client if s.tables is not None else None)
-            worker.run()
+            self._work(worker, store, key)
             return self.state
         if resume:
             self._restore()
@@ -117,14 +121,21 @@ class PSTrainer:
         queue = WorkQueue(len(self.reader.items), seed=self.reader.seed,
                           shuffle=self.reader.config.shuffle)
         coordinator = Coordinator(queue, s.workers) if is_main else None
+        ids = itertools.count(self.env.world_size)  # joiners' ids: never a rank's, never reused
         host = ServerHost(server, s.channel, workers=s.workers,
                           peer_clients=[] if is_main else [0], coordinator=coordinator,
                           save=lambda step: self._save_shard(server, step),
                           store=store, key=key,
-                          tables=s.tables.host if s.tables is not None else None)
+                          tables=s.tables.host if s.tables is not None else None,
+                          next_id=lambda: next(ids))
         host.start()
+        store.set(f"{key}/addr/{self.env.rank}", host.address)
         if is_main:
-            self._coordinate(server, host, coordinator)
+            self._publish(store, key)
+            try:
+                self._coordinate(server, host, coordinator)
+            finally:
+                self.join_file.unlink(missing_ok=True)
             self.peaks = [peak_memory(), *[int(store.get(f"{key}/peak/{r}"))
                                            for r in s.servers[1:]]]
             if self.ps.mode == "sync":
@@ -139,6 +150,29 @@ class PSTrainer:
         self._tables_held(store, key)
         s.version = server.version
         return self.state
+
+    def _work(self, worker: Worker, store: Any, key: str) -> None:
+        """A worker rank: connect to every server (their addresses from the store), work."""
+        addresses = [store.get(f"{key}/addr/{r}").decode() for r in self.strategy.servers]
+        try:
+            connect(self.strategy.channel, addresses, wid=self.env.rank)
+            worker.run()
+        finally:
+            self.strategy.channel.close()
+
+    @property
+    def join_file(self) -> Path:
+        """Where a running job tells workers that join it how (``distml ps-worker``)."""
+        return CandidateDir(self.checkpoint_dir.parent).ps_join
+
+    def _publish(self, store: Any, key: str) -> None:
+        """Server 0: every server's address, and what a joining worker must do alike (its
+        batch size, the data's seed), in the candidate's folder."""
+        servers = [store.get(f"{key}/addr/{r}").decode() for r in self.strategy.servers]
+        self.join_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.join_file, {
+            "servers": servers, "batch_size": self.reader.batch_size,
+            "seed": self.reader.seed, "pid": os.getpid()})
 
     def _tables_held(self, store: Any, key: str) -> None:
         """Server 0: the rows (and bytes, with their optimizer state) each server holds."""
@@ -328,6 +362,7 @@ class PSTrainer:
             self.ps, servers=self.strategy.servers, workers=self.strategy.workers,
             updates=updates, dropped=self.dropped + (server.dropped if server else 0),
             worker_stats=self.worker_stats, accounting=self.accounting,
-            alive=sorted(server.alive) if server else []),
+            alive=sorted(server.alive) if server else [],
+            membership=self.host.coordinator.events if server else []),
             "step_workers_agree_across_shards": self.shards_agree,
             "tables": self.tables_summary}}
