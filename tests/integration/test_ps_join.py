@@ -73,12 +73,14 @@ def test_workers_join_a_running_job_take_items_and_leave(tmp_path, tiny_raw):
     pace.write_text("0")
     out, _ = job.communicate(timeout=240)
     assert job.returncode == 0, out
-    assert f"worker {ids[0]}:" in left and "(left the job)" in left, left
+    assert f"worker {ids[0]}:" in left, left
+    assert "(left the job)" in left, left
 
     result = json.loads((run / "candidates" / "small" / "result.json").read_text())
     ps = result["parameter_server"]
     # Fresh ids after the job's ranks (server 0, worker 1), in the order they came.
-    assert sorted(ids) == [2, 3] and sorted(ps["joined_workers"]) == [2, 3]
+    assert sorted(ids) == [2, 3]
+    assert sorted(ps["joined_workers"]) == [2, 3]
     assert ps["workers"] == [1, *ps["joined_workers"]]
     assert ps["dead_workers"] == [ids[1]]  # the killed one; the one that left is not dead
     events = [(e["event"], e["worker"]) for e in ps["membership"]]
@@ -92,6 +94,6 @@ def test_workers_join_a_running_job_take_items_and_leave(tmp_path, tiny_raw):
         for w, n in epoch["items_by_worker"].items():
             done[w] = done.get(w, 0) + n
     assert [a["epoch"] for a in ps["accounting"]] == [0, 1, 2, 3]
-    assert done.get("2", 0) >= 1 and done.get("3", 0) >= 1, done  # the joiners took items
+    assert min(done.get("2", 0), done.get("3", 0)) >= 1, done  # the joiners took items
     assert ps["per_worker"][str(ids[0])]["batches"] >= 1
     assert not join_file.exists()  # the job takes no one once it is over
