@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from distml.workflow.report import parameter_server_lines
 from tests.helpers.configs import write_config
 from tests.helpers.distributed import ENV
 
@@ -97,3 +98,5 @@ def test_workers_join_a_running_job_take_items_and_leave(tmp_path, tiny_raw):
     assert min(done.get("2", 0), done.get("3", 0)) >= 1, done  # the joiners took items
     assert ps["per_worker"][str(ids[0])]["batches"] >= 1
     assert not join_file.exists()  # the job takes no one once it is over
+    report = "\n".join(parameter_server_lines([result]))
+    assert f"| {ids[1]} | lost |" in report, report
