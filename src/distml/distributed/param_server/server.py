@@ -19,11 +19,13 @@ is a method call here, from that worker's thread:
   follower; its worker hands its item back from that batch on (``WorkQueue.partial``).
 
 A worker with no work item says IDLE and stops counting for ssp's slowest and sync's quorum
-until it pushes again; a dead worker stops counting at once. ``ServerHost`` runs the
-threads: it receives each request, calls the server (and, on server 0, the work-queue
-coordinator), sends the reply, and reports a client whose connection failed as lost. A
-worker that stops renewing its lease in the store (hung, not dead) for ``lease_s`` is lost
-the same way.
+until it pushes again; a dead worker, or one that leaves (BYE with flag 1), stops counting
+at once; one that joins counts from its first request, its clock level with the slowest's.
+``ServerHost`` runs the threads: its listener admits each worker that connects (the job's
+ranks, and workers that join later, given fresh ids by server 0); it receives each
+request, calls the server (and, on server 0, the work-queue coordinator), sends the reply,
+and reports a client whose connection failed as lost. A worker that stops renewing its
+lease in the store (hung, not dead) for ``lease_s`` is lost the same way.
 """
 
 from __future__ import annotations
