@@ -15,7 +15,6 @@ import hashlib
 import itertools
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -172,7 +171,7 @@ class PSTrainer:
         self.join_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.join_file, {
             "servers": servers, "batch_size": self.reader.batch_size,
-            "seed": self.reader.seed, "pid": os.getpid()})
+            "seed": self.reader.seed})
 
     def _tables_held(self, store: Any, key: str) -> None:
         """Server 0: the rows (and bytes, with their optimizer state) each server holds."""
