@@ -1,6 +1,8 @@
-"""Workers that join a running parameter-server job (``distml ps-worker``) and leave it:
-one scaled down (SIGTERM: it finishes its item and says goodbye), one killed (its item
-re-queued); the job goes on and every item of every epoch is completed exactly once."""
+"""Workers that come and go in one running parameter-server job: two join mid-run
+(``distml ps-worker``), then one is scaled down (SIGTERM: it finishes its item and says
+goodbye), one is killed (its item re-queued) and one of the job's own ranks hangs
+(SIGSTOP: it loses its lease, its item is re-queued, its keeper kills it); the job goes on
+and every item of every epoch is completed exactly once."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from pathlib import Path
 from distml.workflow.report import parameter_server_lines
 from tests.helpers.configs import write_config
 from tests.helpers.distributed import ENV
+from tests.helpers.procs import worker_pid
 
 
 def _start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
@@ -39,34 +42,46 @@ def _joined(proc: subprocess.Popen) -> int:
     return int(line.split()[-1])
 
 
-def test_workers_join_a_running_job_take_items_and_leave(tmp_path, tiny_raw):
-    pace = tmp_path / "pace"
-    pace.write_text("1")  # seconds per batch: the job waits for its joiners to start
+def _job(tmp_path: Path, tiny_raw: dict, pace: Path) -> tuple[subprocess.Popen, Path, str]:
+    """Server 0 and workers 1, 2 (async, each batch paced by the file ``pace``); returns
+    the job, its join file once the servers are up, and the job's process marker."""
     tiny_raw["data"] = {"source": "sklearn:digits",
                         "loader": {"map_fn": "tests.helpers.slow:paced"}}
     tiny_raw["train"].update(epochs=4, batch_size=64, parallel={
-        "strategy": "parameter_server", "world_size": 2,
-        "parameter_server": {"mode": "ssp", "staleness": 2, "batches_per_item": 1}})
+        "strategy": "parameter_server", "world_size": 3,
+        "parameter_server": {"mode": "async", "batches_per_item": 1, "lease_s": 2.0}})
     tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
     tiny_raw["monitor"] = {"tensorboard": False}
     cfg = write_config(tmp_path / "ps.yaml", tiny_raw)
-    env = {"DISTML_TEST_PACE": str(pace)}
-    job = _start(["train", str(cfg)], tmp_path, env)
-    deadline = time.time() + 240
+    marker = str(os.getpid())
+    job = _start(["train", str(cfg)], tmp_path,
+                 {"DISTML_TEST_PACE": str(pace), "DISTML_TEST_PARENT": marker})
     join_file = _wait_for("the job's servers", lambda: next(
         iter((tmp_path / "runs" / "tiny").glob("2*/candidates/small/ps-join.json")), None),
-        deadline, job)
+        time.time() + 120, job)
+    return job, join_file, marker
+
+
+def test_workers_join_leave_die_and_hang_and_every_item_completes_once(tmp_path, tiny_raw):
+    pace = tmp_path / "pace"
+    pace.write_text("1")  # seconds per batch: the job waits for its joiners to start
+    job, join_file, marker = _job(tmp_path, tiny_raw, pace)
     run = join_file.parents[2]
+    env = {"DISTML_TEST_PACE": str(pace)}
     joiners = [_start(["ps-worker", str(run), "--candidate", "small"], tmp_path, env)
                for _ in range(2)]
     ids = [_joined(p) for p in joiners]
     pace.write_text("0.05")
     checkpoints = run / "candidates" / "small" / "checkpoints"
-    # A whole epoch with three workers (each takes a share of its 20 items), then one
-    # leaves cleanly and one is killed; the job finishes at full speed with the original.
+    # A whole epoch with four workers (each takes a share of its items); then one joiner
+    # leaves cleanly, the other is killed, and rank 2 hangs: it holds its connections but
+    # renews no lease. The job finishes with worker 1.
     whole = max(2, len(list(checkpoints.glob("step-*"))) + 2)
-    _wait_for("an epoch with three workers", lambda: True if len(
+    deadline = time.time() + 240
+    _wait_for("an epoch with four workers", lambda: True if len(
         list(checkpoints.glob("step-*"))) >= whole else None, deadline, job)
+    hung = worker_pid(2, marker)
+    os.kill(hung, signal.SIGSTOP)
     joiners[0].send_signal(signal.SIGTERM)
     joiners[1].kill()
     left, _ = joiners[0].communicate(timeout=120)
@@ -76,27 +91,32 @@ def test_workers_join_a_running_job_take_items_and_leave(tmp_path, tiny_raw):
     assert job.returncode == 0, out
     assert f"worker {ids[0]}:" in left, left
     assert "(left the job)" in left, left
+    assert "worker rank 2 lost (no heartbeat for 2 s)" in out
+    assert "parameter-server worker rank 2 died (hung: no heartbeat for 4 s" in out
 
     result = json.loads((run / "candidates" / "small" / "result.json").read_text())
     ps = result["parameter_server"]
-    # Fresh ids after the job's ranks (server 0, worker 1), in the order they came.
-    assert sorted(ids) == [2, 3]
-    assert sorted(ps["joined_workers"]) == [2, 3]
-    assert ps["workers"] == [1, *ps["joined_workers"]]
-    assert ps["dead_workers"] == [ids[1]]  # the killed one; the one that left is not dead
+    # Fresh ids after the job's ranks (server 0, workers 1 and 2), in the order they came.
+    assert sorted(ids) == [3, 4]
+    assert sorted(ps["joined_workers"]) == [3, 4]
+    assert ps["workers"] == [1, 2, *ps["joined_workers"]]
+    assert ps["dead_workers"] == sorted([2, ids[1]])  # the one that left is not dead
     events = [(e["event"], e["worker"]) for e in ps["membership"]]
     assert events[:2] == [("join", w) for w in ps["joined_workers"]]
-    assert sorted(events[2:]) == sorted([("leave", ids[0]), ("lost", ids[1])])
-    assert ps["membership"][1]["workers_after"] == [1, 2, 3]
+    assert sorted(events[2:]) == sorted([("leave", ids[0]), ("lost", ids[1]), ("lost", 2)])
+    assert ps["membership"][1]["workers_after"] == [1, 2, 3, 4]
     assert ps["membership"][-1]["workers_after"] == [1]
+    assert all(e["first_gradient_s"] > 0 for e in ps["membership"][:2])  # both pushed
     done: dict[str, int] = {}
     for epoch in ps["accounting"]:  # every item of every epoch completed exactly once
         assert sorted(i for i, _ in epoch["completions"]) == list(range(epoch["items"]))
         for w, n in epoch["items_by_worker"].items():
             done[w] = done.get(w, 0) + n
     assert [a["epoch"] for a in ps["accounting"]] == [0, 1, 2, 3]
-    assert min(done.get("2", 0), done.get("3", 0)) >= 1, done  # the joiners took items
-    assert ps["per_worker"][str(ids[0])]["batches"] >= 1
+    assert min(done.get("3", 0), done.get("4", 0)) >= 1, done  # the joiners took items
+    requeued = {w for a in ps["accounting"] for _, w in a["requeued"]}
+    assert 2 in requeued  # the hung worker's item went back
+    assert requeued <= {2, ids[1]}  # the dead ones' only: the one that left finished its
     assert not join_file.exists()  # the job takes no one once it is over
     report = "\n".join(parameter_server_lines([result]))
     assert f"| {ids[1]} | lost |" in report, report

@@ -354,6 +354,17 @@ class PSTrainer:
                    for w in self.strategy.workers]
         return [*self.peaks, *workers]
 
+    def _membership(self) -> list[dict[str, Any]]:
+        """Server 0's membership events; a join's with the seconds from it to the joiner's
+        first gradient applied (None if it applied none)."""
+        server = getattr(self, "server", None)
+        if server is None:
+            return []
+        first = {w: round(server.first_applied[w] - t, 3) if w in server.first_applied
+                 else None for w, t in server.joined_at.items()}
+        return [{**e, "first_gradient_s": first.get(e["worker"])} if e["event"] == "join"
+                else e for e in self.host.coordinator.events]
+
     def result_extras(self) -> dict[str, Any]:
         server = getattr(self, "server", None)
         updates = self.updates + [list(u) for u in (server.updates if server else [])]
@@ -362,6 +373,6 @@ class PSTrainer:
             updates=updates, dropped=self.dropped + (server.dropped if server else 0),
             worker_stats=self.worker_stats, accounting=self.accounting,
             alive=sorted(server.alive) if server else [],
-            membership=self.host.coordinator.events if server else []),
+            membership=self._membership()),
             "step_workers_agree_across_shards": self.shards_agree,
             "tables": self.tables_summary}}

@@ -72,6 +72,9 @@ class ShardServer:
         self.losses: list[tuple[float, int, float]] = []  # per version: (loss, samples, time)
         self.dropped = 0
         self.stopped = limit is not None and version >= limit
+        # Workers that joined mid-run: when, and when their first gradient was applied.
+        self.joined_at: dict[int, float] = {}
+        self.first_applied: dict[int, float] = {}
 
     # -- requests (each from its worker's thread) -------------------------------------------
 
@@ -118,6 +121,7 @@ class ShardServer:
         with self.cond:
             working = [self.clock[u] for u in self._working() if u in self.clock]
             self.clock[w] = min(working, default=0)
+            self.joined_at[w] = time.monotonic()
             self.alive.add(w)
             self.idle.add(w)
             self.cond.notify_all()
@@ -208,6 +212,9 @@ class ShardServer:
         samples = sum(c[2] for c in contributors)
         loss = sum(c[1] * c[2] for c in contributors) / max(samples, 1)
         self.applied.extend((self.epoch, c[3], c[4]) for c in contributors)
+        for c in contributors:
+            if c[0] in self.joined_at:
+                self.first_applied.setdefault(c[0], time.monotonic())
         self.losses.append((loss, samples, time.perf_counter()))
         self.updates.extend(staleness)
         self.version += 1
