@@ -95,6 +95,9 @@ class Channel:
         dist.recv(out, src=peer, group=self.group, tag=TAG)
         return out
 
+    def close(self) -> None:
+        """Nothing to close: the process group is the job's."""
+
     def request_all(self, peers: list[int], msgs: list[Msg],
                     payloads: list[torch.Tensor | None]) -> None:
         """Send one request to each peer at once (their transfers overlap)."""

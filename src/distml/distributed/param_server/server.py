@@ -224,8 +224,9 @@ class ShardServer:
 
 class ServerHost:
     """The threads of one server: one per client (every worker, admitted by the listener
-    when it connects, torchrun's ranks and workers that join later alike; on servers other
-    than 0, also server 0, which evaluates and checkpoints), and a lease watch."""
+    when it connects, torchrun's ranks and workers that join later alike; and the
+    ``peer_clients``, served over the process group from the start: on servers other than
+    0, server 0, which evaluates and checkpoints), and a lease watch."""
 
     def __init__(self, server: ShardServer, channel: SocketChannel, *, workers: list[int],
                  peer_clients: list[int], coordinator: Coordinator | None,
