@@ -1,8 +1,9 @@
-"""Workers that come and go in one running parameter-server job: two join mid-run
-(``distml ps-worker``), then one is scaled down (SIGTERM: it finishes its item and says
-goodbye), one is killed (its item re-queued) and one of the job's own ranks hangs
-(SIGSTOP: it loses its lease, its item is re-queued, its keeper kills it); the job goes on
-and every item of every epoch is completed exactly once."""
+"""Parameter-server workers that come and go in one running job: a torchrun job on node-a
+(server 0, workers 1 and 2); two workers join it from node-b (``distml ps-worker``), then
+one is scaled down (SIGTERM: it finishes its item and says goodbye), one is killed (its
+item re-queued) and rank 2 hangs (SIGSTOP: it loses its lease, its item is re-queued, its
+keeper kills it). The job goes on, and every item of every epoch is completed exactly
+once."""
 
 from __future__ import annotations
 
@@ -14,25 +15,41 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+import yaml
+
 from distml.workflow.report import parameter_server_lines
-from tests.helpers.configs import write_config
-from tests.helpers.distributed import ENV
+from tests.helpers.multihost.engines import BIN, node_env
+from tests.helpers.multihost.jobs import ENV, start_agent
+from tests.helpers.multihost.netns import Cluster, Node
 from tests.helpers.procs import worker_pid
 
+pytestmark = pytest.mark.multihost
 
-def _start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "distml", *args], cwd=cwd,
-                            env={**os.environ, **ENV, "PYTHONUNBUFFERED": "1", **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+CONFIG = {
+    "name": "psj", "seed": 0, "monitor": {"tensorboard": False},
+    "data": {"source": "sklearn:digits", "loader": {"map_fn": "tests.helpers.slow:paced"}},
+    "train": {"epochs": 4, "batch_size": 64, "lr": 0.005,
+              "parallel": {"strategy": "parameter_server", "world_size": 3,
+                           "parameter_server": {"mode": "async", "batches_per_item": 1,
+                                                "lease_s": 2.0}},
+              "candidates": [{"name": "small", "model": {"type": "mlp", "hidden_sizes": [16]}}]},
+}
 
 
-def _wait_for(what: str, cond, deadline: float, proc: subprocess.Popen):  # noqa: ANN001
-    while time.time() < deadline:
+def _wait_for(what: str, cond, deadline: float, job: subprocess.Popen, log: Path):  # noqa: ANN001
+    while time.monotonic() < deadline:
         if (got := cond()) is not None:
             return got
-        assert proc.poll() is None, f"the job ended before {what}: {proc.communicate()[0]}"
+        assert job.poll() is None, f"the job ended before {what}:\n{log.read_text()[-4000:]}"
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
+
+
+def _join(node: Node, run: Path, cwd: Path, pace: Path) -> subprocess.Popen:
+    return node.popen([sys.executable, "-m", "distml", "ps-worker", str(run), "--candidate",
+                       "small"], env=node_env(**ENV, DISTML_TEST_PACE=str(pace)), cwd=cwd,
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _joined(proc: subprocess.Popen) -> int:
@@ -42,34 +59,25 @@ def _joined(proc: subprocess.Popen) -> int:
     return int(line.split()[-1])
 
 
-def _job(tmp_path: Path, tiny_raw: dict, pace: Path) -> tuple[subprocess.Popen, Path, str]:
-    """Server 0 and workers 1, 2 (async, each batch paced by the file ``pace``); returns
-    the job, its join file once the servers are up, and the job's process marker."""
-    tiny_raw["data"] = {"source": "sklearn:digits",
-                        "loader": {"map_fn": "tests.helpers.slow:paced"}}
-    tiny_raw["train"].update(epochs=4, batch_size=64, parallel={
-        "strategy": "parameter_server", "world_size": 3,
-        "parameter_server": {"mode": "async", "batches_per_item": 1, "lease_s": 2.0}})
-    tiny_raw["train"]["candidates"] = tiny_raw["train"]["candidates"][:1]
-    tiny_raw["monitor"] = {"tensorboard": False}
-    cfg = write_config(tmp_path / "ps.yaml", tiny_raw)
-    marker = str(os.getpid())
-    job = _start(["train", str(cfg)], tmp_path,
-                 {"DISTML_TEST_PACE": str(pace), "DISTML_TEST_PARENT": marker})
-    join_file = _wait_for("the job's servers", lambda: next(
-        iter((tmp_path / "runs" / "tiny").glob("2*/candidates/small/ps-join.json")), None),
-        time.time() + 120, job)
-    return job, join_file, marker
-
-
-def test_workers_join_leave_die_and_hang_and_every_item_completes_once(tmp_path, tiny_raw):
+def test_workers_join_from_another_node_leave_die_and_hang(nodes: Cluster, tmp_path: Path):
+    a, b = nodes["node-a"], nodes["node-b"]
     pace = tmp_path / "pace"
     pace.write_text("1")  # seconds per batch: the job waits for its joiners to start
-    job, join_file, marker = _job(tmp_path, tiny_raw, pace)
+    (tmp_path / "ps.yaml").write_text(yaml.safe_dump(
+        {**CONFIG, "output_dir": str(tmp_path / "runs")}))
+    marker, log = str(os.getpid()), tmp_path / "job.log"
+    job = start_agent(a, [str(BIN / "torchrun"), "--nnodes", "1", "--nproc-per-node", "3",
+                          "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{a.addr}:29420",
+                          "--rdzv-id", "psj", "-m", "distml.train", "ps.yaml"],
+                      tmp_path, log.name, DISTML_TEST_PACE=str(pace),
+                      DISTML_TEST_PARENT=marker)
+    deadline = time.monotonic() + 240
+    join_file = _wait_for("the job's servers", lambda: next(iter(
+        tmp_path.glob("runs/psj/2*/candidates/small/ps-join.json")), None), deadline, job, log)
+    servers = json.loads(join_file.read_text())["servers"]
+    assert servers[0].startswith(f"{a.addr}:"), servers  # the node's address, not loopback
     run = join_file.parents[2]
-    env = {"DISTML_TEST_PACE": str(pace)}
-    joiners = [_start(["ps-worker", str(run), "--candidate", "small"], tmp_path, env)
-               for _ in range(2)]
+    joiners = [_join(b, run, tmp_path, pace) for _ in range(2)]
     ids = [_joined(p) for p in joiners]
     pace.write_text("0.05")
     checkpoints = run / "candidates" / "small" / "checkpoints"
@@ -77,18 +85,16 @@ def test_workers_join_leave_die_and_hang_and_every_item_completes_once(tmp_path,
     # leaves cleanly, the other is killed, and rank 2 hangs: it holds its connections but
     # renews no lease. The job finishes with worker 1.
     whole = max(2, len(list(checkpoints.glob("step-*"))) + 2)
-    deadline = time.time() + 240
     _wait_for("an epoch with four workers", lambda: True if len(
-        list(checkpoints.glob("step-*"))) >= whole else None, deadline, job)
-    hung = worker_pid(2, marker)
-    os.kill(hung, signal.SIGSTOP)
+        list(checkpoints.glob("step-*"))) >= whole else None, deadline, job, log)
+    os.kill(worker_pid(2, marker), signal.SIGSTOP)
     joiners[0].send_signal(signal.SIGTERM)
     joiners[1].kill()
     left, _ = joiners[0].communicate(timeout=120)
     joiners[1].wait(timeout=60)
     pace.write_text("0")
-    out, _ = job.communicate(timeout=240)
-    assert job.returncode == 0, out
+    assert job.wait(timeout=240) == 0, log.read_text()[-4000:]
+    out = log.read_text()
     assert f"worker {ids[0]}:" in left, left
     assert "(left the job)" in left, left
     assert "worker rank 2 lost (no heartbeat for 2 s)" in out
