@@ -1,6 +1,6 @@
 """Workers joining a parameter-server job, in one process: the socket channel (messages and
 payloads round trip; a dead peer is noticed at once), the coordinator's join and leave, and
-a joiner's ssp clock."""
+a joiner's ssp clock, and the joins refused with a reason."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from distml.distributed.param_server.sockets import (
     connect,
 )
 from distml.distributed.param_server.work import STOP, Coordinator, WorkQueue
+from distml.errors import DistmlError
+from distml.training.ps_join import join_job
+from tests.helpers.configs import write_config
 
 
 def _server(admit=None) -> tuple[SocketChannel, Listener, dict[int, threading.Event]]:  # noqa: ANN001
@@ -119,3 +122,16 @@ def test_a_joiner_counts_for_ssp_from_its_first_request_level_with_the_slowest()
     assert server._lead(2) == 2  # unchanged by the join
     server.pull(3, 0)  # its first request: it works, at its clock
     assert server._working() == {1, 2, 3}
+
+
+def test_joining_a_job_that_cannot_take_workers_is_refused_saying_why(tmp_path, tiny_raw):
+    tiny_raw["train"]["parallel"] = {"strategy": "ddp", "world_size": 2}
+    write_config(tmp_path / "config.yaml", tiny_raw)
+    with pytest.raises(DistmlError, match=r"candidate 'small' trains with train\.parallel"
+                       r"\.strategy=ddp; only a parameter_server candidate takes workers"):
+        join_job(tmp_path, "small", timeout_s=0)
+    tiny_raw["train"]["parallel"] = {"strategy": "parameter_server", "world_size": 2}
+    write_config(tmp_path / "config.yaml", tiny_raw)
+    with pytest.raises(DistmlError, match=r"no parameter-server job is training in .*small "
+                       r"\(no ps-join\.json after 0 s\); start the job first"):
+        join_job(tmp_path, "small", timeout_s=0)

@@ -28,9 +28,9 @@ from distml.data.tensors import SplitTensors
 from distml.device import default_device
 from distml.distributed.param_server.layout import ShardLayout
 from distml.distributed.param_server.protocol import Kind
-from distml.distributed.param_server.sockets import SocketChannel, connect
+from distml.distributed.param_server.sockets import PeerLostError, SocketChannel, connect
 from distml.distributed.param_server.work import ItemReader
-from distml.distributed.param_server.worker import Worker
+from distml.distributed.param_server.worker import ServerLostError, Worker
 from distml.errors import DistmlError
 from distml.imports import load_object
 from distml.models.click import ClickModel
@@ -79,7 +79,13 @@ def join_job(run_dir: Path, candidate: str, *, timeout_s: float = 60.0,
     device = default_device()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     channel = SocketChannel()
-    hello = connect(channel, info["servers"], wid=-1)
+    try:
+        hello = connect(channel, info["servers"], wid=-1)
+    except PeerLostError as e:
+        channel.close()
+        raise DistmlError(f"could not reach the job's servers ({e}); it may have just "
+                          "ended, or this machine cannot reach their node (a job launched "
+                          "without --rdzv-endpoint listens on loopback only)") from None
     if hello.kind != Kind.OK:
         channel.close()
         logger.info("the job takes no more workers (training is over)")
@@ -101,6 +107,9 @@ def join_job(run_dir: Path, candidate: str, *, timeout_s: float = 60.0,
         on_join(hello.item)
     try:
         stats = worker.run()
+    except ServerLostError as e:
+        raise DistmlError(f"{e}; the job's servers are gone (the job failed, or restarts "
+                          "from its checkpoint: join it again)") from None
     finally:
         channel.close()
     return {"worker": hello.item, "left": worker.leaving.is_set(), **stats}
