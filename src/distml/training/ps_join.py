@@ -112,4 +112,4 @@ def join_job(run_dir: Path, candidate: str, *, timeout_s: float = 60.0,
                           "from its checkpoint: join it again)") from None
     finally:
         channel.close()
-    return {"worker": hello.item, "left": worker.leaving.is_set(), **stats}
+    return {"worker": hello.item, "left": worker.left, **stats}

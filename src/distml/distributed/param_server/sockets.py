@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from distml.distributed.network import is_loopback, resolve, route_to
 from distml.distributed.param_server.protocol import Channel, Kind, Msg
@@ -82,7 +83,7 @@ class SocketChannel(Channel):
     """``Channel``'s interface over ``Conn``s by peer id; a peer with no connection goes
     over the process group (server <-> server traffic, and ``distml verify``'s lock step)."""
 
-    def __init__(self, group=None) -> None:  # noqa: ANN001 - a torch ProcessGroup
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(group)
         self.conns: dict[int, Conn] = {}
 

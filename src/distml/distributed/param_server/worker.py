@@ -58,6 +58,7 @@ class Worker:
         # Set (e.g. on SIGTERM): finish the current item, report it, leave the job (BYE
         # with flag 1: the servers stop counting this worker; the job goes on).
         self.leaving = threading.Event()
+        self.left = False  # it did leave (the job was not over yet)
 
     def run(self) -> dict[str, float]:
         keeper.mark("worker")
@@ -67,7 +68,7 @@ class Worker:
         try:
             self._loop()
             for s in self.servers:
-                self.channel.send(s, Msg(Kind.BYE, flag=int(self.leaving.is_set())))
+                self.channel.send(s, Msg(Kind.BYE, flag=int(self.left)))
         except RuntimeError as e:
             keeper.mark("")  # not this worker's death: a server's, which stops the job
             raise ServerLostError(f"worker rank {self.rank} lost a server: {e}") from None
@@ -80,7 +81,9 @@ class Worker:
         done: int | None = None
         undone = -1
         while True:
-            reply = self._take(done, undone, wait=False, leave=self.leaving.is_set())
+            leave = self.leaving.is_set()
+            reply = self._take(done, undone, wait=False, leave=leave)
+            self.left = leave
             done = None
             if reply.kind == Kind.NONE:  # the epoch's last items are elsewhere: stand by
                 self._request_all([Msg(Kind.IDLE, epoch=self.epoch)] * len(self.servers))
