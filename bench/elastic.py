@@ -15,6 +15,8 @@ record), ``samples_lost`` (rows of an epoch not used, from the ranks' per-row co
 ``steps_lost`` (steps after the checkpoint, redone), and ``time_to_finish_vs_fixed_restart``
 (wall time of the elastic job over the fixed one's). Each row costs ``SLEEP_PER_ROW_S`` in
 the loader (a stand-in for decoding), so a step's time follows the rows per rank.
+Then a parameter-server worker joins a running job (``bench/ps_join.py``: row
+``ps_worker_join``, the time from its admission to its first gradient applied).
 ``DISTML_BENCH_QUICK=1``: fewer steps and a shorter replacement delay; saves nothing.
 """
 
@@ -34,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from bench import ps_join
 from bench.common import QUICK, save
 
 ROOT = Path(__file__).parents[1]
@@ -204,6 +207,7 @@ def main() -> dict[str, Any]:
         start = time.perf_counter()
         elastic = run(root, "elastic", 29731, elastic=True)
         fixed = run(root, "fixed", 29732, elastic=False)
+        joined = ps_join.run(root)
         total = time.perf_counter() - start
     result = {
         "recovery_seconds": elastic["recovery_seconds"],
@@ -212,7 +216,7 @@ def main() -> dict[str, Any]:
         # the same from the node's loss on (the jobs are alike before it)
         "after_loss_vs_fixed_restart":
             elastic["seconds_after_loss"] / fixed["seconds_after_loss"],
-        "elastic": elastic, "fixed_restart": fixed,
+        "elastic": elastic, "fixed_restart": fixed, "ps_worker_join": joined,
         "setup": {"nodes": "3 torch agents on loopback, 1 rank each", "strategy": "ddp",
                   "global_batch": BATCH, "epochs": EPOCHS, "kill_at_step": KILL_AT_STEP,
                   "checkpoint_every_steps": CHECKPOINT_EVERY,
@@ -240,7 +244,17 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          f"{f['seconds']:.0f} s, replacement node after "
          f"{r['setup']['replace_after_s']:.0f} s; from the loss on: "
          f"{r['after_loss_vs_fixed_restart']:.2f})", "<= 0.8"),
+        *_ps_join_rows(r.get("ps_worker_join")),
     ]
+
+
+def _ps_join_rows(j: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:
+    if not j or j["join_to_first_gradient_s"] is None:
+        return []
+    return [("parameter server, a worker joins (1 + 1 loopback)", "ps_worker_join",
+             f"{j['join_to_first_gradient_s']:.2f} s admitted to first gradient applied "
+             f"({j['command_to_first_gradient_s']:.1f} s from the command; "
+             f"{j['joiner_items']} items; every item once: {j['every_item_once']})", "-")]
 
 
 if __name__ == "__main__":

@@ -43,7 +43,8 @@ def serve(channel: Channel, tables: TableHost) -> None:
     shard = nn.Parameter(torch.zeros(1))
     server = ShardServer(shard, torch.optim.SGD([shard], lr=0.0),
                          ps=ParameterServerConfig(), workers=[2])
-    host = ServerHost(server, channel, workers=[2], peer_clients=[], coordinator=None,
+    # The worker talks over the process group (gloo), not a socket: a client from the start.
+    host = ServerHost(server, channel, workers=[2], peer_clients=[2], coordinator=None,
                       save=lambda step: None, tables=tables)
     host.start()
     host.join()

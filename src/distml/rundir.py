@@ -52,6 +52,12 @@ class CandidateDir:
         return self.path / "teacher.json"
 
     @property
+    def ps_join(self) -> Path:
+        """While a parameter-server candidate trains: its servers' addresses, for workers
+        that join the running job (``distml ps-worker``)."""
+        return self.path / "ps-join.json"
+
+    @property
     def mlflow_run_id(self) -> Path:
         """Its MLflow child run, kept so that a restarted rank goes on with the same one."""
         return self.path / "mlflow_run_id"

@@ -22,3 +22,12 @@ def training_ranks(rank: int, marker: object) -> dict[int, list[bytes]]:
                 f"DISTML_TEST_PARENT={marker}".encode() in env:
             found[int(proc.name)] = env
     return found
+
+
+def worker_pid(rank: int, marker: object) -> int | None:
+    """The pid of the parameter-server worker process (the keeper's child) with RANK=rank,
+    or of the rank's process when it has no keeper (a server), in the tree tagged with
+    ``marker``."""
+    found = {any(e.startswith(b"DISTML_PS_KEEPER_STATUS=") for e in env): pid
+             for pid, env in training_ranks(rank, marker).items()}
+    return found.get(True, found.get(False))

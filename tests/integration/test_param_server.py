@@ -1,6 +1,7 @@
-"""The parameter server on real processes (gloo on CPU): a SIGKILLed worker and a SIGKILLed
-server, a worker that raises, a hung (SIGSTOPped) worker, ssp's bound under a straggler,
-sync with backup workers and two servers, and verify's certificate for sync."""
+"""The parameter server on real processes (on CPU): a SIGKILLed worker and a SIGKILLed
+server, a worker that raises, ssp's bound under a straggler, sync with backup workers and
+two servers, and verify's certificate for sync. (A hung worker: test_ps_join.py, in the job
+that workers join and leave.)"""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 from tests.helpers.cli import distml
 from tests.helpers.configs import write_config
 from tests.helpers.distributed import ENV
-from tests.helpers.procs import training_ranks
+from tests.helpers.procs import worker_pid
 
 
 def _ps_config(tmp_path: Path, raw: dict, *, world: int, epochs: int,
@@ -32,14 +33,6 @@ def _ps_config(tmp_path: Path, raw: dict, *, world: int, epochs: int,
 def _result(tmp_path: Path, run: Path | None = None, candidate: str = "small") -> dict:
     runs = [run] if run else sorted((tmp_path / "runs" / "tiny").glob("2*"))
     return json.loads((runs[-1] / "candidates" / candidate / "result.json").read_text())
-
-
-def _child_pid(rank: int, marker: str) -> int | None:
-    """The pid of the worker process (the keeper's child) with RANK=rank, or of the rank's
-    process when it has no keeper (a server), in the tree tagged with ``marker``."""
-    found = {any(e.startswith(b"DISTML_PS_KEEPER_STATUS=") for e in env): pid
-             for pid, env in training_ranks(rank, marker).items()}
-    return found.get(True, found.get(False))
 
 
 def _checkpoints(tmp_path: Path, clean: Path | None) -> list[Path]:
@@ -69,7 +62,7 @@ def test_killed_worker_and_server_under_async(tmp_path, tiny_raw):
     deadline = time.time() + 240
     while proc.poll() is None and time.time() < deadline and plan:
         epochs, rank = plan[0]
-        if len(_checkpoints(tmp_path, clean)) >= epochs and (pid := _child_pid(rank, marker)):
+        if len(_checkpoints(tmp_path, clean)) >= epochs and (pid := worker_pid(rank, marker)):
             time.sleep(0.3)
             os.kill(pid, signal.SIGKILL)
             plan.pop(0)
@@ -143,36 +136,6 @@ def test_a_worker_that_raises_fails_the_job_with_its_error(tmp_path, tiny_raw):
     assert proc.returncode != 0, out
     assert "worker rank 2: a bad batch (injected)" in out
     assert "the job goes on without it" not in out
-
-
-def test_a_hung_worker_loses_its_lease_and_its_item_is_requeued(tmp_path, tiny_raw):
-    tiny_raw["data"] = {"source": "sklearn:digits",
-                        "loader": {"map_fn": "tests.helpers.slow:sleepier"}}
-    cfg = _ps_config(tmp_path, tiny_raw, world=3, epochs=4, mode="async", lease_s=2.0)
-    marker = str(os.getpid())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distml", "train", str(cfg)], cwd=tmp_path,
-        env={**os.environ, **ENV, "DISTML_TEST_PARENT": marker},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    stopped, deadline = None, time.time() + 240
-    while proc.poll() is None and time.time() < deadline and stopped is None:
-        if len(_checkpoints(tmp_path, None)) >= 1 and (pid := _child_pid(2, marker)):
-            time.sleep(0.3)
-            os.kill(pid, signal.SIGSTOP)  # alive, holding its connections, silent
-            stopped = pid
-        time.sleep(0.05)
-    out, _ = proc.communicate(timeout=240)
-    assert stopped is not None, out
-    assert proc.returncode == 0, out
-    assert "worker rank 2 lost (no heartbeat for 2 s)" in out
-    assert "parameter-server worker rank 2 died (hung: no heartbeat for 4 s" in out
-    accounting = _result(tmp_path)["parameter_server"]["accounting"]
-    assert [a["epoch"] for a in accounting] == list(range(4))
-    for epoch in accounting:
-        assert sorted(i for i, _ in epoch["completions"]) == list(range(epoch["items"]))
-    requeued = [r for a in accounting for r in a["requeued"]]
-    assert [w for _, w in requeued] == [2]
-    assert _result(tmp_path)["parameter_server"]["dead_workers"] == [2]
 
 
 def test_sync_with_backup_workers_applies_each_batch_once_on_every_shard(tmp_path, tiny_raw):

@@ -130,6 +130,32 @@ def train(
         console.print(f"run folder: {run_.folder.path}")
 
 
+@app.command("ps-worker")
+@user_errors
+def ps_worker(
+    run_dir: Annotated[Path, typer.Argument(
+        help="The run folder of a job training a parameter-server candidate (shared with "
+        "this machine).", show_default=False)],
+    candidate: Annotated[str, typer.Option(help="The candidate the job is training.")],
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait for the job's servers to be up.")] = 60.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Add a worker to a running parameter-server job: it takes work items until the job
+    ends; SIGTERM (Ctrl-C) leaves cleanly after its current item, a kill re-queues it."""
+    from distml.training.ps_join import join_job
+
+    out = join_job(run_dir, candidate, timeout_s=wait, on_join=lambda w: console.print(
+        f"joined the job as worker {w}") if not quiet else None)
+    if not quiet:
+        if out["worker"] is None:
+            console.print("the job had finished; nothing to do")
+        else:
+            console.print(f"worker {out['worker']}: {out['items']:.0f} items, "
+                          f"{out['batches']:.0f} batches"
+                          + (" (left the job)" if out["left"] else ""))
+
+
 def parse_nnodes(text: str | None) -> tuple[int | None, list[str]]:
     """--nnodes N, or MIN:MAX (elastic): the node count and the overrides it implies."""
     if text is None:

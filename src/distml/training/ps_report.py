@@ -7,6 +7,7 @@ worker's items, batches, compute, injected sleep and waiting are its own.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -53,10 +54,14 @@ def epoch_stats(epoch: int, samples: int, seconds: float, stats: dict[int, dict[
 
 def ps_summary(ps: ParameterServerConfig, *, servers: list[int], workers: list[int],
                updates: list[Any], dropped: int, worker_stats: dict[int, dict[str, float]],
-               accounting: list[dict[str, Any]], alive: list[int]) -> dict[str, Any]:
+               accounting: list[dict[str, Any]], alive: list[int],
+               membership: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     """The run's record: mode, staleness of every applied gradient, ssp's leads, dropped
-    (late) gradients, the straggler view, the work queue's accounting per epoch, and the
-    workers that died."""
+    (late) gradients, the straggler view, the work queue's accounting per epoch, the
+    workers that died, and those that joined or left mid-run (``membership``)."""
+    joined = [e["worker"] for e in membership if e["event"] == "join"]
+    left = {e["worker"] for e in membership if e["event"] == "leave"}
+    workers = [*workers, *joined]
     cols = list(zip(*updates, strict=True)) if updates else [(), (), (), ()]
     histogram: dict[str, int] = {}
     for v in cols[3]:
@@ -70,7 +75,9 @@ def ps_summary(ps: ParameterServerConfig, *, servers: list[int], workers: list[i
         "dropped_gradients": dropped,
         "per_worker": worker_view(worker_stats),
         "accounting": accounting,
-        "dead_workers": [w for w in workers if w not in alive],
+        "dead_workers": [w for w in workers if w not in alive and w not in left],
+        "joined_workers": joined,
+        "membership": list(membership),
         "updates": {"worker": list(cols[0]), "clock": list(cols[1]), "lead": list(cols[2]),
                     "staleness": list(cols[3])},
     }

@@ -28,11 +28,14 @@ from distml.data.loader import PartitionLoader
 from distml.distributed.param_server import checkpoint as ckpt
 from distml.distributed.param_server.protocol import Kind, Msg
 from distml.distributed.param_server.server import ServerHost, ShardServer
+from distml.distributed.param_server.sockets import connect
 from distml.distributed.param_server.strategy import ParameterServer
 from distml.distributed.param_server.work import Coordinator, ItemReader, WorkQueue
 from distml.distributed.param_server.worker import Worker
 from distml.distributed.runtime import job_store
+from distml.fsutil import write_json_atomic
 from distml.imports import load_object
+from distml.rundir import CandidateDir
 from distml.tasks import loss_fn
 from distml.training.best import BestSoFar
 from distml.training.callbacks import Callback
@@ -101,7 +104,7 @@ class PSTrainer:
                 device=self.env.device, autocast=s.autocast, grad_clip=self.settings.grad_clip,
                 peak_memory=peak_memory, store=store, key=key,
                 tables=s.tables.client if s.tables is not None else None)
-            worker.run()
+            self._work(worker, store, key)
             return self.state
         if resume:
             self._restore()
@@ -117,14 +120,21 @@ class PSTrainer:
         queue = WorkQueue(len(self.reader.items), seed=self.reader.seed,
                           shuffle=self.reader.config.shuffle)
         coordinator = Coordinator(queue, s.workers) if is_main else None
+        ids = itertools.count(self.env.world_size)  # joiners' ids: never a rank's, never reused
         host = ServerHost(server, s.channel, workers=s.workers,
                           peer_clients=[] if is_main else [0], coordinator=coordinator,
                           save=lambda step: self._save_shard(server, step),
                           store=store, key=key,
-                          tables=s.tables.host if s.tables is not None else None)
+                          tables=s.tables.host if s.tables is not None else None,
+                          next_id=lambda: next(ids))
         host.start()
+        store.set(f"{key}/addr/{self.env.rank}", host.address)
         if is_main:
-            self._coordinate(server, host, coordinator)
+            self._publish(store, key)
+            try:
+                self._coordinate(server, host, coordinator)
+            finally:
+                self.join_file.unlink(missing_ok=True)
             self.peaks = [peak_memory(), *[int(store.get(f"{key}/peak/{r}"))
                                            for r in s.servers[1:]]]
             if self.ps.mode == "sync":
@@ -139,6 +149,29 @@ class PSTrainer:
         self._tables_held(store, key)
         s.version = server.version
         return self.state
+
+    def _work(self, worker: Worker, store: Any, key: str) -> None:
+        """A worker rank: connect to every server (their addresses from the store), work."""
+        addresses = [store.get(f"{key}/addr/{r}").decode() for r in self.strategy.servers]
+        try:
+            connect(self.strategy.channel, addresses, wid=self.env.rank)
+            worker.run()
+        finally:
+            self.strategy.channel.close()
+
+    @property
+    def join_file(self) -> Path:
+        """Where a running job tells workers that join it how (``distml ps-worker``)."""
+        return CandidateDir(self.checkpoint_dir.parent).ps_join
+
+    def _publish(self, store: Any, key: str) -> None:
+        """Server 0: every server's address, and what a joining worker must do alike (its
+        batch size, the data's seed), in the candidate's folder."""
+        servers = [store.get(f"{key}/addr/{r}").decode() for r in self.strategy.servers]
+        self.join_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.join_file, {
+            "servers": servers, "batch_size": self.reader.batch_size,
+            "seed": self.reader.seed})
 
     def _tables_held(self, store: Any, key: str) -> None:
         """Server 0: the rows (and bytes, with their optimizer state) each server holds."""
@@ -321,6 +354,17 @@ class PSTrainer:
                    for w in self.strategy.workers]
         return [*self.peaks, *workers]
 
+    def _membership(self) -> list[dict[str, Any]]:
+        """Server 0's membership events; a join's with the seconds from it to the joiner's
+        first gradient applied (None if it applied none)."""
+        server = getattr(self, "server", None)
+        if server is None:
+            return []
+        first = {w: round(server.first_applied[w] - t, 3) if w in server.first_applied
+                 else None for w, t in server.joined_at.items()}
+        return [{**e, "first_gradient_s": first.get(e["worker"])} if e["event"] == "join"
+                else e for e in self.host.coordinator.events]
+
     def result_extras(self) -> dict[str, Any]:
         server = getattr(self, "server", None)
         updates = self.updates + [list(u) for u in (server.updates if server else [])]
@@ -328,6 +372,7 @@ class PSTrainer:
             self.ps, servers=self.strategy.servers, workers=self.strategy.workers,
             updates=updates, dropped=self.dropped + (server.dropped if server else 0),
             worker_stats=self.worker_stats, accounting=self.accounting,
-            alive=sorted(server.alive) if server else []),
+            alive=sorted(server.alive) if server else [],
+            membership=self._membership()),
             "step_workers_agree_across_shards": self.shards_agree,
             "tables": self.tables_summary}}

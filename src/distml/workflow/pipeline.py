@@ -326,6 +326,10 @@ def build_summary(run: Run, manifest: Manifest, selection: dict[str, Any]) -> di
         ],
         "search": {r["name"]: r["search"] for r in selection["ranked"] if r.get("search")},
         "elastic": {r["name"]: r["elastic"] for r in selection["ranked"] if r.get("elastic")},
+        # parameter-server candidates' workers: who joined, left or died mid-run
+        "parameter_server": {r["name"]: {k: r["parameter_server"].get(k) for k in (
+            "workers", "joined_workers", "dead_workers", "membership")}
+            for r in selection["ranked"] if r.get("parameter_server")},
         "test": selection["test"],
         "data": {"rows": {s: manifest.rows(s) for s in manifest.splits},
                  "dropped_invalid_rows": manifest.dropped_invalid_rows,

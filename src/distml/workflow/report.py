@@ -101,8 +101,20 @@ def parameter_server_lines(results: list[dict[str, Any]]) -> list[str]:
             *[f"| {rank} | {w['items']:.0f} | {w['batches']:.0f} | {w['compute_s']:.2f} | "
               f"{w['straggle_s']:.2f} | {w['wait_s']:.2f} | {w['step_s']:.4f} | "
               f"{100 * w['wait_share']:.0f}% |" for rank, w in ps["per_worker"].items()],
+            *_membership_lines(ps.get("membership") or []),
         ]
     return ["", "## Parameter servers (per worker)", *lines] if lines else []
+
+
+def _membership_lines(events: list[dict[str, Any]]) -> list[str]:
+    """Workers that joined the running job or left it (scaled down, or lost)."""
+    if not events:
+        return []
+    return ["", "| time (UTC) | epoch | worker | event | workers before | workers after |",
+            "|---|---|---|---|---|---|",
+            *[f"| {datetime.fromtimestamp(e['time'], UTC).strftime('%H:%M:%S')} | "
+              f"{e['epoch']} | {e['worker']} | {e['event']} | {e['workers_before']} | "
+              f"{e['workers_after']} |" for e in events]]
 
 
 def latest_scaling_studies(project: Project) -> list[dict[str, Any]]:

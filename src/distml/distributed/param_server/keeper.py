@@ -23,7 +23,8 @@ The child gets SIGKILL if the keeper dies (PR_SET_PDEATHSIG), and the agent's SI
 reaches both (same process group): a child ended by it is not absorbed (the agent is
 stopping the job, e.g. because another rank failed).
 
-A dead worker does not rejoin: a gloo process group takes no new member.
+A dead worker rank does not come back as itself; new workers may join the running job
+instead (``distml ps-worker``, which needs no keeper: no agent watches it).
 """
 
 from __future__ import annotations

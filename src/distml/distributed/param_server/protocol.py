@@ -1,14 +1,17 @@
-"""The messages between workers and servers: torch.distributed point-to-point send/recv.
+"""The messages between workers and servers, and their point-to-point ``Channel``.
 
 Every exchange is a request and its reply between two ranks, in order, so one tag serves
 them all. A message is a header (8 float64 numbers; integers below 2^53 are exact) and,
 for some kinds, a payload whose size both sides know: a shard of parameters or gradients,
 or a worker's statistics.
 
-The traffic goes over gloo on CPU tensors, also when training on CUDA (a gloo group is made
-for it): gloo fails a send or receive with an error when the peer's connection drops, and
-only that pair's, so a server notices a dead worker at once and goes on with the others.
-NCCL would hang the communicator instead.
+Workers and servers talk over TCP sockets (``sockets.SocketChannel``, which admits workers
+that join mid-run); ``Channel`` here is the same interface over torch.distributed send/recv,
+which the servers use among themselves and ``distml verify``'s lock step uses. Either goes
+over CPU tensors, also when training on CUDA (a gloo group is made for it): both fail a send
+or receive with an error when the peer's connection drops, and only that pair's, so a server
+notices a dead worker at once and goes on with the others. NCCL would hang the communicator
+instead.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ class Kind(IntEnum):
     PUSH = 2  # a gradient for the shard; flag 1: reply with the shard too (a pull)
     IDLE = 3  # no work item for now: do not wait for my gradients
     TAKE = 4  # (server 0) report the finished item (or where its drops begin), take the
-    #           next one; flag 1: block
-    BYE = 5  # no more requests
+    #           next one; flag 1: block; flag 2: take none, I am leaving (scaled down)
+    BYE = 5  # no more requests; flag 1: leaving a job that goes on (stop counting me)
+    HELLO = 14  # a new connection: `item` is the worker's id (-1: give me one; server 0)
     ROWS = 8  # sparse tables: rows of table `item` (payload: `samples` int64 ids)
     PUSH_ROWS = 9  # sparse tables: their gradients (payload: the ids, then the rows)
     # server 0 -> another server
@@ -90,6 +94,9 @@ class Channel:
     def recv_into(self, peer: int, out: torch.Tensor) -> torch.Tensor:
         dist.recv(out, src=peer, group=self.group, tag=TAG)
         return out
+
+    def close(self) -> None:
+        """Nothing to close: the process group is the job's."""
 
     def request_all(self, peers: list[int], msgs: list[Msg],
                     payloads: list[torch.Tensor | None]) -> None:

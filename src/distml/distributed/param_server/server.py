@@ -19,11 +19,13 @@ is a method call here, from that worker's thread:
   follower; its worker hands its item back from that batch on (``WorkQueue.partial``).
 
 A worker with no work item says IDLE and stops counting for ssp's slowest and sync's quorum
-until it pushes again; a dead worker stops counting at once. ``ServerHost`` runs the
-threads: it receives each request, calls the server (and, on server 0, the work-queue
-coordinator), sends the reply, and reports a client whose connection failed as lost. A
-worker that stops renewing its lease in the store (hung, not dead) for ``lease_s`` is lost
-the same way.
+until it pushes again; a dead worker, or one that leaves (BYE with flag 1), stops counting
+at once; one that joins counts from its first request, its clock level with the slowest's.
+``ServerHost`` runs the threads: its listener admits each worker that connects (the job's
+ranks, and workers that join later, given fresh ids by server 0); it receives each
+request, calls the server (and, on server 0, the work-queue coordinator), sends the reply,
+and reports a client whose connection failed as lost. A worker that stops renewing its
+lease in the store (hung, not dead) for ``lease_s`` is lost the same way.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ import torch
 from torch import nn
 
 from distml.config import ParameterServerConfig
-from distml.distributed.param_server.protocol import STATS, Channel, Kind, Msg
+from distml.distributed.param_server.protocol import STATS, Kind, Msg
+from distml.distributed.param_server.sockets import Listener, SocketChannel
 from distml.distributed.param_server.sparse import TableHost
 from distml.distributed.param_server.work import STOP, Coordinator
 
@@ -69,6 +72,9 @@ class ShardServer:
         self.losses: list[tuple[float, int, float]] = []  # per version: (loss, samples, time)
         self.dropped = 0
         self.stopped = limit is not None and version >= limit
+        # Workers that joined mid-run: when, and when their first gradient was applied.
+        self.joined_at: dict[int, float] = {}
+        self.first_applied: dict[int, float] = {}
 
     # -- requests (each from its worker's thread) -------------------------------------------
 
@@ -107,6 +113,17 @@ class ShardServer:
             self._touch(w, epoch)
             self.idle.add(w)
             self._maybe_step()
+            self.cond.notify_all()
+
+    def join(self, w: int) -> None:
+        """Count worker ``w`` from its first request on (standing by until then); its ssp
+        clock starts level with the slowest working worker's, so it holds nobody back."""
+        with self.cond:
+            working = [self.clock[u] for u in self._working() if u in self.clock]
+            self.clock[w] = min(working, default=0)
+            self.joined_at[w] = time.monotonic()
+            self.alive.add(w)
+            self.idle.add(w)
             self.cond.notify_all()
 
     def lost(self, w: int) -> bool:
@@ -195,6 +212,9 @@ class ShardServer:
         samples = sum(c[2] for c in contributors)
         loss = sum(c[1] * c[2] for c in contributors) / max(samples, 1)
         self.applied.extend((self.epoch, c[3], c[4]) for c in contributors)
+        for c in contributors:
+            if c[0] in self.joined_at:
+                self.first_applied.setdefault(c[0], time.monotonic())
         self.losses.append((loss, samples, time.perf_counter()))
         self.updates.extend(staleness)
         self.version += 1
@@ -203,36 +223,72 @@ class ShardServer:
 
 
 class ServerHost:
-    """The threads of one server: one per client (every worker; on servers other than 0,
-    also server 0, which evaluates and checkpoints), and a lease watch."""
+    """The threads of one server: one per client (every worker, admitted by the listener
+    when it connects, torchrun's ranks and workers that join later alike; and the
+    ``peer_clients``, served over the process group from the start: on servers other than
+    0, server 0, which evaluates and checkpoints), and a lease watch."""
 
-    def __init__(self, server: ShardServer, channel: Channel, *, workers: list[int],
+    def __init__(self, server: ShardServer, channel: SocketChannel, *, workers: list[int],
                  peer_clients: list[int], coordinator: Coordinator | None,
                  save: Callable[[int], None], store: Any = None, key: str = "",
-                 tables: TableHost | None = None) -> None:
+                 tables: TableHost | None = None, next_id: Callable[[], int] | None = None
+                 ) -> None:
         self.server, self.channel, self.coordinator = server, channel, coordinator
         self.tables = tables  # sparse tables' rows, if the model has any
-        self.workers, self.clients = workers, [*workers, *peer_clients]
+        self.workers, self.peer_clients = set(workers), peer_clients
+        self.leased = list(workers)  # torchrun's ranks renew a lease in the store
         self.save, self.store, self.key = save, store, key
+        self.next_id = next_id  # server 0: a fresh id for a worker that joins
         self.stats: dict[int, dict[str, float]] = {}  # worker -> its last reported stats
         self.lost_peer: str | None = None
         self.threads: dict[int, threading.Thread] = {}
         self._done = threading.Event()
+        self.listener = Listener(channel, admit=self._admit, serve=self._start_client)
+
+    @property
+    def address(self) -> str:
+        return self.listener.address
 
     def start(self) -> None:
-        for c in self.clients:
-            self.threads[c] = threading.Thread(target=self._serve, args=(c,), daemon=True,
-                                               name=f"ps-client-{c}")
-            self.threads[c].start()
+        for c in self.peer_clients:
+            self._start_client(c)
+        self.listener.start()
         if self.store is not None:
             threading.Thread(target=self._watch_leases, daemon=True, name="ps-leases").start()
 
+    def _start_client(self, c: int) -> None:
+        self.threads[c] = threading.Thread(target=self._serve, args=(c,), daemon=True,
+                                           name=f"ps-client-{c}")
+        self.threads[c].start()
+
+    def _admit(self, hello: Msg) -> tuple[int, Msg]:
+        """A worker's HELLO: one of the job's ranks, or (id -1, on server 0) one joining,
+        given the next id; on another server, a joiner with the id server 0 gave it."""
+        wid = hello.item
+        if wid < 0:
+            if self.coordinator is None or self.next_id is None:
+                return -1, Msg(Kind.STOP)
+            wid = self.next_id()
+            if not self.coordinator.join(wid):
+                return wid, Msg(Kind.STOP)
+            logger.info("worker %d joined the job", wid)
+        if wid not in self.workers:
+            self.workers.add(wid)
+            self.server.join(wid)
+        return wid, Msg(Kind.OK, item=wid, version=self.server.version)
+
     def join(self) -> None:
-        """Wait for every live client to say BYE (dead or hung ones are not waited for)."""
-        for c, t in self.threads.items():
-            while t.is_alive() and (c in self.server.alive or c not in self.workers):
-                t.join(timeout=0.5)
+        """Wait for every live client to say BYE (dead or hung ones are not waited for),
+        workers admitted meanwhile too; then stop listening."""
+        while True:
+            left = [t for c, t in list(self.threads.items())
+                    if t.is_alive() and (c in self.server.alive or c not in self.workers)]
+            if not left:
+                break
+            left[0].join(timeout=0.5)
         self._done.set()
+        self.listener.close()
+        self.channel.close()
 
     def lose(self, w: int, why: str) -> None:
         if self.server.lost(w):
@@ -247,6 +303,8 @@ class ServerHost:
             try:
                 msg = self.channel.recv(client)
                 if msg.kind == Kind.BYE:
+                    if msg.flag and self.server.lost(client):  # scaled down: stop counting it
+                        logger.info("worker %d left the job", client)
                     return
                 self._answer(client, msg)
             except RuntimeError as e:  # gloo: the peer's connection dropped
@@ -293,6 +351,9 @@ class ServerHost:
         assert self.coordinator is not None, "TAKE goes to server 0"
         if self.server.stopped:  # max_steps reached: no more work for anyone
             self.coordinator.stop()
+        if msg.flag == 2:  # leaving: its last item reported, nothing more for it
+            self.coordinator.leave(c, None if msg.item < 0 else msg.item, undone=msg.clock)
+            return Msg(Kind.STOP)
         kind, epoch, item = self.coordinator.take(c, None if msg.item < 0 else msg.item,
                                                   wait=bool(msg.flag), undone=msg.clock)
         if kind == STOP:
@@ -306,9 +367,9 @@ class ServerHost:
         """Workers add to their heartbeat key every second; one whose count has not moved
         for ``lease_s`` is declared dead (its item re-queued)."""
         lease = self.server.ps.lease_s
-        seen = {w: (-1, time.monotonic()) for w in self.workers}
+        seen = {w: (-1, time.monotonic()) for w in self.leased}
         while not self._done.wait(1.0):
-            for w in list(self.server.alive):
+            for w in [w for w in list(self.server.alive) if w in seen]:
                 try:
                     count = self.store.add(f"{self.key}/hb/{w}", 0)
                 except Exception:  # noqa: BLE001 - the store is gone: the job is ending

@@ -29,7 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from distml.config import TrainSettings
 from distml.distributed.param_server.layout import ShardLayout
-from distml.distributed.param_server.protocol import Channel, Kind, Msg
+from distml.distributed.param_server.protocol import Kind, Msg
+from distml.distributed.param_server.sockets import SocketChannel
 from distml.distributed.param_server.tables import Fetching, tables_of
 from distml.distributed.runtime import DistEnv
 from distml.distributed.strategy import Batch, LossFn, Strategy
@@ -57,7 +58,7 @@ class ParameterServer(Strategy):
         group = None
         if env.distributed and dist.get_backend() != "gloo":
             group = dist.new_group(backend="gloo")
-        self.channel = Channel(group)
+        self.channel = SocketChannel(group)
         # A model's sparse tables go to the row servers, before the dense layout is cut.
         self.tables = tables_of(model, self.ps, rank=env.rank, servers=self.servers,
                                 channel=self.channel, lr=settings.lr)
@@ -65,8 +66,9 @@ class ParameterServer(Strategy):
         self.full_model: nn.Module | None = None
         self.final: dict[str, torch.Tensor] | None = None  # what export gives, if set
         self.version = 0
-        # Parameter traffic goes over gloo on CPU (see protocol): the group made above
-        # when the job's backend is another (nccl).
+        # Worker <-> server traffic goes over sockets while training (``sockets``); the
+        # servers' own, and verify's lock step, over gloo on CPU (see protocol): the group
+        # made above when the job's backend is another (nccl).
         super().__init__(model, settings, env, mesh=mesh, sample=sample)
 
     def wrap(self, model: nn.Module) -> nn.Module:

@@ -15,12 +15,16 @@ back (``partial``): it goes to the back of the queue, to be resumed from that ba
 whoever takes it, so each of its batches is applied once.
 ``Coordinator`` wraps it for the server threads: workers block in it while the epoch's
 last items are still in flight elsewhere (one may come back if its worker dies), and it
-tells the training loop when an epoch is over.
+tells the training loop when an epoch is over. Workers may join a running job (``join``)
+and leave it (``leave``: scaled down, its finished item reported; ``lost``: dead, its item
+re-queued); each change is a membership event (time, worker, what, the workers before and
+after).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,6 +179,44 @@ class Coordinator:
         self.waiting: set[int] = set()  # workers blocked until there is work again
         self.stopped = False
         self.cond = threading.Condition()
+        self.events: list[dict[str, Any]] = []  # membership changes
+        self.joined: list[int] = []  # workers that joined mid-run, in order
+        self._start = time.monotonic()
+
+    def _event(self, worker: int, what: str, before: set[int]) -> None:
+        self.events.append({"time": time.time(),
+                            "seconds": round(time.monotonic() - self._start, 3),
+                            "epoch": self.queue.epoch, "worker": worker, "event": what,
+                            "workers_before": sorted(before),
+                            "workers_after": sorted(self.alive)})
+
+    def join(self, worker: int) -> bool:
+        """Admit a worker to the running job; False once training is over."""
+        with self.cond:
+            if self.stopped:
+                return False
+            before = set(self.alive)
+            self.alive.add(worker)
+            self.joined.append(worker)
+            self._event(worker, "join", before)
+            self.cond.notify_all()
+            return True
+
+    def leave(self, worker: int, done: int | None, undone: int = -1) -> None:
+        """A worker scaled down: its last item reported (as ``take``), then no more."""
+        with self.cond:
+            if worker not in self.alive:
+                return
+            if done is not None and undone >= 0:
+                self.queue.partial(worker, done, undone)
+            elif done is not None:
+                self.queue.complete(worker, done)
+            self.queue.release(worker)  # an item stopped midway by the servers
+            before = set(self.alive)
+            self.alive.discard(worker)
+            self.waiting.discard(worker)
+            self._event(worker, "leave", before)
+            self.cond.notify_all()
 
     def take(self, worker: int, done: int | None, *, wait: bool, undone: int = -1
              ) -> tuple[str, int, int]:
@@ -207,9 +249,11 @@ class Coordinator:
         with self.cond:
             if worker not in self.alive:
                 return None
+            before = set(self.alive)
             self.alive.discard(worker)
             self.waiting.discard(worker)
             item = self.queue.release(worker)
+            self._event(worker, "lost", before)
             self.cond.notify_all()
             return item
 

@@ -55,6 +55,10 @@ class Worker:
         self.wanted = [0] * len(servers)  # sync: the version the next pull must wait for
         self.stats = dict.fromkeys(STATS, 0.0)
         self.epoch = 0
+        # Set (e.g. on SIGTERM): finish the current item, report it, leave the job (BYE
+        # with flag 1: the servers stop counting this worker; the job goes on).
+        self.leaving = threading.Event()
+        self.left = False  # it did leave (the job was not over yet)
 
     def run(self) -> dict[str, float]:
         keeper.mark("worker")
@@ -64,7 +68,7 @@ class Worker:
         try:
             self._loop()
             for s in self.servers:
-                self.channel.send(s, Msg(Kind.BYE))
+                self.channel.send(s, Msg(Kind.BYE, flag=int(self.left)))
         except RuntimeError as e:
             keeper.mark("")  # not this worker's death: a server's, which stops the job
             raise ServerLostError(f"worker rank {self.rank} lost a server: {e}") from None
@@ -77,7 +81,9 @@ class Worker:
         done: int | None = None
         undone = -1
         while True:
-            reply = self._take(done, undone, wait=False)
+            leave = self.leaving.is_set()
+            reply = self._take(done, undone, wait=False, leave=leave)
+            self.left = leave
             done = None
             if reply.kind == Kind.NONE:  # the epoch's last items are elsewhere: stand by
                 self._request_all([Msg(Kind.IDLE, epoch=self.epoch)] * len(self.servers))
@@ -92,12 +98,14 @@ class Worker:
                 done = reply.item
                 self.stats["items"] += undone < 0
 
-    def _take(self, done: int | None, undone: int, *, wait: bool) -> Msg:
+    def _take(self, done: int | None, undone: int, *, wait: bool, leave: bool = False
+              ) -> Msg:
         self.stats["peak_mem_bytes"] = float(self.peak_memory())
         stats = torch.tensor([self.stats[k] for k in STATS], dtype=torch.float64)
         start = time.perf_counter()
         self.channel.send(self.servers[0], Msg(Kind.TAKE, item=-1 if done is None else done,
-                                               clock=undone, flag=int(wait)), stats)
+                                               clock=undone, flag=2 if leave else int(wait)),
+                          stats)
         reply = self.channel.recv(self.servers[0])
         self.stats["wait_s"] += time.perf_counter() - start
         return reply
