@@ -15,8 +15,11 @@ record), ``samples_lost`` (rows of an epoch not used, from the ranks' per-row co
 ``steps_lost`` (steps after the checkpoint, redone), and ``time_to_finish_vs_fixed_restart``
 (wall time of the elastic job over the fixed one's). Each row costs ``SLEEP_PER_ROW_S`` in
 the loader (a stand-in for decoding), so a step's time follows the rows per rank.
-Then a parameter-server worker joins a running job (``bench/ps_join.py``: row
-``ps_worker_join``, the time from its admission to its first gradient applied).
+Then the same job and loss under torchft (``bench/peers/torchft_peer.py``, in an
+environment of its own: per-step fault tolerance, the survivors go on without a restart and
+without re-dealing the lost group's rows), and a parameter-server worker joins a running job
+(``bench/ps_join.py``: row ``ps_worker_join``, the time from its admission to its first
+gradient applied).
 ``DISTML_BENCH_QUICK=1``: fewer steps and a shorter replacement delay; saves nothing.
 """
 
@@ -201,6 +204,36 @@ def run(root: Path, name: str, port: int, *, elastic: bool) -> dict[str, Any]:
     }
 
 
+def torchft(root: Path) -> dict[str, Any] | str:
+    """The same job and loss under torchft (bench/peers/torchft_peer.py), or why not."""
+    from bench.peers import PEERS, python
+
+    out = root / "torchft.json"
+    try:
+        subprocess.run([str(python("torchft")), str(PEERS / "torchft_peer.py"), str(out),
+                        str(KILL_AT_STEP), str(EPOCHS), str(SLEEP_PER_ROW_S)], check=True,
+                       cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=900)
+    except (subprocess.SubprocessError, OSError) as e:
+        return f"torchft did not run: {type(e).__name__}: {e}"
+    run = json.loads(out.read_text())
+    killed, survivors = run["killed"], run["groups"][:-1]
+    after = [s for g in survivors for s in g if s["t"] > killed]
+    committed = [s for g in run["groups"] for s in g if s["committed"]]
+    used: dict[int, set[int]] = {}
+    for s in committed:
+        used.setdefault(s["epoch"], set()).update(s["rows"])
+    return {
+        "seconds": run["end"] - run["start"], "seconds_after_loss": run["end"] - killed,
+        "recovery_seconds": min(s["t"] for s in after if s["committed"]) - killed,
+        "steps_lost": sum(not s["committed"] for s in after),
+        "samples_lost": sum(run["rows_per_epoch"] - len(used.get(e, ()))
+                            for e in range(EPOCHS)),
+        "participants_at_end": survivors[0][-1]["participants"],
+        "exit_codes": run["exit_codes"],
+    }
+
+
 def main() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="distml-bench-elastic-") as tmp:
         root = Path(tmp)
@@ -208,6 +241,7 @@ def main() -> dict[str, Any]:
         elastic = run(root, "elastic", 29731, elastic=True)
         fixed = run(root, "fixed", 29732, elastic=False)
         joined = ps_join.run(root)
+        peer = torchft(root)
         total = time.perf_counter() - start
     result = {
         "recovery_seconds": elastic["recovery_seconds"],
@@ -222,8 +256,7 @@ def main() -> dict[str, Any]:
                   "checkpoint_every_steps": CHECKPOINT_EVERY,
                   "replace_after_s": REPLACE_AFTER_S, "sleep_per_row_s": SLEEP_PER_ROW_S,
                   "rdzv_conf": RDZV_CONF},
-        "torchft": "not run (see README: torchft heals a replica group per step without a "
-                   "restart; it needs its lighthouse server and a CUDA/gloo build matching it)",
+        "torchft": peer,
         "quick": QUICK, "bench_seconds": total,
     }
     if not QUICK:
@@ -244,8 +277,19 @@ def table_rows(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
          f"{f['seconds']:.0f} s, replacement node after "
          f"{r['setup']['replace_after_s']:.0f} s; from the loss on: "
          f"{r['after_loss_vs_fixed_restart']:.2f})", "<= 0.8"),
+        *_torchft_rows(r.get("torchft")),
         *_ps_join_rows(r.get("ps_worker_join")),
     ]
+
+
+def _torchft_rows(t: dict[str, Any] | str | None) -> list[tuple[str, str, str, str]]:
+    if not isinstance(t, dict):
+        return []
+    what = "torchft 0.2.0 (peer), 3 -> 2 replica groups"
+    return [(what, "recovery_seconds", f"{t['recovery_seconds']:.1f} s (kill to next "
+             f"committed step; {t['steps_lost']} steps not committed)", "-"),
+            (what, "samples_lost", f"{t['samples_lost']} (the lost group's share of each "
+             "later batch: no re-deal)", "-")]
 
 
 def _ps_join_rows(j: dict[str, Any] | None) -> list[tuple[str, str, str, str]]:

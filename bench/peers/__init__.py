@@ -27,7 +27,11 @@ REQUIREMENTS = {
     # Ray Serve needs its extras (grpcio-reflection, ...) that the shared environment lacks;
     # the version is the shared environment's Ray.
     "rayserve": ["ray[serve]==2.60.0"],
+    # bench/elastic.py: torchft's wheel wants torch >= 2.7, which ours is (installed with
+    # ours visible, so that pip takes torch and OpenTelemetry from it: no second torch)
+    "torchft": ["torchft==0.2.0"],
 }
+SEES_OURS = {"torchft"}  # peers installed with the .pth already in place
 
 
 def python(peer: str) -> Path:
@@ -38,13 +42,15 @@ def python(peer: str) -> Path:
     if marker.is_file():
         return exe
     subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run([str(exe), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    *REQUIREMENTS[peer]], check=True)
     site = subprocess.run([str(exe), "-c", "import sysconfig; print(sysconfig.get_paths()"
                            "['purelib'])"], check=True, capture_output=True, text=True)
-    ours = sysconfig.get_paths()["purelib"]
     # After the peer's own site-packages: distml's sources, then torch & co. from ours.
-    (Path(site.stdout.strip()) / "zz_distml_bench.pth").write_text(
-        f"{ROOT / 'src'}\n{ROOT}\n{ours}\n")
+    pth = Path(site.stdout.strip()) / "zz_distml_bench.pth"
+    ours = f"{ROOT / 'src'}\n{ROOT}\n{sysconfig.get_paths()['purelib']}\n"
+    if peer in SEES_OURS:
+        pth.write_text(ours)
+    subprocess.run([str(exe), "-m", "pip", "install", "-q", "--disable-pip-version-check",
+                    *REQUIREMENTS[peer]], check=True)
+    pth.write_text(ours)
     marker.touch()
     return exe
