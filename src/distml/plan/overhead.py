@@ -126,23 +126,31 @@ def measure_probes(port: int, scratch: str) -> dict[str, dict[str, float]]:
 def fit(measured: dict[str, dict[str, float]], m: Machine
         ) -> tuple[tuple[str, float, float], ...]:
     """(variant, seconds per step, seconds per unit) of each probed strategy: what its
-    runs took beyond the model's price of them (op_seconds from the plain probe's runs at
-    the same time), as a line through the two probe sizes; neither part below zero."""
+    runs took beyond the model's price of them, as a line through the two probe sizes;
+    neither part below zero."""
+    points: dict[str, list[tuple[int, float]]] = {}
+    for name, layers, key, n, price in priced(measured["plain"], m):
+        if name in measured:
+            points.setdefault(key, []).append((n, measured[name][str(layers)] - price))
+    return tuple((key, *_line(pts)) for key, pts in points.items())
+
+
+def priced(plain: dict[str, float], m: Machine) -> list[tuple[str, int, str, int, float]]:
+    """(variant, probe layers, the overhead it measures, its units, the step-time model's
+    price of that run without overheads) of each probe run; the price's op_seconds from the
+    plain probe's runs (``plain``: layers -> seconds), on both ranks at the same time."""
     from distml.plan.predict import Plan, predict
 
-    plans = probe_plans()
-    points: dict[str, list[tuple[int, float]]] = {}
+    out = []
     for layers, micro in PROBE_SIZES:
         trace_at = _tracer(layers)
-        plain = trace_at(PROBE_BATCH // PROBE_WORLD)
-        work = plain.step + plain.optimizer_step
-        rest = measured["plain"][str(layers)] - work.flops / m.flops_per_s - \
+        work = trace_at(PROBE_BATCH // PROBE_WORLD).step + \
+            trace_at(PROBE_BATCH // PROBE_WORLD).optimizer_step
+        rest = plain[str(layers)] - work.flops / m.flops_per_s - \
             work.bytes / m.memory_bytes_per_s
         probe_m = replace(m, op_seconds=max(rest / max(work.ops, 1), m.op_seconds),
                           overheads=())
-        for name, parallel in plans.items():
-            if name not in measured:
-                continue
+        for name, parallel in probe_plans().items():
             s = probe_settings(parallel, micro)
             d = s.dims
             plan = predict(Plan("probe", name, s.parallel.strategy, d.world_size, {}, False,
@@ -150,9 +158,8 @@ def fit(measured: dict[str, dict[str, float]], m: Machine
             (key, kind), = axis_overheads(s, d)
             micro_steps = s.parallel.pipeline.num_microbatches if d.pipeline > 1 else 1
             n = units(kind, trace_at(PROBE_BATCH // (d.data * micro_steps)), s, micro_steps)
-            points.setdefault(key, []).append(
-                (n, measured[name][str(layers)] - plan.step_seconds))
-    return tuple((name, *_line(pts)) for name, pts in points.items())
+            out.append((name, layers, key, n, plan.step_seconds))
+    return out
 
 
 def _tracer(layers: int) -> Callable[[int], Any]:
