@@ -11,8 +11,9 @@ ps-sync) plus one process, each strategy on its own processes.
   ``--check`` of the median of its timed steps (verify leaves the first two out: warm-up and
   the memory probe); each row keeps every run's quartiles and the spread between runs
   ((max - min) / median), and ``step_time_spread`` is the median of those spreads (a target
-  cannot be met against more noise than that). The planner calibrates this machine afresh
-  once per bench run (a cache of its own).
+  cannot be met against more noise than that). Each run of ``distml plan`` calibrates
+  the machine afresh (``--recalibrate``, into a cache of the bench's own), just before the
+  runs it is checked against.
 - rank_agreement: cases are (model, memory budget): for each budget at a measured
   per-rank size, the plans predicted to fit it; a case agrees when the plan predicted
   fastest is measured fastest or within 10% of the measured fastest.
@@ -73,8 +74,9 @@ def _configs(root: Path) -> list[tuple[Path, str | None]]:
 
 
 def _plan(config: Path, candidate: str | None, out: Path, cache: Path) -> dict[str, Any]:
+    # calibrated afresh each time: as close as can be to the runs it is checked against
     cmd = [sys.executable, "-m", "distml", "plan", str(config), "--world-size", "2",
-           "--check", "--steps", str(STEPS), "--json", str(out), "-q"]
+           "--check", "--steps", str(STEPS), "--json", str(out), "-q", "--recalibrate"]
     if candidate:
         cmd += ["--candidate", candidate]
     if QUICK:

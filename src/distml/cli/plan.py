@@ -130,7 +130,8 @@ def _print(out: dict[str, Any], top: int) -> None:
     for name, c in out["candidates"].items():
         fit = f", fits {limit / GIB:.3g} GiB" if limit else ""
         table = Table(title=f"plans for {name} (world size <= {out['world_size']}{fit})")
-        for col in ("#", "plan", "MiB/rank", "of it act.", "step ms", "comm ms", "fits"):
+        for col in ("#", "plan", "MiB/rank", "of it act.", "step ms", "comm+wrappers ms",
+                    "fits"):
             table.add_column(col, justify="left" if col in ("plan", "fits") else "right",
                              no_wrap=col == "plan")
         for i, p in enumerate(c["plans"][:top], 1):

@@ -24,7 +24,7 @@ from distml.storage import cache_root
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 1  # bump when what is measured changes: older caches are ignored
+CALIBRATION_VERSION = 2  # bump when what is measured changes: older caches are ignored
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ PROBE_WORLD = 2
 PROBE_BATCH = 32  # rows of the probe's global batch
 PROBE_WIDTH = 64
 PROBE_SIZES = ((4, 2), (8, 4))  # (Linear layers, pipeline micro-batches) of the two probes
-WARMUP, TIMED = 3, 12
+ROUNDS, STEPS_PER_ROUND = 6, 3  # the first round warms up: 15 steps timed per run
 
 
 def probe_model(layers: int) -> torch.nn.Module:
@@ -72,48 +72,54 @@ def probe_plans() -> dict[str, dict[str, Any]]:
     return found
 
 
-def _timed(step: Callable[[], Any]) -> float:
-    times = []
-    for i in range(WARMUP + TIMED):
-        start = time.perf_counter()
-        step()
-        if i >= WARMUP:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _probe_worker(rank: int, port: int, out: str) -> None:
-    """Both ranks: the plain probe (each on its own rows), then every strategy's."""
+    """Both ranks: the plain probe (each on its own rows) and every strategy's, in rounds
+    (a few steps of each in turn, the first round a warm-up), so that a burst of load on
+    the machine falls on all of them alike; per run, the median step."""
     import torch.distributed as dist
 
     from distml.distributed.runtime import DistEnv
-    from distml.distributed.strategy import Strategy, make_strategy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // PROBE_WORLD))
     dist.init_process_group("gloo", rank=rank, world_size=PROBE_WORLD)
     env = DistEnv(rank, rank, PROBE_WORLD)
-    loss = torch.nn.functional.cross_entropy
     result: dict[str, dict[str, float]] = {}
     try:
         for layers, micro in PROBE_SIZES:
-            for name, parallel in {"plain": None, **probe_plans()}.items():
-                s = probe_settings(parallel or {"strategy": "single", "world_size": 1},
-                                   micro)
-                rows = PROBE_BATCH // (s.dims.data if parallel else PROBE_WORLD)
-                x, y = torch.randn(rows, 32), torch.randint(0, 8, (rows,))
-                model = probe_model(layers)
-                strategy = Strategy(model, s, DistEnv()) if parallel is None else \
-                    make_strategy(s.parallel.strategy, model, s, env, sample=x[:2])
-                dist.barrier()
-                seconds = _timed(lambda st=strategy, x=x, y=y: st.train_step([(x, y)], loss))
-                result.setdefault(name, {})[str(layers)] = seconds
-                dist.barrier()
+            steps = {name: _probe_step(parallel, layers, micro, env)
+                     for name, parallel in {"plain": None, **probe_plans()}.items()}
+            times: dict[str, list[float]] = {name: [] for name in steps}
+            for round_ in range(ROUNDS):
+                for name, step in steps.items():
+                    dist.barrier()
+                    for _ in range(STEPS_PER_ROUND):
+                        start = time.perf_counter()
+                        step()
+                        if round_:
+                            times[name].append(time.perf_counter() - start)
+            for name, ts in times.items():
+                result.setdefault(name, {})[str(layers)] = statistics.median(ts)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(result, f)
     finally:
         dist.destroy_process_group()
+
+
+def _probe_step(parallel: dict[str, Any] | None, layers: int, micro: int, env: Any
+                ) -> Callable[[], float]:
+    """One training step of the probe under ``parallel`` (None: plain, one process)."""
+    from distml.distributed.runtime import DistEnv
+    from distml.distributed.strategy import Strategy, make_strategy
+
+    s = probe_settings(parallel or {"strategy": "single", "world_size": 1}, micro)
+    rows = PROBE_BATCH // (s.dims.data if parallel else PROBE_WORLD)
+    x, y = torch.randn(rows, 32), torch.randint(0, 8, (rows,))
+    model = probe_model(layers)
+    strategy = Strategy(model, s, DistEnv()) if parallel is None else \
+        make_strategy(s.parallel.strategy, model, s, env, sample=x[:2])
+    return lambda: strategy.train_step([(x, y)], torch.nn.functional.cross_entropy)
 
 
 def measure_probes(port: int, scratch: str) -> dict[str, dict[str, float]]:

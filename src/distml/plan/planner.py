@@ -104,7 +104,7 @@ def _real_batch(sample: tuple[torch.Tensor, ...], batch: int) -> list[torch.Tens
 
 
 def op_seconds(at: Callable[[int], ModelTrace], sample: tuple[torch.Tensor, ...],
-               batch: int, m: Machine, *, steps: int = 12) -> float:
+               batch: int, m: Machine, *, steps: int = 20) -> float:
     """Seconds per operator that make the traced step's price match the median of a few
     real steps of the model in this process: what Python, autograd and the optimizer add
     around each operator (far more than a bare operator call costs). The measured bare call
