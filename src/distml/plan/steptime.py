@@ -1,12 +1,14 @@
 """A step's time on one rank: compute from the traced work (FLOPs at the machine's rate,
 bytes at its memory bandwidth, a fixed cost per operator), communication from the messages
-the strategy sends (ring collectives at the network's bandwidth and latency), and the
-pipeline's bubble from its schedule. Compute and communication are added, not overlapped:
-on CPU ranks share the cores that gloo's copies run on.
+the strategy sends (ring collectives at the network's bandwidth and latency), the
+pipeline's bubble from its schedule, and each wrapper's measured overhead per step and per
+unit it works per (``distml.plan.overhead``). Compute and communication are added, not
+overlapped: on CPU ranks share the cores that gloo's copies run on.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from distml.config import ParallelDims, TrainSettings
@@ -14,6 +16,9 @@ from distml.config.strategies import VARIANTS
 from distml.plan.calibrate import Machine
 from distml.plan.layout import DATA_AXIS, RankShare, tensor_fraction
 from distml.plan.trace import ModelTrace, Work
+
+# torch DDP's gradient buckets: the first 1 MiB, then 25 MiB each (bucket_cap_mb)
+DDP_FIRST_BUCKET, DDP_BUCKET = 2**20, 25 * 2**20
 
 
 @dataclass(frozen=True)
@@ -50,12 +55,13 @@ def _data_axis_comm(trace: ModelTrace, settings: TrainSettings, dims: ParallelDi
         return 2 * params / m.network_bytes_per_s * workers_per_server + \
             2 * dims.servers * m.network_latency_s
     how = DATA_AXIS.get(dims.strategy, "replicate")
-    if how == "replicate":
-        return _ring(grads, dims.data, m, all_reduce=True)
-    if how == "optimizer":  # gradients all-reduced, then each owner broadcasts its params
-        return _ring(grads, dims.data, m, all_reduce=True) + \
-            _ring(params, dims.data, m, all_reduce=False) + \
-            len(trace.params) * m.network_latency_s
+    if how in ("replicate", "optimizer"):  # DDP's buckets, each all-reduced
+        buckets = 1 + math.ceil(max(grads - DDP_FIRST_BUCKET, 0) / DDP_BUCKET)
+        reduce = _ring(grads, dims.data, m, all_reduce=True) + \
+            (buckets - 1) * _ring(0, dims.data, m, all_reduce=True)
+        # zero1: then one all-gather of the flat parameter buffer, each rank's slice stepped
+        return reduce + (_ring(params, dims.data, m, all_reduce=False)
+                         if how == "optimizer" else 0.0)
     gathers = 1 if not settings.parallel.fsdp.reshard_after_forward and \
         dims.strategy == "fsdp" else 2
     units = max(len(trace.units), 1)
