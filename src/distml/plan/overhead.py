@@ -9,9 +9,10 @@ on a 2-rank gloo group, at two sizes, as distml runs it (``make_strategy``); the
 probe runs on both ranks at once beside it (so its compute rate is the one ranks sharing
 the cores get). What the step-time model prices for that probe is taken off, and the rest
 split into a cost per step and a cost per unit of the thing the wrapper works per
-(``UNIT``): FSDP units, tensor-parallel modules, parameter tensors (ddp's and zero1's
-hooks and buckets, the servers' messages), micro-batches (the pipeline's actions). The
-probe models are none of the planned ones: nothing is fitted to the plans it prices.
+(``steptime.units``): FSDP units, tensor-parallel modules, parameter tensors (ddp's and
+zero1's hooks, the servers' messages), micro-batches x stages per rank (the pipeline's
+actions). The probe is none of the planned models: nothing is fitted to the plans it
+prices.
 """
 
 from __future__ import annotations
