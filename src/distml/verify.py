@@ -58,6 +58,9 @@ from distml.training.trainer import lr_lambda, peak_memory, step_groups
 logger = logging.getLogger(__name__)
 
 Group = list[tuple[torch.Tensor, torch.Tensor]]
+# Steps not timed: the first warms up, the first two carry the memory probe (the optimizer
+# state exists from the second step on, so the fullest moments are seen by then).
+WARMUP_STEPS = 2
 
 
 def settings_for(name: str, base: TrainSettings, world_size: int, *,
@@ -130,9 +133,11 @@ def run_steps(strategy: Strategy, groups: Iterator[Group], task: str, steps: int
         losses.append(strategy.train_step(group, loss))
         sched.step()
         seconds.append(time.perf_counter() - start)
-    timed = seconds[1:] or seconds  # the first step warms up
+    # the first steps warm up (and carry verify's memory probe): timed are the rest
+    timed = sorted(seconds[WARMUP_STEPS:] or seconds[-1:])
+    quartiles = [timed[(len(timed) - 1) * q // 4] for q in (1, 2, 3)]
     return {"losses": losses, "step_seconds": sum(timed) / len(timed),
-            "step_seconds_median": sorted(timed)[len(timed) // 2]}
+            "step_seconds_median": quartiles[1], "step_seconds_quartiles": quartiles}
 
 
 def _full_state(strategy: Strategy) -> dict[str, torch.Tensor] | None:
@@ -215,6 +220,7 @@ def verify(
             "strategy": name, "max_rel_loss_diff": loss_diff, "max_rel_param_diff": params,
             "peak_mem_bytes": got["peak_mem_bytes"], "step_seconds": got["step_seconds"],
             "step_seconds_median": got["step_seconds_median"],
+            "step_seconds_quartiles": got["step_seconds_quartiles"],
             "state_bytes_per_rank": got["state_bytes"],  # [{params, grads, optimizer}] by rank
             "held_bytes_per_rank": got["held_bytes"],  # [{moment: {params, grads, ...}}]
             **({"reshard": trip} if trip else {}),
@@ -341,12 +347,13 @@ def _optim_diff(a: Strategy, b: Strategy) -> float:
 
 
 def _probe_held_bytes(strategy: Strategy, task: str) -> dict[str, dict[str, int]]:
-    """What the rank holds (Strategy.held_bytes) at three moments of every step: after
-    forward (the loss is being computed: gathered parameters still held, no gradients yet),
-    after backward (the gradients as the strategy keeps them, before the optimizer step
-    updates or reshards anything) and after the step. The dict fills in as steps run; each
-    moment keeps the largest total seen."""
+    """What the rank holds (Strategy.held_bytes) at three moments of each of the first
+    WARMUP_STEPS steps (the untimed ones): after forward (the loss is being computed:
+    gathered parameters still held, no gradients yet), after backward (the gradients as the
+    strategy keeps them, before the optimizer step updates or reshards anything) and after
+    the step. The dict fills in as steps run; each moment keeps the largest total seen."""
     held: dict[str, dict[str, int]] = {}
+    probed = [0]
 
     def record(moment: str) -> None:
         now = strategy.held_bytes()
@@ -364,7 +371,11 @@ def _probe_held_bytes(strategy: Strategy, task: str) -> dict[str, dict[str, int]
         def probed_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             record("after_forward")
             return loss(out, y)
-        return train_step(groups, probed_loss)
+        out = train_step(groups, probed_loss)
+        probed[0] += 1
+        if probed[0] == WARMUP_STEPS:  # the timed steps run unprobed
+            strategy.step_optimizer, strategy.train_step = step_optimizer, train_step
+        return out
 
     strategy.step_optimizer = probed_step_optimizer  # type: ignore[method-assign]
     strategy.train_step = probed_train_step  # type: ignore[method-assign]

@@ -16,6 +16,7 @@ def test_plan_ranks_what_fits_and_check_measures_it(tmp_path):
     out = tmp_path / "plan.json"
     proc = distml("plan", str(ROOT / "examples" / "digits.yaml"), "--candidate", "mlp-wide",
                   "--world-size", "2", "--memory", str(1.0 / 1024), "--bandwidth", "1",
+                  "--flops", "1",  # a given machine: no calibration here (the bench's)
                   "--check", "--check-only", "ddp", "--steps", "3", "--json", str(out),
                   cwd=tmp_path, env={**ENV, "COLUMNS": "200"})
     text = proc.stdout

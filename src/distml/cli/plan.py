@@ -42,6 +42,9 @@ def plan_cmd(
         "on loopback).")] = None,
     latency: Annotated[float | None, typer.Option(
         help="One message's latency, microseconds (with --bandwidth; default 50).")] = None,
+    recalibrate: Annotated[bool, typer.Option(
+        help="Measure this machine again (network, wrappers' overheads) instead of using "
+        "the calibration cached in $DISTML_CACHE/plan.")] = False,
     top: Annotated[int, typer.Option(min=1, help="Plans to list per candidate.")] = 12,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write everything here.")
                         ] = None,
@@ -57,7 +60,7 @@ def plan_cmd(
     if candidate is not None:
         cfg.train.candidate(candidate)  # an unknown name fails here
     run_, manifest, sample = _data(cfg, reporter)
-    target = _target(flops, bandwidth, latency, run_.folder.path)
+    target = _target(flops, bandwidth, latency, run_.folder.path, fresh=recalibrate)
     with reporter.stage("plan"):
         from distml.plan.planner import plan_candidates
 
@@ -90,20 +93,24 @@ def _data(cfg: Any, reporter: Any) -> tuple[Any, Any, tuple[Any, Any]]:
 
 
 def _target(flops: float | None, bandwidth: float | None, latency: float | None,
-            scratch: Path) -> Any:
-    from distml.plan.calibrate import measure_network, measure_wrappers
+            scratch: Path, *, fresh: bool) -> Any:
+    from distml.plan.calibrate import cached, measure_network
+    from distml.plan.overhead import measure_probes
     from distml.plan.planner import Target
 
     lat = (latency if latency is not None else 50.0) * 1e-6
     if bandwidth is None:
-        bw, lat_m = measure_network(_free_port(), str(scratch / "network.txt"))
+        bw, lat_m = cached("network", lambda: measure_network(
+            _free_port(), str(scratch / "network.txt")), fresh=fresh)
         lat = lat if latency is not None else lat_m
     else:
         bw = bandwidth * 1e9
     if flops is not None:  # a target machine: its devices hide such overheads
         return Target(bw, lat, flops_per_s=flops * 1e12, cores=os.cpu_count() or 1)
-    wrappers = measure_wrappers(_free_port(), str(scratch / "wrappers.txt"))
-    return Target(bw, lat, cores=os.cpu_count() or 1, wrappers=wrappers)
+    probes = cached("wrappers", lambda: measure_probes(
+        _free_port(), str(scratch / "wrappers.json")), fresh=fresh)
+    return Target(bw, lat, cores=os.cpu_count() or 1, probes=tuple(
+        (name, layers, secs) for name, by in probes.items() for layers, secs in by.items()))
 
 
 def _free_port() -> int:
@@ -123,7 +130,8 @@ def _print(out: dict[str, Any], top: int) -> None:
     for name, c in out["candidates"].items():
         fit = f", fits {limit / GIB:.3g} GiB" if limit else ""
         table = Table(title=f"plans for {name} (world size <= {out['world_size']}{fit})")
-        for col in ("#", "plan", "MiB/rank", "of it act.", "step ms", "comm ms", "fits"):
+        for col in ("#", "plan", "MiB/rank", "of it act.", "step ms", "comm+wrappers ms",
+                    "fits"):
             table.add_column(col, justify="left" if col in ("plan", "fits") else "right",
                              no_wrap=col == "plan")
         for i, p in enumerate(c["plans"][:top], 1):
@@ -166,7 +174,7 @@ def _check(cfg: Any, run_: Any, manifest: Any, out: dict[str, Any], world: int, 
     predicted against measured per-rank memory and step time."""
     import torch
 
-    from distml.plan.planner import compare, measured_step
+    from distml.plan.planner import compare, timing_row
     from distml.verify import verify
 
     rows = []
@@ -186,12 +194,7 @@ def _check(cfg: Any, run_: Any, manifest: Any, out: dict[str, Any], world: int, 
         for r in report["results"]:
             rows.append({"candidate": name, **compare(runnable[r["strategy"]], r, cuda=cuda)})
         if single is not None:
-            ref = report["reference"]
-            rows.append({"candidate": name, "plan": single.label, "strategy": "single",
-                         "predicted_step_s": single.step_seconds,
-                         "measured_step_s": measured_step(ref),
-                         "step_time_error": abs(single.step_seconds - measured_step(ref))
-                         / max(measured_step(ref), 1e-12)})
+            rows.append({"candidate": name, **timing_row(single, report["reference"])})
     return rows
 
 

@@ -7,14 +7,24 @@ all-reduce on loopback), or given for a target machine (an H100's numbers, say);
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import platform
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 
+from distml.fsutil import write_json_atomic
+from distml.storage import cache_root
+
 logger = logging.getLogger(__name__)
+
+CALIBRATION_VERSION = 2  # bump when what is measured changes: older caches are ignored
 
 
 @dataclass(frozen=True)
@@ -29,8 +39,9 @@ class Machine:
     cores: int  # per node: ranks beyond it share them
     threads: int = 1  # threads of the rank these rates were measured with
     source: str = "measured"
-    tensor_module_s: float = 0.0  # what a tensor-parallel module adds to a fwd+bwd
-    fsdp_unit_s: float = 0.0  # what an FSDP unit adds to a fwd+bwd (besides messages)
+    # measured wrapper overheads: (verify's variant, seconds per step, per unit); see
+    # distml.plan.overhead
+    overheads: tuple[tuple[str, float, float], ...] = ()
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
@@ -89,59 +100,35 @@ def measure_network(port: int, scratch: str) -> tuple[float, float]:
     return _spawned(_allreduce_worker, 2, port, scratch)
 
 
-def _spawned(worker, nprocs: int, port: int, scratch: str) -> tuple[float, float]:  # noqa: ANN001
-    """Run ``worker(rank, port, scratch)`` on ``nprocs`` fresh processes; the two numbers
-    rank 0 wrote to ``scratch``."""
+def spawn(worker, nprocs: int, port: int, scratch: str) -> None:  # noqa: ANN001
+    """Run ``worker(rank, port, scratch)`` on ``nprocs`` fresh processes."""
     import torch.multiprocessing as mp
 
     mp.start_processes(worker, args=(port, scratch), nprocs=nprocs, join=True,
                        start_method="spawn")
+
+
+def _spawned(worker, nprocs: int, port: int, scratch: str) -> tuple[float, float]:  # noqa: ANN001
+    """The two numbers rank 0 of ``spawn`` wrote to ``scratch``."""
+    spawn(worker, nprocs, port, scratch)
     with open(scratch) as f:
         first, second = (float(v) for v in f.read().split())
     return first, second
 
 
-def _wrapper_worker(rank: int, port: int, out: str) -> None:
-    """On a one-rank gloo world: the extra seconds per fwd+bwd of a module under tensor
-    parallelism (DTensor dispatch) and of a unit under fully_shard (hooks, copies,
-    collectives), over the same plain modules."""
-    import torch.distributed as dist
-    from torch import nn
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor.parallel import (
-        ColwiseParallel,
-        RowwiseParallel,
-        parallelize_module,
-    )
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        x = torch.randn(8, 32)
-
-        def model() -> nn.Module:
-            torch.manual_seed(0)
-            return nn.Sequential(*[nn.Linear(32, 32) for _ in range(4)])
-
-        def step(m: nn.Module) -> float:
-            return _best(lambda: [m(x).sum().backward() for _ in range(10)], 7) / 10
-
-        plain = step(model())
-        tp = parallelize_module(model(), mesh, {str(i): ColwiseParallel() if i % 2 == 0
-                                                else RowwiseParallel() for i in range(4)})
-        sharded = model()
-        for unit in sharded:
-            fully_shard(unit, mesh=mesh)
-        fully_shard(sharded, mesh=mesh)
-        with open(out, "w") as f:
-            f.write(f"{max(step(tp) - plain, 0) / 4} {max(step(sharded) - plain, 0) / 4}")
-    finally:
-        dist.destroy_process_group()
+def cached(what: str, measure: Callable[[], Any], *, fresh: bool = False) -> Any:
+    """``measure()``'s result, kept per machine (host, cores, torch) in distml's cache
+    (``$DISTML_CACHE/plan``); ``fresh``: measured again and kept."""
+    path = calibration_path(what)
+    if not fresh and path.is_file():
+        logger.info("plan: %s calibration from %s", what, path)
+        return json.loads(path.read_text())
+    value = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, value)
+    return value
 
 
-def measure_wrappers(port: int, scratch: str) -> tuple[float, float]:
-    """Seconds a tensor-parallel module and an FSDP unit add to one forward and backward."""
-    return _spawned(_wrapper_worker, 1, port, scratch)
+def calibration_path(what: str) -> Path:
+    key = f"{platform.node()}-{os.cpu_count()}cpu-torch{torch.__version__}"
+    return cache_root() / "plan" / f"{what}-v{CALIBRATION_VERSION}-{key}.json"

@@ -11,6 +11,7 @@ import copy
 import functools
 import logging
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -22,6 +23,7 @@ from distml.config import Config
 from distml.data.dataset import Manifest
 from distml.distributed.strategy import optimizer_spec
 from distml.plan.calibrate import Machine, measure_compute
+from distml.plan.overhead import PROBE_WORLD, fit
 from distml.plan.predict import Plan, make_plans
 from distml.plan.trace import ModelTrace, trace_step
 from distml.tasks import loss_fn
@@ -41,12 +43,14 @@ class Target:
     memory_bytes_per_s: float | None = None
     op_seconds: float | None = None
     cores: int = 1
-    wrappers: tuple[float, float] = (0.0, 0.0)  # measure_wrappers: tensor module, FSDP unit
+    # overhead.measure_probes: (variant, probe layers, seconds per step) of the wrappers'
+    # runs on this machine
+    probes: tuple[tuple[str, str, float], ...] = ()
 
     @functools.cache  # noqa: B019 - one measurement per thread count, for this target only
     def machine(self, world: int) -> tuple[Machine, float]:
         """One rank's machine in a world of ``world`` ranks on one node, and the factor
-        its compute slows by when ranks outnumber cores."""
+        its compute (and its wrappers' Python) slows by when ranks outnumber cores."""
         if self.flops_per_s is not None:  # a target machine: a device of its own per rank
             return Machine(self.flops_per_s, self.memory_bytes_per_s or 2e12,
                            self.op_seconds if self.op_seconds is not None else 10e-6,
@@ -55,8 +59,21 @@ class Target:
         threads = max(1, self.cores // world)
         flops, mem, op = measure_compute(threads)
         return Machine(flops, mem, op, self.network_bytes_per_s, self.network_latency_s,
-                       self.cores, threads, tensor_module_s=self.wrappers[0],
-                       fsdp_unit_s=self.wrappers[1]), max(1.0, world / self.cores)
+                       self.cores, threads, overheads=self.overheads()), \
+            max(1.0, world / self.cores)
+
+    @functools.cache  # noqa: B019
+    def overheads(self) -> tuple[tuple[str, float, float], ...]:
+        """The wrappers' measured overheads, fitted at the probes' world size."""
+        if not self.probes:
+            return ()
+        measured: dict[str, dict[str, float]] = {}
+        for name, layers, secs in self.probes:
+            measured.setdefault(name, {})[layers] = secs
+        threads = max(1, self.cores // PROBE_WORLD)
+        flops, mem, op = measure_compute(threads)
+        return fit(measured, Machine(flops, mem, op, self.network_bytes_per_s,
+                                     self.network_latency_s, self.cores, threads))
 
 
 def tracer(cfg: Config, name: str, manifest: Manifest, sample: tuple[torch.Tensor, ...]
@@ -87,8 +104,8 @@ def _real_batch(sample: tuple[torch.Tensor, ...], batch: int) -> list[torch.Tens
 
 
 def op_seconds(at: Callable[[int], ModelTrace], sample: tuple[torch.Tensor, ...],
-               batch: int, m: Machine, *, steps: int = 8) -> float:
-    """Seconds per operator that make the traced step's price match the fastest of a few
+               batch: int, m: Machine, *, steps: int = 20) -> float:
+    """Seconds per operator that make the traced step's price match the median of a few
     real steps of the model in this process: what Python, autograd and the optimizer add
     around each operator (far more than a bare operator call costs). The measured bare call
     when the model is too large to run here."""
@@ -106,7 +123,8 @@ def op_seconds(at: Callable[[int], ModelTrace], sample: tuple[torch.Tensor, ...]
     finally:
         torch.set_num_threads(threads)
     work = trace.step + trace.optimizer_step
-    rest = min(times[1:]) - work.flops / m.flops_per_s - work.bytes / m.memory_bytes_per_s
+    rest = statistics.median(times[2:]) - work.flops / m.flops_per_s - \
+        work.bytes / m.memory_bytes_per_s
     return max(rest / max(work.ops, 1), m.op_seconds)
 
 
@@ -174,10 +192,7 @@ def measured_state(result: dict[str, Any]) -> list[int]:
 def compare(plan: Plan, result: dict[str, Any], *, cuda: bool = False) -> dict[str, Any]:
     """Predicted against measured: per-rank memory (model state on CPU; everything on
     CUDA) and step time; errors relative to the measurement."""
-    timing = {"plan": plan.label, "strategy": plan.name,
-              "predicted_step_s": plan.step_seconds, "measured_step_s": measured_step(result),
-              "step_time_error": abs(plan.step_seconds - measured_step(result))
-              / max(measured_step(result), 1e-12)}
+    timing = timing_row(plan, result)
     if plan.degrees.get("servers") and not cuda:
         return timing  # verify probes a worker after forward only: no full picture
     if cuda:
@@ -193,6 +208,16 @@ def compare(plan: Plan, result: dict[str, Any], *, cuda: bool = False) -> dict[s
     mem_err = [abs(p - m) / max(m, 1) for p, m in zip(predicted, measured, strict=True)]
     return {**timing, "predicted_bytes_per_rank": predicted,
             "measured_bytes_per_rank": measured, "memory_error": sum(mem_err) / len(mem_err)}
+
+
+def timing_row(plan: Plan, result: dict[str, Any]) -> dict[str, Any]:
+    """Predicted against measured step time: the median of the timed steps, their
+    quartiles (the spread), the error relative to the median."""
+    measured = measured_step(result)
+    return {"plan": plan.label, "strategy": plan.name, "predicted_step_s": plan.step_seconds,
+            "measured_step_s": measured,
+            "measured_step_quartiles_s": result.get("step_seconds_quartiles"),
+            "step_time_error": abs(plan.step_seconds - measured) / max(measured, 1e-12)}
 
 
 def measured_step(result: dict[str, Any]) -> float:

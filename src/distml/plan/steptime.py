@@ -1,18 +1,24 @@
 """A step's time on one rank: compute from the traced work (FLOPs at the machine's rate,
 bytes at its memory bandwidth, a fixed cost per operator), communication from the messages
-the strategy sends (ring collectives at the network's bandwidth and latency), and the
-pipeline's bubble from its schedule. Compute and communication are added, not overlapped:
-on CPU ranks share the cores that gloo's copies run on.
+the strategy sends (ring collectives at the network's bandwidth and latency), the
+pipeline's bubble from its schedule, and each wrapper's measured overhead per step and per
+unit it works per (``distml.plan.overhead``). Compute and communication are added, not
+overlapped: on CPU ranks share the cores that gloo's copies run on.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from distml.config import ParallelDims, TrainSettings
+from distml.config.strategies import VARIANTS
 from distml.plan.calibrate import Machine
 from distml.plan.layout import DATA_AXIS, RankShare, tensor_fraction
 from distml.plan.trace import ModelTrace, Work
+
+# torch DDP's gradient buckets: the first 1 MiB, then 25 MiB each (bucket_cap_mb)
+DDP_FIRST_BUCKET, DDP_BUCKET = 2**20, 25 * 2**20
 
 
 @dataclass(frozen=True)
@@ -49,12 +55,13 @@ def _data_axis_comm(trace: ModelTrace, settings: TrainSettings, dims: ParallelDi
         return 2 * params / m.network_bytes_per_s * workers_per_server + \
             2 * dims.servers * m.network_latency_s
     how = DATA_AXIS.get(dims.strategy, "replicate")
-    if how == "replicate":
-        return _ring(grads, dims.data, m, all_reduce=True)
-    if how == "optimizer":  # gradients all-reduced, then each owner broadcasts its params
-        return _ring(grads, dims.data, m, all_reduce=True) + \
-            _ring(params, dims.data, m, all_reduce=False) + \
-            len(trace.params) * m.network_latency_s
+    if how in ("replicate", "optimizer"):  # DDP's buckets, each all-reduced
+        buckets = 1 + math.ceil(max(grads - DDP_FIRST_BUCKET, 0) / DDP_BUCKET)
+        reduce = _ring(grads, dims.data, m, all_reduce=True) + \
+            (buckets - 1) * _ring(0, dims.data, m, all_reduce=True)
+        # zero1: then one all-gather of the flat parameter buffer, each rank's slice stepped
+        return reduce + (_ring(params, dims.data, m, all_reduce=False)
+                         if how == "optimizer" else 0.0)
     gathers = 1 if not settings.parallel.fsdp.reshard_after_forward and \
         dims.strategy == "fsdp" else 2
     units = max(len(trace.units), 1)
@@ -93,28 +100,67 @@ def step_time(trace: ModelTrace, settings: TrainSettings, dims: ParallelDims,
         dims.data if DATA_AXIS.get(dims.strategy) in ("optimizer", "full") else 1)
     if dims.servers:
         opt_fraction = 0.0  # the servers step the optimizer
-    compute = micro_steps * (seconds(micro, m) + _wrappers(trace, dims, share, m, forwards)) \
-        + seconds(trace.optimizer_step.scaled(opt_fraction), m)
+    compute = micro_steps * seconds(micro, m) + \
+        seconds(trace.optimizer_step.scaled(opt_fraction), m)
     bubble = 0.0
     if dims.pipeline > 1:
         pp = settings.parallel.pipeline
         v = pp.stages_per_rank
         bubble = (dims.pipeline - 1) / v * seconds(micro, m)
     comm = _data_axis_comm(trace, settings, dims, share, m) + micro_steps * (
-        _tensor_axis_comm(trace, dims, share, m, forwards) + _pipeline_comm(trace, dims, m))
+        _tensor_axis_comm(trace, dims, share, m, forwards) + _pipeline_comm(trace, dims, m)) \
+        + overhead(trace, settings, dims, share, m, micro_steps)
     return StepTime(compute, comm, bubble)
 
 
-def _wrappers(trace: ModelTrace, dims: ParallelDims, share: RankShare, m: Machine,
-              forwards: int) -> float:
-    """What the wrappers add to a micro-batch's forward and backward: DTensor dispatch in
-    each tensor-parallel module, hooks and copies of each FSDP unit (measured on one rank)."""
-    extra = 0.0
+def axis_overheads(settings: TrainSettings, dims: ParallelDims) -> list[tuple[str, str]]:
+    """(calibrated variant, kind) of each axis the plan spreads over: the wrapper whose
+    measured overhead (``Machine.overheads``) the step pays on it."""
+    if dims.servers:
+        return [("ps-sync", "servers")]
+    out = []
+    how = DATA_AXIS.get(dims.strategy, "replicate")
+    if dims.data > 1:
+        zero2 = dims.strategy == "fsdp" and not settings.parallel.fsdp.reshard_after_forward
+        out.append(({"optimizer": "zero1", "full": "fsdp-zero2" if zero2 else "fsdp"}
+                    .get(how, "ddp"), how))
     if dims.tensor > 1:
-        extra += len(trace.tensor) * share.params * m.tensor_module_s * (1 + (forwards - 1) / 2)
-    if dims.data > 1 and DATA_AXIS.get(dims.strategy) == "full":
-        extra += len(trace.units) * share.params * m.fsdp_unit_s
-    return extra
+        out.append(("tensor", "tensor"))
+    if dims.pipeline > 1:
+        schedule = settings.parallel.pipeline.schedule
+        out.append((next((n for n, v in VARIANTS.items() if n.startswith("pipeline") and
+                          v.get("pipeline", {}).get("schedule") == schedule), "pipeline"),
+                    "pipeline"))
+    return out
+
+
+def units(kind: str, trace: ModelTrace, settings: TrainSettings, micro_steps: int) -> int:
+    """How many of what a ``kind`` wrapper works per a step of ``trace`` has: FSDP units,
+    tensor-parallel modules, pipeline actions (micro-batches x stages per rank), or
+    parameter tensors (ddp's and zero1's hooks and buckets, the servers' messages)."""
+    if kind == "full":
+        return len(trace.units)
+    if kind == "tensor":
+        return len(trace.tensor)
+    if kind == "pipeline":
+        return micro_steps * settings.parallel.pipeline.stages_per_rank
+    return len(trace.params)
+
+
+def overhead(trace: ModelTrace, settings: TrainSettings, dims: ParallelDims, share: RankShare,
+             m: Machine, micro_steps: int) -> float:
+    """What the wrappers add to the step beyond compute and message bytes: per axis, the
+    measured cost per step and per unit (see ``distml.plan.overhead``); a pipeline or
+    tensor rank's units are its share of the model's."""
+    measured = {name: (per_step, per_unit) for name, per_step, per_unit in m.overheads}
+    total = 0.0
+    for key, kind in axis_overheads(settings, dims):
+        per_step, per_unit = measured.get(key, (0.0, 0.0))
+        n = units(kind, trace, settings, micro_steps)
+        if kind in ("full", "replicate", "optimizer") and dims.pipeline > 1:
+            n *= share.params  # a stage's own parameters and units
+        total += per_step + per_unit * n
+    return total
 
 
 def _pipeline_comm(trace: ModelTrace, dims: ParallelDims, m: Machine) -> float:
