@@ -31,6 +31,12 @@ def test_plan_ranks_what_fits_and_check_measures_it(tmp_path):
     assert plans[: len(fitting)] == fitting
     assert [p["step_seconds"] for p in fitting] == sorted(p["step_seconds"] for p in fitting)
     assert {"fsdp", "tensor"} <= {p["name"] for p in fitting}
+    # a variant the candidate's own settings already are is not planned twice: "pipeline"
+    # (its default schedule, 1f1b) stands for "pipeline-1f1b"
+    names = [(p["name"], p["activation_checkpointing"]) for p in plans]
+    assert ("pipeline", False) in names
+    assert ("pipeline-1f1b", False) not in names
+    assert ("pipeline-gpipe", False) in names
     ddp = next(p for p in plans if p["name"] == "ddp" and not p["activation_checkpointing"])
     assert not ddp["fits"]
     assert "rank 0 needs" in ddp["why_not"]

@@ -67,3 +67,22 @@ def test_a_plan_pays_each_axis_overhead_per_unit(parallel, keys):
     assert extra == pytest.approx(expected)
     assert extra > 0
 
+
+
+def test_a_measured_collective_factor_scales_what_fsdp_pays_for_that_collective():
+    """gloo's reduce-scatter is an all-reduce underneath: the factor calibration measures
+    for it multiplies the reduce-scatter's price, and only it."""
+    s = probe_settings({"strategy": "fsdp", "world_size": 2}, 1)
+    trace = _tracer(4)(8)
+    share = RankShare(1.0, 1.0, tuple(range(len(trace.layers))), 0)
+
+    def comm(**factors: float) -> float:
+        m = replace(MACHINE, collective_factors=tuple(factors.items()))
+        return step_time(trace, s, s.dims, share, m, micro_steps=1).communication_s
+
+    base, scatter = comm(), comm(reduce_scatter=3.0) - comm()
+    assert scatter > 0
+    # the reduce-scatter of the gradients: (n-1)/n of their bytes and one message, 2 ranks
+    one = trace.grad_bytes / 2 / MACHINE.network_bytes_per_s + MACHINE.network_latency_s
+    assert scatter == pytest.approx(2 * one)
+    assert comm(all_reduce=3.0) == pytest.approx(base)  # FSDP issues no all-reduce

@@ -99,18 +99,22 @@ def _target(flops: float | None, bandwidth: float | None, latency: float | None,
     from distml.plan.planner import Target
 
     lat = (latency if latency is not None else 50.0) * 1e-6
+    factors: tuple[tuple[str, float], ...] = ()  # a given network: an ideal ring
     if bandwidth is None:
-        bw, lat_m = cached("network", lambda: measure_network(
+        bw, lat_m, scatter, gather = cached("network", lambda: measure_network(
             _free_port(), str(scratch / "network.txt")), fresh=fresh)
         lat = lat if latency is not None else lat_m
+        factors = (("reduce_scatter", scatter), ("all_gather", gather))
     else:
         bw = bandwidth * 1e9
     if flops is not None:  # a target machine: its devices hide such overheads
-        return Target(bw, lat, flops_per_s=flops * 1e12, cores=os.cpu_count() or 1)
+        return Target(bw, lat, flops_per_s=flops * 1e12, cores=os.cpu_count() or 1,
+                      collective_factors=factors)
     probes = cached("wrappers", lambda: measure_probes(
         _free_port(), str(scratch / "wrappers.json")), fresh=fresh)
-    return Target(bw, lat, cores=os.cpu_count() or 1, probes=tuple(
-        (name, layers, secs) for name, by in probes.items() for layers, secs in by.items()))
+    return Target(bw, lat, cores=os.cpu_count() or 1, collective_factors=factors,
+                  probes=tuple((name, layers, secs) for name, by in probes.items()
+                               for layers, secs in by.items()))
 
 
 def _free_port() -> int:

@@ -24,7 +24,7 @@ from distml.storage import cache_root
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_VERSION = 2  # bump when what is measured changes: older caches are ignored
+CALIBRATION_VERSION = 3  # bump when what is measured changes: older caches are ignored
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,15 @@ class Machine:
     # measured wrapper overheads: (verify's variant, seconds per step, per unit); see
     # distml.plan.overhead
     overheads: tuple[tuple[str, float, float], ...] = ()
+    # measured: (collective, its time over what the ring model gives it from the all-reduce's
+    # bandwidth); gloo's reduce-scatter is an all-reduce underneath, so it costs about 2x
+    collective_factors: tuple[tuple[str, float], ...] = ()
 
     def as_dict(self) -> dict[str, float | int | str]:
         return asdict(self)
+
+    def factor(self, collective: str) -> float:
+        return dict(self.collective_factors).get(collective, 1.0)
 
 
 def _best(fn, repeats: int = 5) -> float:  # noqa: ANN001
@@ -84,19 +90,25 @@ def _allreduce_worker(rank: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         big, small = torch.zeros(2_000_000), torch.zeros(1)
-        t_big = _best(lambda: dist.all_reduce(big), 3)
+        half, whole = torch.zeros(1_000_000), torch.zeros(2_000_000)
+        t_big = _best(lambda: dist.all_reduce(big), 7)
         t_small = _best(lambda: [dist.all_reduce(small) for _ in range(50)], 3) / 50
+        t_scatter = _best(lambda: dist.reduce_scatter_tensor(half, big), 7)
+        t_gather = _best(lambda: dist.all_gather_into_tensor(whole, half), 7)
         if rank == 0:
-            # a ring all-reduce of n bytes on 2 ranks moves n bytes each way
-            bw = big.nbytes / max(t_big - 2 * t_small, 1e-9)
+            # a ring all-reduce of n bytes on 2 ranks moves n bytes each way in 2 messages;
+            # a reduce-scatter or an all-gather, n / 2 in one
+            bw, latency = big.nbytes / max(t_big - t_small, 1e-9), t_small / 2
+            ring = big.nbytes / 2 / bw + latency
             with open(out, "w") as f:
-                f.write(f"{bw} {t_small / 2}")
+                f.write(f"{bw} {latency} {t_scatter / ring} {t_gather / ring}")
     finally:
         dist.destroy_process_group()
 
 
-def measure_network(port: int, scratch: str) -> tuple[float, float]:
-    """Bandwidth (bytes/s) and latency (s) of gloo between two processes on this machine."""
+def measure_network(port: int, scratch: str) -> list[float]:
+    """Bandwidth (bytes/s) and latency (s) of gloo's all-reduce between two processes on
+    this machine, and the reduce-scatter's and all-gather's factors (``Machine``)."""
     return _spawned(_allreduce_worker, 2, port, scratch)
 
 
@@ -108,12 +120,11 @@ def spawn(worker, nprocs: int, port: int, scratch: str) -> None:  # noqa: ANN001
                        start_method="spawn")
 
 
-def _spawned(worker, nprocs: int, port: int, scratch: str) -> tuple[float, float]:  # noqa: ANN001
-    """The two numbers rank 0 of ``spawn`` wrote to ``scratch``."""
+def _spawned(worker, nprocs: int, port: int, scratch: str) -> list[float]:  # noqa: ANN001
+    """The numbers rank 0 of ``spawn`` wrote to ``scratch``."""
     spawn(worker, nprocs, port, scratch)
     with open(scratch) as f:
-        first, second = (float(v) for v in f.read().split())
-    return first, second
+        return [float(v) for v in f.read().split()]
 
 
 def cached(what: str, measure: Callable[[], Any], *, fresh: bool = False) -> Any:

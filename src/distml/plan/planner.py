@@ -46,6 +46,7 @@ class Target:
     # overhead.measure_probes: (variant, probe layers, seconds per step) of the wrappers'
     # runs on this machine
     probes: tuple[tuple[str, str, float], ...] = ()
+    collective_factors: tuple[tuple[str, float], ...] = ()  # measured here (Machine)
 
     @functools.cache  # noqa: B019 - one measurement per thread count, for this target only
     def machine(self, world: int) -> tuple[Machine, float]:
@@ -59,7 +60,8 @@ class Target:
         threads = max(1, self.cores // world)
         flops, mem, op = measure_compute(threads)
         return Machine(flops, mem, op, self.network_bytes_per_s, self.network_latency_s,
-                       self.cores, threads, overheads=self.overheads()), \
+                       self.cores, threads, overheads=self.overheads(),
+                       collective_factors=self.collective_factors), \
             max(1.0, world / self.cores)
 
     @functools.cache  # noqa: B019
@@ -73,7 +75,8 @@ class Target:
         threads = max(1, self.cores // PROBE_WORLD)
         flops, mem, op = measure_compute(threads)
         return fit(measured, Machine(flops, mem, op, self.network_bytes_per_s,
-                                     self.network_latency_s, self.cores, threads))
+                                     self.network_latency_s, self.cores, threads,
+                                     collective_factors=self.collective_factors))
 
 
 def tracer(cfg: Config, name: str, manifest: Manifest, sample: tuple[torch.Tensor, ...]

@@ -163,7 +163,7 @@ def make_plans(cand: Candidate, base: TrainSettings, model: nn.Module, *, world_
                memory_bytes: int | None) -> tuple[list[Plan], list[dict[str, str]]]:
     """Every valid plan (ranked: fitting ones by step time first), and the layouts that
     are not valid for this candidate with the config's reason."""
-    plans, invalid = [], []
+    plans, invalid, seen = [], [], set()
     for name, parallel in candidates_of(base, world_size):
         for ckpt in (False, True):
             try:
@@ -175,6 +175,10 @@ def make_plans(cand: Candidate, base: TrainSettings, model: nn.Module, *, world_
                     invalid.append({"plan": f"{name} w{parallel['world_size']}",
                                     "parallel": str(parallel), "why": str(e)})
                 continue
+            same = (ckpt, s.parallel.model_dump_json())
+            if same in seen:  # a variant the candidate's own settings already are
+                continue  # ("pipeline" with its default schedule is "pipeline-1f1b")
+            seen.add(same)
             d = s.dims
             plan = Plan(cand.name, name, s.parallel.strategy, d.world_size,
                         _degrees(d), ckpt, parallel)

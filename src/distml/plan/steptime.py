@@ -37,13 +37,15 @@ def seconds(work: Work, m: Machine) -> float:
         work.ops * m.op_seconds
 
 
-def _ring(nbytes: float, ranks: int, m: Machine, *, all_reduce: bool) -> float:
+def _ring(nbytes: float, ranks: int, m: Machine, kind: str) -> float:
     """A ring all-reduce moves 2(n-1)/n of the bytes, an all-gather or reduce-scatter
-    (n-1)/n; each in 2(n-1) or n-1 messages."""
+    (n-1)/n; each in 2(n-1) or n-1 messages; times the collective's measured factor (gloo's
+    reduce-scatter is an all-reduce underneath)."""
     if ranks <= 1:
         return 0.0
-    hops = 2 * (ranks - 1) if all_reduce else ranks - 1
-    return hops / ranks * nbytes / m.network_bytes_per_s + hops * m.network_latency_s
+    hops = 2 * (ranks - 1) if kind == "all_reduce" else ranks - 1
+    return (hops / ranks * nbytes / m.network_bytes_per_s + hops * m.network_latency_s) * \
+        m.factor(kind)
 
 
 def _data_axis_comm(trace: ModelTrace, settings: TrainSettings, dims: ParallelDims,
@@ -57,16 +59,16 @@ def _data_axis_comm(trace: ModelTrace, settings: TrainSettings, dims: ParallelDi
     how = DATA_AXIS.get(dims.strategy, "replicate")
     if how in ("replicate", "optimizer"):  # DDP's buckets, each all-reduced
         buckets = 1 + math.ceil(max(grads - DDP_FIRST_BUCKET, 0) / DDP_BUCKET)
-        reduce = _ring(grads, dims.data, m, all_reduce=True) + \
-            (buckets - 1) * _ring(0, dims.data, m, all_reduce=True)
+        reduce = _ring(grads, dims.data, m, "all_reduce") + \
+            (buckets - 1) * _ring(0, dims.data, m, "all_reduce")
         # zero1: then one all-gather of the flat parameter buffer, each rank's slice stepped
-        return reduce + (_ring(params, dims.data, m, all_reduce=False)
+        return reduce + (_ring(params, dims.data, m, "all_gather")
                          if how == "optimizer" else 0.0)
     gathers = 1 if not settings.parallel.fsdp.reshard_after_forward and \
         dims.strategy == "fsdp" else 2
     units = max(len(trace.units), 1)
-    return gathers * _ring(params, dims.data, m, all_reduce=False) + \
-        _ring(grads, dims.data, m, all_reduce=False) + \
+    return gathers * _ring(params, dims.data, m, "all_gather") + \
+        _ring(grads, dims.data, m, "reduce_scatter") + \
         (gathers + 1) * units * (dims.data - 1) * m.network_latency_s
 
 
@@ -79,9 +81,9 @@ def _tensor_axis_comm(trace: ModelTrace, dims: ParallelDims, share: RankShare,
     total = 0.0
     for mod in trace.tensor:
         if mod.style == "RowwiseParallel":
-            total += forwards * _ring(mod.output_bytes, dims.tensor, m, all_reduce=True)
+            total += forwards * _ring(mod.output_bytes, dims.tensor, m, "all_reduce")
         elif mod.style == "ColwiseParallel":
-            total += _ring(mod.input_bytes, dims.tensor, m, all_reduce=True)
+            total += _ring(mod.input_bytes, dims.tensor, m, "all_reduce")
     return total * share.params
 
 
