@@ -149,6 +149,26 @@ def test_a_request_that_finds_the_model_idle_runs_at_once_without_a_turn_of_the_
     assert order == ["answered", "scheduled before"]
 
 
+def test_requests_that_start_in_one_turn_of_the_loop_are_batched_not_run_alone():
+    """A burst read together: the first runs at once, the rest form one batch (run alone
+    each, a cheap model's requests would never batch under load)."""
+    model = Model()
+
+    async def main():
+        b = Batcher(model, max_delay_s=0, arriving=lambda: 0)
+        b.start()
+        try:
+            await asyncio.sleep(0)
+            await asyncio.gather(*[b.submit(np.ones((1, 3)), 5) for _ in range(8)])
+            await asyncio.sleep(0)  # a later turn: alone again
+            await b.submit(np.ones((1, 3)), 5)
+        finally:
+            await b.stop()
+
+    _run(main())
+    assert model.calls == [1, 7, 1]
+
+
 def test_a_closed_loop_settles_into_full_batches_not_one_and_the_rest():
     """Eight clients, each sending again once answered, to a model whose forward takes
     10 ms: the one request queued during a big batch waits (at most half a forward) for the

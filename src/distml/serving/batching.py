@@ -3,7 +3,9 @@
 Requests wait in one queue; a single inference thread takes them (a request alone, nothing
 queued or arriving, runs on the event loop's thread instead while such forwards take under
 ``INLINE_MAX_S`` on average: the hand-off would cost more than it overlaps; one that finds
-the model idle too runs at once, in ``submit``, without passing through the queue). Batching is
+the model idle too runs at once, in ``submit``, without passing through the queue, unless
+another did so in the same turn of the event loop: a burst of requests read together is a
+batch, not a row of lone forwards). Batching is
 continuous: a request that finds the model idle goes straight to its forward pass, and the
 requests that arrive while the model is busy form the next batch (up to ``max_batch_size``
 rows), taken as soon as the model is free. With ``max_delay`` > 0 the batcher also waits,
@@ -98,6 +100,7 @@ class Batcher:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="distml-infer")
         self._task: asyncio.Task | None = None
         self.busy = False  # a forward of the batcher's task is running (on its thread)
+        self._turn_passed = True  # no request ran alone in this turn of the event loop
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._serve())
@@ -116,7 +119,7 @@ class Batcher:
         """The model's outputs for ``x``; OverloadedError or DeadlineExceededError otherwise."""
         if self.queued_rows + len(x) > self.max_queue_rows and self.queue:
             raise OverloadedError
-        if (not self.queue and not self.busy and not self.arriving()
+        if (self._turn_passed and not self.queue and not self.busy and not self.arriving()
                 and self.lone_forward_s < INLINE_MAX_S):
             return self._alone(x, timeout_s)
         loop = asyncio.get_running_loop()
@@ -136,6 +139,10 @@ class Batcher:
         """A request that finds the model idle, nothing queued and nothing on its way: its
         short forward right here, on the loop's thread, with no hand-off to the batcher's
         task and back (two turns of the event loop) and no deadline timer."""
+        # Requests that start in this same turn of the event loop (a burst, read together)
+        # queue for one batch instead; the next turn is the loop's next look at its sockets.
+        self._turn_passed = False
+        asyncio.get_running_loop().call_soon(self._pass_turn)
         self.on_wait(0.0)
         self.on_batch(len(x))
         start = time.monotonic()
@@ -143,6 +150,9 @@ class Batcher:
         if time.monotonic() > start + timeout_s:
             raise DeadlineExceededError
         return out
+
+    def _pass_turn(self) -> None:
+        self._turn_passed = True
 
     def _queued(self, rows: int) -> None:
         self.queued_rows += rows
