@@ -209,5 +209,6 @@ def test_the_matrix_form_of_column_transforms_equals_their_column_by_column_appl
     assert np.isnan(x).sum() == 2  # the input is untouched
     with pytest.raises(ValueError, match=r"expected \(rows, 3\)"):
         matrix(x[:, :1])
-    # a transform that changes the columns has no matrix form
+    # a transform that changes the columns has no matrix form, nor a user's function
     assert transforms.matrix_form([{"type": "onehot", "columns": ["a"]}], names) is None
+    assert transforms.matrix_form([{"type": "numpy:negative"}], names) is None

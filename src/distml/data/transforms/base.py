@@ -179,8 +179,10 @@ def matrix_form(params: list[dict[str, Any]], names: list[str]) -> Block | None:
     steps: list[tuple[np.ndarray | None, Block]] = []
     for p in params:
         kind = implementation(p["type"])
+        if not isinstance(kind, ColumnTransform):
+            return None
         columns = p["columns"] or names  # none named: every (numeric) column
-        if not isinstance(kind, ColumnTransform) or not set(columns) <= set(names):
+        if not set(columns) <= set(names):
             return None
         index = None if columns == names else np.array([names.index(c) for c in columns])
         steps.append((index, kind.block(p)))
