@@ -152,12 +152,15 @@ class PSTrainer:
 
     def _work(self, worker: Worker, store: Any, key: str) -> None:
         """A worker rank: connect to every server (their addresses from the store), work."""
-        addresses = [store.get(f"{key}/addr/{r}").decode() for r in self.strategy.servers]
         try:
-            connect(self.strategy.channel, addresses, wid=self.env.rank)
+            connect(self.strategy.channel, self._addresses(store, key), wid=self.env.rank)
             worker.run()
         finally:
             self.strategy.channel.close()
+
+    def _addresses(self, store: Any, key: str) -> list[str]:
+        """Every server's listening address, as each published it in the store."""
+        return [store.get(f"{key}/addr/{r}").decode() for r in self.strategy.servers]
 
     @property
     def join_file(self) -> Path:
@@ -167,10 +170,9 @@ class PSTrainer:
     def _publish(self, store: Any, key: str) -> None:
         """Server 0: every server's address, and what a joining worker must do alike (its
         batch size, the data's seed), in the candidate's folder."""
-        servers = [store.get(f"{key}/addr/{r}").decode() for r in self.strategy.servers]
         self.join_file.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.join_file, {
-            "servers": servers, "batch_size": self.reader.batch_size,
+            "servers": self._addresses(store, key), "batch_size": self.reader.batch_size,
             "seed": self.reader.seed})
 
     def _tables_held(self, store: Any, key: str) -> None:

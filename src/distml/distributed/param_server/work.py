@@ -207,16 +207,8 @@ class Coordinator:
         with self.cond:
             if worker not in self.alive:
                 return
-            if done is not None and undone >= 0:
-                self.queue.partial(worker, done, undone)
-            elif done is not None:
-                self.queue.complete(worker, done)
-            self.queue.release(worker)  # an item stopped midway by the servers
-            before = set(self.alive)
-            self.alive.discard(worker)
-            self.waiting.discard(worker)
-            self._event(worker, "leave", before)
-            self.cond.notify_all()
+            self._report(worker, done, undone)
+            self._drop(worker, "leave")
 
     def take(self, worker: int, done: int | None, *, wait: bool, undone: int = -1
              ) -> tuple[str, int, int]:
@@ -226,14 +218,7 @@ class Coordinator:
         with self.cond:
             if worker not in self.alive:
                 return STOP, -1, -1
-            if done is not None and undone >= 0:
-                self.queue.partial(worker, done, undone)
-                self.cond.notify_all()
-            elif done is not None:
-                self.queue.complete(worker, done)
-                self.cond.notify_all()
-            elif worker in self.queue.in_flight:  # stopped midway by the servers
-                self.queue.release(worker)
+            self._report(worker, done, undone)
             if wait:
                 self.waiting.add(worker)
                 self.cond.notify_all()
@@ -249,13 +234,28 @@ class Coordinator:
         with self.cond:
             if worker not in self.alive:
                 return None
-            before = set(self.alive)
-            self.alive.discard(worker)
-            self.waiting.discard(worker)
             item = self.queue.release(worker)
-            self._event(worker, "lost", before)
-            self.cond.notify_all()
+            self._drop(worker, "lost")
             return item
+
+    def _report(self, worker: int, done: int | None, undone: int) -> None:
+        """The item ``worker`` finished, its batches applied up to ``undone`` (-1: all); or,
+        none reported, the one the servers stopped midway, back to the queue."""
+        if done is not None and undone >= 0:
+            self.queue.partial(worker, done, undone)
+        elif done is not None:
+            self.queue.complete(worker, done)
+        elif worker in self.queue.in_flight:
+            self.queue.release(worker)
+        self.cond.notify_all()
+
+    def _drop(self, worker: int, what: str) -> None:
+        """``worker`` counts no more (it left, or was lost): a membership event."""
+        before = set(self.alive)
+        self.alive.discard(worker)
+        self.waiting.discard(worker)
+        self._event(worker, what, before)
+        self.cond.notify_all()
 
     def open_epoch(self, epoch: int) -> None:
         with self.cond:
