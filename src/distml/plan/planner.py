@@ -57,12 +57,15 @@ class Target:
                            self.op_seconds if self.op_seconds is not None else 10e-6,
                            self.network_bytes_per_s, self.network_latency_s, world,
                            source="given"), 1.0
-        threads = max(1, self.cores // world)
+        return replace(self._measured(max(1, self.cores // world)),
+                       overheads=self.overheads()), max(1.0, world / self.cores)
+
+    @functools.cache  # noqa: B019
+    def _measured(self, threads: int) -> Machine:
+        """This machine's rates for a rank of ``threads`` threads (measured once a count)."""
         flops, mem, op = measure_compute(threads)
         return Machine(flops, mem, op, self.network_bytes_per_s, self.network_latency_s,
-                       self.cores, threads, overheads=self.overheads(),
-                       collective_factors=self.collective_factors), \
-            max(1.0, world / self.cores)
+                       self.cores, threads, collective_factors=self.collective_factors)
 
     @functools.cache  # noqa: B019
     def overheads(self) -> tuple[tuple[str, float, float], ...]:
@@ -72,11 +75,7 @@ class Target:
         measured: dict[str, dict[str, float]] = {}
         for name, layers, secs in self.probes:
             measured.setdefault(name, {})[layers] = secs
-        threads = max(1, self.cores // PROBE_WORLD)
-        flops, mem, op = measure_compute(threads)
-        return fit(measured, Machine(flops, mem, op, self.network_bytes_per_s,
-                                     self.network_latency_s, self.cores, threads,
-                                     collective_factors=self.collective_factors))
+        return fit(measured, self._measured(max(1, self.cores // PROBE_WORLD)))
 
 
 def tracer(cfg: Config, name: str, manifest: Manifest, sample: tuple[torch.Tensor, ...]
