@@ -41,7 +41,7 @@ from typing import Any
 import yaml
 
 from bench import ps_join
-from bench.common import QUICK, save
+from bench.common import QUICK, processes, save
 
 ROOT = Path(__file__).parents[1]
 EPOCHS = 2 if QUICK else 3
@@ -153,12 +153,8 @@ def kill_tree(pid: int) -> None:
     """SIGKILL ``pid`` and its descendants (torch's agent starts each rank in a session of
     its own, so the agent's process group does not hold them)."""
     children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    for child, fields in processes().items():
+        children.setdefault(int(fields[1]), []).append(child)
     todo, found = [pid], []
     while todo:
         p = todo.pop()

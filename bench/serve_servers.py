@@ -19,6 +19,7 @@ import numpy as np
 import yaml
 from tests.helpers.net import free_port
 
+from bench.common import processes
 from bench.loadgen import run_level
 from bench.peers import PEERS, python
 
@@ -123,13 +124,9 @@ def start(cmd: list[str], cpus: str, port: int, body: bytes, folder: Path) -> su
 
 def cpu_seconds(proc: subprocess.Popen) -> float:
     """CPU time (user + system) used so far by the live processes of the server's session."""
-    tick, total = os.sysconf("SC_CLK_TCK"), 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[3]) == proc.pid:  # the process group: start()'s session
-                total += int(fields[11]) + int(fields[12])
-    return total / tick
+    ticks = sum(int(f[11]) + int(f[12]) for f in processes().values()
+                if int(f[3]) == proc.pid)  # the process group: start()'s session
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def stop(proc: subprocess.Popen) -> None:
