@@ -29,8 +29,6 @@ from distml.distributed.param_server.protocol import Channel, Kind, Msg
 
 logger = logging.getLogger(__name__)
 
-HEADER = 8 * 8  # a Msg: 8 float64 numbers
-
 
 class PeerLostError(RuntimeError):
     """The connection to a peer ended (it died, or closed it)."""

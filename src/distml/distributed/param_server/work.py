@@ -180,7 +180,6 @@ class Coordinator:
         self.stopped = False
         self.cond = threading.Condition()
         self.events: list[dict[str, Any]] = []  # membership changes
-        self.joined: list[int] = []  # workers that joined mid-run, in order
         self._start = time.monotonic()
 
     def _event(self, worker: int, what: str, before: set[int]) -> None:
@@ -197,7 +196,6 @@ class Coordinator:
                 return False
             before = set(self.alive)
             self.alive.add(worker)
-            self.joined.append(worker)
             self._event(worker, "join", before)
             self.cond.notify_all()
             return True
